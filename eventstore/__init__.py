@@ -1,0 +1,1 @@
+"""The event log: a port and its adapters (JetStream, in-memory)."""

@@ -1,0 +1,1 @@
+"""The CoAP gateway: devices connect here."""

@@ -1,0 +1,1 @@
+"""The twin service: folds the event log into the MongoDB device twin."""
