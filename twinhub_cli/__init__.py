@@ -1,0 +1,1 @@
+"""The ``twinhub`` command line."""
