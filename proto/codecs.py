@@ -1,0 +1,149 @@
+"""OCF payload codecs: CBOR (content formats 10000 and 60) and JSON (50).
+
+``decode`` turns a CoAP payload into a Python value; ``encode`` does the reverse;
+``to_json_value`` maps a decoded CBOR value onto JSON (what the twin stores) and
+says whether that lost information (byte strings, tags, non-string keys, NaN),
+in which case callers keep the original bytes too.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Mapping
+from enum import IntEnum
+from typing import Any, Final
+
+import cbor2
+
+from proto.errors import CodecError
+
+MAX_DEPTH: Final = 64
+
+
+class ContentFormat(IntEnum):
+    """CoAP Content-Format numbers twinhub understands."""
+
+    TEXT = 0
+    JSON = 50
+    CBOR = 60
+    OCF_CBOR = 10000
+
+    @property
+    def media_type(self) -> str:
+        return _MEDIA_TYPES[self]
+
+
+_MEDIA_TYPES: Final = {
+    ContentFormat.TEXT: "text/plain;charset=utf-8",
+    ContentFormat.JSON: "application/json",
+    ContentFormat.CBOR: "application/cbor",
+    ContentFormat.OCF_CBOR: "application/vnd.ocf+cbor",
+}
+CBOR_FORMATS: Final = frozenset({ContentFormat.CBOR, ContentFormat.OCF_CBOR})
+
+
+def _check_depth(value: Any, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise CodecError(f"payload nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, Mapping):
+        for v in value.values():
+            _check_depth(v, depth + 1)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _check_depth(v, depth + 1)
+
+
+def decode(payload: bytes, content_format: int | None) -> Any:
+    """Decode a CoAP payload. An empty payload is ``None`` whatever the format."""
+    if not payload:
+        return None
+    if content_format in CBOR_FORMATS:
+        try:
+            value = cbor2.loads(payload)
+        except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as e:
+            raise CodecError(f"malformed CBOR: {e}") from e
+    elif content_format == ContentFormat.JSON:
+        try:
+            value = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CodecError(f"malformed JSON: {e}") from e
+    elif content_format == ContentFormat.TEXT:
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CodecError(f"text payload is not UTF-8: {e}") from e
+    else:
+        raise CodecError(f"unsupported content format: {content_format}")
+    _check_depth(value)
+    return value
+
+
+def encode(value: Any, content_format: int) -> bytes:
+    """Encode a Python value for a CoAP payload in the given content format."""
+    if content_format in CBOR_FORMATS:
+        try:
+            return cbor2.dumps(value)
+        except (cbor2.CBOREncodeError, TypeError, ValueError) as e:
+            raise CodecError(f"cannot encode as CBOR: {e}") from e
+    if content_format == ContentFormat.JSON:
+        try:
+            return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise CodecError(f"cannot encode as JSON: {e}") from e
+    if content_format == ContentFormat.TEXT and isinstance(value, str):
+        return value.encode("utf-8")
+    raise CodecError(f"unsupported content format: {content_format}")
+
+
+def to_json_value(value: Any) -> tuple[Any, bool]:
+    """Map a decoded payload onto JSON; the flag says whether that lost information.
+
+    Byte strings become base64 text, tags their inner value, non-string keys
+    their ``str()``, non-finite floats ``None``.
+    """
+    lossy = False
+
+    def conv(v: Any) -> Any:
+        nonlocal lossy
+        if v is None or isinstance(v, bool | int | str):
+            return v
+        if isinstance(v, float):
+            if math.isfinite(v):
+                return v
+            lossy = True
+            return None
+        if isinstance(v, bytes | bytearray):
+            lossy = True
+            return base64.b64encode(bytes(v)).decode("ascii")
+        if isinstance(v, Mapping):
+            out: dict[str, Any] = {}
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    lossy = True
+                    k = str(k)
+                out[k] = conv(item)
+            return out
+        if isinstance(v, list | tuple):
+            return [conv(item) for item in v]
+        if isinstance(v, cbor2.CBORTag):
+            lossy = True
+            return conv(v.value)
+        lossy = True
+        return str(v)
+
+    return conv(value), lossy
+
+
+def parse_content_format(value: str | int | None) -> int | None:
+    """Parse a content format given as a number or a media type."""
+    if value is None or isinstance(value, int):
+        return value
+    for cf, mt in _MEDIA_TYPES.items():
+        if value == mt or value == mt.split(";")[0]:
+            return int(cf)
+    try:
+        return int(value)
+    except ValueError:
+        raise CodecError(f"unknown content format: {value!r}") from None

@@ -1,0 +1,254 @@
+"""The v1 event types of twinhub's event log.
+
+Each event is a :class:`Event` envelope (CloudEvent attributes: id, source, time,
+owner, device, correlation id, log position) around one typed, frozen payload
+(its ``data``). Payload classes are ``msgspec.Struct`` types, one per event type;
+``EventData`` is their tagged union — the tag is the CloudEvent ``type``
+(``TYPE``), which travels in the envelope, not in the payload. ``KIND`` is the
+event's token in the NATS subject (see :mod:`proto.subjects`).
+
+An event type the reader does not know decodes to :class:`UnknownData` and keeps
+its raw body, so old readers tolerate new writers.
+
+Versioning: a type string ends in ``.v1``. A breaking change adds a ``.v2`` type
+next to it; readers upcast older versions on decode.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
+
+import msgspec
+
+TYPE_PREFIX: Final = "io.twinhub."
+
+SyncState = Literal["out_of_sync", "syncing", "in_sync"]
+
+
+class _Data(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=False
+):
+    TYPE: ClassVar[str]
+    KIND: ClassVar[str]
+    RESOURCE_FIELD: ClassVar[str | None] = None
+
+    def resource(self) -> str | None:
+        """The href this event is about (its subject's last token), if any."""
+        return None
+
+
+class ResourceLink(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=False
+):
+    """One published OCF resource link (``/oic/rd`` / ``/oic/res`` entry)."""
+
+    href: str
+    rt: tuple[str, ...] = ()
+    # "if" is a Python keyword: the attribute is ``interfaces``, the wire name "if".
+    interfaces: tuple[str, ...] = msgspec.field(default=(), name="if")
+    ins: int | None = None
+    observable: bool = False
+    discoverable: bool = True
+    anchor: str | None = None
+    title: str | None = None
+    type: tuple[str, ...] = ()  # media types the resource serves
+
+
+class DeviceRegistered(_Data, frozen=True, kw_only=True):
+    """A device signed up: it now belongs to ``owner``."""
+
+    TYPE: ClassVar[str] = "io.twinhub.device.registered.v1"
+    KIND: ClassVar[str] = "device-registered"
+    auth_provider: str = ""
+    gateway: str = ""
+
+
+class DeviceUnregistered(_Data, frozen=True, kw_only=True):
+    """A device signed off (or was removed): its twin is marked deleted."""
+
+    TYPE: ClassVar[str] = "io.twinhub.device.unregistered.v1"
+    KIND: ClassVar[str] = "device-unregistered"
+    reason: str = ""
+
+
+class DeviceOnline(_Data, frozen=True, kw_only=True):
+    """A device signed in on a connection held by one gateway instance."""
+
+    TYPE: ClassVar[str] = "io.twinhub.device.online.v1"
+    KIND: ClassVar[str] = "device-online"
+    gateway: str
+    connection_id: str
+    remote_address: str
+    protocol: str = "coap+tcp"
+
+
+class DeviceOffline(_Data, frozen=True, kw_only=True):
+    """A device's session ended (disconnect, sign-out, expiry, replacement)."""
+
+    TYPE: ClassVar[str] = "io.twinhub.device.offline.v1"
+    KIND: ClassVar[str] = "device-offline"
+    gateway: str
+    connection_id: str
+    remote_address: str = ""
+    reason: str = ""
+
+
+class TwinSyncStateChanged(_Data, frozen=True, kw_only=True):
+    """The twin's synchronisation state for the device's current connection."""
+
+    TYPE: ClassVar[str] = "io.twinhub.twin.sync-state-changed.v1"
+    KIND: ClassVar[str] = "twin-sync-state"
+    state: SyncState
+    connection_id: str = ""
+
+
+class ResourceLinksPublished(_Data, frozen=True, kw_only=True):
+    """The device published (or re-published) resource links."""
+
+    TYPE: ClassVar[str] = "io.twinhub.resource.links-published.v1"
+    KIND: ClassVar[str] = "links-published"
+    links: tuple[ResourceLink, ...]
+    ttl: int | None = None
+
+
+class ResourceLinksUnpublished(_Data, frozen=True, kw_only=True):
+    """The device withdrew links, by href or by instance ID (empty both: all)."""
+
+    TYPE: ClassVar[str] = "io.twinhub.resource.links-unpublished.v1"
+    KIND: ClassVar[str] = "links-unpublished"
+    hrefs: tuple[str, ...] = ()
+    instance_ids: tuple[int, ...] = ()
+
+
+class ResourceChanged(_Data, frozen=True, kw_only=True):
+    """A resource reported its content (notification or one-shot GET).
+
+    ``content`` is the payload decoded to JSON; ``raw`` (base64) keeps the original
+    bytes when that mapping was lossy (see :func:`proto.codecs.to_json_value`).
+    """
+
+    TYPE: ClassVar[str] = "io.twinhub.resource.changed.v1"
+    KIND: ClassVar[str] = "resource-changed"
+    href: str
+    content: Any = None
+    content_format: int | None = None
+    raw: str | None = None
+    status: str = "2.05"
+    etag: str | None = None
+    observe_seq: int | None = None
+    connection_id: str = ""
+
+    def resource(self) -> str | None:
+        return self.href
+
+
+EventData = (
+    DeviceRegistered
+    | DeviceUnregistered
+    | DeviceOnline
+    | DeviceOffline
+    | TwinSyncStateChanged
+    | ResourceLinksPublished
+    | ResourceLinksUnpublished
+    | ResourceChanged
+)
+
+EVENT_TYPES: Final[dict[str, type[EventData]]] = {
+    cls.TYPE: cls
+    for cls in (
+        DeviceRegistered,
+        DeviceUnregistered,
+        DeviceOnline,
+        DeviceOffline,
+        TwinSyncStateChanged,
+        ResourceLinksPublished,
+        ResourceLinksUnpublished,
+        ResourceChanged,
+    )
+}
+KINDS: Final[dict[str, type[EventData]]] = {cls.KIND: cls for cls in EVENT_TYPES.values()}
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownData:
+    """The payload of an event type this reader does not know, kept as it came."""
+
+    type: str
+    kind: str
+    raw: bytes
+    content_type: str | None = None
+    resource_href: str | None = None
+
+    def resource(self) -> str | None:
+        return self.resource_href
+
+    @property
+    def TYPE(self) -> str:
+        return self.type
+
+    @property
+    def KIND(self) -> str:
+        return self.kind
+
+
+D = TypeVar("D", bound="EventData | UnknownData", covariant=True)
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Event(Generic[D]):
+    """A CloudEvent of twinhub: envelope attributes around a typed payload.
+
+    ``position`` is the event's log position (JetStream stream sequence); it is
+    ``None`` until the log acknowledged the event.
+    """
+
+    owner: str
+    device_id: str
+    data: D
+    source: str
+    id: str = field(default_factory=new_event_id)
+    time: datetime = field(default_factory=utcnow)
+    correlation_id: str | None = None
+    position: int | None = None
+
+    @property
+    def type(self) -> str:
+        return self.data.TYPE
+
+    @property
+    def kind(self) -> str:
+        return self.data.KIND
+
+    def at(self, position: int) -> Event[D]:
+        """This event as recorded at a log position."""
+        return replace(self, position=position)
+
+
+AnyEvent = Event["EventData | UnknownData"]
+
+
+def event_type_of(data: EventData | UnknownData) -> str:
+    return data.TYPE
+
+
+def data_schema(cls: type[EventData]) -> dict[str, Any]:
+    """The JSON Schema of one payload type (what ``proto/schemas`` holds)."""
+    schema = msgspec.json.schema(cls)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://twinhub.io/schemas/{cls.TYPE}.json",
+        "title": cls.TYPE,
+        "description": (cls.__doc__ or "").strip().splitlines()[0],
+        **schema,
+    }

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proto import codecs
+from proto.codecs import ContentFormat
+from proto.errors import CodecError
+
+json_values: st.SearchStrategy[Any] = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+
+@pytest.mark.parametrize("cf", [ContentFormat.OCF_CBOR, ContentFormat.CBOR, ContentFormat.JSON])
+@given(value=json_values)
+def test_round_trip(cf: ContentFormat, value: Any) -> None:
+    payload = codecs.encode(value, cf)
+    assert codecs.decode(payload, cf) == value
+    converted, lossy = codecs.to_json_value(value)
+    assert converted == value
+    assert not lossy
+
+
+@given(st.binary(max_size=200))
+def test_decode_arbitrary_bytes_never_raises_anything_but_codec_error(data: bytes) -> None:
+    for cf in (ContentFormat.OCF_CBOR, ContentFormat.JSON, ContentFormat.TEXT):
+        with contextlib.suppress(CodecError):
+            codecs.decode(data, cf)
+
+
+def test_empty_payload_is_none() -> None:
+    assert codecs.decode(b"", ContentFormat.OCF_CBOR) is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "cf"),
+    [(b"\xbf", 10000), (b"\x1c", 60), (b"{", 50), (b"\xff", 50), (b"\xff", 0), (b"x", 42)],
+)
+def test_malformed_payloads_raise_codec_error(payload: bytes, cf: int) -> None:
+    with pytest.raises(CodecError):
+        codecs.decode(payload, cf)
+
+
+def test_deep_nesting_is_refused() -> None:
+    deep: Any = 1
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(CodecError, match="nested"):
+        codecs.decode(cbor2.dumps(deep), ContentFormat.OCF_CBOR)
+
+
+def test_lossy_mapping_is_flagged() -> None:
+    value = {"b": b"\x00\x01", 1: "int-key", "t": cbor2.CBORTag(99, "x"), "n": math.nan}
+    converted, lossy = codecs.to_json_value(value)
+    assert lossy
+    assert converted == {"b": "AAE=", "1": "int-key", "t": "x", "n": None}
+
+
+def test_encode_refuses_nan_in_json_and_unknown_formats() -> None:
+    with pytest.raises(CodecError):
+        codecs.encode(math.nan, ContentFormat.JSON)
+    with pytest.raises(CodecError):
+        codecs.encode({}, 1234)
+
+
+def test_parse_content_format() -> None:
+    assert codecs.parse_content_format("application/vnd.ocf+cbor") == 10000
+    assert codecs.parse_content_format("50") == 50
+    assert codecs.parse_content_format(None) is None
+    with pytest.raises(CodecError):
+        codecs.parse_content_format("application/xml")
