@@ -1,0 +1,150 @@
+"""The development servers: start, stop, restart on the same port with the same data."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+from pymongo import AsyncMongoClient
+
+from twinhub_cli.devservices import (
+    BinaryNotFoundError,
+    MongoServer,
+    NatsServer,
+    ServiceStartError,
+)
+
+pytestmark = pytest.mark.servers
+
+
+async def _publish(url: str, stream: str, subject: str, payload: bytes) -> int:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name=stream, subjects=[subject])
+        ack = await js.publish(subject, payload)
+        return ack.seq
+    finally:
+        await nc.close()
+
+
+async def test_nats_restart_keeps_port_and_jetstream_data(tmp_path: Path) -> None:
+    async with NatsServer(tmp_path) as server:
+        url, port = server.url, server.port
+        assert port > 0
+        seq = await _publish(url, "RESTART", "restart.x", b"kept")
+        assert (server.store_dir / "$G" / "streams" / "RESTART").is_dir()
+        await server.stop()
+        assert not server.running
+        await server.start()
+        assert (server.url, server.port) == (url, port)
+        nc = await nats.connect(server.url)
+        try:
+            msg = await nc.jetstream().get_msg("RESTART", seq)
+            assert msg.data == b"kept"
+        finally:
+            await nc.close()
+    assert not server.running
+    assert "Server is ready" in server.log_path.read_text()
+
+
+async def test_nats_start_failure_names_the_log(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = NatsServer(tmp_path, port=taken.getsockname()[1])
+        with pytest.raises(ServiceStartError, match="exited with code") as info:
+            await server.start()
+    assert str(server.log_path) in str(info.value)
+    assert not server.running
+
+
+async def test_session_nats_server_can_be_stopped_by_a_test(nats_server: NatsServer) -> None:
+    await nats_server.stop()  # left stopped on purpose: the next test needs it running again
+
+
+async def test_next_test_gets_nats_running_again(nats_client: NatsClient) -> None:
+    info = await nats_client.jetstream().account_info()
+    assert info.limits is not None
+
+
+async def test_mongo_restart_keeps_port_and_data(tmp_path: Path) -> None:
+    async with MongoServer(tmp_path) as server:
+        url = server.url
+        assert url.endswith("/?directConnection=true")
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+        try:
+            await client.keep.things.insert_one({"_id": "a", "v": 1})
+        finally:
+            await client.close()
+        await server.restart()
+        assert server.url == url
+        client = AsyncMongoClient(url)
+        try:
+            assert await client.keep.things.find_one({"_id": "a"}) == {"_id": "a", "v": 1}
+        finally:
+            await client.close()
+
+
+def test_missing_mongo_binary_says_how_to_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TWINHUB_MONGO_SERVER_BIN", str(tmp_path / "nope"))
+    with pytest.raises(BinaryNotFoundError, match=r"\./scripts/setup"):
+        MongoServer(tmp_path)
+
+
+async def test_cli_dev_services_runs_until_sigterm(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "twinhub_cli.main",
+        "dev",
+        "services",
+        "--data-dir",
+        str(tmp_path),
+        "--nats-port",
+        "0",
+        "--mongo-port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        urls: dict[str, str] = {}
+        async with asyncio.timeout(60):
+            while len(urls) < 2:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "twinhub dev services exited before printing its URLs"
+                kind, _, url = line.partition(" ")
+                if kind in ("NATS", "MongoDB"):
+                    urls[kind] = url.strip()
+        nc = await nats.connect(urls["NATS"])
+        try:
+            await nc.jetstream().account_info()
+        finally:
+            await nc.close()
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(urls["MongoDB"])
+        try:
+            await client.admin.command("ping")
+        finally:
+            await client.close()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            _, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        assert not list((tmp_path / "nats" / "ports").glob("*.ports"))  # nats-server exited
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

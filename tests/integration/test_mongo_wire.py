@@ -1,0 +1,263 @@
+"""What the twin store needs from the MongoDB wire, checked against the server the fixtures start.
+
+Position-guarded upsert: ``update_one({"_id": X, "position": {"$lt": P}}, {"$set": ...},
+upsert=True)``. When the stored twin already reflects position >= P the filter matches nothing,
+so the server tries to insert ``_id: X`` and fails with DuplicateKeyError (code 11000). The twin
+store treats that error as "already applied" (``apply_guarded`` below); this is sound as long as
+the twins collection has no other unique index, so ``_id`` is the only key that can collide.
+On MongoDB, ``bulk_write(ordered=False)`` of such upserts reports each stale one as a code-11000
+write error in ``BulkWriteError`` and applies the rest; FerretDB does not (below).
+
+FerretDB v1.24.0 (SQLite backend, reports MongoDB 7.0.42) differs from MongoDB, as pinned below:
+
+* An ``update`` command with a write error (our stale guarded upsert) replies without ``n`` /
+  ``nModified``: PyMongo's ``bulk_write`` then fails with ``KeyError: 'nModified'`` instead of
+  ``BulkWriteError``. (``update_one`` is fine: it raises ``DuplicateKeyError``.)
+* In that command ``ordered: false`` is ignored: it stops at the first failing update, and the
+  error's ``index`` is not the op's position in the batch.
+* ``upserted[].index`` counts upserts, not ops: ``upserted_ids`` is keyed wrongly in a mixed batch.
+* Unordered ``insert`` is right (continues after duplicates, correct indexes and ``nInserted``).
+
+So the twin store must not put a possibly-stale guarded upsert in a ``bulk_write``; it writes a
+batch as ``apply_guarded_bulk`` does (one find, guarded updates without upsert, unordered insert
+of new twins), which behaves the same on both servers. Set ``TWINHUB_TEST_MONGO_URL`` to run this
+module against a real MongoDB.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pymongo import ASCENDING, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+pytestmark = pytest.mark.servers
+
+Doc = dict[str, Any]
+DUPLICATE_KEY = 11000
+
+
+async def apply_guarded(
+    coll: AsyncCollection[Doc], twin_id: str, position: int, state: Doc
+) -> bool:
+    """Write ``state`` at ``position`` unless the twin already reflects it; True if written."""
+    try:
+        await coll.update_one(
+            {"_id": twin_id, "position": {"$lt": position}},
+            {"$set": {**state, "position": position}},
+            upsert=True,
+        )
+    except DuplicateKeyError:
+        return False  # a newer-or-equal position is stored: this event was already applied
+    return True
+
+
+async def apply_guarded_bulk(coll: AsyncCollection[Doc], writes: dict[str, tuple[int, Doc]]) -> int:
+    """Write many twins (id -> (position, state)); returns how many were written.
+
+    Portable to FerretDB: a batch of guarded *upserts* must not contain a stale entry there (see
+    the module docstring), so existing twins get guarded updates without upsert (cannot fail)
+    and new twins an unordered insert; a twin created concurrently by another writer is retried
+    as a guarded update.
+    """
+    pending = dict(writes)
+    written = 0
+    while pending:
+        ids = list(pending)
+        existing = {doc["_id"] async for doc in coll.find({"_id": {"$in": ids}}, {"_id": 1})}
+        if existing:
+            result = await coll.bulk_write(
+                [
+                    UpdateOne(
+                        {"_id": twin_id, "position": {"$lt": pending[twin_id][0]}},
+                        {"$set": {**pending[twin_id][1], "position": pending[twin_id][0]}},
+                    )
+                    for twin_id in ids
+                    if twin_id in existing
+                ],
+                ordered=False,
+            )
+            written += result.matched_count
+        new = [twin_id for twin_id in ids if twin_id not in existing]
+        raced: list[str] = []
+        if new:
+            docs = [{"_id": i, **pending[i][1], "position": pending[i][0]} for i in new]
+            try:
+                written += len((await coll.insert_many(docs, ordered=False)).inserted_ids)
+            except BulkWriteError as exc:
+                errors = exc.details["writeErrors"]
+                if any(err["code"] != DUPLICATE_KEY for err in errors):
+                    raise
+                raced = [new[err["index"]] for err in errors]
+                written += exc.details["nInserted"]
+        pending = {twin_id: pending[twin_id] for twin_id in raced}
+    return written
+
+
+async def is_ferretdb(db: AsyncDatabase[Doc]) -> bool:
+    return "ferretdbVersion" in await db.client.admin.command("buildInfo")
+
+
+async def test_insert_and_find(mongo_db: AsyncDatabase[Doc]) -> None:
+    await mongo_db.twins.insert_one({"_id": "d1", "position": 1, "reported": {"temp": 20.5}})
+    assert await mongo_db.twins.find_one({"_id": "d1"}) == {
+        "_id": "d1",
+        "position": 1,
+        "reported": {"temp": 20.5},
+    }
+
+
+async def test_guarded_upsert_creates_then_advances(mongo_db: AsyncDatabase[Doc]) -> None:
+    coll = mongo_db.twins
+    assert await apply_guarded(coll, "d1", 5, {"reported": {"on": True}})
+    assert await apply_guarded(coll, "d1", 7, {"reported": {"on": False}})
+    assert await coll.find_one({"_id": "d1"}) == {
+        "_id": "d1",
+        "position": 7,
+        "reported": {"on": False},
+    }
+
+
+async def test_stale_guarded_upsert_is_a_duplicate_key(mongo_db: AsyncDatabase[Doc]) -> None:
+    coll = mongo_db.twins
+    await coll.insert_one({"_id": "d1", "position": 9, "reported": {"on": True}})
+    with pytest.raises(DuplicateKeyError) as info:
+        await coll.update_one(
+            {"_id": "d1", "position": {"$lt": 9}}, {"$set": {"position": 9}}, upsert=True
+        )
+    assert info.value.code == DUPLICATE_KEY
+    # the store maps that to "already applied", for an equal and for an older position
+    assert not await apply_guarded(coll, "d1", 9, {"reported": {"on": False}})
+    assert not await apply_guarded(coll, "d1", 3, {"reported": {"on": False}})
+    assert await coll.find_one({"_id": "d1"}) == {
+        "_id": "d1",
+        "position": 9,
+        "reported": {"on": True},
+    }
+
+
+async def test_bulk_guarded_writes(mongo_db: AsyncDatabase[Doc]) -> None:
+    coll = mongo_db.twins
+    await coll.insert_many(
+        [
+            {"_id": "a", "position": 10, "v": "a10"},
+            {"_id": "b", "position": 2, "v": "b2"},
+            {"_id": "d", "position": 7, "v": "d7"},
+        ]
+    )
+    written = await apply_guarded_bulk(
+        coll,
+        {
+            "a": (4, {"v": "a4"}),  # stale: a is at 10
+            "b": (5, {"v": "b5"}),  # advances b
+            "c": (1, {"v": "c1"}),  # creates c
+            "d": (7, {"v": "d7-again"}),  # redelivery of the stored position: stale
+        },
+    )
+    assert written == 2
+    docs = await coll.find({}, {"_id": 1, "position": 1, "v": 1}).sort("_id", ASCENDING).to_list()
+    assert docs == [
+        {"_id": "a", "position": 10, "v": "a10"},
+        {"_id": "b", "position": 5, "v": "b5"},
+        {"_id": "c", "position": 1, "v": "c1"},
+        {"_id": "d", "position": 7, "v": "d7"},
+    ]
+
+
+async def test_bulk_guarded_upserts_with_stale_entries(mongo_db: AsyncDatabase[Doc]) -> None:
+    """The MongoDB idiom, and what FerretDB v1.24 does with it instead (pinned, see docstring)."""
+    coll = mongo_db.twins
+    await coll.insert_many([{"_id": "a", "position": 10}, {"_id": "b", "position": 2}])
+    ops = [
+        UpdateOne({"_id": "a", "position": {"$lt": 4}}, {"$set": {"position": 4}}, upsert=True),
+        UpdateOne({"_id": "b", "position": {"$lt": 5}}, {"$set": {"position": 5}}, upsert=True),
+        UpdateOne({"_id": "c", "position": {"$lt": 1}}, {"$set": {"position": 1}}, upsert=True),
+    ]
+    if await is_ferretdb(mongo_db):
+        # the reply to the failed batch lacks nModified, so PyMongo fails while merging it
+        with pytest.raises(KeyError, match="nModified"):
+            await coll.bulk_write(ops, ordered=False)
+        # and ordered=False was ignored: nothing after the stale entry was applied
+        assert await coll.find().sort("_id").to_list() == [
+            {"_id": "a", "position": 10},
+            {"_id": "b", "position": 2},
+        ]
+        return
+    with pytest.raises(BulkWriteError) as info:
+        await coll.bulk_write(ops, ordered=False)
+    errors = info.value.details["writeErrors"]
+    assert [(err["index"], err["code"]) for err in errors] == [(0, DUPLICATE_KEY)]
+    assert await coll.find().sort("_id").to_list() == [
+        {"_id": "a", "position": 10},
+        {"_id": "b", "position": 5},
+        {"_id": "c", "position": 1},
+    ]
+
+
+async def test_unordered_insert_reports_each_duplicate(mongo_db: AsyncDatabase[Doc]) -> None:
+    coll = mongo_db.twins
+    await coll.insert_many([{"_id": "a"}, {"_id": "b"}])
+    with pytest.raises(BulkWriteError) as info:
+        await coll.insert_many(
+            [{"_id": "a"}, {"_id": "x"}, {"_id": "b"}, {"_id": "y"}], ordered=False
+        )
+    details = info.value.details
+    assert [(err["index"], err["code"]) for err in details["writeErrors"]] == [
+        (0, DUPLICATE_KEY),
+        (2, DUPLICATE_KEY),
+    ]
+    assert details["nInserted"] == 2
+    assert await coll.count_documents({}) == 4
+
+
+async def test_bulk_all_fresh_reports_counts(mongo_db: AsyncDatabase[Doc]) -> None:
+    coll = mongo_db.twins
+    result = await coll.bulk_write(
+        [
+            UpdateOne(
+                {"_id": f"d{i}", "position": {"$lt": 1}}, {"$set": {"position": 1}}, upsert=True
+            )
+            for i in range(5)
+        ],
+        ordered=False,
+    )
+    assert result.upserted_count == 5
+    assert result.upserted_ids == {i: f"d{i}" for i in range(5)}
+
+
+async def test_upserted_ids_are_keyed_by_op_index(mongo_db: AsyncDatabase[Doc]) -> None:
+    coll = mongo_db.twins
+    await coll.insert_one({"_id": "b", "position": 2})
+    result = await coll.bulk_write(
+        [
+            UpdateOne({"_id": "b", "position": {"$lt": 3}}, {"$set": {"position": 3}}, upsert=True),
+            UpdateOne({"_id": "c", "position": {"$lt": 1}}, {"$set": {"position": 1}}, upsert=True),
+        ],
+        ordered=False,
+    )
+    assert (result.matched_count, result.upserted_count) == (1, 1)
+    # FerretDB numbers upserts among themselves, not by their index in the batch
+    expected_index = 0 if await is_ferretdb(mongo_db) else 1
+    assert result.upserted_ids == {expected_index: "c"}
+
+
+async def test_create_index_and_query_by_it(mongo_db: AsyncDatabase[Doc]) -> None:
+    coll = mongo_db.twins
+    name = await coll.create_index([("owner", ASCENDING), ("position", ASCENDING)])
+    unique = await coll.create_index("serial", unique=True)
+    info = await coll.index_information()
+    assert {name, unique} <= set(info)
+    assert info[unique].get("unique") is True
+    await coll.insert_many(
+        [
+            {"_id": f"d{i}", "owner": "o1" if i % 2 else "o2", "position": i, "serial": i}
+            for i in range(6)
+        ]
+    )
+    found = await coll.find({"owner": "o1", "position": {"$gte": 2}}).sort("position").to_list()
+    assert [d["_id"] for d in found] == ["d3", "d5"]
+    with pytest.raises(DuplicateKeyError):
+        await coll.insert_one({"_id": "x", "serial": 3})

