@@ -1,0 +1,871 @@
+"""The sans-IO core of one device connection.
+
+:class:`Session` is a state machine: the driver feeds it :data:`Input` values
+(device requests, device responses and notifications, results of log appends,
+clock ticks, the connection's end) with the current time and carries out the
+:data:`Effect` values it returns (reply to the device, send a request to the
+device, append events to the log, load the device's recorded state, close the
+connection). Nothing here awaits, reads a clock or touches a socket, which is
+what makes the protocol testable by scripted conversations and fuzzable.
+
+Guarantees the driver relies on:
+
+* Effects are returned in the order they must happen. ``Append`` effects of one
+  session must be carried out in order (they hold one device's events).
+* A reply that depends on the log (sign-up, sign-in, publish…) is only emitted
+  after the driver reported the append as acknowledged (``AppendResult``).
+* After a ``Close`` effect the session accepts nothing but ``ConnectionLost``.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Final
+
+import msgspec
+
+from gateway import ocf
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    TokenError,
+    Unauthorized,
+    coap_code,
+)
+from gateway.tokens import Claims, TokenIssuer, TokenValidator
+from proto import codecs
+from proto.codecs import ContentFormat
+from proto.errors import CodecError
+from proto.events import (
+    AnyEvent,
+    DeviceOffline,
+    DeviceOnline,
+    DeviceRegistered,
+    DeviceUnregistered,
+    Event,
+    EventData,
+    ResourceChanged,
+    ResourceLink,
+    ResourceLinksPublished,
+    ResourceLinksUnpublished,
+    SyncState,
+    TwinSyncStateChanged,
+)
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRequest:
+    """A request the device sent to the cloud."""
+
+    rid: int
+    method: str
+    path: str
+    query: tuple[str, ...] = ()
+    payload: bytes = b""
+    content_format: int | None = None
+    accept: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The device's answer to one of our requests (or one notification of an observation)."""
+
+    code: str
+    payload: bytes = b""
+    content_format: int | None = None
+    etag: bytes | None = None
+    observe: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceResponse:
+    """The first answer to ``SendRequest(ref)``; ``reply`` is None when it failed or timed out."""
+
+    ref: int
+    reply: Reply | None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A later notification of the observation started by ``SendRequest(ref, observe=True)``."""
+
+    ref: int
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    ref: int
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """What the log says about a device, loaded at sign-in."""
+
+    links: tuple[ResourceLink, ...] = ()
+    last_content: Mapping[str, tuple[int | None, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateLoaded:
+    ref: int
+    state: DeviceState | None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passes (expiry checks)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost:
+    reason: str
+
+
+Input = (
+    DeviceRequest
+    | DeviceResponse
+    | Notification
+    | AppendResult
+    | DeviceStateLoaded
+    | Tick
+    | ConnectionLost
+)
+
+# --------------------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True, slots=True)
+class Respond:
+    rid: int
+    code: str
+    payload: bytes = b""
+    content_format: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """Send a request to the device; answer with DeviceResponse(ref) (and Notifications)."""
+
+    ref: int
+    method: str
+    path: str
+    query: tuple[str, ...] = ()
+    payload: bytes = b""
+    content_format: int | None = None
+    observe: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CancelObservation:
+    ref: int
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Append events (one device, in order); answer with AppendResult(ref)."""
+
+    ref: int
+    events: tuple[AnyEvent, ...]
+    critical: bool = True  # a failure of a non-critical append is not fatal to the session
+
+
+@dataclass(frozen=True, slots=True)
+class LoadDeviceState:
+    ref: int
+    device_id: str
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SignedIn:
+    """Informational: the driver registers the device's connection (routing, metrics)."""
+
+    device_id: str
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class SignedOut:
+    device_id: str
+
+
+Effect = (
+    Respond
+    | SendRequest
+    | CancelObservation
+    | Append
+    | LoadDeviceState
+    | Close
+    | SignedIn
+    | SignedOut
+)
+
+# --------------------------------------------------------------------------- the machine
+
+
+class Phase(Enum):
+    CONNECTED = "connected"  # nothing but the security paths
+    SIGNING_IN = "signing-in"  # sign-in accepted, waiting for the log
+    SIGNED_IN = "signed-in"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    gateway_id: str
+    connection_id: str
+    remote_address: str
+    protocol: str = "coap+tcp"
+    access_ttl: float | None = 3600.0  # None: tokens without expiry (expiresin -1)
+    refresh_ttl: float = 30 * 24 * 3600.0
+    batch_observe: bool = True
+    max_links: int = 1000
+
+    @property
+    def source(self) -> str:
+        return f"/gateway/{self.gateway_id}"
+
+
+OCF_CBOR: Final = int(ContentFormat.OCF_CBOR)
+_REPLY_FORMATS: Final = {50: 50, 60: 60, 10000: 10000}
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What to do when an append is acknowledged."""
+
+    on_ok: list[Effect]
+    on_fail: list[Effect]
+    then: str = ""  # a follow-up step name
+
+
+@dataclass(slots=True)
+class _Resource:
+    link: ResourceLink
+    ref: int | None = None  # observation / GET in flight
+    reported: bool = False
+
+
+class Session:
+    """One device connection (see module doc)."""
+
+    def __init__(
+        self, config: SessionConfig, validator: TokenValidator, issuer: TokenIssuer
+    ) -> None:
+        self.config = config
+        self.validator = validator
+        self.issuer = issuer
+        self.phase = Phase.CONNECTED
+        self.device_id: str | None = None
+        self.owner: str | None = None
+        self.expires_at: float | None = None
+        self.sync_state: SyncState = "out_of_sync"
+        self._refs = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._resources: dict[str, _Resource] = {}
+        self._by_ref: dict[int, str] = {}  # ref -> href ("" = batch)
+        self._batch_ref: int | None = None
+        self._discovery_ref: int | None = None
+        self._state_ref: int | None = None
+        self._last: dict[str, tuple[int | None, Any]] = {}
+        self._published: dict[str, ResourceLink] = {}
+        self._next_ins = 1
+        self.sign_up_cache: dict[str, Respond] = {}
+        self.online = False  # the log says this connection's device is online
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _ref(self) -> int:
+        return next(self._refs)
+
+    def _event(
+        self, data: EventData, device_id: str | None = None, owner: str | None = None
+    ) -> AnyEvent:
+        dev = device_id or self.device_id
+        own = owner or self.owner
+        assert dev is not None
+        assert own is not None
+        return Event(owner=own, device_id=dev, data=data, source=self.config.source)
+
+    def _reply(self, req: DeviceRequest, code: str, value: Any = None) -> Respond:
+        cf = _REPLY_FORMATS.get(req.content_format or req.accept or OCF_CBOR, OCF_CBOR)
+        if req.accept in _REPLY_FORMATS:
+            cf = req.accept
+        if value is None:
+            return Respond(req.rid, code)
+        return Respond(req.rid, code, codecs.encode(value, cf), cf)
+
+    def _error(self, req: DeviceRequest, err: GatewayError, *, close: bool = False) -> list[Effect]:
+        code = coap_code(err)
+        out: list[Effect] = [Respond(req.rid, code, str(err).encode("utf-8")[:512], 0)]
+        if close or isinstance(err, Unauthorized):
+            out.append(Close(f"{code} {err}"))
+            self.phase = Phase.CLOSED
+        return out
+
+    def _append(
+        self,
+        events: list[AnyEvent],
+        on_ok: list[Effect],
+        on_fail: list[Effect],
+        then: str = "",
+        critical: bool = True,
+    ) -> Append:
+        ref = self._ref()
+        self._pending[ref] = _Pending(on_ok, on_fail, then)
+        return Append(ref, tuple(events), critical)
+
+    def _expires_in(self, expires_at: float | None, now: float) -> int:
+        return -1 if expires_at is None else max(0, int(expires_at - now))
+
+    # -- entry point -----------------------------------------------------------------------
+
+    def handle(self, inp: Input, now: float) -> list[Effect]:
+        if self.phase is Phase.CLOSED and not isinstance(inp, ConnectionLost | AppendResult):
+            return []
+        if self.phase is Phase.CLOSED and isinstance(inp, ConnectionLost) and not self.online:
+            return []
+        match inp:
+            case DeviceRequest():
+                return self._on_request(inp, now)
+            case AppendResult():
+                return self._on_append(inp, now)
+            case DeviceStateLoaded():
+                return self._on_state(inp)
+            case DeviceResponse():
+                return self._on_response(inp)
+            case Notification():
+                return self._on_report(inp.ref, inp.reply)
+            case Tick():
+                return self._on_tick(now)
+            case ConnectionLost():
+                return self._on_lost(inp)
+
+    # -- device requests -------------------------------------------------------------------
+
+    def _on_request(self, req: DeviceRequest, now: float) -> list[Effect]:
+        try:
+            payload = codecs.decode(req.payload, req.content_format or OCF_CBOR)
+        except CodecError as e:
+            return self._error(req, BadRequest(str(e)))
+        try:
+            match (req.path, req.method):
+                case (ocf.ACCOUNT, "POST"):
+                    return self._sign_up(req, ocf.parse_sign_up(payload), now)
+                case (ocf.ACCOUNT, "DELETE"):
+                    return self._sign_off(req, ocf.parse_sign_off(req.query, payload), now)
+                case (ocf.SESSION, "POST"):
+                    return self._session(req, ocf.parse_session(payload), now)
+                case (ocf.TOKEN_REFRESH, "POST"):
+                    return self._refresh(req, ocf.parse_refresh(payload), now)
+                case (path, _) if path in ocf.SECURITY_PATHS:
+                    return self._error(req, _method_not_allowed(req))
+            if self.phase is not Phase.SIGNED_IN:
+                raise Unauthorized(f"{req.path}: sign in first")
+            match (req.path, req.method):
+                case (ocf.RD, "POST"):
+                    return self._publish(req, ocf.parse_publish(payload))
+                case (ocf.RD, "DELETE"):
+                    return self._unpublish(req, ocf.parse_unpublish(req.query))
+                case (ocf.RES, "GET"):
+                    return self._discover(req)
+                case (ocf.RD | ocf.RES, _):
+                    return self._error(req, _method_not_allowed(req))
+            return self._error(req, _not_found(req))
+        except GatewayError as e:
+            return self._error(req, e)
+
+    def _check_device(self, claims: Claims, di: str) -> None:
+        if claims.device_id is not None and claims.device_id != di:
+            raise Unauthorized("token is for another device")
+
+    def _sign_up(self, req: DeviceRequest, su: ocf.SignUp, now: float) -> list[Effect]:
+        cached = self.sign_up_cache.get(su.access_token)
+        if cached is not None:  # devices retry sign-up: same request, same answer
+            return [Respond(req.rid, cached.code, cached.payload, cached.content_format)]
+        claims = self.validator.validate(su.access_token, now)
+        self._check_device(claims, su.device_id)
+        access = self.issuer.issue(
+            claims.owner, now=now, ttl=self.config.access_ttl, device_id=su.device_id
+        )
+        refresh = self.issuer.issue(
+            claims.owner,
+            now=now,
+            ttl=self.config.refresh_ttl,
+            device_id=su.device_id,
+            token_type="refresh",
+        )
+        expires_at = None if self.config.access_ttl is None else now + self.config.access_ttl
+        reply = self._reply(
+            req,
+            "2.04",
+            {
+                "accesstoken": access,
+                "refreshtoken": refresh,
+                "uid": claims.owner,
+                "expiresin": self._expires_in(expires_at, now),
+                "redirecturi": "",
+            },
+        )
+        self.sign_up_cache[su.access_token] = reply
+        ev = self._event(
+            DeviceRegistered(auth_provider=su.auth_provider, gateway=self.config.gateway_id),
+            device_id=su.device_id,
+            owner=claims.owner,
+        )
+        return [
+            self._append([ev], [reply], [Respond(req.rid, "5.03", b"event log unavailable", 0)])
+        ]
+
+    def _session(self, req: DeviceRequest, si: ocf.SignIn, now: float) -> list[Effect]:
+        if not si.login:
+            return self._sign_out(req, si)
+        if self.phase in (Phase.SIGNED_IN, Phase.SIGNING_IN) and si.device_id != self.device_id:
+            raise Unauthorized("already signed in as another device")
+        claims = self.validator.validate(si.access_token, now)
+        if claims.token_type != "access":
+            raise TokenError("not an access token")
+        if claims.owner != si.user_id:
+            raise Unauthorized("uid does not match the token's owner")
+        self._check_device(claims, si.device_id)
+        resumed = self.phase is Phase.SIGNED_IN
+        self.device_id = si.device_id
+        self.owner = claims.owner
+        self.expires_at = claims.expires_at
+        reply = self._reply(req, "2.04", {"expiresin": self._expires_in(claims.expires_at, now)})
+        if resumed:  # a new sign-in on a live session (after token refresh): extend it
+            return [reply]
+        self.phase = Phase.SIGNING_IN
+        online = self._event(
+            DeviceOnline(
+                gateway=self.config.gateway_id,
+                connection_id=self.config.connection_id,
+                remote_address=self.config.remote_address,
+                protocol=self.config.protocol,
+            )
+        )
+        syncing = self._event(
+            TwinSyncStateChanged(state="syncing", connection_id=self.config.connection_id)
+        )
+        fail: list[Effect] = [Respond(req.rid, "5.03", b"event log unavailable", 0)]
+        return [self._append([online, syncing], [reply], fail, then="signed-in")]
+
+    def _sign_out(self, req: DeviceRequest, si: ocf.SignIn) -> list[Effect]:
+        if self.phase is not Phase.SIGNED_IN or si.device_id != self.device_id:
+            return [self._reply(req, "2.04", {})]
+        out = self._go_offline("sign-out")
+        pending_reply = self._reply(req, "2.04", {})
+        self.phase = Phase.CONNECTED
+        # reply after the offline event is in the log
+        append = out[-1]
+        assert isinstance(append, Append)
+        self._pending[append.ref].on_ok.append(pending_reply)
+        self._pending[append.ref].on_fail.append(pending_reply)
+        return out
+
+    def _go_offline(self, reason: str) -> list[Effect]:
+        out: list[Effect] = [CancelObservation(ref) for ref in sorted(self._by_ref)]
+        self._by_ref.clear()
+        self._resources.clear()
+        self._batch_ref = self._discovery_ref = None
+        self.sync_state = "out_of_sync"
+        self.online = False
+        assert self.device_id is not None
+        out.append(SignedOut(self.device_id))
+        ev = self._event(
+            DeviceOffline(
+                gateway=self.config.gateway_id,
+                connection_id=self.config.connection_id,
+                remote_address=self.config.remote_address,
+                reason=reason,
+            )
+        )
+        out.append(self._append([ev], [], [], critical=False))
+        return out
+
+    def _refresh(self, req: DeviceRequest, rf: ocf.Refresh, now: float) -> list[Effect]:
+        claims = self.validator.validate(rf.refresh_token, now)
+        if claims.token_type != "refresh":
+            raise TokenError("not a refresh token")
+        self._check_device(claims, rf.device_id)
+        if rf.user_id and rf.user_id != claims.owner:
+            raise Unauthorized("uid does not match the refresh token's owner")
+        access = self.issuer.issue(
+            claims.owner, now=now, ttl=self.config.access_ttl, device_id=rf.device_id
+        )
+        refresh = self.issuer.issue(
+            claims.owner,
+            now=now,
+            ttl=self.config.refresh_ttl,
+            device_id=rf.device_id,
+            token_type="refresh",
+        )
+        expires_at = None if self.config.access_ttl is None else now + self.config.access_ttl
+        if self.phase is Phase.SIGNED_IN and rf.device_id == self.device_id:
+            self.expires_at = expires_at
+        return [
+            self._reply(
+                req,
+                "2.04",
+                {
+                    "accesstoken": access,
+                    "refreshtoken": refresh,
+                    "uid": claims.owner,
+                    "expiresin": self._expires_in(expires_at, now),
+                },
+            )
+        ]
+
+    def _sign_off(self, req: DeviceRequest, so: ocf.SignOff, now: float) -> list[Effect]:
+        if so.access_token:
+            claims = self.validator.validate(so.access_token, now)
+            self._check_device(claims, so.device_id)
+            owner = claims.owner
+        elif self.phase is Phase.SIGNED_IN and so.device_id == self.device_id:
+            assert self.owner is not None
+            owner = self.owner
+        else:
+            raise Unauthorized("sign-off needs an access token or a signed-in session")
+        out: list[Effect] = []
+        if self.phase is Phase.SIGNED_IN:
+            out += self._go_offline("sign-off")
+        ev = self._event(DeviceUnregistered(reason="sign-off"), device_id=so.device_id, owner=owner)
+        done: list[Effect] = [Respond(req.rid, "2.02"), Close("signed off")]
+        out.append(
+            self._append([ev], done, [Respond(req.rid, "5.03", b"event log unavailable", 0)])
+        )
+        self.phase = Phase.CONNECTED
+        return out
+
+    def _publish(self, req: DeviceRequest, pub: ocf.Publish) -> list[Effect]:
+        if pub.device_id != self.device_id:
+            raise Unauthorized("publish for another device")
+        if len(self._published) + len(pub.links) > self.config.max_links:
+            raise BadRequest("too many published links")
+        links: list[ResourceLink] = []
+        for link in pub.links:
+            ins = link.ins
+            if ins is None:
+                prev = self._published.get(link.href)
+                ins = prev.ins if prev is not None and prev.ins is not None else self._next_ins
+            self._next_ins = max(self._next_ins, ins + 1)
+            links.append(_with_ins(link, ins))
+        reply = self._reply(
+            req,
+            "2.04",
+            {
+                "di": pub.device_id,
+                "links": [ocf.link_reply(link, pub.device_id) for link in links],
+                "ttl": pub.ttl,
+            },
+        )
+        ev = self._event(ResourceLinksPublished(links=tuple(links), ttl=pub.ttl))
+        for link in links:
+            self._published[link.href] = link
+        follow = self._track_links(links)
+        return [
+            self._append(
+                [ev], [reply, *follow], [Respond(req.rid, "5.03", b"event log unavailable", 0)]
+            )
+        ]
+
+    def _unpublish(self, req: DeviceRequest, up: ocf.Unpublish) -> list[Effect]:
+        if up.device_id != self.device_id:
+            raise Unauthorized("unpublish for another device")
+        wanted = set(up.instance_ids)
+        hrefs = tuple(h for h, link in self._published.items() if not wanted or link.ins in wanted)
+        out: list[Effect] = []
+        for h in hrefs:
+            self._published.pop(h, None)
+            res = self._resources.pop(h, None)
+            if res is not None and res.ref is not None:
+                self._by_ref.pop(res.ref, None)
+                out.append(CancelObservation(res.ref))
+        ev = self._event(ResourceLinksUnpublished(hrefs=hrefs, instance_ids=up.instance_ids))
+        out.append(
+            self._append(
+                [ev],
+                [Respond(req.rid, "2.02")],
+                [Respond(req.rid, "5.03", b"event log unavailable", 0)],
+            )
+        )
+        return out
+
+    def _discover(self, req: DeviceRequest) -> list[Effect]:
+        # Cloud-side discovery, answered from what this gateway knows of the device itself.
+        assert self.device_id is not None
+        params = ocf.query_params(req.query)
+        rts = set(params.get("rt", []))
+        dis = set(params.get("di", []))
+        links = [
+            ocf.link_reply(link, self.device_id)
+            for link in self._published.values()
+            if not rts or rts.intersection(link.rt)
+        ]
+        if dis and self.device_id not in dis:
+            links = []
+        body = [{"di": self.device_id, "links": links}] if links else []
+        return [self._reply(req, "2.05", body)]
+
+    # -- log results -------------------------------------------------------------------------
+
+    def _on_append(self, res: AppendResult, now: float) -> list[Effect]:
+        pending = self._pending.pop(res.ref, None)
+        if pending is None:
+            return []
+        if not res.ok:
+            out = list(pending.on_fail)
+            if pending.then == "signed-in":
+                self.phase = Phase.CONNECTED
+            return out
+        out = list(pending.on_ok)
+        if pending.then == "signed-in" and self.phase is Phase.SIGNING_IN:
+            self.phase = Phase.SIGNED_IN
+            self.online = True
+            self.sync_state = "syncing"
+            assert self.device_id is not None
+            assert self.owner is not None
+            self._state_ref = self._ref()
+            out += [
+                SignedIn(self.device_id, self.owner),
+                LoadDeviceState(self._state_ref, self.device_id, self.owner),
+            ]
+        return out
+
+    def _on_state(self, loaded: DeviceStateLoaded) -> list[Effect]:
+        if loaded.ref != self._state_ref or self.phase is not Phase.SIGNED_IN:
+            return []
+        state = loaded.state or DeviceState()
+        for link in state.links:
+            self._published.setdefault(link.href, link)
+            if link.ins is not None:
+                self._next_ins = max(self._next_ins, link.ins + 1)
+        self._last.update(state.last_content)
+        self._discovery_ref = self._ref()
+        return [SendRequest(self._discovery_ref, "GET", ocf.RES)]
+
+    # -- synchronisation ----------------------------------------------------------------------
+
+    def _on_response(self, resp: DeviceResponse) -> list[Effect]:
+        if resp.ref == self._discovery_ref:
+            return self._on_discovery(resp)
+        if resp.ref not in self._by_ref:
+            return []
+        href = self._by_ref[resp.ref]
+        if resp.reply is None:
+            return self._failed(resp.ref, href, resp.error or "no answer")
+        if resp.ref == self._batch_ref:
+            return self._on_batch_first(resp.ref, resp.reply)
+        res = self._resources.get(href)
+        out = self._on_report(resp.ref, resp.reply)
+        if res is not None and res.link.observable and resp.reply.observe is None:
+            self._by_ref.pop(resp.ref, None)  # the device answered without observing
+            res.ref = None
+        elif res is not None and not res.link.observable:
+            self._by_ref.pop(resp.ref, None)
+            res.ref = None
+        return out
+
+    def _on_discovery(self, resp: DeviceResponse) -> list[Effect]:
+        self._discovery_ref = None
+        assert self.device_id is not None
+        discovered: tuple[ResourceLink, ...] = ()
+        if resp.reply is not None and resp.reply.code.startswith("2."):
+            try:
+                value = codecs.decode(resp.reply.payload, resp.reply.content_format or OCF_CBOR)
+                discovered = ocf.parse_discovery(value, self.device_id)
+            except (CodecError, BadRequest):
+                discovered = ()
+        batch = self.config.batch_observe and any(
+            link.href == ocf.RES and ocf.BATCH_INTERFACE in link.interfaces for link in discovered
+        )
+        links = {link.href: link for link in self._published.values()}
+        for link in discovered:
+            links.setdefault(link.href, link)
+        for href, link in links.items():
+            if ocf.is_syncable(href):
+                self._resources.setdefault(href, _Resource(link))
+        if batch and self._resources:
+            self._batch_ref = self._ref()
+            self._by_ref[self._batch_ref] = ""
+            return [
+                SendRequest(
+                    self._batch_ref, "GET", ocf.RES, ("if=" + ocf.BATCH_INTERFACE,), observe=True
+                )
+            ]
+        return self._observe_each() + self._maybe_in_sync()
+
+    def _observe_each(self) -> list[Effect]:
+        out: list[Effect] = []
+        for href, res in self._resources.items():
+            if res.ref is None and not res.reported:
+                res.ref = self._ref()
+                self._by_ref[res.ref] = href
+                out.append(SendRequest(res.ref, "GET", href, observe=res.link.observable))
+        return out
+
+    def _track_links(self, links: list[ResourceLink]) -> list[Effect]:
+        if self.sync_state == "out_of_sync" or self._discovery_ref is not None:
+            return []  # the sync that starts later will pick them up
+        added = False
+        for link in links:
+            if ocf.is_syncable(link.href) and link.href not in self._resources:
+                self._resources[link.href] = _Resource(link)
+                added = True
+        if not added or self._batch_ref is not None:
+            return []
+        out: list[Effect] = []
+        if self.sync_state == "in_sync":
+            self.sync_state = "syncing"
+            out.append(
+                self._append(
+                    [
+                        self._event(
+                            TwinSyncStateChanged(
+                                state="syncing", connection_id=self.config.connection_id
+                            )
+                        )
+                    ],
+                    [],
+                    [],
+                    critical=False,
+                )
+            )
+        return out + self._observe_each()
+
+    def _on_batch_first(self, ref: int, reply: Reply) -> list[Effect]:
+        if reply.code == "4.00" and reply.payload in (b"", b"\x80", b"[]"):
+            reply = Reply("2.05", b"\x80", OCF_CBOR, observe=reply.observe)  # empty collection
+        if not reply.code.startswith("2."):
+            return self._batch_fallback(ref)
+        out = self._on_report(ref, reply)
+        if reply.observe is None:  # answered without observing: observe one by one
+            out += self._batch_fallback(ref)
+        return out
+
+    def _batch_fallback(self, ref: int) -> list[Effect]:
+        self._by_ref.pop(ref, None)
+        self._batch_ref = None
+        out: list[Effect] = [CancelObservation(ref)]
+        return out + self._observe_each() + self._maybe_in_sync()
+
+    def _failed(self, ref: int, href: str, error: str) -> list[Effect]:
+        self._by_ref.pop(ref, None)
+        if href == "":
+            return self._batch_fallback(ref)
+        res = self._resources.get(href)
+        if res is not None:
+            res.ref = None
+        return self._report(href, Reply("5.04"), error=error) + self._maybe_in_sync()
+
+    def _on_report(self, ref: int, reply: Reply) -> list[Effect]:
+        href = self._by_ref.get(ref)
+        if href is None or self.phase is not Phase.SIGNED_IN:
+            return []
+        if href == "":
+            assert self.device_id is not None
+            try:
+                value = codecs.decode(reply.payload, reply.content_format or OCF_CBOR)
+                items = ocf.parse_batch(value, self.device_id)
+            except (CodecError, BadRequest):
+                return []
+            out: list[Effect] = []
+            for item_href, rep in items:
+                if item_href not in self._resources and ocf.is_syncable(item_href):
+                    self._resources[item_href] = _Resource(ResourceLink(href=item_href))
+                if item_href in self._resources:
+                    content, lossy = codecs.to_json_value(rep)
+                    raw = codecs.encode(rep, OCF_CBOR) if lossy else None
+                    out += self._report_value(item_href, reply, content, OCF_CBOR, raw)
+            return out + self._maybe_in_sync()
+        return self._report(href, reply) + self._maybe_in_sync()
+
+    def _report(self, href: str, reply: Reply, error: str = "") -> list[Effect]:
+        cf = reply.content_format
+        try:
+            value = codecs.decode(reply.payload, cf if cf is not None else OCF_CBOR)
+            raw_needed = False
+        except CodecError:
+            value, raw_needed = None, True
+        content, lossy = codecs.to_json_value(value)
+        raw = reply.payload if (raw_needed or lossy) else None
+        return self._report_value(href, reply, content, cf, raw)
+
+    def _report_value(
+        self, href: str, reply: Reply, content: Any, cf: int | None, raw: bytes | None
+    ) -> list[Effect]:
+        res = self._resources.get(href)
+        if res is not None:
+            res.reported = True
+        key = (cf, content) if reply.code.startswith("2.") else (None, ("status", reply.code))
+        if self._last.get(href) == key:
+            return []  # identical to what the log holds already
+        self._last[href] = key
+        ev = self._event(
+            ResourceChanged(
+                href=href,
+                content=content,
+                content_format=cf,
+                raw=base64.b64encode(raw).decode("ascii") if raw is not None else None,
+                status=reply.code,
+                etag=reply.etag.hex() if reply.etag else None,
+                observe_seq=reply.observe,
+                connection_id=self.config.connection_id,
+            )
+        )
+        return [self._append([ev], [], [Close("event log unavailable")])]
+
+    def _maybe_in_sync(self) -> list[Effect]:
+        if self.sync_state != "syncing" or self._discovery_ref is not None:
+            return []
+        if any(not r.reported for r in self._resources.values()):
+            return []
+        self.sync_state = "in_sync"
+        ev = self._event(
+            TwinSyncStateChanged(state="in_sync", connection_id=self.config.connection_id)
+        )
+        return [self._append([ev], [], [Close("event log unavailable")])]
+
+    # -- time and the end -------------------------------------------------------------------
+
+    def _on_tick(self, now: float) -> list[Effect]:
+        if self.phase is Phase.SIGNED_IN and self.expires_at is not None and now > self.expires_at:
+            out = self._go_offline("token expired")
+            self.phase = Phase.CLOSED
+            return [*out, Close("token expired")]
+        return []
+
+    def _on_lost(self, lost: ConnectionLost) -> list[Effect]:
+        out = self._go_offline(lost.reason) if self.online else []
+        self.phase = Phase.CLOSED
+        return out
+
+
+def _with_ins(link: ResourceLink, ins: int) -> ResourceLink:
+    return msgspec.structs.replace(link, ins=ins)
+
+
+def _method_not_allowed(req: DeviceRequest) -> GatewayError:
+    return MethodNotAllowed(f"{req.method} not allowed on {req.path}")
+
+
+def _not_found(req: DeviceRequest) -> GatewayError:
+    return NotFound(f"no resource {req.path}")
