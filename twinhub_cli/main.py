@@ -36,6 +36,7 @@ class Registrar(Protocol):
 
 COMMANDS: dict[str, str] = {
     "dev services": "twinhub_cli.main:register_dev_services",
+    "token": "twinhub_cli.token_cmd:register",
 }
 
 GROUP_HELP: dict[str, str] = {

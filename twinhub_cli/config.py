@@ -1,0 +1,208 @@
+"""Configuration: one TOML file plus environment overrides, validated once at start.
+
+Every setting has a default, can be set in the file (``[section] key = value``)
+and overridden by the environment variable ``TWINHUB_<SECTION>_<KEY>`` (upper
+case), e.g. ``TWINHUB_NATS_URL``, ``TWINHUB_GATEWAY_TLS``. The result is a frozen
+:class:`Config`; an unknown key or a value of the wrong type stops the program
+with a message naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+DeviceAuth = Literal["none", "any-certificate", "ocf-identity"]
+ENV_PREFIX: Final = "TWINHUB_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which key and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class NatsSettings:
+    url: str = "nats://127.0.0.1:4222"
+    stream: str = "TWINHUB_EVENTS"
+    duplicate_window: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class MongoSettings:
+    url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
+    database: str = "twinhub"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    signing_key: str = ""  # ES256 PEM of the gateway's own tokens (dev: from the data dir)
+    public_keys: tuple[str, ...] = ()  # extra PEM public keys accepted ("kid=path" or "path")
+    issuer: str = "twinhub"
+    audience: str = "twinhub"
+    owner_claim: str = "sub"
+    device_claim: str = ""
+    access_ttl: float = 3600.0  # seconds; 0 = tokens without expiry (expiresin -1)
+    refresh_ttl: float = 30 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    id: str = "gw-1"
+    tcp: str = "127.0.0.1:5683"  # "" disables the listener
+    tls: str = "127.0.0.1:5684"
+    tls_cert: str = ""
+    tls_key: str = ""
+    client_ca: str = ""
+    device_auth: DeviceAuth = "none"
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 60.0
+    opening_timeout: float = 10.0
+    request_timeout: float = 10.0
+    max_message_size: int = 64 * 1024
+    batch_observe: bool = True
+    max_buffered_events: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class TwinSettings:
+    consumer: str = "twin-projector"
+    collection: str = "twins"
+    batch: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    nats: NatsSettings = field(default_factory=NatsSettings)
+    mongo: MongoSettings = field(default_factory=MongoSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    twin: TwinSettings = field(default_factory=TwinSettings)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{where}: must be one of {', '.join(map(str, allowed))}, not {value!r}"
+            )
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: must be a list of strings")
+        return tuple(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: must be a boolean, not {value!r}")
+    if tp is int or tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: must be a number")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: must be a number, not {value!r}") from None
+        if out < 0:
+            raise ConfigError(f"{where}: must not be negative")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def _section(
+    cls: type[Any], name: str, values: Mapping[str, Any], env: Mapping[str, str], source: str
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for key in known:
+        env_name = f"{ENV_PREFIX}{name.upper()}_{key.upper()}"
+        if env_name in env:
+            kwargs[key] = _coerce(env[env_name], hints[key], env_name)
+        elif key in values:
+            kwargs[key] = _coerce(values[key], hints[key], f"{source} [{name}] {key}")
+    return cls(**kwargs)
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the configuration: defaults < file < ``overrides`` < environment."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for section, vals in (overrides or {}).items():
+        data.setdefault(section, {}).update(vals)
+    hints = typing.get_type_hints(Config)
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s): {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, cls in hints.items():
+        section_values = data.get(name, {})
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        kwargs[name] = _section(cls, name, section_values, env, source)
+    return Config(**kwargs)
+
+
+def env_names() -> list[str]:
+    """Every environment variable the configuration reads (for docs and compose checks)."""
+    out = []
+    for name, cls in typing.get_type_hints(Config).items():
+        for f in dataclasses.fields(cls):
+            out.append(f"{ENV_PREFIX}{name.upper()}_{f.name.upper()}")
+    return out
+
+
+def parse_hostport(value: str, where: str) -> tuple[str, int] | None:
+    """``"host:port"`` / ``"[::1]:port"`` → (host, port); ``""`` → None (disabled)."""
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise ConfigError(f"{where}: expected HOST:PORT, not {value!r}")
+    host = host.strip("[]")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"{where}: bad port in {value!r}") from None
+    if not 0 <= p <= 65535:
+        raise ConfigError(f"{where}: port out of range in {value!r}")
+    return host or "0.0.0.0", p
