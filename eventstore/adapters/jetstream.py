@@ -1,0 +1,943 @@
+"""The event log on NATS JetStream (nats-server >= 2.12): the only module that speaks NATS.
+
+How each operation maps onto JetStream:
+
+* **append, unconditional** — every message is published with a reply subject on one shared
+  inbox, all of them first, then their acks are awaited together, so appends from many tasks
+  pipeline on one connection. ``Nats-Msg-Id`` = ``msg_id``: the server's duplicate window turns
+  a retry into ``duplicate: true`` acks carrying the original sequences.
+* **append, conditional, one message** — one publish with
+  ``Nats-Expected-Last-Subject-Sequence`` and ``...-Subject`` = scope (wildcards allowed).
+* **append, conditional, several messages** — an atomic batch (ADR-50, stream option
+  ``allow_atomic``): ``Nats-Batch-Id``/``Nats-Batch-Sequence`` on every message, the expected-last
+  headers on the first, ``Nats-Batch-Commit: 1`` on the last, which alone asks for an ack. The
+  server checks the expectation against the stream before the batch and stores all or nothing.
+  The server allows 50 open batches per stream: we keep at most ``max_atomic_inflight`` and retry
+  a batch the server refused as incomplete (what it answers when the limit is hit).
+* **duplicates of conditional appends** — the server evaluates the expected-last headers before
+  the duplicate window (a retried single message gets "wrong last sequence") and rejects an
+  atomic batch holding a known id. In both cases we look the ids up on the messages' own subjects
+  (server-side filter, messages of the last two duplicate windows) and, when they are all there,
+  answer with their positions as duplicates, as the in-memory store does.
+* **read** — a throw-away pull consumer (no acks, memory storage, ``inactive_threshold``) from
+  ``after + 1`` with the filter applied by the server, pulled in ``no_wait`` batches up to the last
+  position matching the filter when the read started.
+* **last_position** — ``STREAM.MSG.GET`` with ``last_by_subj`` (wildcards allowed), answered by
+  the stream leader.
+* **durable consumers** — pull consumers with explicit acks; ``fetch`` is one pull request with
+  ``no_wait`` and ``expires``: the server waits for a first message up to ``expires``, then sends
+  what is there and ends the request. Acks and naks are requests, so ``ack()`` returns once the
+  server recorded it.
+
+Stream and consumer management goes through the raw JSON API (``$JS.API.*``) with the bodies
+built in :mod:`eventstore.layout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final, Self
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from eventstore.errors import (
+    ConcurrencyError,
+    ConsumerGoneError,
+    EventStoreError,
+    InvalidAppendError,
+    NotProvisionedError,
+    UnavailableError,
+)
+from eventstore.layout import (
+    StreamLayout,
+    durable_consumer_config,
+    read_consumer_config,
+    stream_config,
+)
+from eventstore.ports import (
+    ALL_EVENTS,
+    RESERVED_HEADER_PREFIX,
+    AppendResult,
+    ConsumerSpec,
+    Delivery,
+    check_append,
+    is_filter_subject,
+)
+from proto.message import NatsMessage, StoredMessage
+
+__all__ = [
+    "AckMetadata",
+    "JetStreamApiError",
+    "JetStreamConsumer",
+    "JetStreamEventStore",
+    "parse_ack_reply",
+]
+
+log = logging.getLogger("eventstore.jetstream")
+
+_NS: Final = 1_000_000_000
+_API: Final = "$JS.API"
+_READ_BATCH: Final = 256
+_READ_INACTIVE: Final = 30.0
+_LONG_POLL_GRACE: Final = 1.0
+# A fetch that got messages returns when no more arrive for this long: the server keeps a pull
+# open (without a final status) while max_ack_pending holds further deliveries back.
+_QUIET: Final = 0.05
+
+# JetStream API error codes we act on (nats-server errors.json).
+_ERR_CONSUMER_NOT_FOUND: Final = 10014
+_ERR_NO_MESSAGE: Final = 10037
+_ERR_STREAM_NAME_IN_USE: Final = 10058
+_ERR_STREAM_NOT_FOUND: Final = 10059
+_ERR_WRONG_LAST_SEQUENCE: Final = 10071
+_ERR_CONSUMER_EXISTS: Final = 10148
+_ERR_BATCH_INCOMPLETE: Final = 10176
+_ERR_BATCH_DUPLICATE_ID: Final = 10201
+
+_WRONG_LAST = re.compile(r"wrong last sequence: (\d+)")
+
+H_MSG_ID: Final = "Nats-Msg-Id"
+H_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+H_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
+H_BATCH_ID: Final = "Nats-Batch-Id"
+H_BATCH_SEQ: Final = "Nats-Batch-Sequence"
+H_BATCH_COMMIT: Final = "Nats-Batch-Commit"
+_STATUS: Final = "Status"
+
+
+class JetStreamApiError(EventStoreError):
+    """An error answer of the JetStream API that has no more specific meaning for us."""
+
+    def __init__(self, code: int, err_code: int, description: str) -> None:
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+        super().__init__(f"JetStream error {code}/{err_code}: {description}")
+
+
+def _api_error(err: dict[str, Any]) -> EventStoreError:
+    code = int(err.get("code", 0))
+    err_code = int(err.get("err_code", 0))
+    desc = str(err.get("description", ""))
+    if err_code == _ERR_STREAM_NOT_FOUND:
+        return NotProvisionedError(desc)
+    if code == 503:
+        return UnavailableError(f"JetStream unavailable: {desc}")
+    return JetStreamApiError(code, err_code, desc)
+
+
+@dataclass(frozen=True, slots=True)
+class AckMetadata:
+    """What a JetStream delivery's reply subject tells about it."""
+
+    stream: str
+    consumer: str
+    num_delivered: int
+    stream_seq: int
+    consumer_seq: int
+    timestamp_ns: int
+    num_pending: int
+
+
+def parse_ack_reply(reply: str) -> AckMetadata:
+    """Parse ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`` (v1) or
+    ``$JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>...``
+    (v2, 12+ tokens)."""
+    t = reply.split(".")
+    if len(t) < 9 or t[0] != "$JS" or t[1] != "ACK":
+        raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    if len(t) == 9:
+        base = 2
+    elif len(t) >= 11:
+        base = 4
+    else:
+        raise ValueError(f"unexpected JetStream ack subject: {reply!r}")
+    try:
+        return AckMetadata(
+            stream=t[base],
+            consumer=t[base + 1],
+            num_delivered=int(t[base + 2]),
+            stream_seq=int(t[base + 3]),
+            consumer_seq=int(t[base + 4]),
+            timestamp_ns=int(t[base + 5]),
+            num_pending=int(t[base + 6]),
+        )
+    except ValueError as exc:
+        raise ValueError(f"bad JetStream ack subject: {reply!r}") from exc
+
+
+def _to_nats_message(msg: Msg) -> NatsMessage:
+    headers = msg.headers or {}
+    msg_id = headers.get(H_MSG_ID, "")
+    kept = {
+        str(k): str(v)
+        for k, v in headers.items()
+        if not str(k).lower().startswith(RESERVED_HEADER_PREFIX)
+    }
+    return NatsMessage(subject=msg.subject, msg_id=msg_id, data=msg.data, headers=kept)
+
+
+def _stored(msg: Msg) -> tuple[StoredMessage, AckMetadata]:
+    meta = parse_ack_reply(msg.reply)
+    stored = StoredMessage(
+        position=meta.stream_seq, message=_to_nats_message(msg), time_ns=meta.timestamp_ns
+    )
+    return stored, meta
+
+
+def _status(msg: Msg) -> str | None:
+    if msg.headers is None:
+        return None
+    return msg.headers.get(_STATUS)
+
+
+def _rfc3339_ns(ns: int) -> str:
+    secs, frac = divmod(max(ns, 0), _NS)
+    base = datetime.fromtimestamp(secs, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{frac:09d}Z"
+
+
+class _ReplyMux:
+    """One wildcard inbox for publish acks: a publish registers a future under a token."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._futures: dict[str, asyncio.Future[Msg]] = {}
+        self._counter = 0
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_reply)
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        for fut in self._futures.values():
+            fut.cancel()
+        self._futures.clear()
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    def expect(self) -> tuple[str, str, asyncio.Future[Msg]]:
+        """A reply subject, its token and the future its answer resolves."""
+        self._counter += 1
+        token = str(self._counter)
+        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._futures[token] = fut
+        return f"{self._prefix}.{token}", token, fut
+
+    def forget(self, pending: Iterable[tuple[str, asyncio.Future[Msg]]]) -> None:
+        for token, fut in pending:
+            self._futures.pop(token, None)
+            if not fut.done():
+                fut.cancel()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject[len(self._prefix) + 1 :]
+        fut = self._futures.pop(token, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+
+class _PullInbox:
+    """The inbox of one pull consumer: deliveries go to a buffer, pull-request end statuses to
+    the request they answer (one reply subject per request)."""
+
+    def __init__(self, nc: NatsClient, stream: str, consumer: str) -> None:
+        self._nc = nc
+        self._next_subject = f"{_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._prefix = nc.new_inbox()
+        self._buffer: deque[Msg] = deque()
+        self._open: dict[str, str | None] = {}  # request token -> end status once known
+        self._wake = asyncio.Event()
+        self._counter = 0
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_msg)
+
+    async def stop(self) -> list[Msg]:
+        """Unsubscribe; return deliveries that arrived but were never handed out."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        left = list(self._buffer)
+        self._buffer.clear()
+        return left
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if msg.reply and msg.reply.startswith("$JS.ACK."):
+            self._buffer.append(msg)
+        else:
+            status = _status(msg)
+            token = msg.subject[len(self._prefix) + 1 :]
+            if status != "100" and token in self._open:  # 100: idle heartbeat
+                self._open[token] = status or "?"
+        self._wake.set()
+
+    def take(self, n: int) -> list[Msg]:
+        out: list[Msg] = []
+        while self._buffer and len(out) < n:
+            out.append(self._buffer.popleft())
+        return out
+
+    async def request(self, batch: int, *, no_wait: bool, expires: float | None) -> str:
+        self._counter += 1
+        token = str(self._counter)
+        body: dict[str, Any] = {"batch": batch}
+        if no_wait:
+            body["no_wait"] = True
+        if expires is not None:
+            body["expires"] = max(round(expires * _NS), 1_000_000)
+        self._open[token] = None
+        try:
+            await self._nc.publish(
+                self._next_subject, json.dumps(body).encode(), reply=f"{self._prefix}.{token}"
+            )
+        except nats.errors.Error as exc:
+            del self._open[token]
+            raise UnavailableError(f"pull request failed: {exc!r}") from exc
+        return token
+
+    async def collect(
+        self, token: str, want: int, deadline: float, *, quiet: float | None = None
+    ) -> tuple[list[Msg], str | None]:
+        """Deliveries until ``want`` arrived, the request ended (its status is returned), the
+        loop-time ``deadline`` passed, or -- with ``quiet`` -- nothing more came for ``quiet``
+        seconds after a first delivery (status ``None`` for the last three)."""
+        loop = asyncio.get_running_loop()
+        out: list[Msg] = []
+        try:
+            while True:
+                out.extend(self.take(want - len(out)))
+                if len(out) >= want:
+                    return out, None
+                status = self._open.get(token)
+                if status is not None:
+                    out.extend(self.take(want - len(out)))
+                    return out, status
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return out, None
+                if out and quiet is not None:
+                    remaining = min(remaining, quiet)
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except TimeoutError:
+                    if out and quiet is not None:
+                        return out, None
+        finally:
+            self._open.pop(token, None)
+
+
+class JetStreamEventStore:
+    """:class:`eventstore.ports.EventStore` on JetStream.
+
+    ``JetStreamEventStore(nc, layout)`` uses a connection the caller owns;
+    :meth:`from_url` makes a store that connects (reconnecting forever) on ``__aenter__`` and
+    closes on ``__aexit__``. Use it as an async context manager either way.
+    """
+
+    def __init__(
+        self,
+        nc: NatsClient | None = None,
+        layout: StreamLayout | None = None,
+        *,
+        timeout: float = 5.0,
+        max_atomic_inflight: int = 32,
+    ) -> None:
+        self.layout = layout or StreamLayout()
+        self._nc = nc
+        self._url: str | None = None
+        self._owns_nc = False
+        self._timeout = timeout
+        self._atomic_slots = asyncio.Semaphore(max_atomic_inflight)
+        self._mux: _ReplyMux | None = None
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        layout: StreamLayout | None = None,
+        *,
+        timeout: float = 5.0,
+        max_atomic_inflight: int = 32,
+    ) -> JetStreamEventStore:
+        store = cls(None, layout, timeout=timeout, max_atomic_inflight=max_atomic_inflight)
+        store._url = url
+        return store
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._nc is None:
+            assert self._url is not None
+            try:
+                self._nc = await nats.connect(
+                    self._url,
+                    name="twinhub-eventstore",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    connect_timeout=self._timeout,
+                    allow_reconnect=True,
+                )
+            except (OSError, nats.errors.Error) as exc:
+                raise UnavailableError(f"cannot connect to NATS at {self._url}: {exc!r}") from exc
+            self._owns_nc = True
+        mux = _ReplyMux(self._nc)
+        try:
+            await mux.start()
+        except nats.errors.Error as exc:
+            await self._close_nc()
+            raise UnavailableError(f"cannot subscribe: {exc!r}") from exc
+        self._mux = mux
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        mux, self._mux = self._mux, None
+        if mux is not None:
+            await mux.stop()
+        await self._close_nc()
+
+    async def _close_nc(self) -> None:
+        if self._owns_nc and self._nc is not None:
+            nc, self._nc = self._nc, None
+            self._owns_nc = False
+            with contextlib.suppress(nats.errors.Error):
+                await nc.close()
+
+    def _conn(self) -> tuple[NatsClient, _ReplyMux]:
+        if self._nc is None or self._mux is None:
+            raise EventStoreError("JetStreamEventStore is not open: use `async with`")
+        return self._nc, self._mux
+
+    @property
+    def connection(self) -> NatsClient:
+        return self._conn()[0]
+
+    # -- JetStream API -----------------------------------------------------------------------
+
+    async def _api(self, op: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        nc, _ = self._conn()
+        payload = b"" if body is None else json.dumps(body).encode()
+        try:
+            msg = await nc.request(f"{_API}.{op}", payload, timeout=self._timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise UnavailableError(f"JetStream not available ({op})") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise UnavailableError(f"JetStream request {op} failed: {exc!r}") from exc
+        if _status(msg) == "503":
+            raise UnavailableError(f"JetStream not available ({op})")
+        resp: dict[str, Any] = json.loads(msg.data)
+        err = resp.get("error")
+        if err is not None:
+            raise _api_error(err)
+        return resp
+
+    async def provision(self, consumers: Sequence[ConsumerSpec] = ()) -> None:
+        cfg = stream_config(self.layout)
+        name = self.layout.name
+        try:
+            await self._api(f"STREAM.CREATE.{name}", cfg)
+            log.info("stream %s created or unchanged", name)
+        except JetStreamApiError as exc:
+            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                raise
+            await self._api(f"STREAM.UPDATE.{name}", cfg)
+            log.info("stream %s updated", name)
+        for spec in consumers:
+            await self._ensure_consumer(spec)
+
+    async def _stream_missing(self) -> bool:
+        try:
+            await self._api(f"STREAM.INFO.{self.layout.name}")
+        except NotProvisionedError:
+            return True
+        return False
+
+    # -- append ------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        messages: Sequence[NatsMessage],
+        *,
+        expected_last: int | None = None,
+        scope: str | None = None,
+    ) -> AppendResult:
+        effective_scope = check_append(messages, expected_last, scope, self.layout.subjects)
+        if effective_scope is None:
+            return await self._append_pipelined(messages)
+        assert expected_last is not None
+        if len(messages) == 1:
+            return await self._append_conditional_one(messages[0], expected_last, effective_scope)
+        return await self._append_atomic(messages, expected_last, effective_scope)
+
+    @staticmethod
+    def _headers(m: NatsMessage) -> dict[str, str]:
+        h = dict(m.headers)
+        h[H_MSG_ID] = m.msg_id
+        return h
+
+    async def _publish(
+        self, items: Sequence[tuple[NatsMessage, dict[str, str], bool]]
+    ) -> list[tuple[str, asyncio.Future[Msg]]]:
+        """Publish in order from this one coroutine (so the order on the wire is the order
+        given); return the ack futures of the items that asked for one."""
+        nc, mux = self._conn()
+        pending: list[tuple[str, asyncio.Future[Msg]]] = []
+        try:
+            for m, headers, want_ack in items:
+                reply = ""
+                if want_ack:
+                    reply, token, fut = mux.expect()
+                    pending.append((token, fut))
+                await nc.publish(m.subject, m.data, reply=reply, headers=headers)
+        except (nats.errors.Error, OSError) as exc:
+            mux.forget(pending)
+            raise UnavailableError(f"publish failed: {exc!r}") from exc
+        return pending
+
+    async def _await_acks(self, pending: list[tuple[str, asyncio.Future[Msg]]]) -> list[Msg]:
+        _, mux = self._conn()
+        try:
+            done = await asyncio.wait_for(
+                asyncio.gather(*(fut for _, fut in pending)), self._timeout
+            )
+        except TimeoutError as exc:
+            raise UnavailableError(f"no ack from JetStream within {self._timeout}s") from exc
+        finally:
+            mux.forget(pending)
+        return list(done)
+
+    async def _pub_ack(self, msg: Msg) -> dict[str, Any]:
+        """The ack's JSON, or the JetStream error it carries, translated."""
+        if _status(msg) == "503":
+            if await self._stream_missing():
+                raise NotProvisionedError(f"stream {self.layout.name!r} does not exist")
+            raise UnavailableError("no JetStream stream answered (not ready?)")
+        if not msg.data:
+            raise EventStoreError("empty JetStream ack")
+        resp: dict[str, Any] = json.loads(msg.data)
+        return resp
+
+    async def _append_pipelined(self, messages: Sequence[NatsMessage]) -> AppendResult:
+        futures = await self._publish([(m, self._headers(m), True) for m in messages])
+        acks = await self._await_acks(futures)
+        positions: list[int] = []
+        duplicates: list[bool] = []
+        for msg in acks:
+            resp = await self._pub_ack(msg)
+            if "error" in resp:
+                raise _api_error(resp["error"])
+            positions.append(int(resp["seq"]))
+            duplicates.append(bool(resp.get("duplicate", False)))
+        return AppendResult(positions=tuple(positions), duplicates=tuple(duplicates))
+
+    async def _append_conditional_one(
+        self, m: NatsMessage, expected_last: int, scope: str
+    ) -> AppendResult:
+        headers = self._headers(m)
+        headers[H_EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last)
+        headers[H_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = scope
+        (ack,) = await self._await_acks(await self._publish([(m, headers, True)]))
+        resp = await self._pub_ack(ack)
+        if "error" in resp:
+            return await self._resolve_refusal([m], expected_last, scope, resp["error"])
+        return AppendResult(
+            positions=(int(resp["seq"]),), duplicates=(bool(resp.get("duplicate", False)),)
+        )
+
+    async def _append_atomic(
+        self, messages: Sequence[NatsMessage], expected_last: int, scope: str
+    ) -> AppendResult:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        backoff = 0.005
+        while True:
+            batch_id = uuid.uuid4().hex
+            items: list[tuple[NatsMessage, dict[str, str], bool]] = []
+            last = len(messages)
+            for i, m in enumerate(messages, start=1):
+                h = self._headers(m)
+                h[H_BATCH_ID] = batch_id
+                h[H_BATCH_SEQ] = str(i)
+                if i == 1:
+                    h[H_EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last)
+                    h[H_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = scope
+                if i == last:
+                    h[H_BATCH_COMMIT] = "1"
+                items.append((m, h, i == last))
+            async with self._atomic_slots:
+                (ack,) = await self._await_acks(await self._publish(items))
+            resp = await self._pub_ack(ack)
+            err = resp.get("error")
+            if err is None:
+                end = int(resp["seq"])
+                if int(resp.get("count", last)) != last:
+                    raise EventStoreError(f"atomic batch stored {resp.get('count')} of {last}")
+                return AppendResult(
+                    positions=tuple(range(end - last + 1, end + 1)), duplicates=(False,) * last
+                )
+            if int(err.get("err_code", 0)) == _ERR_BATCH_INCOMPLETE and loop.time() < deadline:
+                # The server's cap of open batches per stream was hit (or a message of the batch
+                # was lost on a reconnect): nothing was stored, try again with a new batch id.
+                log.debug("atomic batch %s refused as incomplete, retrying", batch_id)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 0.2)
+                continue
+            return await self._resolve_refusal(messages, expected_last, scope, err)
+
+    async def _resolve_refusal(
+        self,
+        messages: Sequence[NatsMessage],
+        expected_last: int,
+        scope: str,
+        err: dict[str, Any],
+    ) -> AppendResult:
+        """A conditional append was refused. If it is the retry of one that was stored, answer
+        with the stored positions as duplicates; else the refusal stands."""
+        err_code = int(err.get("err_code", 0))
+        if err_code not in (_ERR_WRONG_LAST_SEQUENCE, _ERR_BATCH_DUPLICATE_ID):
+            raise _api_error(err)
+        found = await self._find_recent(messages)
+        if len(found) == len(messages):
+            return AppendResult(
+                positions=tuple(found[m.msg_id] for m in messages),
+                duplicates=(True,) * len(messages),
+            )
+        if found:
+            raise InvalidAppendError(
+                "some messages of this conditional append were appended before, others not"
+            )
+        if err_code == _ERR_BATCH_DUPLICATE_ID:
+            # Ids known to the server's window but not found on these subjects: stored on other
+            # subjects under the same ids. Never written twice; the caller must pick new ids.
+            raise InvalidAppendError("message ids already used by other messages")
+        match = _WRONG_LAST.search(str(err.get("description", "")))
+        raise ConcurrencyError(scope, expected_last, int(match.group(1)) if match else None)
+
+    async def _find_recent(self, messages: Sequence[NatsMessage]) -> dict[str, int]:
+        """Positions of ``messages``' ids among the recent messages on their subjects."""
+        wanted = {m.msg_id for m in messages}
+        window_ns = round(self.layout.duplicate_window * _NS)
+        now = time.time_ns()
+        # Two windows back: the second one absorbs clock skew between us and the server.
+        start_ns = now - 2 * window_ns
+        subjects = sorted({m.subject for m in messages})
+        found: dict[str, int] = {}
+        scan = self._scan(subjects, start_time_ns=start_ns, after=0, end=None)
+        async with contextlib.aclosing(scan):
+            async for stored in scan:
+                mid = stored.message.msg_id
+                if mid in wanted and stored.time_ns >= now - window_ns:
+                    found[mid] = stored.position
+                    if len(found) == len(wanted):
+                        break
+        return found
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def last_position(self, scope: str = ALL_EVENTS) -> int:
+        if not is_filter_subject(scope):
+            raise ValueError(f"not a subject filter: {scope!r}")
+        try:
+            resp = await self._api(f"STREAM.MSG.GET.{self.layout.name}", {"last_by_subj": scope})
+        except JetStreamApiError as exc:
+            if exc.err_code == _ERR_NO_MESSAGE:
+                return 0
+            raise
+        return int(resp["message"]["seq"])
+
+    async def read(
+        self,
+        filter_subject: str = ALL_EVENTS,
+        *,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> AsyncGenerator[StoredMessage, None]:
+        if not is_filter_subject(filter_subject):
+            raise ValueError(f"not a subject filter: {filter_subject!r}")
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        if limit == 0:
+            return
+        end = await self.last_position(filter_subject)
+        if end <= after:
+            return
+        count = 0
+        scan = self._scan([filter_subject], start_time_ns=None, after=after, end=end, limit=limit)
+        async with contextlib.aclosing(scan):
+            async for stored in scan:
+                yield stored
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+
+    async def _scan(
+        self,
+        filters: Sequence[str],
+        *,
+        start_time_ns: int | None,
+        after: int,
+        end: int | None,
+        limit: int | None = None,
+    ) -> AsyncGenerator[StoredMessage, None]:
+        """Messages matching ``filters`` with position > ``after`` (or from a time), through an
+        ephemeral consumer, until ``end``, until nothing is pending, or ``limit`` of them (which
+        bounds what the server sends, not just what we yield)."""
+        nc, _ = self._conn()
+        stream = self.layout.name
+        name = "read_" + uuid.uuid4().hex
+        cfg = read_consumer_config(name, filters, after, _READ_INACTIVE)
+        if start_time_ns is not None:
+            cfg["deliver_policy"] = "by_start_time"
+            cfg["opt_start_time"] = _rfc3339_ns(start_time_ns)
+            cfg.pop("opt_start_seq", None)
+        info = await self._api(
+            f"CONSUMER.CREATE.{stream}.{name}",
+            {"stream_name": stream, "config": cfg, "action": "create"},
+        )
+        inbox = _PullInbox(nc, stream, name)
+        try:
+            if int(info.get("num_pending", 0)) == 0:
+                return
+            try:
+                await inbox.start()
+            except nats.errors.Error as exc:
+                raise UnavailableError(f"cannot subscribe: {exc!r}") from exc
+            loop = asyncio.get_running_loop()
+            left = limit
+            while left is None or left > 0:
+                batch = _READ_BATCH if left is None else min(_READ_BATCH, left)
+                token = await inbox.request(batch, no_wait=True, expires=self._timeout)
+                msgs, status = await inbox.collect(token, batch, loop.time() + self._timeout)
+                if not msgs:
+                    if status is None:
+                        raise UnavailableError(f"no answer reading {filters} within the timeout")
+                    if status in ("404", "408"):
+                        return  # nothing left (messages removed by limits meanwhile)
+                    raise EventStoreError(f"read of {filters} ended with status {status}")
+                for msg in msgs:
+                    stored, meta = _stored(msg)
+                    if end is not None and stored.position > end:
+                        return
+                    yield stored
+                    if (end is not None and stored.position >= end) or meta.num_pending == 0:
+                        return
+                if left is not None:
+                    left -= len(msgs)
+        finally:
+            await inbox.stop()
+            with contextlib.suppress(EventStoreError):
+                await self._api(f"CONSUMER.DELETE.{stream}.{name}")
+
+    # -- durable consumers ------------------------------------------------------------------
+
+    async def _ensure_consumer(self, spec: ConsumerSpec) -> None:
+        stream = self.layout.name
+        cfg = durable_consumer_config(spec)
+        existing: dict[str, Any] | None
+        try:
+            existing = (await self._api(f"CONSUMER.INFO.{stream}.{spec.name}"))["config"]
+        except JetStreamApiError as exc:
+            if exc.err_code != _ERR_CONSUMER_NOT_FOUND:
+                raise
+            existing = None
+        if existing is None:
+            try:
+                await self._api(
+                    f"CONSUMER.CREATE.{stream}.{spec.name}",
+                    {"stream_name": stream, "config": cfg, "action": "create"},
+                )
+                log.info("consumer %s.%s created", stream, spec.name)
+                return
+            except JetStreamApiError as exc:
+                if exc.err_code != _ERR_CONSUMER_EXISTS:
+                    raise
+            existing = (await self._api(f"CONSUMER.INFO.{stream}.{spec.name}"))["config"]
+        # The start position belongs to the existing consumer; the rest follows the spec.
+        for key in ("deliver_policy", "opt_start_seq", "opt_start_time"):
+            cfg.pop(key, None)
+            if key in existing:
+                cfg[key] = existing[key]
+        if all(existing.get(k) == v for k, v in cfg.items()) and (
+            ("filter_subject" in cfg) == ("filter_subject" in existing)
+        ):
+            return
+        await self._api(
+            f"CONSUMER.CREATE.{stream}.{spec.name}",
+            {"stream_name": stream, "config": cfg, "action": "update"},
+        )
+        log.info("consumer %s.%s updated", stream, spec.name)
+
+    async def consumer(
+        self,
+        name: str,
+        filter_subjects: Sequence[str] = (ALL_EVENTS,),
+        *,
+        start_after: int = 0,
+        ack_wait: float = 30.0,
+        max_ack_pending: int = 1000,
+    ) -> JetStreamConsumer:
+        spec = ConsumerSpec(
+            name=name,
+            filter_subjects=tuple(filter_subjects),
+            start_after=start_after,
+            ack_wait=ack_wait,
+            max_ack_pending=max_ack_pending,
+        )
+        await self._ensure_consumer(spec)
+        nc, _ = self._conn()
+        consumer = JetStreamConsumer(self, nc, spec)
+        await consumer._start()
+        return consumer
+
+    async def delete_consumer(self, name: str) -> bool:
+        try:
+            await self._api(f"CONSUMER.DELETE.{self.layout.name}.{name}")
+        except JetStreamApiError as exc:
+            if exc.err_code == _ERR_CONSUMER_NOT_FOUND:
+                return False
+            raise
+        return True
+
+    async def _consumer_exists(self, name: str) -> bool:
+        try:
+            await self._api(f"CONSUMER.INFO.{self.layout.name}.{name}")
+        except JetStreamApiError as exc:
+            if exc.err_code == _ERR_CONSUMER_NOT_FOUND:
+                return False
+            raise
+        return True
+
+
+class JetStreamConsumer:
+    """An open durable pull consumer. Use from one task at a time (fetches are serialized)."""
+
+    def __init__(self, store: JetStreamEventStore, nc: NatsClient, spec: ConsumerSpec) -> None:
+        self._store = store
+        self._nc = nc
+        self._spec = spec
+        self._inbox = _PullInbox(nc, store.layout.name, spec.name)
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def spec(self) -> ConsumerSpec:
+        return self._spec
+
+    async def _start(self) -> None:
+        try:
+            await self._inbox.start()
+        except nats.errors.Error as exc:
+            raise UnavailableError(f"cannot subscribe: {exc!r}") from exc
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        left = await self._inbox.stop()
+        # Delivered to us but never handed out: give them back now rather than after ack_wait.
+        for msg in left:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self._nc.publish(msg.reply, b"-NAK")
+
+    def _deliveries(self, msgs: list[Msg]) -> list[Delivery]:
+        out: list[Delivery] = []
+        for msg in msgs:
+            stored, meta = _stored(msg)
+            out.append(Delivery(stored, meta.num_delivered, self, msg.reply))
+        return out
+
+    async def _ended(self, status: str | None) -> None:
+        if status == "409" or status == "503":
+            if not await self._store._consumer_exists(self._spec.name):
+                raise ConsumerGoneError(f"consumer {self._spec.name!r} does not exist")
+            if status == "503":
+                raise UnavailableError("JetStream did not serve the pull request")
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:  # noqa: ASYNC109
+        if max_messages < 1:
+            raise ValueError("max_messages must be >= 1")
+        if self._closed:
+            raise EventStoreError(f"consumer {self._spec.name!r} is closed")
+        async with self._lock:
+            buffered = self._inbox.take(max_messages)
+            if buffered:
+                return self._deliveries(buffered)
+            if not self._nc.is_connected:
+                raise UnavailableError("not connected to NATS")
+            loop = asyncio.get_running_loop()
+            wait = max(0.0, timeout)
+            # no_wait + expires: the server waits up to `expires` for a first message, then sends
+            # what is there and ends the request at once (404) -- a long poll that never holds
+            # messages back. Plain no_wait would be parked while max_ack_pending is reached.
+            # Deliveries that arrive after we returned wait in the inbox for the next fetch.
+            token = await self._inbox.request(max_messages, no_wait=True, expires=wait)
+            msgs, status = await self._inbox.collect(
+                token, max_messages, loop.time() + wait + _LONG_POLL_GRACE, quiet=_QUIET
+            )
+            if msgs:
+                return self._deliveries(msgs)
+            if status is None and not self._nc.is_connected:
+                raise UnavailableError("connection lost during fetch")
+            await self._ended(status)
+            return []
+
+    async def ack_many(self, deliveries: Iterable[Delivery]) -> None:
+        await asyncio.gather(*(d.ack() for d in deliveries))
+
+    async def _settle(self, reply: object, payload: bytes) -> None:
+        assert isinstance(reply, str)
+        try:
+            await self._nc.request(reply, payload, timeout=self._store._timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise ConsumerGoneError(f"consumer {self._spec.name!r} does not exist") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise UnavailableError(f"ack not confirmed: {exc!r}") from exc
+
+    async def settle_ack(self, token: object) -> None:
+        await self._settle(token, b"+ACK")
+
+    async def settle_nak(self, token: object, delay: float | None) -> None:
+        if delay is None or delay <= 0:
+            await self._settle(token, b"-NAK")
+        else:
+            await self._settle(token, b"-NAK " + json.dumps({"delay": round(delay * _NS)}).encode())
