@@ -1,0 +1,304 @@
+"""The projector and rebuild on the in-memory event store and twin store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from eventstore.memory import InMemoryEventStore
+from proto import binding
+from proto import events as ev
+from proto.events import AnyEvent, EventData, UnknownData
+from proto.message import NatsMessage
+from twin.errors import (
+    ProjectionTimeoutError,
+    ProjectorStoppedError,
+    StoreUnavailableError,
+)
+from twin.fold import fold_all
+from twin.memory import InMemoryTwinStore
+from twin.model import Twin
+from twin.ports import WriteResult
+from twin.service import ProjectorConfig, ProjectorHooks, TwinProjector, rebuild
+
+from .factory import T0, changed, link, offline, online, unknown
+
+WAIT = 10.0
+FAST = ProjectorConfig(batch_size=4, fetch_timeout=0.05, retry_initial=0.001, retry_max=0.01)
+
+
+class FakeClock:
+    """The in-memory log's clock: ack_wait only expires when a test says so."""
+
+    def __init__(self) -> None:
+        self.ns = 1_700_000_000 * 10**9
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def advance(self, seconds: float) -> None:
+        self.ns += round(seconds * 10**9)
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+class FlakyStore(InMemoryTwinStore):
+    """Fails the next ``failures`` writes, as a store that is down would."""
+
+    def __init__(self, failures: int = 0) -> None:
+        super().__init__()
+        self.failures = failures
+        self.writes = 0
+
+    async def write_many(self, twins: Iterable[Twin]) -> WriteResult:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailableError("store down (simulated)")
+        self.writes += 1
+        return await super().write_many(twins)
+
+
+def make(data: EventData | UnknownData, device: str = "d1", i: int = 0) -> AnyEvent:
+    return ev.Event(
+        owner="alice",
+        device_id=device,
+        data=data,
+        source="/gateway/test",
+        time=T0 + timedelta(seconds=i),
+    )
+
+
+def script(devices: Sequence[str] = ("d1", "d2", "d3"), rounds: int = 3) -> list[AnyEvent]:
+    """A plausible life of a few devices, interleaved."""
+    out: list[AnyEvent] = []
+    i = 0
+    for d in devices:
+        out.append(make(ev.DeviceRegistered(), d, i))
+        out.append(make(online(f"{d}-c1"), d, i))
+        out.append(make(ev.ResourceLinksPublished(links=(link("/sw.1", "oic.r.switch"),)), d, i))
+    for r in range(rounds):
+        for d in devices:
+            i += 1
+            out.append(make(changed("/sw.1", {"value": r % 2 == 0, "r": r}), d, i))
+            out.append(make(changed(f"/sensor/{r % 2}", r), d, i))
+    out.append(make(unknown(), devices[0], i))
+    out.append(make(offline(f"{devices[-1]}-c1"), devices[-1], i + 1))
+    return out
+
+
+async def append(log: InMemoryEventStore, events: Iterable[AnyEvent]) -> list[AnyEvent]:
+    """Append each event; returns them as logged (with positions)."""
+    logged: list[AnyEvent] = []
+    for e in events:
+        result = await log.append([binding.to_nats(e)])
+        logged.append(e.at(result.last_position))
+    return logged
+
+
+def expected_twins(logged: Sequence[AnyEvent]) -> dict[str, Twin]:
+    out: dict[str, Twin] = {}
+    for device in dict.fromkeys(e.device_id for e in logged):
+        twin = fold_all(None, [e for e in logged if e.device_id == device])
+        if twin is not None:
+            out[device] = twin
+    return out
+
+
+async def stored_twins(store: InMemoryTwinStore) -> dict[str, Twin]:
+    return {t.device_id: t for t in await store.find(include_deleted=True, limit=1000)}
+
+
+@pytest.fixture
+async def log() -> InMemoryEventStore:
+    store = InMemoryEventStore(clock=FakeClock())
+    await store.provision()
+    return store
+
+
+async def test_projects_the_log_into_the_store(log: InMemoryEventStore) -> None:
+    store = InMemoryTwinStore()
+    logged = await append(log, script())
+    async with TwinProjector(store, log, FAST) as projector:
+        more = await append(log, [make(changed("/sw.1", "late"), "d2", 99)])
+        await projector.wait_for_position(more[-1].position or 0, WAIT)
+        stats = projector.stats
+    assert await stored_twins(store) == expected_twins(logged + more)
+    known = [e for e in logged + more if not isinstance(e.data, UnknownData)]
+    assert stats.events_applied == len(known)
+    assert stats.unknown_events == 1
+    assert stats.duplicates_skipped == 0
+    assert stats.position == more[-1].position
+    assert await store.checkpoint("twin-projector") == more[-1].position
+
+
+async def test_undecodable_messages_are_skipped(log: InMemoryEventStore) -> None:
+    store = InMemoryTwinStore()
+    good = make(changed("/a", 1))
+    bad = binding.to_nats(make(changed("/a", 2)))
+    bad = NatsMessage(subject=bad.subject, msg_id="bad-1", data=b"{not json", headers=bad.headers)
+    await log.append([bad])
+    logged = await append(log, [good])
+    async with TwinProjector(store, log, FAST) as projector:
+        await projector.wait_for_position(logged[-1].position or 0, WAIT)
+        assert projector.stats.undecodable_events == 1
+    assert await stored_twins(store) == expected_twins(logged)
+
+
+async def test_store_failures_nak_and_retry_without_losing_or_doubling(
+    log: InMemoryEventStore,
+) -> None:
+    store = FlakyStore()
+    async with TwinProjector(store, log, FAST) as projector:
+        first = await append(log, script(rounds=1))
+        await projector.wait_for_position(first[-1].position or 0, WAIT)
+        store.failures = 3  # the next three writes fail
+        second = await append(log, script(rounds=2)[9:])
+        await projector.wait_for_position(second[-1].position or 0, WAIT)
+        stats = projector.stats
+    assert stats.store_failures == 3
+    assert await stored_twins(store) == expected_twins(first + second)
+    assert stats.events_applied == sum(t.version for t in (await stored_twins(store)).values())
+
+
+async def test_crash_after_write_before_ack(log: InMemoryEventStore) -> None:
+    """The batch is in the store but not acknowledged: it comes back and is skipped."""
+    clock = log._clock
+    assert isinstance(clock, FakeClock)
+    store = InMemoryTwinStore()
+    logged = await append(log, script())
+    seen: list[Sequence[int]] = []
+
+    async def crash_on_third(positions: Sequence[int]) -> None:
+        seen.append(positions)
+        if len(seen) == 3:
+            raise SimulatedCrash
+
+    config = ProjectorConfig(batch_size=4, fetch_timeout=0.05, ack_wait=5.0)
+    projector = TwinProjector(store, log, config, hooks=ProjectorHooks(after_write=crash_on_third))
+    async with projector:
+        with pytest.raises(SimulatedCrash):
+            await projector.join()
+    assert await store.checkpoint("twin-projector") == max(seen[-1])
+
+    async with TwinProjector(store, log, config) as again:
+        await again.wait_for_position(logged[-1].position or 0, WAIT)
+        clock.advance(10)  # ack_wait expires: the unacknowledged batch is redelivered
+        more = await append(log, [make(changed("/sw.1", "after"), "d1", 50)])
+        await again.wait_for_position(more[-1].position or 0, WAIT)
+    assert await stored_twins(store) == expected_twins(logged + more)
+
+
+async def test_crash_before_write_then_restart_before_ack_wait(log: InMemoryEventStore) -> None:
+    """The worst case for a consumer alone: the unwritten batch is still pending (ack_wait has
+    not expired) when the new projector starts, so the consumer would hand out newer events of
+    the same devices first. The catch-up from the checkpoint keeps them in order."""
+    store = InMemoryTwinStore()
+    batches = 0
+
+    async def crash_on_third(positions: Sequence[int]) -> None:
+        nonlocal batches
+        batches += 1
+        if batches == 3:
+            raise SimulatedCrash
+
+    config = ProjectorConfig(batch_size=4, fetch_timeout=0.05, ack_wait=3600)
+    first = TwinProjector(store, log, config, hooks=ProjectorHooks(before_write=crash_on_third))
+    async with first:
+        # batch 1 is the catch-up; what is appended once it is done goes through the consumer
+        logged = await append(log, [make(ev.DeviceRegistered(), "d0")])
+        await first.wait_for_position(logged[-1].position or 0, WAIT)
+        logged += await append(log, script())
+        with pytest.raises(SimulatedCrash):
+            await first.join()
+    assert batches == 3
+    more = await append(log, [make(changed("/sw.1", f"new-{d}"), d, 60) for d in ("d1", "d2")])
+    async with TwinProjector(store, log, config) as again:
+        await again.wait_for_position(more[-1].position or 0, WAIT)
+    twins = await stored_twins(store)
+    assert twins == expected_twins(logged + more)
+    assert {d: t.version for d, t in twins.items()} == {
+        d: sum(1 for e in logged + more if e.device_id == d and not isinstance(e.data, UnknownData))
+        for d in twins
+    }
+
+
+async def test_a_twin_written_further_elsewhere_is_reloaded(log: InMemoryEventStore) -> None:
+    store = InMemoryTwinStore()
+    async with TwinProjector(store, log, FAST) as projector:
+        first = await append(log, [make(ev.DeviceRegistered()), make(changed("/a", 1))])
+        await projector.wait_for_position(first[-1].position or 0, WAIT)
+        # another writer (a rebuild run by mistake, say) moves d1 past what comes next
+        twin = await store.get("d1")
+        assert twin is not None
+        await store.write_many([replace(twin, position=10_000, version=99)])
+        second = await append(log, [make(changed("/a", 2))])
+        await projector.wait_for_position(second[-1].position or 0, WAIT)
+        assert projector.stats.duplicates_skipped == 1
+        third = await append(log, [make(changed("/a", 3))])
+        await projector.wait_for_position(third[-1].position or 0, WAIT)
+    stored = await store.get("d1")
+    assert stored is not None
+    assert stored.position == 10_000  # the cache was dropped: the store's twin was reloaded
+
+
+async def test_tiny_cache_gives_the_same_twins(log: InMemoryEventStore) -> None:
+    store = InMemoryTwinStore()
+    logged = await append(log, script(devices=[f"d{i}" for i in range(6)]))
+    config = ProjectorConfig(batch_size=3, fetch_timeout=0.05, cache_size=1)
+    async with TwinProjector(store, log, config) as projector:
+        await projector.wait_for_position(logged[-1].position or 0, WAIT)
+    assert await stored_twins(store) == expected_twins(logged)
+
+
+async def test_rebuild_matches_the_live_projection(log: InMemoryEventStore) -> None:
+    live = InMemoryTwinStore()
+    logged = await append(log, script())
+    async with TwinProjector(live, log, FAST) as projector:
+        await projector.wait_for_position(logged[-1].position or 0, WAIT)
+    rebuilt = InMemoryTwinStore()
+    await rebuilt.write_many(
+        [Twin(device_id="stale", owner="x", position=1, version=1, created_at=T0, updated_at=T0)]
+    )
+    count = await rebuild(rebuilt, log, batch_size=5)
+    assert count == sum(1 for e in logged if not isinstance(e.data, UnknownData))
+    assert await stored_twins(rebuilt) == await stored_twins(live)
+    assert await rebuilt.checkpoint("twin-projector") == logged[-1].position
+
+
+async def test_wait_for_position_times_out_and_reports_a_stopped_projector(
+    log: InMemoryEventStore,
+) -> None:
+    store = InMemoryTwinStore()
+    async with TwinProjector(store, log, FAST) as projector:
+        with pytest.raises(ProjectionTimeoutError):
+            await projector.wait_for_position(1, 0.05)
+
+    async def boom(positions: Sequence[int]) -> None:
+        raise SimulatedCrash
+
+    await append(log, [make(online())])
+    failing = TwinProjector(store, log, FAST, hooks=ProjectorHooks(before_write=boom))
+    with pytest.raises(ProjectorStoppedError) as info:
+        async with failing:
+            await failing.wait_for_position(1, WAIT)
+    assert isinstance(info.value.__cause__, SimulatedCrash)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 0},
+        {"batch_size": 10, "max_ack_pending": 5},
+        {"cache_size": -1},
+        {"fetch_timeout": 0},
+        {"retry_initial": 2, "retry_max": 1},
+    ],
+)
+def test_config_is_validated(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011
+        ProjectorConfig(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Adapters of the twin store port: :mod:`twin.adapters.mongo` (MongoDB / FerretDB)."""

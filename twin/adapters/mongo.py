@@ -1,0 +1,297 @@
+"""The twin store on MongoDB (and FerretDB), through PyMongo's async API.
+
+Guarded writes, portable to FerretDB v1. The MongoDB idiom is one ``bulk_write`` of
+``replace_one({"_id": id, "position": {"$lt": p}}, twin, upsert=True)`` with ``ordered=False``,
+a stale entry failing alone with a duplicate-key error. FerretDB v1.24 breaks it: a batch of
+updates with one failing entry stops there (``ordered=False`` is ignored) and replies without
+``nModified``, on which PyMongo raises ``KeyError`` (see ``tests/integration/test_mongo_wire.py``).
+So a batch is written as: one ``find`` of the stored positions, guarded replaces *without* upsert
+for the twins that exist (they cannot fail; one that matches nothing lost a race), an unordered
+``insert_many`` for new twins (a duplicate key there is a race too), and a re-check of the racers.
+Same result on both servers, same number of round trips in the common case.
+
+Resource content is stored as is when it is a valid BSON document; otherwise (keys with ``.``,
+a leading ``$`` or NUL, integers beyond 64 bits, which devices may well send and FerretDB
+refuses) it is stored as JSON text in ``content_json`` and decoded on read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from datetime import UTC
+from typing import Any, Final
+
+from bson.codec_options import CodecOptions
+from bson.errors import BSONError
+from pymongo import ASCENDING, DESCENDING, IndexModel, ReplaceOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DocumentTooLarge,
+    DuplicateKeyError,
+    ExecutionTimeout,
+    PyMongoError,
+    WTimeoutError,
+)
+
+from twin.errors import CorruptTwinError, StoreUnavailableError, TwinStoreError
+from twin.model import Twin
+from twin.ports import DEFAULT_FIND_LIMIT, WriteResult, check_find_limit, newest_per_device
+
+__all__ = ["DEFAULT_COLLECTION", "MongoTwinStore"]
+
+log = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+
+DEFAULT_COLLECTION: Final = "twins"
+DUPLICATE_KEY: Final = 11000
+MAX_WRITE_ROUNDS: Final = 8  # each extra round means another writer raced us on a device
+_INT64 = (-(2**63), 2**63 - 1)
+
+INDEXES: Final = (
+    IndexModel([("owner", ASCENDING)], name="owner"),
+    IndexModel([("owner", ASCENDING), ("_id", ASCENDING)], name="owner_id"),  # owner's pages
+    IndexModel([("connection.online", ASCENDING)], name="online"),
+    IndexModel([("resource_types", ASCENDING)], name="resource_types"),
+    IndexModel([("position", ASCENDING)], name="position"),  # max_position
+)
+
+
+class MongoTwinStore:
+    """Twins in one collection (``twins`` by default), checkpoints in ``<collection>_checkpoints``.
+
+    The caller owns the client; the store only borrows the database.
+    """
+
+    def __init__(self, database: AsyncDatabase[Doc], collection: str = DEFAULT_COLLECTION) -> None:
+        options: CodecOptions[Doc] = CodecOptions(document_class=dict, tz_aware=True, tzinfo=UTC)
+        self._twins: AsyncCollection[Doc] = database.get_collection(
+            collection, codec_options=options
+        )
+        self._checkpoints: AsyncCollection[Doc] = database.get_collection(
+            f"{collection}_checkpoints", codec_options=options
+        )
+        # Writes through one store never overlap: on FerretDB a guarded update is not atomic.
+        self._write_lock = asyncio.Lock()
+
+    async def get(self, device_id: str) -> Twin | None:
+        with _translated():
+            doc = await self._twins.find_one({"_id": device_id})
+        return None if doc is None else _decode(doc)
+
+    async def get_many(self, device_ids: Iterable[str]) -> dict[str, Twin]:
+        ids = list(dict.fromkeys(device_ids))
+        if not ids:
+            return {}
+        with _translated():
+            docs = await self._twins.find({"_id": {"$in": ids}}).to_list()
+        return {t.device_id: t for t in map(_decode, docs)}
+
+    async def write_many(self, twins: Iterable[Twin]) -> WriteResult:
+        async with self._write_lock:
+            return await self._write_many(twins)
+
+    async def _write_many(self, twins: Iterable[Twin]) -> WriteResult:
+        pending, skipped = newest_per_device(twins)
+        written: list[str] = []
+        recheck: set[str] = set()  # lost a race last round: equal position there means ours
+        for _ in range(MAX_WRITE_ROUNDS):
+            if not pending:
+                return WriteResult(written=tuple(written), skipped=tuple(skipped))
+            with _translated():
+                stored = {
+                    d["_id"]: d["position"]
+                    async for d in self._twins.find(
+                        {"_id": {"$in": list(pending)}}, {"_id": 1, "position": 1}
+                    )
+                }
+            replace: list[Twin] = []
+            insert: list[Twin] = []
+            for device_id, t in pending.items():
+                held = stored.get(device_id)
+                if held is None:
+                    insert.append(t)
+                elif held < t.position:
+                    replace.append(t)
+                elif held == t.position and device_id in recheck:
+                    written.append(device_id)
+                else:
+                    skipped.append(device_id)
+            racers = await self._replace(replace, written) + await self._insert(insert, written)
+            recheck = {t.device_id for t in racers}
+            pending = {t.device_id: t for t in racers}
+        raise TwinStoreError(f"gave up writing {sorted(pending)}: other writers keep racing")
+
+    async def _replace(self, twins: list[Twin], written: list[str]) -> list[Twin]:
+        """Guarded replaces of existing twins; returns those that matched nothing (raced)."""
+        if not twins:
+            return []
+        ops = [
+            ReplaceOne({"_id": t.device_id, "position": {"$lt": t.position}}, _encode(t))
+            for t in twins
+        ]
+        with _translated():
+            result = await self._twins.bulk_write(ops, ordered=False)
+        if result.matched_count == len(twins):
+            written.extend(t.device_id for t in twins)
+            return []
+        return twins  # someone else moved some of them: find out which next round
+
+    async def _insert(self, twins: list[Twin], written: list[str]) -> list[Twin]:
+        """Unordered insert of new twins; returns those another writer created first."""
+        if not twins:
+            return []
+        docs = [{"_id": t.device_id, **_encode(t)} for t in twins]
+        try:
+            with _translated(BulkWriteError):
+                await self._twins.insert_many(docs, ordered=False)
+        except BulkWriteError as e:
+            errors = e.details.get("writeErrors", [])
+            if any(err.get("code") != DUPLICATE_KEY for err in errors):
+                raise _translate(e) from e
+            racers = {err["index"] for err in errors}
+            written.extend(t.device_id for i, t in enumerate(twins) if i not in racers)
+            return [twins[i] for i in sorted(racers)]
+        written.extend(t.device_id for t in twins)
+        return []
+
+    async def find(
+        self,
+        *,
+        owner: str | None = None,
+        online: bool | None = None,
+        resource_type: str | None = None,
+        include_deleted: bool = False,
+        limit: int = DEFAULT_FIND_LIMIT,
+        after_id: str | None = None,
+    ) -> list[Twin]:
+        check_find_limit(limit)
+        query: Doc = {}
+        if owner is not None:
+            query["owner"] = owner
+        if online is not None:
+            query["connection.online"] = online
+        if resource_type is not None:
+            query["resource_types"] = resource_type
+        if not include_deleted:
+            query["deleted"] = False
+        if after_id is not None:
+            query["_id"] = {"$gt": after_id}
+        with _translated():
+            docs = await self._twins.find(query).sort("_id", ASCENDING).limit(limit).to_list()
+        return [_decode(d) for d in docs]
+
+    async def max_position(self) -> int:
+        with _translated():
+            docs = (
+                await self._twins.find({}, {"_id": 0, "position": 1})
+                .sort("position", DESCENDING)
+                .limit(1)
+                .to_list()
+            )
+        return int(docs[0]["position"]) if docs else 0
+
+    async def checkpoint(self, name: str) -> int:
+        with _translated():
+            doc = await self._checkpoints.find_one({"_id": name})
+        return 0 if doc is None else int(doc["position"])
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        for _ in range(2):  # two first saves may race to insert: the loser retries as an update
+            try:
+                with _translated(DuplicateKeyError):
+                    await self._checkpoints.update_one(
+                        {"_id": name}, {"$max": {"position": position}}, upsert=True
+                    )
+                return
+            except DuplicateKeyError:
+                continue
+        raise TwinStoreError(f"could not save checkpoint {name!r}")
+
+    async def drop(self) -> None:
+        with _translated():
+            await self._twins.drop()
+            await self._checkpoints.drop()
+        log.info("dropped twins collection %s", self._twins.full_name)
+
+    async def ensure_indexes(self) -> None:
+        # One index per command: FerretDB v1.24 panics (and drops the connection) on a
+        # createIndexes of several indexes that already exist.
+        with _translated():
+            for index in INDEXES:
+                await self._twins.create_indexes([index])
+
+
+# -- codec ------------------------------------------------------------------------------
+
+
+def _encode(twin: Twin) -> Doc:
+    """The replacement document (without ``_id``), with unsafe resource content as JSON text."""
+    doc = twin.to_document()
+    del doc["_id"]
+    for r in doc["resources"]:
+        if not _bson_safe(r["content"]):
+            r["content_json"] = json.dumps(r["content"], separators=(",", ":"), allow_nan=False)
+            r["content"] = None
+    return doc
+
+
+def _decode(doc: Doc) -> Twin:
+    try:
+        for r in doc.get("resources", ()):
+            text = r.pop("content_json", None)
+            if text is not None:
+                r["content"] = json.loads(text)
+    except (TypeError, AttributeError, ValueError) as e:
+        raise CorruptTwinError(f"bad resource content in twin {doc.get('_id')!r}: {e}") from e
+    return Twin.from_document(doc)
+
+
+def _bson_safe(value: Any) -> bool:
+    """Whether a JSON value is stored by every MongoDB-wire server exactly as it is."""
+    if value is None or isinstance(value, bool | float | str):
+        return True
+    if isinstance(value, int):
+        return _INT64[0] <= value <= _INT64[1]
+    if isinstance(value, list):
+        return all(map(_bson_safe, value))
+    if isinstance(value, dict):
+        return all(
+            isinstance(k, str)
+            and k
+            and not k.startswith("$")
+            and "." not in k
+            and "\x00" not in k
+            and _bson_safe(v)
+            for k, v in value.items()
+        )
+    return False
+
+
+# -- error translation -----------------------------------------------------------------
+
+
+def _translate(e: Exception) -> TwinStoreError:
+    if isinstance(e, ConnectionFailure | ExecutionTimeout | WTimeoutError):
+        return StoreUnavailableError(f"twin store unavailable: {e}")
+    if isinstance(e, DocumentTooLarge | BSONError | OverflowError):
+        return CorruptTwinError(f"twin cannot be stored: {e}")
+    return TwinStoreError(f"twin store failed: {e}")
+
+
+@contextlib.contextmanager
+def _translated(*passthrough: type[Exception]) -> Iterator[None]:
+    """Turn PyMongo's errors into ours, except those the caller handles itself."""
+    try:
+        yield
+    except passthrough:
+        raise
+    except (PyMongoError, BSONError, OverflowError) as e:
+        raise _translate(e) from e

@@ -1,0 +1,243 @@
+"""Folding events into twins: pure functions, no I/O, no clock (time comes from the events).
+
+:func:`fold` applies one event to one twin. It is idempotent by log position: an event at or
+below the twin's ``position`` changes nothing, so redelivered and replayed events are
+harmless, and folding any prefix of a device's log and then the rest gives the same twin as
+folding it all at once. Every event of a known type that is newer than the twin advances
+``position`` and ``version`` (so ``version`` counts the device's events), even when it leaves
+the rest unchanged (a late offline of a replaced connection). Events of unknown types
+(:class:`~proto.events.UnknownData`) change nothing at all.
+
+:func:`fold_batch` folds a batch of many devices' events; the projector and the rebuild use it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from proto.events import (
+    AnyEvent,
+    DeviceOffline,
+    DeviceOnline,
+    DeviceRegistered,
+    DeviceUnregistered,
+    ResourceChanged,
+    ResourceLink,
+    ResourceLinksPublished,
+    ResourceLinksUnpublished,
+    TwinSyncStateChanged,
+    UnknownData,
+)
+from twin.errors import FoldError
+from twin.model import Connection, ResourceState, Twin, utc_ms
+
+__all__ = ["BatchFold", "fold", "fold_all", "fold_batch"]
+
+
+def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
+    """``twin`` with ``event`` applied; ``None`` stays ``None`` only for an unknown event type.
+
+    Raises :class:`FoldError` for an event without a log position or of another device:
+    those never come off the log, so they are programming errors.
+    """
+    position = event.position
+    if position is None:
+        raise FoldError(f"event {event.id} has no log position: only logged events are folded")
+    if twin is not None and event.device_id != twin.device_id:
+        raise FoldError(
+            f"event {event.id} of device {event.device_id!r} folded into {twin.device_id!r}"
+        )
+    data = event.data
+    if isinstance(data, UnknownData):
+        return twin
+    if twin is not None and position <= twin.position:
+        return twin  # already applied: a redelivery or a replay
+    t = utc_ms(event.time)
+    base = twin or Twin(
+        device_id=event.device_id,
+        owner=event.owner,
+        position=0,
+        version=0,
+        created_at=t,
+        updated_at=t,
+    )
+    match data:
+        case DeviceRegistered():
+            new = _registered(base, event.owner, existed=twin is not None)
+        case DeviceUnregistered():
+            new = replace(
+                base,
+                deleted=True,
+                connection=_offline(base.connection, t),
+                sync_state="out_of_sync",
+            )
+        case DeviceOnline():
+            new = replace(
+                base,
+                connection=Connection(
+                    online=True,
+                    since=t,
+                    gateway=data.gateway,
+                    connection_id=data.connection_id,
+                    remote_address=data.remote_address,
+                    protocol=data.protocol,
+                ),
+                sync_state="out_of_sync",
+            )
+        case DeviceOffline():
+            # Only the current connection goes offline: a late offline of a connection the
+            # device already replaced must not flip the newer one.
+            if base.connection.online and data.connection_id == base.connection.connection_id:
+                new = replace(
+                    base, connection=_offline(base.connection, t), sync_state="out_of_sync"
+                )
+            else:
+                new = base
+        case TwinSyncStateChanged():
+            # "" means "the current connection" (producers may omit it).
+            current = base.connection
+            if current.online and data.connection_id in ("", current.connection_id):
+                new = replace(base, sync_state=data.state)
+            else:
+                new = base
+        case ResourceLinksPublished():
+            new = replace(base, links=_merge_links(base.links, data.links))
+        case ResourceLinksUnpublished():
+            new = _unpublish(base, data)
+        case ResourceChanged():
+            new = replace(
+                base,
+                resources=_put_resource(
+                    base.resources,
+                    ResourceState(
+                        href=data.href,
+                        content=data.content,
+                        content_format=data.content_format,
+                        raw=data.raw,
+                        status=data.status,
+                        etag=data.etag,
+                        observe_seq=data.observe_seq,
+                        updated_at=t,
+                        position=position,
+                    ),
+                ),
+            )
+    return replace(new, position=position, version=base.version + 1, updated_at=t)
+
+
+def fold_all(twin: Twin | None, events: Iterable[AnyEvent]) -> Twin | None:
+    """Fold events in the order given."""
+    for event in events:
+        twin = fold(twin, event)
+    return twin
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFold:
+    """What folding a batch produced.
+
+    ``twins``: the twins the batch changed (to be written), by device id. ``applied``: per
+    device, how many events advanced its twin. ``stale``: events at or below their twin's
+    position (redeliveries, replays). ``unknown``: events of unknown types.
+    """
+
+    twins: dict[str, Twin]
+    applied: dict[str, int]
+    stale: int
+    unknown: int
+
+    @property
+    def applied_total(self) -> int:
+        return sum(self.applied.values())
+
+
+def fold_batch(current: Mapping[str, Twin | None], events: Iterable[AnyEvent]) -> BatchFold:
+    """Fold a batch of events of many devices onto their current twins.
+
+    Events are applied in log-position order (a batch may hold redeliveries ahead of newer
+    events). ``current`` maps device ids to their twins as stored; a device missing from it
+    has no twin yet.
+    """
+    state: dict[str, Twin | None] = {}
+    twins: dict[str, Twin] = {}
+    applied: dict[str, int] = {}
+    stale = unknown = 0
+    for event in sorted(events, key=_position):
+        device = event.device_id
+        before = state[device] if device in state else current.get(device)
+        after = fold(before, event)
+        state[device] = after
+        if isinstance(event.data, UnknownData):
+            unknown += 1
+        elif after is before:
+            stale += 1
+        else:
+            assert after is not None
+            twins[device] = after
+            applied[device] = applied.get(device, 0) + 1
+    return BatchFold(twins=twins, applied=applied, stale=stale, unknown=unknown)
+
+
+def _position(event: AnyEvent) -> int:
+    if event.position is None:
+        raise FoldError(f"event {event.id} has no log position: only logged events are folded")
+    return event.position
+
+
+def _registered(twin: Twin, owner: str, *, existed: bool) -> Twin:
+    if existed and (twin.deleted or twin.owner != owner):
+        # A fresh start: a device that signed up again (possibly for another owner) must not
+        # show what it reported before. The connection is the device's, it stays.
+        return Twin(
+            device_id=twin.device_id,
+            owner=owner,
+            position=twin.position,
+            version=twin.version,
+            created_at=twin.created_at,
+            updated_at=twin.updated_at,
+            connection=twin.connection,
+            sync_state=twin.sync_state,
+        )
+    return twin
+
+
+def _offline(conn: Connection, t: datetime) -> Connection:
+    if not conn.online:
+        return conn
+    return dataclasses.replace(conn, online=False, since=t)
+
+
+def _merge_links(
+    current: tuple[ResourceLink, ...], published: Iterable[ResourceLink]
+) -> tuple[ResourceLink, ...]:
+    by_href = {link.href: link for link in current}
+    for link in published:  # a later link of the same href replaces an earlier one
+        by_href[link.href] = link
+    return tuple(by_href[h] for h in sorted(by_href))
+
+
+def _unpublish(twin: Twin, data: ResourceLinksUnpublished) -> Twin:
+    if not data.hrefs and not data.instance_ids:
+        gone = {link.href for link in twin.links} | {r.href for r in twin.resources}
+    else:
+        hrefs, ins = set(data.hrefs), set(data.instance_ids)
+        gone = {link.href for link in twin.links if link.href in hrefs or link.ins in ins}
+        gone |= hrefs  # a resource reported without a published link goes too
+    return replace(
+        twin,
+        links=tuple(link for link in twin.links if link.href not in gone),
+        resources=tuple(r for r in twin.resources if r.href not in gone),
+    )
+
+
+def _put_resource(
+    resources: tuple[ResourceState, ...], resource: ResourceState
+) -> tuple[ResourceState, ...]:
+    i = bisect.bisect_left(resources, resource.href, key=lambda r: r.href)
+    if i < len(resources) and resources[i].href == resource.href:
+        return (*resources[:i], resource, *resources[i + 1 :])
+    return (*resources[:i], resource, *resources[i:])

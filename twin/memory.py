@@ -1,0 +1,91 @@
+"""An in-memory :class:`~twin.ports.TwinStore` with the same semantics as the Mongo adapter.
+
+It keeps twins in their document form (:meth:`Twin.to_document`) and reads them back through
+:meth:`Twin.from_document`, so what survives a store round trip is the same in both adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+from twin.model import Twin
+from twin.ports import DEFAULT_FIND_LIMIT, WriteResult, check_find_limit, newest_per_device
+
+__all__ = ["InMemoryTwinStore"]
+
+
+class InMemoryTwinStore:
+    """Twins in a dict. Not shared between processes; for tests and tools."""
+
+    def __init__(self) -> None:
+        self._docs: dict[str, dict[str, Any]] = {}
+        self._checkpoints: dict[str, int] = {}
+
+    async def get(self, device_id: str) -> Twin | None:
+        doc = self._docs.get(device_id)
+        return None if doc is None else Twin.from_document(copy.deepcopy(doc))
+
+    async def get_many(self, device_ids: Iterable[str]) -> dict[str, Twin]:
+        return {
+            i: Twin.from_document(copy.deepcopy(self._docs[i]))
+            for i in dict.fromkeys(device_ids)
+            if i in self._docs
+        }
+
+    async def write_many(self, twins: Iterable[Twin]) -> WriteResult:
+        newest, skipped = newest_per_device(twins)
+        written: list[str] = []
+        for device_id, t in newest.items():
+            held = self._docs.get(device_id)
+            if held is not None and held["position"] >= t.position:
+                skipped.append(device_id)
+                continue
+            self._docs[device_id] = copy.deepcopy(t.to_document())
+            written.append(device_id)
+        return WriteResult(written=tuple(written), skipped=tuple(skipped))
+
+    async def find(
+        self,
+        *,
+        owner: str | None = None,
+        online: bool | None = None,
+        resource_type: str | None = None,
+        include_deleted: bool = False,
+        limit: int = DEFAULT_FIND_LIMIT,
+        after_id: str | None = None,
+    ) -> list[Twin]:
+        check_find_limit(limit)
+        out: list[Twin] = []
+        for device_id in sorted(self._docs):
+            if after_id is not None and device_id <= after_id:
+                continue
+            doc = self._docs[device_id]
+            if (
+                (owner is not None and doc["owner"] != owner)
+                or (online is not None and doc["connection"]["online"] != online)
+                or (resource_type is not None and resource_type not in doc["resource_types"])
+                or (not include_deleted and doc["deleted"])
+            ):
+                continue
+            out.append(Twin.from_document(copy.deepcopy(doc)))
+            if len(out) == limit:
+                break
+        return out
+
+    async def max_position(self) -> int:
+        return max((int(doc["position"]) for doc in self._docs.values()), default=0)
+
+    async def checkpoint(self, name: str) -> int:
+        return self._checkpoints.get(name, 0)
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        self._checkpoints[name] = max(position, self._checkpoints.get(name, 0))
+
+    async def drop(self) -> None:
+        self._docs.clear()
+        self._checkpoints.clear()
+
+    async def ensure_indexes(self) -> None:
+        return None

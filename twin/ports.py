@@ -1,0 +1,109 @@
+"""The twin store as a port: what the projector and the query side ask of it.
+
+Two adapters implement it with the same observable behaviour, held to it by one contract suite
+(``tests/contract/test_twinstore.py``):
+
+* :class:`twin.adapters.mongo.MongoTwinStore` — MongoDB (or FerretDB), the real store;
+* :class:`twin.memory.InMemoryTwinStore` — for unit tests of the services.
+
+Semantics (both adapters):
+
+* One twin per device, keyed by device id.
+* **Guarded writes**: :meth:`TwinStore.write_many` writes a twin only if the stored one has a
+  lower ``position`` (or there is none). A twin whose position is at or below the stored one is
+  *skipped* and reported as such: that is how redelivered and replayed events stay harmless.
+  Given the same device twice, the higher position is written and the other one skipped.
+* **Checkpoints** record, per projector name, a log position up to which every event has been
+  written. They only move forward; :meth:`TwinStore.drop` clears them with the twins.
+* ``find`` pages by device id (keyset pagination): pass the last id seen as ``after_id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from twin.model import Twin
+
+__all__ = ["DEFAULT_FIND_LIMIT", "TwinStore", "WriteResult"]
+
+DEFAULT_FIND_LIMIT = 100
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Which twins a guarded write stored, and which it skipped (already at that position)."""
+
+    written: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+
+class TwinStore(Protocol):
+    """Where twins live. See the module docstring for the semantics."""
+
+    async def get(self, device_id: str) -> Twin | None:
+        """The device's twin, or ``None``."""
+        ...
+
+    async def get_many(self, device_ids: Iterable[str]) -> dict[str, Twin]:
+        """The twins of those devices that have one, by device id."""
+        ...
+
+    async def write_many(self, twins: Iterable[Twin]) -> WriteResult:
+        """Store the twins, each guarded by its position (see the module docstring)."""
+        ...
+
+    async def find(
+        self,
+        *,
+        owner: str | None = None,
+        online: bool | None = None,
+        resource_type: str | None = None,
+        include_deleted: bool = False,
+        limit: int = DEFAULT_FIND_LIMIT,
+        after_id: str | None = None,
+    ) -> list[Twin]:
+        """Twins matching every given criterion, by ascending device id, after ``after_id``."""
+        ...
+
+    async def max_position(self) -> int:
+        """The highest log position any twin reflects; 0 when there is none."""
+        ...
+
+    async def checkpoint(self, name: str) -> int:
+        """The log position up to which projector ``name`` has written everything; 0 if none."""
+        ...
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        """Move projector ``name``'s checkpoint forward to ``position`` (never backward)."""
+        ...
+
+    async def drop(self) -> None:
+        """Delete every twin and every checkpoint."""
+        ...
+
+    async def ensure_indexes(self) -> None:
+        """Create the query indexes (idempotent)."""
+        ...
+
+
+def check_find_limit(limit: int) -> None:
+    """Shared by the adapters so that they refuse the same calls."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+
+
+def newest_per_device(twins: Iterable[Twin]) -> tuple[dict[str, Twin], list[str]]:
+    """The highest-position twin per device, and the ids of the ones it superseded."""
+    newest: dict[str, Twin] = {}
+    superseded: list[str] = []
+    for t in twins:
+        held = newest.get(t.device_id)
+        if held is None or t.position > held.position:
+            if held is not None:
+                superseded.append(held.device_id)
+            newest[t.device_id] = t
+        else:
+            superseded.append(t.device_id)
+    return newest, superseded

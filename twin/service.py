@@ -1,0 +1,510 @@
+"""The twin projector: the event log, folded into the twin store, durably.
+
+:class:`TwinProjector` reads every event through a durable consumer in batches, folds each
+batch onto the devices' twins (from a bounded LRU cache, misses loaded with one ``get_many``),
+writes the changed twins with one guarded ``write_many`` and only then acknowledges the batch.
+A store failure naks the batch (redelivered at once, ahead of newer events) and backs off.
+
+Why a checkpoint as well as the consumer. The consumer redelivers what was delivered but not
+acknowledged, but only after ``ack_wait``: a projector restarted before that would be handed
+*newer* events of a device first, write them, and the guarded write would then skip the older
+ones when they finally came back — they would be lost from the twin. So the store keeps a
+checkpoint per projector (a position up to which every event is written, saved after each
+batch's write) and the projector starts by replaying the log from it (``read``) up to the
+current end, before it opens the consumer. Whatever the consumer then redelivers from before
+is already in the twins and is skipped by position; whatever is new comes in log order. The
+same catch-up runs after any failure of the log or the store, so nothing depends on what the
+consumer still holds.
+
+One projector per twins collection at a time (the consumer hands batches out in log order
+only to a single reader; FerretDB's conditional updates are not atomic across writers).
+:func:`rebuild` drops the twins and folds the whole log again; run it with the projector
+stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Final, Self
+
+from eventstore.errors import EventStoreError
+from eventstore.ports import ALL_EVENTS, Consumer, Delivery, EventStore, is_filter_subject
+from proto.binding import from_stored
+from proto.errors import BindingError
+from proto.events import AnyEvent
+from proto.message import StoredMessage
+from twin.errors import (
+    ProjectionTimeoutError,
+    ProjectorStoppedError,
+    TwinStoreError,
+)
+from twin.fold import fold_batch
+from twin.model import Twin
+from twin.ports import TwinStore, WriteResult
+
+__all__ = [
+    "DEFAULT_NAME",
+    "ProjectorConfig",
+    "ProjectorHooks",
+    "ProjectorStats",
+    "TwinProjector",
+    "rebuild",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME: Final = "twin-projector"
+
+Hook = Callable[[Sequence[int]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectorConfig:
+    """How the projector reads and writes. Times in seconds."""
+
+    name: str = DEFAULT_NAME  # the durable consumer's name and the checkpoint's
+    filter_subject: str = ALL_EVENTS  # which events of the log to project
+    batch_size: int = 500
+    fetch_timeout: float = 1.0
+    cache_size: int = 10_000  # twins kept in memory between batches
+    ack_wait: float = 30.0
+    max_ack_pending: int = 1000
+    retry_initial: float = 0.05
+    retry_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not is_filter_subject(self.filter_subject):
+            raise ValueError(f"not a subject filter: {self.filter_subject!r}")
+        if self.max_ack_pending < self.batch_size:
+            raise ValueError("max_ack_pending must be >= batch_size")
+        if self.cache_size < 0:
+            raise ValueError("cache_size must be >= 0")
+        if not (self.fetch_timeout > 0 and self.ack_wait > 0):
+            raise ValueError("fetch_timeout and ack_wait must be > 0")
+        if not 0 < self.retry_initial <= self.retry_max:
+            raise ValueError("need 0 < retry_initial <= retry_max")
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectorHooks:
+    """Test seams: awaited with the batch's log positions around the write.
+
+    ``after_write`` runs once the twins and the checkpoint are written and before the batch
+    is acknowledged: an exception there is a crash at the worst moment.
+    """
+
+    before_write: Hook | None = None
+    after_write: Hook | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectorStats:
+    """Counters since the projector (or rebuild) started.
+
+    ``events_applied``: events that moved a twin forward and were written.
+    ``duplicates_skipped``: events a twin already reflected (redeliveries, replays), or whose
+    write the store refused as stale. ``position``: the highest log position processed.
+    """
+
+    events_applied: int = 0
+    duplicates_skipped: int = 0
+    unknown_events: int = 0
+    undecodable_events: int = 0
+    batches: int = 0
+    store_failures: int = 0
+    log_failures: int = 0
+    position: int = 0
+
+
+class _LruTwins:
+    """The last ``size`` twins written, by device id."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._twins: OrderedDict[str, Twin] = OrderedDict()
+
+    def get(self, device_id: str) -> Twin | None:
+        twin = self._twins.get(device_id)
+        if twin is not None:
+            self._twins.move_to_end(device_id)
+        return twin
+
+    def put(self, twin: Twin) -> None:
+        if self._size == 0:
+            return
+        self._twins[twin.device_id] = twin
+        self._twins.move_to_end(twin.device_id)
+        while len(self._twins) > self._size:
+            self._twins.popitem(last=False)
+
+    def discard(self, device_id: str) -> None:
+        self._twins.pop(device_id, None)
+
+
+@dataclass(slots=True)
+class _Counters:
+    events_applied: int = 0
+    duplicates_skipped: int = 0
+    unknown_events: int = 0
+    undecodable_events: int = 0
+    batches: int = 0
+    store_failures: int = 0
+    log_failures: int = 0
+    position: int = 0
+
+    def snapshot(self) -> ProjectorStats:
+        return ProjectorStats(
+            events_applied=self.events_applied,
+            duplicates_skipped=self.duplicates_skipped,
+            unknown_events=self.unknown_events,
+            undecodable_events=self.undecodable_events,
+            batches=self.batches,
+            store_failures=self.store_failures,
+            log_failures=self.log_failures,
+            position=self.position,
+        )
+
+
+@dataclass(slots=True)
+class _Projection:
+    """Applies batches of log messages to the store: decode, load, fold, write, checkpoint."""
+
+    store: TwinStore
+    name: str
+    cache: _LruTwins
+    hooks: ProjectorHooks = field(default_factory=ProjectorHooks)
+    counters: _Counters = field(default_factory=_Counters)
+
+    async def apply(self, messages: Sequence[StoredMessage]) -> None:
+        """Fold and write one batch; raises :class:`TwinStoreError` with nothing acknowledged.
+
+        On return every message is reflected in the store (or was undecodable) and the
+        checkpoint covers the batch.
+        """
+        positions = [m.position for m in messages]
+        events = [e for e in map(self._decode, messages) if e is not None]
+        devices = {e.device_id for e in events}
+        try:
+            current: dict[str, Twin | None] = {}
+            missing: list[str] = []
+            for device_id in devices:
+                cached = self.cache.get(device_id)
+                if cached is None:
+                    missing.append(device_id)
+                else:
+                    current[device_id] = cached
+            if missing:
+                current.update(await self.store.get_many(missing))
+            folded = fold_batch(current, events)
+            if self.hooks.before_write is not None:
+                await self.hooks.before_write(positions)
+            result = (
+                await self.store.write_many(folded.twins.values())
+                if folded.twins
+                else WriteResult()
+            )
+            await self.store.save_checkpoint(self.name, max(positions))
+        except BaseException:
+            # The store may hold part of the batch now: read those twins again next time.
+            for device_id in devices:
+                self.cache.discard(device_id)
+            raise
+        for device_id in result.written:
+            self.cache.put(folded.twins[device_id])
+        refused = 0
+        for device_id in set(result.skipped):
+            # Someone wrote this twin further than we folded it: our cached copy is behind.
+            self.cache.discard(device_id)
+            refused += folded.applied.get(device_id, 0)
+        c = self.counters
+        c.events_applied += folded.applied_total - refused
+        c.duplicates_skipped += folded.stale + refused
+        c.unknown_events += folded.unknown
+        c.batches += 1
+        log.debug(
+            "%s: batch %d..%d, %d events, %d twins written, %d duplicates",
+            self.name,
+            min(positions),
+            max(positions),
+            len(events),
+            len(result.written),
+            folded.stale + refused,
+        )
+        if self.hooks.after_write is not None:
+            await self.hooks.after_write(positions)
+
+    def _decode(self, message: StoredMessage) -> AnyEvent | None:
+        try:
+            return from_stored(message)
+        except BindingError as e:
+            # It can never be folded; holding it back would block every device behind it.
+            self.counters.undecodable_events += 1
+            log.error(
+                "%s: skipping undecodable event at position %d on %s: %s",
+                self.name,
+                message.position,
+                message.message.subject,
+                e,
+            )
+            return None
+
+
+class _Backoff:
+    def __init__(self, initial: float, maximum: float) -> None:
+        self._initial = initial
+        self._max = maximum
+        self._next = initial
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._max, self._next * 2)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self._initial
+
+
+class TwinProjector:
+    """Keeps the twin store up to date with the log. An async context manager::
+
+        async with TwinProjector(store, events) as projector:
+            ...  # runs in a background task until the block exits
+
+    or run :meth:`run` in a task group yourself.
+    """
+
+    def __init__(
+        self,
+        store: TwinStore,
+        events: EventStore,
+        config: ProjectorConfig | None = None,
+        *,
+        hooks: ProjectorHooks | None = None,
+    ) -> None:
+        self._store = store
+        self._events = events
+        self.config = config or ProjectorConfig()
+        self._projection = _Projection(
+            store=store,
+            name=self.config.name,
+            cache=_LruTwins(self.config.cache_size),
+            hooks=hooks or ProjectorHooks(),
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._failure_seen = False  # the loop's failure was raised to a caller already
+        self._wakeup = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._task is not None:
+            raise RuntimeError("projector already started")
+        self._task = asyncio.create_task(self.run(), name=f"twin-projector:{self.config.name}")
+        self._task.add_done_callback(lambda _: self._notify())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task = self._task
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([task])
+        if (
+            exc is None
+            and not self._failure_seen
+            and not task.cancelled()
+            and task.exception() is not None
+        ):
+            raise ProjectorStoppedError(f"projector {self.config.name!r} failed") from (
+                task.exception()
+            )
+
+    async def join(self) -> None:
+        """Wait for the background loop to end; re-raise what ended it."""
+        if self._task is None:
+            raise ProjectorStoppedError("projector not started")
+        try:
+            await asyncio.shield(self._task)
+        except Exception:
+            self._failure_seen = True
+            raise
+
+    # -- observation ---------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> ProjectorStats:
+        return self._projection.counters.snapshot()
+
+    @property
+    def position(self) -> int:
+        """The highest log position whose batch is written (and, past catch-up, acknowledged)."""
+        return self._projection.counters.position
+
+    async def wait_for_position(self, position: int, timeout: float) -> None:  # noqa: ASYNC109
+        """Return once every event up to ``position`` is in the twin store.
+
+        :class:`ProjectionTimeoutError` after ``timeout`` seconds, :class:`ProjectorStoppedError`
+        if the projector stops first.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while self.position < position:
+                    if self._task is None or self._task.done():
+                        cause = None
+                        if self._task is not None and not self._task.cancelled():
+                            cause = self._task.exception()
+                            self._failure_seen = True
+                        raise ProjectorStoppedError(
+                            f"projector {self.config.name!r} stopped at position {self.position}"
+                        ) from cause
+                    await self._wakeup.wait()
+        except TimeoutError as e:
+            raise ProjectionTimeoutError(
+                f"position {position} not reached in {timeout}s (at {self.position})"
+            ) from e
+
+    def _notify(self) -> None:
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    def _advance(self, position: int) -> None:
+        c = self._projection.counters
+        if position > c.position:
+            c.position = position
+        self._notify()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Project until cancelled; failures of the log or the store are retried forever."""
+        cfg = self.config
+        backoff = _Backoff(cfg.retry_initial, cfg.retry_max)
+        log.info("twin projector %s starting", cfg.name)
+        try:
+            while True:
+                try:
+                    head = await self._catch_up()
+                    consumer = await self._events.consumer(
+                        cfg.name,
+                        (cfg.filter_subject,),
+                        start_after=head,
+                        ack_wait=cfg.ack_wait,
+                        max_ack_pending=cfg.max_ack_pending,
+                    )
+                    async with consumer:
+                        log.info("twin projector %s caught up to %d, consuming", cfg.name, head)
+                        await self._consume(consumer, backoff)
+                except TwinStoreError as e:
+                    self._projection.counters.store_failures += 1
+                    delay = backoff.next()
+                    log.warning("twin projector %s: store: %s; retry in %.2fs", cfg.name, e, delay)
+                    await asyncio.sleep(delay)
+                except EventStoreError as e:
+                    self._projection.counters.log_failures += 1
+                    delay = backoff.next()
+                    log.warning("twin projector %s: log: %s; retry in %.2fs", cfg.name, e, delay)
+                    await asyncio.sleep(delay)
+        finally:
+            log.info("twin projector %s stopped at %d", cfg.name, self.position)
+
+    async def _catch_up(self) -> int:
+        """Replay the log from the checkpoint to its current end; returns the end position."""
+        cfg = self.config
+        head = await self._store.checkpoint(cfg.name)
+        batch: list[StoredMessage] = []
+        async for stored in self._events.read(cfg.filter_subject, after=head):
+            batch.append(stored)
+            if len(batch) >= cfg.batch_size:
+                await self._projection.apply(batch)
+                head = batch[-1].position
+                self._advance(head)
+                batch = []
+        if batch:
+            await self._projection.apply(batch)
+            head = batch[-1].position
+        self._advance(head)
+        return head
+
+    async def _consume(self, consumer: Consumer, backoff: _Backoff) -> None:
+        cfg = self.config
+        while True:
+            deliveries = await consumer.fetch(cfg.batch_size, cfg.fetch_timeout)
+            if not deliveries:
+                continue
+            try:
+                await self._projection.apply([d.stored for d in deliveries])
+            except TwinStoreError as e:
+                self._projection.counters.store_failures += 1
+                delay = backoff.next()
+                log.warning(
+                    "twin projector %s: store: %s; %d events back to the log, retry in %.2fs",
+                    cfg.name,
+                    e,
+                    len(deliveries),
+                    delay,
+                )
+                await _nak_in_order(deliveries)
+                await asyncio.sleep(delay)
+                continue
+            await consumer.ack_many(deliveries)
+            backoff.reset()
+            self._advance(max(d.position for d in deliveries))
+
+
+async def _nak_in_order(deliveries: Sequence[Delivery]) -> None:
+    # One at a time, oldest first: redeliveries then come back in log order.
+    for d in sorted(deliveries, key=lambda d: d.position):
+        await d.nak()
+
+
+async def rebuild(
+    store: TwinStore,
+    events: EventStore,
+    *,
+    name: str = DEFAULT_NAME,
+    filter_subject: str = ALL_EVENTS,
+    batch_size: int = 500,
+    cache_size: int = 10_000,
+) -> int:
+    """Drop every twin and fold the whole log again; returns the number of events applied.
+
+    Leaves projector ``name``'s checkpoint at the end of the log, so a projector started
+    afterwards continues from there. Run it with the projector stopped.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    await store.drop()
+    await store.ensure_indexes()
+    projection = _Projection(store=store, name=name, cache=_LruTwins(cache_size))
+    batch: list[StoredMessage] = []
+    async for stored in events.read(filter_subject, after=0):
+        batch.append(stored)
+        if len(batch) >= batch_size:
+            await projection.apply(batch)
+            batch = []
+    if batch:
+        await projection.apply(batch)
+    c = projection.counters
+    log.info(
+        "rebuilt twins from the log: %d events applied in %d batches (%d unknown, %d undecodable)",
+        c.events_applied,
+        c.batches,
+        c.unknown_events,
+        c.undecodable_events,
+    )
+    return c.events_applied
