@@ -1,0 +1,117 @@
+"""Plain values of the CoAP device adapter: requests, responses, codes, errors (no aiocoap here).
+
+Re-exported by :mod:`gateway.adapters.coap`, which is where callers import them from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
+
+from gateway.errors import GatewayError
+
+OCF_CBOR: Final = 10000
+"""``application/vnd.ocf+cbor``."""
+OCF_VERSION_1_0: Final = 0x0800
+"""OCF 1.0 in the OCF-(Accept-)Content-Format-Version options."""
+OPTION_OCF_ACCEPT_VERSION: Final = 2049
+OPTION_OCF_VERSION: Final = 2053
+
+METHODS: Final[Mapping[str, int]] = MappingProxyType(
+    {"GET": 1, "POST": 2, "PUT": 3, "DELETE": 4, "FETCH": 5, "PATCH": 6, "iPATCH": 7}
+)
+METHOD_NAMES: Final[Mapping[int, str]] = MappingProxyType({v: k for k, v in METHODS.items()})
+
+
+def format_code(number: int) -> str:
+    """``69`` -> ``"2.05"``."""
+    if not 0 <= number <= 0xFF:
+        raise ValueError(f"not a CoAP code: {number}")
+    return f"{number >> 5}.{number & 0x1F:02d}"
+
+
+def parse_code(text: str) -> int:
+    """``"2.05"`` -> ``69``; ``ValueError`` for anything else."""
+    head, dot, detail = text.partition(".")
+    if (
+        not dot
+        or len(head) != 1
+        or len(detail) != 2
+        or not head.isdigit()
+        or not detail.isdigit()
+        or not head.isascii()
+        or not detail.isascii()
+    ):
+        raise ValueError(f"not a CoAP code: {text!r}")
+    cls, dd = int(head), int(detail)
+    if cls > 7 or dd > 31:
+        raise ValueError(f"not a CoAP code: {text!r}")
+    return (cls << 5) | dd
+
+
+@dataclass(frozen=True, slots=True)
+class CoapRequest:
+    """A CoAP request, in either direction.
+
+    ``method`` is ``"GET"``, ``"POST"``, ``"PUT"`` or ``"DELETE"`` (``"FETCH"``, ``"PATCH"``,
+    ``"iPATCH"`` pass too; an unknown request code from a device arrives dotted, e.g. ``"0.08"``).
+    ``path`` starts with ``/``; ``query`` holds the Uri-Query options (``"di=..."``).
+    ``ocf_version`` / ``ocf_accept_version`` are the OCF-Content-Format-Version (2053) and
+    OCF-Accept-Content-Format-Version (2049) options as numbers. On requests *to* a device they
+    default to :data:`OCF_VERSION_1_0` when ``content_format`` is :data:`OCF_CBOR` (both) or
+    ``accept`` is (2049 only). No Accept option is ever added.
+    """
+
+    method: str
+    path: str
+    query: tuple[str, ...] = ()
+    payload: bytes = b""
+    content_format: int | None = None
+    accept: int | None = None
+    observe: int | None = None
+    ocf_version: int | None = None
+    ocf_accept_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CoapResponse:
+    """A CoAP response; ``code`` dotted (``"2.05"``), class 2 to 5.
+
+    ``observe`` is only set on responses from a device (it is never sent to a device).
+    ``ocf_version`` defaults on the wire to :data:`OCF_VERSION_1_0` when ``content_format`` is
+    :data:`OCF_CBOR`.
+    """
+
+    code: str
+    payload: bytes = b""
+    content_format: int | None = None
+    max_age: int | None = None
+    etag: bytes | None = None
+    observe: int | None = None
+    ocf_version: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 2 <= parse_code(self.code) >> 5 <= 5:
+            raise ValueError(f"not a response code: {self.code!r}")
+
+    @property
+    def successful(self) -> bool:
+        return self.code.startswith("2.")
+
+
+class CoapTransportError(GatewayError):
+    """A device connection failed an exchange (root of this adapter's errors)."""
+
+    code = "5.03"
+
+
+class ConnectionClosed(CoapTransportError, ConnectionError):
+    """The device connection is closed, or closed while the exchange was pending."""
+
+
+class RequestTimeout(CoapTransportError, TimeoutError):
+    """The device did not answer in time."""
+
+    code = "5.04"
