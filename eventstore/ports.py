@@ -27,6 +27,7 @@ Semantics (both adapters):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -279,12 +280,21 @@ class EventStore(Protocol):
     ) -> None: ...
 
 
+@functools.lru_cache(maxsize=1024)
+def _header_name_problem(name: str) -> str | None:
+    # Cached: every event carries the same few header names.
+    if not _HEADER_NAME.fullmatch(name):
+        return f"bad header name {name!r}"
+    if name.lower().startswith(RESERVED_HEADER_PREFIX):
+        return f"header {name!r} is reserved to the log"
+    return None
+
+
 def _check_headers(message: NatsMessage) -> None:
     for name, value in message.headers.items():
-        if not _HEADER_NAME.fullmatch(name):
-            raise InvalidAppendError(f"bad header name {name!r} on {message.subject!r}")
-        if name.lower().startswith(RESERVED_HEADER_PREFIX):
-            raise InvalidAppendError(f"header {name!r} is reserved to the log")
+        problem = _header_name_problem(name)
+        if problem is not None:
+            raise InvalidAppendError(f"{problem} on {message.subject!r}")
         if "\r" in value or "\n" in value or value != value.strip():
             raise InvalidAppendError(
                 f"header {name!r} value must have no CR/LF and no surrounding whitespace"

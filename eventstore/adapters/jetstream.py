@@ -206,6 +206,12 @@ def _status(msg: Msg) -> str | None:
     return msg.headers.get(_STATUS)
 
 
+def _expire(futures: Iterable[asyncio.Future[Msg | None]]) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_result(None)
+
+
 def _rfc3339_ns(ns: int) -> str:
     secs, frac = divmod(max(ns, 0), _NS)
     base = datetime.fromtimestamp(secs, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
@@ -218,7 +224,7 @@ class _ReplyMux:
     def __init__(self, nc: NatsClient) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox()
-        self._futures: dict[str, asyncio.Future[Msg]] = {}
+        self._futures: dict[str, asyncio.Future[Msg | None]] = {}
         self._counter = 0
         self._sub: Subscription | None = None
 
@@ -234,15 +240,15 @@ class _ReplyMux:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    def expect(self) -> tuple[str, str, asyncio.Future[Msg]]:
+    def expect(self) -> tuple[str, str, asyncio.Future[Msg | None]]:
         """A reply subject, its token and the future its answer resolves."""
         self._counter += 1
         token = str(self._counter)
-        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Msg | None] = asyncio.get_running_loop().create_future()
         self._futures[token] = fut
         return f"{self._prefix}.{token}", token, fut
 
-    def forget(self, pending: Iterable[tuple[str, asyncio.Future[Msg]]]) -> None:
+    def forget(self, pending: Iterable[tuple[str, asyncio.Future[Msg | None]]]) -> None:
         for token, fut in pending:
             self._futures.pop(token, None)
             if not fut.done():
@@ -506,11 +512,11 @@ class JetStreamEventStore:
 
     async def _publish(
         self, items: Sequence[tuple[NatsMessage, dict[str, str], bool]]
-    ) -> list[tuple[str, asyncio.Future[Msg]]]:
+    ) -> list[tuple[str, asyncio.Future[Msg | None]]]:
         """Publish in order from this one coroutine (so the order on the wire is the order
         given); return the ack futures of the items that asked for one."""
         nc, mux = self._conn()
-        pending: list[tuple[str, asyncio.Future[Msg]]] = []
+        pending: list[tuple[str, asyncio.Future[Msg | None]]] = []
         try:
             for m, headers, want_ack in items:
                 reply = ""
@@ -523,17 +529,24 @@ class JetStreamEventStore:
             raise UnavailableError(f"publish failed: {exc!r}") from exc
         return pending
 
-    async def _await_acks(self, pending: list[tuple[str, asyncio.Future[Msg]]]) -> list[Msg]:
+    async def _await_acks(self, pending: list[tuple[str, asyncio.Future[Msg | None]]]) -> list[Msg]:
+        # One timer per append resolving the stragglers with None: much cheaper than wait_for,
+        # which costs a task and a waiter per call on the hot path.
         _, mux = self._conn()
+        futures = [fut for _, fut in pending]
+        timer = asyncio.get_running_loop().call_later(self._timeout, _expire, futures)
         try:
-            done = await asyncio.wait_for(
-                asyncio.gather(*(fut for _, fut in pending)), self._timeout
-            )
-        except TimeoutError as exc:
-            raise UnavailableError(f"no ack from JetStream within {self._timeout}s") from exc
+            if len(futures) == 1:
+                done = [await futures[0]]
+            else:
+                done = await asyncio.gather(*futures)
         finally:
+            timer.cancel()
             mux.forget(pending)
-        return list(done)
+        acks = [m for m in done if m is not None]
+        if len(acks) != len(done):
+            raise UnavailableError(f"no ack from JetStream within {self._timeout}s")
+        return acks
 
     async def _pub_ack(self, msg: Msg) -> dict[str, Any]:
         """The ack's JSON, or the JetStream error it carries, translated."""
