@@ -206,6 +206,10 @@ class InMemoryEventStore:
         self._expire(self._clock())
         return self._last_in(scope)
 
+    async def last_message(self, scope: str) -> StoredMessage | None:
+        last = await self.last_position(scope)
+        return self._messages.get(last) if last else None
+
     def _next_matching(self, after: int, filters: Sequence[str], upto: int) -> StoredMessage | None:
         i = bisect.bisect_right(self._positions, after)
         while i < len(self._positions) and self._positions[i] <= upto:

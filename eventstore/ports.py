@@ -243,6 +243,10 @@ class EventStore(Protocol):
         """The last position among messages matching ``scope``; 0 if there is none."""
         ...
 
+    async def last_message(self, scope: str) -> StoredMessage | None:
+        """The last message matching ``scope`` (wildcards allowed), or None."""
+        ...
+
     def read(
         self,
         filter_subject: str = ALL_EVENTS,

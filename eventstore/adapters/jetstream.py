@@ -36,6 +36,7 @@ built in :mod:`eventstore.layout`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -198,6 +199,35 @@ def _stored(msg: Msg) -> tuple[StoredMessage, AckMetadata]:
         position=meta.stream_seq, message=_to_nats_message(msg), time_ns=meta.timestamp_ns
     )
     return stored, meta
+
+
+def _stored_from_api(raw: dict[str, Any]) -> StoredMessage:
+    """A message as ``$JS.API.STREAM.MSG.GET`` returns it (base64 headers and data)."""
+    headers: dict[str, str] = {}
+    hdrs = raw.get("hdrs")
+    if hdrs:
+        lines = base64.b64decode(hdrs).decode("utf-8", "replace").split("\r\n")
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep and name:
+                headers[name.strip()] = value.strip()
+    msg_id = headers.get(H_MSG_ID, "")
+    kept = {k: v for k, v in headers.items() if not k.lower().startswith(RESERVED_HEADER_PREFIX)}
+    data = base64.b64decode(raw["data"]) if raw.get("data") else b""
+    return StoredMessage(
+        position=int(raw["seq"]),
+        message=NatsMessage(subject=str(raw["subject"]), msg_id=msg_id, data=data, headers=kept),
+        time_ns=_parse_rfc3339_ns(str(raw.get("time", ""))),
+    )
+
+
+def _parse_rfc3339_ns(text: str) -> int:
+    """Nanoseconds since the epoch of a UTC RFC 3339 time with up to 9 fraction digits."""
+    if not text:
+        return 0
+    base, _, frac = text.rstrip("Z").partition(".")
+    secs = int(datetime.fromisoformat(base).replace(tzinfo=UTC).timestamp())
+    return secs * _NS + int((frac or "0")[:9].ljust(9, "0"))
 
 
 def _status(msg: Msg) -> str | None:
@@ -686,6 +716,17 @@ class JetStreamEventStore:
                 return 0
             raise
         return int(resp["message"]["seq"])
+
+    async def last_message(self, scope: str) -> StoredMessage | None:
+        if not is_filter_subject(scope):
+            raise ValueError(f"not a subject filter: {scope!r}")
+        try:
+            resp = await self._api(f"STREAM.MSG.GET.{self.layout.name}", {"last_by_subj": scope})
+        except JetStreamApiError as exc:
+            if exc.err_code == _ERR_NO_MESSAGE:
+                return None
+            raise
+        return _stored_from_api(resp["message"])
 
     async def read(
         self,

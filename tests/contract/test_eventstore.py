@@ -308,6 +308,21 @@ async def test_last_position_per_scope(h: Harness) -> None:
     assert await h.store.last_position(h.everything) == 3
 
 
+async def test_last_message_per_scope(h: Harness) -> None:
+    assert await h.store.last_message(h.everything) is None
+    sent = [h.msg("d1", "r1"), h.msg("d2", "r1"), h.msg("d1", "r2"), h.msg("d1", "r1")]
+    await h.store.append(sent[:2])
+    await h.store.append(sent[2:])
+    last = await h.store.last_message(h.subject("d1", "r1"))
+    assert last is not None
+    assert (last.position, last.message) == (4, sent[3])
+    assert last.time_ns > 0
+    last_d2 = await h.store.last_message(h.device_scope("d2"))
+    assert last_d2 is not None
+    assert last_d2.message == sent[1]
+    assert await h.store.last_message(h.device_scope("d3")) is None
+
+
 async def test_device_replay_is_filtered_by_the_server(h: Harness) -> None:
     await h.store.append([h.msg("noisy", f"r{i % 10}") for i in range(1000)])
     mine = [h.msg("quiet", "r1"), h.msg("quiet", "r2"), h.msg("quiet", "r3")]

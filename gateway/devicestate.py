@@ -1,0 +1,58 @@
+"""What the log says about a device when it signs in (its links, its last contents)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eventstore.ports import EventStore
+from gateway.session import DeviceState
+from proto import binding, subjects
+from proto.events import (
+    DeviceUnregistered,
+    ResourceChanged,
+    ResourceLink,
+    ResourceLinksPublished,
+    ResourceLinksUnpublished,
+)
+from proto.message import StoredMessage
+
+
+async def load_device_state(store: EventStore, owner: str, device_id: str) -> DeviceState:
+    """Replay the device's link and registration events (server-side filtered, small)."""
+    stored: list[StoredMessage] = []
+    for kind in (ResourceLinksPublished.KIND, ResourceLinksUnpublished.KIND,
+                 DeviceUnregistered.KIND):
+        f = subjects.event_filter(owner=owner, device=device_id, kind=kind)
+        stored += [m async for m in store.read(f)]
+    stored.sort(key=lambda m: m.position)
+    links: dict[str, ResourceLink] = {}
+    for m in stored:
+        data = binding.from_stored(m).data
+        if isinstance(data, ResourceLinksPublished):
+            for link in data.links:
+                links[link.href] = link
+        elif isinstance(data, ResourceLinksUnpublished):
+            if not data.hrefs and not data.instance_ids:
+                links.clear()
+            for href in data.hrefs:
+                links.pop(href, None)
+            wanted = set(data.instance_ids)
+            for href in [h for h, link in links.items() if link.ins in wanted]:
+                links.pop(href)
+        elif isinstance(data, DeviceUnregistered):
+            links.clear()
+    last: dict[str, tuple[int | None, Any]] = {}
+    last_message = getattr(store, "last_message", None)
+    if last_message is not None:
+        for href in links:
+            subject = subjects.event_subject(owner, device_id, ResourceChanged.KIND, href)
+            msg = await last_message(subject)
+            if msg is None:
+                continue
+            ev = binding.from_stored(msg).data
+            if isinstance(ev, ResourceChanged):
+                if ev.status.startswith("2."):
+                    last[href] = (ev.content_format, ev.content)
+                else:
+                    last[href] = (None, ("status", ev.status))
+    return DeviceState(links=tuple(links.values()), last_content=last)

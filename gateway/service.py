@@ -1,0 +1,363 @@
+"""The gateway's composition root and driver.
+
+:class:`Gateway` runs the CoAP listeners (through :mod:`gateway.adapters.coap`)
+and, for every device connection, one :class:`gateway.session.Session`. It feeds
+the session what happens (requests, device answers, notifications, append
+results, ticks, the connection's end) and carries out the effects the session
+returns. Session feeding is synchronous and happens on the event loop only, so a
+session never sees two inputs at once and needs no lock.
+
+Routing: :attr:`Gateway.devices` maps a signed-in device to its current
+connection. A second sign-in of the same device closes the older connection; the
+older session's offline event names its own connection, so the twin ignores it
+when the newer connection is already current (no flapping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+from eventstore.ports import EventStore
+from gateway import session as s
+from gateway.adapters.coap import (
+    CoapRequest,
+    CoapResponse,
+    CoapServer,
+    CoapServerConfig,
+    Connection,
+    Observation,
+)
+from gateway.devicestate import load_device_state
+from gateway.tokens import TokenIssuer, TokenValidator
+from gateway.writer import DeviceWriter, WriterConfig
+
+log = logging.getLogger(__name__)
+
+OCF_VERSION = 0x0800
+OCF_CBOR = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    gateway_id: str = "gw-1"
+    tcp_bind: tuple[str, int] | None = ("127.0.0.1", 5683)
+    tls_bind: tuple[str, int] | None = None
+    ssl_context: ssl.SSLContext | None = None
+    access_ttl: float | None = 3600.0
+    refresh_ttl: float = 30 * 24 * 3600.0
+    batch_observe: bool = True
+    request_timeout: float = 10.0
+    reply_timeout: float = 15.0  # how long a device request may wait for the log
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 60.0
+    opening_timeout: float = 10.0
+    max_message_size: int = 64 * 1024
+    tick_interval: float = 1.0
+    writer: WriterConfig = field(default_factory=WriterConfig)
+
+
+@dataclass(eq=False)
+class _Conn:
+    conn: Connection
+    session: s.Session
+    writer: DeviceWriter
+    replies: dict[int, asyncio.Future[s.Respond]] = field(default_factory=dict)
+    observations: dict[int, Observation] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    close_reason: str | None = None
+    closed: bool = False
+
+
+@dataclass
+class GatewayStats:
+    connections: int = 0
+    signed_in: int = 0
+    requests: int = 0
+    notifications: int = 0
+    overflow_closes: int = 0
+
+
+class Gateway:
+    """The CoAP gateway service (an async context manager)."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        store: EventStore,
+        validator: TokenValidator,
+        issuer: TokenIssuer,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.validator = validator
+        self.issuer = issuer
+        self.clock = clock
+        self.conns: dict[str, _Conn] = {}
+        self.devices: dict[str, _Conn] = {}
+        self.stats = GatewayStats()
+        self._rids = itertools.count(1)
+        self._server: CoapServer | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        cfg = self.config
+        self._server = CoapServer(
+            CoapServerConfig(
+                tcp_bind=cfg.tcp_bind,
+                tls_bind=cfg.tls_bind,
+                ssl_context=cfg.ssl_context,
+                keepalive_interval=cfg.keepalive_interval,
+                keepalive_timeout=cfg.keepalive_timeout,
+                opening_timeout=cfg.opening_timeout,
+                max_message_size=cfg.max_message_size,
+            ),
+            on_request=self._on_request,
+            on_connect=self._on_connect,
+            on_close=self._on_close,
+        )
+        await self._server.__aenter__()
+        self._ticker = asyncio.create_task(self._tick_loop(), name="gateway-ticker")
+        log.info(
+            "gateway %s listening tcp=%s tls=%s",
+            cfg.gateway_id,
+            self._server.tcp_address,
+            self._server.tls_address,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for c in list(self.conns.values()):
+            await c.conn.close("gateway shutting down")
+        if self._server is not None:
+            await self._server.__aexit__(exc_type, exc, tb)
+        # connections' on_close ran: drain their writers
+        pending = [t for t in self._background if not t.done()]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        return self._server.tcp_address if self._server else None
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        return self._server.tls_address if self._server else None
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_interval)
+            for c in list(self.conns.values()):
+                self._feed(c, s.Tick())
+
+    # -- adapter callbacks -------------------------------------------------------------------
+
+    def _on_connect(self, conn: Connection) -> None:
+        cfg = self.config
+        session = s.Session(
+            s.SessionConfig(
+                gateway_id=cfg.gateway_id,
+                connection_id=conn.id,
+                remote_address=conn.remote,
+                protocol=conn.scheme,
+                access_ttl=cfg.access_ttl,
+                refresh_ttl=cfg.refresh_ttl,
+                batch_observe=cfg.batch_observe,
+            ),
+            self.validator,
+            self.issuer,
+        )
+        holder: list[_Conn] = []
+
+        def done(ref: int, ok: bool, error: str, positions: tuple[int, ...]) -> None:
+            self._feed(holder[0], s.AppendResult(ref, ok, error))
+
+        writer = DeviceWriter(self.store, done, cfg.writer, name=conn.id)
+        c = _Conn(conn, session, writer)
+        holder.append(c)
+        self.conns[conn.id] = c
+        self.stats.connections += 1
+        log.debug("connection %s from %s", conn.id, conn.remote)
+
+    def _on_close(self, conn: Connection, reason: str) -> None:
+        c = self.conns.pop(conn.id, None)
+        if c is None:
+            return
+        c.closed = True
+        self._feed(c, s.ConnectionLost(reason))
+        for fut in c.replies.values():
+            if not fut.done():
+                fut.cancel()
+        for task in c.tasks:
+            task.cancel()
+        c.observations.clear()
+        self._spawn_background(c.writer.close(), f"drain:{conn.id}")
+        log.debug("connection %s closed: %s", conn.id, reason)
+
+    async def _on_request(self, conn: Connection, req: CoapRequest) -> CoapResponse:
+        c = self.conns.get(conn.id)
+        if c is None:
+            return CoapResponse("5.03")
+        self.stats.requests += 1
+        rid = next(self._rids)
+        fut: asyncio.Future[s.Respond] = asyncio.get_running_loop().create_future()
+        c.replies[rid] = fut
+        self._feed(
+            c,
+            s.DeviceRequest(
+                rid, req.method, req.path, req.query, req.payload, req.content_format, req.accept
+            ),
+        )
+        try:
+            reply = await asyncio.wait_for(fut, self.config.reply_timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            c.replies.pop(rid, None)
+            return CoapResponse("5.03", b"timed out waiting for the event log", 0)
+        finally:
+            c.replies.pop(rid, None)
+        if c.close_reason is not None and not c.closed:
+            self._close_after_reply(c, c.close_reason)
+        return CoapResponse(reply.code, reply.payload, reply.content_format)
+
+    # -- the session driver -------------------------------------------------------------------
+
+    def _feed(self, c: _Conn, inp: s.Input) -> None:
+        try:
+            effects = c.session.handle(inp, self.clock())
+        except Exception:  # a bug in the core must not take the gateway down
+            log.exception("session %s failed on %s", c.conn.id, type(inp).__name__)
+            effects = [s.Close("internal error")]
+        for eff in effects:
+            self._do(c, eff)
+
+    def _do(self, c: _Conn, eff: s.Effect) -> None:
+        match eff:
+            case s.Respond():
+                fut = c.replies.get(eff.rid)
+                if fut is not None and not fut.done():
+                    fut.set_result(eff)
+            case s.Append():
+                if not c.writer.submit(eff.ref, eff.events, eff.critical):
+                    self.stats.overflow_closes += 1
+                    log.warning(
+                        "device %s: event buffer full, closing its connection", c.session.device_id
+                    )
+                    self._close_now(c, "event buffer overflow: reconnect and resynchronise")
+                    self._feed(c, s.AppendResult(eff.ref, False, "buffer overflow"))
+            case s.SendRequest():
+                self._spawn(c, self._send(c, eff), f"req:{c.conn.id}:{eff.ref}")
+            case s.CancelObservation():
+                obs = c.observations.pop(eff.ref, None)
+                if obs is not None and not c.closed:
+                    self._spawn_background(obs.cancel(), f"unobserve:{eff.ref}")
+            case s.LoadDeviceState():
+                self._spawn(c, self._load(c, eff), f"load:{eff.device_id}")
+            case s.Close():
+                if c.replies:
+                    c.close_reason = eff.reason  # after the pending reply went out
+                else:
+                    self._close_now(c, eff.reason)
+            case s.SignedIn():
+                old = self.devices.get(eff.device_id)
+                self.devices[eff.device_id] = c
+                self.stats.signed_in += 1
+                if old is not None and old is not c and not old.closed:
+                    log.info(
+                        "device %s signed in again: closing its older connection", eff.device_id
+                    )
+                    self._close_now(old, "replaced by a newer connection")
+            case s.SignedOut():
+                if self.devices.get(eff.device_id) is c:
+                    del self.devices[eff.device_id]
+
+    def _spawn(self, c: _Conn, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        c.tasks.add(task)
+        task.add_done_callback(c.tasks.discard)
+
+    def _spawn_background(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _close_now(self, c: _Conn, reason: str) -> None:
+        if c.closed:
+            return
+        c.closed = True
+        self._spawn_background(c.conn.close(reason), f"close:{c.conn.id}")
+
+    def _close_after_reply(self, c: _Conn, reason: str) -> None:
+        # The reply is written when _on_request returns; close on the next loop turns.
+        async def later() -> None:
+            for _ in range(3):
+                await asyncio.sleep(0)
+            self._close_now(c, reason)
+
+        self._spawn_background(later(), f"close-after-reply:{c.conn.id}")
+
+    async def _send(self, c: _Conn, eff: s.SendRequest) -> None:
+        req = CoapRequest(
+            method=eff.method,
+            path=eff.path,
+            query=eff.query,
+            payload=eff.payload,
+            content_format=eff.content_format,
+            accept=OCF_CBOR,
+            ocf_version=OCF_VERSION if eff.payload else None,
+            ocf_accept_version=OCF_VERSION,
+        )
+        timeout = self.config.request_timeout
+        try:
+            if eff.observe:
+
+                def notify(resp: CoapResponse) -> None:
+                    if c.closed:
+                        return
+                    self.stats.notifications += 1
+                    self._feed(c, s.Notification(eff.ref, _reply(resp)))
+
+                obs = await c.conn.observe(req, notify, timeout)
+                c.observations[eff.ref] = obs
+                first = obs.first
+            else:
+                first = await c.conn.request(req, timeout)
+        except Exception as e:  # closed connection, timeout, protocol error
+            if not c.closed:
+                self._feed(c, s.DeviceResponse(eff.ref, None, f"{type(e).__name__}: {e}"))
+            return
+        self._feed(c, s.DeviceResponse(eff.ref, _reply(first)))
+
+    async def _load(self, c: _Conn, eff: s.LoadDeviceState) -> None:
+        try:
+            state = await load_device_state(self.store, eff.owner, eff.device_id)
+        except Exception as e:
+            log.warning("device %s: could not load its state: %s", eff.device_id, e)
+            self._feed(c, s.DeviceStateLoaded(eff.ref, None, str(e)))
+            return
+        self._feed(c, s.DeviceStateLoaded(eff.ref, state))
+
+
+def _reply(resp: CoapResponse) -> s.Reply:
+    return s.Reply(resp.code, resp.payload, resp.content_format, resp.etag, resp.observe)
