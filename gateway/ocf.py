@@ -261,3 +261,14 @@ def parse_batch(payload: Any, device_id: str) -> list[tuple[str, Any]]:
 
 def is_syncable(href: str) -> bool:
     return not any(href == p.rstrip("/") or href.startswith(p) for p in EXCLUDED_PREFIXES)
+
+
+BASELINE_ONLY: Final = ("rt", "if")
+
+
+def strip_baseline(rep: Any) -> Any:
+    """A batch (``oic.if.b``) item carries the baseline representation; the twin keeps the
+    resource's state, so the link metadata ``rt`` and ``if`` (kept in the links) is dropped."""
+    if isinstance(rep, Mapping) and any(k in rep for k in BASELINE_ONLY):
+        return {k: v for k, v in rep.items() if k not in BASELINE_ONLY}
+    return rep

@@ -290,6 +290,7 @@ class Session:
         self._next_ins = 1
         self.sign_up_cache: dict[str, Respond] = {}
         self.online = False  # the log says this connection's device is online
+        self._sync_started = False
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -486,6 +487,7 @@ class Session:
         self._by_ref.clear()
         self._resources.clear()
         self._batch_ref = self._discovery_ref = None
+        self._sync_started = False
         self.sync_state = "out_of_sync"
         self.online = False
         assert self.device_id is not None
@@ -660,6 +662,7 @@ class Session:
                 self._next_ins = max(self._next_ins, link.ins + 1)
         self._last.update(state.last_content)
         self._discovery_ref = self._ref()
+        self._sync_started = True
         return [SendRequest(self._discovery_ref, "GET", ocf.RES)]
 
     # -- synchronisation ----------------------------------------------------------------------
@@ -714,23 +717,28 @@ class Session:
         return self._observe_each() + self._maybe_in_sync()
 
     def _observe_each(self) -> list[Effect]:
+        """Observe every observable resource not observed yet; GET the others once."""
         out: list[Effect] = []
         for href, res in self._resources.items():
-            if res.ref is None and not res.reported:
-                res.ref = self._ref()
-                self._by_ref[res.ref] = href
-                out.append(SendRequest(res.ref, "GET", href, observe=res.link.observable))
+            if res.ref is not None or (res.reported and not res.link.observable):
+                continue
+            res.ref = self._ref()
+            self._by_ref[res.ref] = href
+            out.append(SendRequest(res.ref, "GET", href, observe=res.link.observable))
         return out
 
     def _track_links(self, links: list[ResourceLink]) -> list[Effect]:
-        if self.sync_state == "out_of_sync" or self._discovery_ref is not None:
-            return []  # the sync that starts later will pick them up
-        added = False
+        if not self._sync_started or self._discovery_ref is not None:
+            return []  # the discovery to come merges the published links
+        added = [
+            link.href
+            for link in links
+            if ocf.is_syncable(link.href) and link.href not in self._resources
+        ]
         for link in links:
-            if ocf.is_syncable(link.href) and link.href not in self._resources:
+            if link.href in added:
                 self._resources[link.href] = _Resource(link)
-                added = True
-        if not added or self._batch_ref is not None:
+        if not added:
             return []
         out: list[Effect] = []
         if self.sync_state == "in_sync":
@@ -749,7 +757,15 @@ class Session:
                     critical=False,
                 )
             )
-        return out + self._observe_each()
+        if self._batch_ref is None:
+            return out + self._observe_each()
+        # the batch observation reports later changes; read the new ones once now
+        for href in added:
+            res = self._resources[href]
+            res.ref = self._ref()
+            self._by_ref[res.ref] = href
+            out.append(SendRequest(res.ref, "GET", href))
+        return out
 
     def _on_batch_first(self, ref: int, reply: Reply) -> list[Effect]:
         if reply.code == "4.00" and reply.payload in (b"", b"\x80", b"[]"):
@@ -792,7 +808,7 @@ class Session:
                 if item_href not in self._resources and ocf.is_syncable(item_href):
                     self._resources[item_href] = _Resource(ResourceLink(href=item_href))
                 if item_href in self._resources:
-                    content, lossy = codecs.to_json_value(rep)
+                    content, lossy = codecs.to_json_value(ocf.strip_baseline(rep))
                     raw = codecs.encode(rep, OCF_CBOR) if lossy else None
                     out += self._report_value(item_href, reply, content, OCF_CBOR, raw)
             return out + self._maybe_in_sync()

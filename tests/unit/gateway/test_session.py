@@ -375,3 +375,33 @@ def test_any_input_sequence_is_handled_without_crashing(seq: list[s.Input], sign
                 | s.SignedIn
                 | s.SignedOut,
             )
+
+
+def test_batch_get_without_observe_reports_then_observes_observables() -> None:
+    play = Play()
+    batch = one(_discover(play, LINKS), s.SendRequest)
+    rep = [
+        {"href": "ocf://d1/oic/d", "rep": {"n": "dev"}},
+        {"href": "ocf://d1/light/1", "rep": {"state": True, "rt": ["x"], "if": ["y"]}},
+    ]
+    effects = play.feed(s.DeviceResponse(batch.ref, reply(body=rep, observe=None)))
+    changed = [e.data for e in appended(effects) if isinstance(e.data, events.ResourceChanged)]
+    assert {c.href: c.content for c in changed} == {
+        "/oic/d": {"n": "dev"},
+        "/light/1": {"state": True},
+    }
+    reqs = of(effects, s.SendRequest)
+    assert [(r.path, r.observe) for r in reqs] == [("/light/1", True)]
+
+
+def test_links_published_before_discovery_are_synced_once() -> None:
+    play = Play(batch=False)
+    effects = play.sign_in()
+    load = one(effects, s.LoadDeviceState)
+    pub = play.request(
+        "POST", "/oic/rd", {"di": "d1", "links": [{"href": "/light/1", "p": {"bm": 3}}]}
+    )
+    assert not of(play.ack(pub), s.SendRequest), "the coming discovery picks them up"
+    discovery = one(play.feed(s.DeviceStateLoaded(load.ref, s.DeviceState())), s.SendRequest)
+    reqs = of(play.feed(s.DeviceResponse(discovery.ref, reply(body=[]))), s.SendRequest)
+    assert [(r.path, r.observe) for r in reqs] == [("/light/1", True)]
