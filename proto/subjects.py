@@ -10,7 +10,7 @@ Every event is published on::
 * ``device`` — the device ID.
 * ``kind`` — the event kind, e.g. ``resource-changed`` (see :mod:`proto.events`).
 * ``resource`` — the escaped href for resource events, ``_`` for device-level
-  events. An escaped href always starts with ``/``, so it never collides with ``_``.
+  events (an href that is literally ``_`` is written ``~5F``).
 
 All six positions are always present, so wildcards compose: ``*`` matches one
 token, ``>`` the rest. Examples::
@@ -90,6 +90,11 @@ def _checked(value: str, what: str) -> str:
     return token
 
 
+def _resource_token(href: str) -> str:
+    token = _checked(href, "resource href")
+    return "~5F" if token == NO_RESOURCE else token  # never the "no resource" marker
+
+
 def _kind_token(kind: str) -> str:
     if not _KIND.fullmatch(kind):
         raise SubjectError(f"invalid event kind: {kind!r}")
@@ -111,7 +116,7 @@ class EventSubject:
 
 def event_subject(owner: str, device: str, kind: str, resource: str | None = None) -> str:
     """Build the subject of one event."""
-    res = NO_RESOURCE if resource is None else _checked(resource, "resource href")
+    res = NO_RESOURCE if resource is None else _resource_token(resource)
     return ".".join(
         (PREFIX, _checked(owner, "owner"), _checked(device, "device ID"), _kind_token(kind), res)
     )
@@ -146,7 +151,7 @@ def event_filter(
         WILDCARD if owner is None else _checked(owner, "owner"),
         WILDCARD if device is None else _checked(device, "device ID"),
         WILDCARD if kind is None else _kind_token(kind),
-        WILDCARD if resource is None else _checked(resource, "resource href"),
+        WILDCARD if resource is None else _resource_token(resource),
     ]
     while tokens and tokens[-1] == WILDCARD:
         tokens.pop()
