@@ -241,11 +241,15 @@ def load_or_create_signing_key(keys_dir: Path) -> tuple[ec.EllipticCurvePrivateK
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
+    return key, key_id(key)
+
+
+def key_id(key: ec.EllipticCurvePrivateKey) -> str:
+    """A stable key ID derived from the public key."""
     der = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    kid = uuid.uuid5(uuid.NAMESPACE_OID, der.hex()).hex[:16]
-    return key, kid
+    return uuid.uuid5(uuid.NAMESPACE_OID, der.hex()).hex[:16]
 
 
 def load_public_keys(paths: Mapping[str, Path]) -> KeySet:

@@ -48,7 +48,7 @@ class DataDir:
     ) -> devpki.Issued:
         """The gateway's server certificate, created (with the CA) on first use."""
         ca = devpki.load_or_create_ca(self.pki)
-        if (self.pki / "server.crt").exists():
+        if (self.pki / "server.crt").exists() and (self.pki / "server.key").exists():
             return devpki.Issued(ca.cert, ca.key, self.pki / "server.crt", self.pki / "server.key")
         return devpki.issue_server(ca, self.pki, hosts)
 

@@ -194,8 +194,7 @@ class _ServerProcess:
 
     def _start_error(self, proc: asyncio.subprocess.Process, what: str) -> ServiceStartError:
         return ServiceStartError(
-            f"{self.name} (pid {proc.pid}) {what}; log {self.log_path}:\n"
-            f"{_log_tail(self.log_path)}"
+            f"{self.name} (pid {proc.pid}) {what}; log {self.log_path}:\n{_log_tail(self.log_path)}"
         )
 
     async def _spawn(self) -> asyncio.subprocess.Process:
@@ -235,11 +234,16 @@ class NatsServer(_ServerProcess):
         port = self._listen_port()
         args = [
             "-js",
-            "-sd", str(self.data_dir),
-            "-a", self.host,
-            "-p", str(port if port else -1),  # -1: the server picks a free port
-            "--ports_file_dir", str(self._ports_dir),
-            "-l", str(self.log_path),
+            "-sd",
+            str(self.data_dir),
+            "-a",
+            self.host,
+            "-p",
+            str(port if port else -1),  # -1: the server picks a free port
+            "--ports_file_dir",
+            str(self._ports_dir),
+            "-l",
+            str(self.log_path),
         ]
         proc = await asyncio.create_subprocess_exec(
             self.binary,
@@ -325,9 +329,12 @@ class MongoServer(_ServerProcess):
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         args = [
-            "--listen", f"{self.host}:{self._listen_port()}",
-            "--data-dir", str(self.db_dir),
-            "--log-level", "warn",
+            "--listen",
+            f"{self.host}:{self._listen_port()}",
+            "--data-dir",
+            str(self.db_dir),
+            "--log-level",
+            "warn",
         ]
         self._log_file = self.log_path.open("ab")
         try:

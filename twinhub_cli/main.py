@@ -37,10 +37,20 @@ class Registrar(Protocol):
 COMMANDS: dict[str, str] = {
     "dev services": "twinhub_cli.main:register_dev_services",
     "token": "twinhub_cli.token_cmd:register",
+    "init": "twinhub_cli.stack_cmds:register_init",
+    "up": "twinhub_cli.stack_cmds:register_up",
+    "gateway": "twinhub_cli.stack_cmds:register_gateway",
+    "twin run": "twinhub_cli.stack_cmds:register_twin_run",
+    "twin get": "twinhub_cli.stack_cmds:register_twin_get",
+    "twin rebuild": "twinhub_cli.stack_cmds:register_twin_rebuild",
+    "devices": "twinhub_cli.stack_cmds:register_devices",
+    "watch": "twinhub_cli.stack_cmds:register_watch",
+    "sim": "devicesim.cli:add_sim_parser",
 }
 
 GROUP_HELP: dict[str, str] = {
     "dev": "development helpers (local servers)",
+    "twin": "the twin service and its documents",
 }
 
 

@@ -1,0 +1,173 @@
+"""Composition of the services from the configuration: the gateway and the twin projector.
+
+``twinhub gateway``, ``twinhub twin run`` and ``twinhub up`` all build their
+services here, so the local stack and the containers run the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pymongo import AsyncMongoClient
+
+from eventstore.adapters.jetstream import JetStreamEventStore
+from eventstore.layout import StreamLayout
+from gateway.service import Gateway, GatewayConfig
+from gateway.tokens import (
+    JwtValidator,
+    KeySet,
+    TokenIssuer,
+    key_id,
+    load_or_create_signing_key,
+    load_public_keys,
+)
+from gateway.writer import WriterConfig
+from twin.adapters.mongo import MongoTwinStore
+from twin.service import ProjectorConfig, TwinProjector
+from twinhub_cli.config import Config, ConfigError, parse_hostport
+from twinhub_cli.datadir import DataDir
+
+log = logging.getLogger(__name__)
+
+
+def issuer_for(config: Config, data: DataDir) -> TokenIssuer:
+    """The signer of the gateway's tokens: ``auth.signing_key`` or the data dir's key."""
+    if config.auth.signing_key:
+        path = Path(config.auth.signing_key)
+        try:
+            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"auth.signing_key {path}: {e}") from None
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"auth.signing_key {path}: not an EC (ES256) private key")
+        key, kid = loaded, key_id(loaded)
+    else:
+        key, kid = load_or_create_signing_key(data.keys)
+    return TokenIssuer(
+        key,
+        kid=kid,
+        issuer=config.auth.issuer,
+        audience=config.auth.audience,
+        owner_claim=config.auth.owner_claim,
+    )
+
+
+def validator_for(config: Config, issuer: TokenIssuer) -> JwtValidator:
+    keys = dict(issuer.public_keys.keys)
+    extra: dict[str, Path] = {}
+    for i, item in enumerate(config.auth.public_keys):
+        kid, sep, path = item.partition("=")
+        extra[kid if sep else f"key{i}"] = Path(path if sep else kid)
+    try:
+        keys.update(load_public_keys(extra).keys)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"auth.public_keys: {e}") from None
+    return JwtValidator(
+        KeySet(keys),
+        issuer=config.auth.issuer or None,
+        audience=config.auth.audience or None,
+        owner_claim=config.auth.owner_claim,
+        device_claim=config.auth.device_claim or None,
+        algorithms=("ES256", "ES384", "RS256", "PS256", "EdDSA"),
+    )
+
+
+def server_ssl_context(config: Config, data: DataDir) -> ssl.SSLContext:
+    g = config.gateway
+    if g.tls_cert and g.tls_key:
+        cert, key = Path(g.tls_cert), Path(g.tls_key)
+    else:
+        issued = data.ensure_tls()
+        cert, key = issued.cert_path, issued.key_path
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"gateway TLS certificate {cert} / key {key}: {e}") from None
+    if g.device_auth != "none":
+        ca = Path(g.client_ca) if g.client_ca else data.pki / "ca.crt"
+        ctx.load_verify_locations(cafile=str(ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def layout_for(config: Config) -> StreamLayout:
+    return StreamLayout(name=config.nats.stream, duplicate_window=config.nats.duplicate_window)
+
+
+def gateway_config(config: Config, data: DataDir) -> GatewayConfig:
+    g = config.gateway
+    tcp = parse_hostport(g.tcp, "gateway.tcp")
+    tls = parse_hostport(g.tls, "gateway.tls")
+    if tcp is None and tls is None:
+        raise ConfigError("gateway: both listeners are disabled (gateway.tcp and gateway.tls)")
+    return GatewayConfig(
+        gateway_id=g.id,
+        tcp_bind=tcp,
+        tls_bind=tls,
+        ssl_context=server_ssl_context(config, data) if tls else None,
+        access_ttl=config.auth.access_ttl or None,
+        refresh_ttl=config.auth.refresh_ttl,
+        batch_observe=g.batch_observe,
+        request_timeout=g.request_timeout,
+        keepalive_interval=g.keepalive_interval,
+        keepalive_timeout=g.keepalive_timeout,
+        opening_timeout=g.opening_timeout,
+        max_message_size=g.max_message_size,
+        writer=WriterConfig(max_buffered=g.max_buffered_events),
+    )
+
+
+@contextlib.asynccontextmanager
+async def event_store(config: Config) -> AsyncIterator[JetStreamEventStore]:
+    async with JetStreamEventStore.from_url(config.nats.url, layout_for(config)) as store:
+        await store.provision()
+        yield store
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(
+    config: Config, data: DataDir, store: JetStreamEventStore
+) -> AsyncIterator[Gateway]:
+    issuer = issuer_for(config, data)
+    gw = Gateway(gateway_config(config, data), store, validator_for(config, issuer), issuer)
+    async with gw:
+        yield gw
+
+
+@contextlib.asynccontextmanager
+async def twin_store(config: Config) -> AsyncIterator[MongoTwinStore]:
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+        config.mongo.url, serverSelectionTimeoutMS=5000, tz_aware=True
+    )
+    try:
+        store = MongoTwinStore(client[config.mongo.database], config.twin.collection)
+        await store.ensure_indexes()
+        yield store
+    finally:
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def run_projector(
+    config: Config, store: JetStreamEventStore, twins: MongoTwinStore
+) -> AsyncIterator[TwinProjector]:
+    cfg = ProjectorConfig(
+        name=config.twin.consumer,
+        batch_size=config.twin.batch,
+        max_ack_pending=max(1000, config.twin.batch),
+    )
+    async with TwinProjector(twins, store, cfg) as projector:
+        yield projector
+
+
+def first_device_token(config: Config, data: DataDir, owner: str = "dev") -> str:
+    return issuer_for(config, data).issue(owner, now=time.time(), ttl=24 * 3600)

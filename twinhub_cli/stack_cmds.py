@@ -1,0 +1,418 @@
+"""Run and inspect twinhub: ``init``, ``up``, ``gateway``, ``twin run|get|rebuild``,
+``devices``, ``watch``.
+
+Every command reads the configuration the same way (``--config FILE``, then
+``TWINHUB_*`` environment variables). Commands that inspect a local stack find
+its servers through ``--data-dir`` (the ``stack.json`` that ``twinhub up`` writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twinhub_cli import config as cfgmod
+from twinhub_cli.config import Config, ConfigError
+from twinhub_cli.datadir import DataDir
+
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+log = logging.getLogger(__name__)
+DEFAULT_DATA = Path("data")
+
+
+# -- shared plumbing ------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML configuration file (TWINHUB_* env wins)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="local data dir: keys, certificates, a running stack (default ./data)",
+    )
+
+
+def _load_config(args: argparse.Namespace, *, from_stack: bool = False) -> Config:
+    overrides: dict[str, dict[str, Any]] = {}
+    if from_stack:
+        with contextlib.suppress(FileNotFoundError):
+            info = DataDir(args.data_dir.resolve()).read_stack()
+            overrides = {
+                "nats": {"url": info["nats_url"]},
+                "mongo": {"url": info["mongo_url"], "database": info["database"]},
+            }
+    return cfgmod.load(args.config, overrides=overrides)
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    import uvloop
+
+    try:
+        return uvloop.run(main())
+    except ConfigError as e:
+        sys.stderr.write(f"twinhub: configuration error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+@contextlib.asynccontextmanager
+async def _until_signal() -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        yield stop
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# -- twinhub init ------------------------------------------------------------------------
+
+
+def register_init(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(name, help="create development keys and certificates in a data dir")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a name or address for the gateway certificate (repeatable)",
+    )
+    p.set_defaults(handler=run_init)
+
+
+def run_init(args: argparse.Namespace) -> int:
+    data = DataDir(args.data_dir.resolve())
+    data.issuer()
+    hosts = tuple(args.host) or ("127.0.0.1", "localhost", "::1")
+    issued = data.ensure_tls(hosts)
+    _out(f"signing key  {data.keys / 'jwt-signing-key.pem'}")
+    _out(f"CA           {data.pki / 'ca.crt'}")
+    _out(f"server cert  {issued.cert_path}")
+    return 0
+
+
+# -- twinhub gateway / twin run ------------------------------------------------------------
+
+
+def register_gateway(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(name, help="run the CoAP gateway until SIGTERM")
+    _common(p)
+    p.set_defaults(handler=run_gateway_cmd)
+
+
+def run_gateway_cmd(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        from twinhub_cli import services
+
+        config = _load_config(args)
+        data = DataDir(args.data_dir.resolve())
+        async with (
+            _until_signal() as stop,
+            services.event_store(config) as store,
+            services.run_gateway(config, data, store) as gw,
+        ):
+            _out(f"gateway {config.gateway.id}: tcp={gw.tcp_address} tls={gw.tls_address}")
+            await stop.wait()
+        return 0
+
+    return _run(main)
+
+
+def register_twin_run(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(name, help="run the twin projector until SIGTERM")
+    _common(p)
+    p.set_defaults(handler=run_twin_cmd)
+
+
+def run_twin_cmd(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        from twinhub_cli import services
+
+        config = _load_config(args)
+        async with (
+            _until_signal() as stop,
+            services.event_store(config) as store,
+            services.twin_store(config) as twins,
+            services.run_projector(config, store, twins),
+        ):
+            _out(f"twin projector {config.twin.consumer}: running")
+            await stop.wait()
+        return 0
+
+    return _run(main)
+
+
+# -- twinhub up ----------------------------------------------------------------------------
+
+
+def register_up(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(
+        name,
+        help="run the whole stack locally (NATS, MongoDB-wire server, gateway, twin)",
+        description="Start NATS with JetStream and the MongoDB-wire server (unless --nats-url "
+        "/ --mongo-url name existing ones), the gateway and the twin projector; print the "
+        "device endpoints and a token for a first device; stop everything on Ctrl-C.",
+    )
+    _common(p)
+    p.add_argument("--nats-url", help="use this NATS server instead of starting one")
+    p.add_argument("--mongo-url", help="use this MongoDB instead of starting one")
+    p.add_argument("--nats-port", type=int, default=4222, help="port of the started NATS")
+    p.add_argument("--mongo-port", type=int, default=27017, help="port of the started MongoDB")
+    p.add_argument("--host", default="127.0.0.1", help="address the gateway listens on")
+    p.add_argument("--tcp-port", type=int, default=5683, help="CoAP over TCP (0: any)")
+    p.add_argument("--tls-port", type=int, default=5684, help="CoAP over TLS (0: any)")
+    p.add_argument(
+        "--device-auth",
+        choices=["none", "any-certificate", "ocf-identity"],
+        default="none",
+        help="TLS client authentication of devices (default none)",
+    )
+    p.add_argument("--owner", default="dev", help="owner of the printed first-device token")
+    p.set_defaults(handler=run_up)
+
+
+def _uri(scheme: str, addr: tuple[str, int] | None) -> str:
+    if addr is None:
+        return "(disabled)"
+    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    return f"{scheme}://{host}:{addr[1]}"
+
+
+def run_up(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        from twinhub_cli import services
+        from twinhub_cli.devservices import MongoServer, NatsServer
+
+        data = DataDir(args.data_dir.resolve())
+        data.root.mkdir(parents=True, exist_ok=True)
+        async with contextlib.AsyncExitStack() as stack:
+            stop = await stack.enter_async_context(_until_signal())
+            nats_url = args.nats_url
+            if not nats_url:
+                nats = await stack.enter_async_context(
+                    NatsServer(data.root / "nats", port=args.nats_port)
+                )
+                nats_url = nats.url
+            mongo_url = args.mongo_url
+            if not mongo_url:
+                mongo = await stack.enter_async_context(
+                    MongoServer(data.root / "mongo", port=args.mongo_port)
+                )
+                mongo_url = mongo.url
+            host = args.host
+            hp = f"[{host}]" if ":" in host else host
+            config = cfgmod.load(
+                args.config,
+                overrides={
+                    "nats": {"url": nats_url},
+                    "mongo": {"url": mongo_url},
+                    "gateway": {
+                        "tcp": f"{hp}:{args.tcp_port}",
+                        "tls": f"{hp}:{args.tls_port}",
+                        "device_auth": args.device_auth,
+                    },
+                },
+            )
+            store = await stack.enter_async_context(services.event_store(config))
+            twins = await stack.enter_async_context(services.twin_store(config))
+            await stack.enter_async_context(services.run_projector(config, store, twins))
+            gw = await stack.enter_async_context(services.run_gateway(config, data, store))
+            info = {
+                "pid": os.getpid(),
+                "nats_url": nats_url,
+                "mongo_url": mongo_url,
+                "database": config.mongo.database,
+                "coap_tcp": _uri("coap+tcp", gw.tcp_address),
+                "coaps_tcp": _uri("coaps+tcp", gw.tls_address),
+                "ca_file": str(data.pki / "ca.crt"),
+            }
+            data.write_stack(info)
+            stack.callback(lambda: data.stack_file.unlink(missing_ok=True))
+            token = services.first_device_token(config, data, args.owner)
+            _out("twinhub is up")
+            _out(f"  devices (CoAP over TCP)  {info['coap_tcp']}")
+            _out(f"  devices (CoAP over TLS)  {info['coaps_tcp']}   CA: {info['ca_file']}")
+            _out(f"  NATS (events)            {nats_url}   subjects twinhub.ev.<owner>.>")
+            _out(f"  MongoDB (twins)          {mongo_url}   db {config.mongo.database}")
+            _out(f"  data dir                 {data.root}")
+            _out(f"first device token (owner {args.owner!r}, 24 h):")
+            _out(token)
+            await stop.wait()
+            _out("stopping")
+        return 0
+
+    return _run(main)
+
+
+# -- twinhub twin get / rebuild, devices ----------------------------------------------------
+
+
+def register_twin_get(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(name, help="print a device's twin as JSON")
+    _common(p)
+    p.add_argument("device", help="device ID")
+    p.set_defaults(handler=run_twin_get)
+
+
+def run_twin_get(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        from twinhub_cli import services
+
+        config = _load_config(args, from_stack=True)
+        async with services.twin_store(config) as twins:
+            twin = await twins.get(args.device)
+        if twin is None:
+            sys.stderr.write(f"twinhub: no twin for device {args.device}\n")
+            return 1
+        _out(json.dumps(twin.to_json(), indent=2, sort_keys=True))
+        return 0
+
+    return _run(main)
+
+
+def register_twin_rebuild(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(
+        name,
+        help="drop the twin collection and rebuild it from the event log",
+        description="Run with the twin projector stopped.",
+    )
+    _common(p)
+    p.set_defaults(handler=run_twin_rebuild)
+
+
+def run_twin_rebuild(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        from twin.service import rebuild
+        from twinhub_cli import services
+
+        config = _load_config(args, from_stack=True)
+        started = time.monotonic()
+        async with services.event_store(config) as store, services.twin_store(config) as twins:
+            n = await rebuild(twins, store, name=config.twin.consumer)
+        _out(f"rebuilt twins from {n} events in {time.monotonic() - started:.1f}s")
+        return 0
+
+    return _run(main)
+
+
+def register_devices(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(name, help="list devices (a table)")
+    _common(p)
+    p.add_argument("--owner", help="only this owner's devices")
+    p.add_argument("--online", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--resource-type", help="only devices with a resource of this type")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(handler=run_devices)
+
+
+def run_devices(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        from rich.console import Console
+        from rich.table import Table
+
+        from twinhub_cli import services
+
+        config = _load_config(args, from_stack=True)
+        async with services.twin_store(config) as twins:
+            found = await twins.find(
+                owner=args.owner,
+                online=args.online,
+                resource_type=args.resource_type,
+                limit=args.limit,
+            )
+        if args.json:
+            for t in found:
+                _out(json.dumps(t.to_json(), sort_keys=True))
+            return 0
+        table = Table(title=f"{len(found)} device(s)")
+        for col in ("device", "owner", "online", "sync state", "resources", "last change"):
+            table.add_column(col)
+        for t in found:
+            table.add_row(
+                t.device_id,
+                t.owner,
+                "yes" if t.online else "no",
+                t.sync_state,
+                str(len(t.resources)),
+                t.updated_at.isoformat(timespec="seconds"),
+            )
+        Console().print(table)
+        return 0
+
+    return _run(main)
+
+
+# -- twinhub watch ---------------------------------------------------------------------------
+
+
+def register_watch(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(name, help="print events live (JSON lines)")
+    _common(p)
+    p.add_argument("--owner", help="only this owner's events")
+    p.add_argument("--device", help="only this device's events")
+    p.add_argument("--type", dest="kind", help="only this kind, e.g. resource-changed")
+    p.add_argument(
+        "--from",
+        dest="from_position",
+        type=int,
+        default=None,
+        help="start after this log position (default: from now on)",
+    )
+    p.set_defaults(handler=run_watch)
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        from proto import binding, subjects
+        from twinhub_cli import services
+
+        config = _load_config(args, from_stack=True)
+        f = subjects.event_filter(owner=args.owner, device=args.device, kind=args.kind)
+        name = f"watch-{uuid.uuid4().hex[:12]}"
+        async with _until_signal() as stop, services.event_store(config) as store:
+            start = args.from_position
+            if start is None:
+                start = await store.last_position(subjects.ALL_EVENTS)
+            consumer = await store.consumer(name, (f,), start_after=start, ack_wait=30)
+            try:
+                async with consumer:
+                    while not stop.is_set():
+                        for d in await consumer.fetch(100, 1.0):
+                            e = binding.from_stored(d.stored)
+                            ce = binding.to_cloudevent(e)
+                            attrs = {
+                                k: (v.isoformat() if hasattr(v, "isoformat") else v)
+                                for k, v in ce.get_attributes().items()
+                            }
+                            _out(json.dumps(attrs | {"data": ce.get_data()}, sort_keys=True))
+                            await d.ack()
+            finally:
+                with contextlib.suppress(Exception):
+                    await store.delete_consumer(name)
+        return 0
+
+    return _run(main)
