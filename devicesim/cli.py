@@ -4,9 +4,8 @@
 ``(subparsers, name)`` shape of ``twinhub_cli.main``'s registrars) and sets its handler, which
 runs :func:`devicesim.fleet.run_fleet` and prints the JSON summary on stdout.
 
-Tokens: ``--token`` gives every device the same sign-up token. ``--data-dir``/``--owner`` (mint a
-token per device with the local stack's signing key) are accepted but not wired yet — the gateway
-token module is being written; :func:`run_fleet` already takes a token factory for it.
+Tokens: ``--token`` gives every device the same sign-up token; ``--data-dir [--owner]`` mints a
+token whenever a device signs up, with the local stack's signing key (as ``twinhub token``).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from devicesim.config import BatchSupport, TlsOptions
+from devicesim.config import BatchSupport, TlsOptions, TokenFactory
 from devicesim.errors import SimConfigError
 
 if TYPE_CHECKING:
@@ -95,7 +94,7 @@ def add_sim_parser(subparsers: SubParsers, name: str = "sim", /) -> argparse.Arg
         "--data-dir",
         type=Path,
         metavar="DIR",
-        help="mint tokens with the local stack's key (not available yet)",
+        help="mint sign-up tokens with the local stack's key (see `twinhub up`)",
     )
     auth.add_argument("--owner", metavar="O", help="owner of minted tokens (with --data-dir)")
     beh = p.add_argument_group("device behaviour")
@@ -167,10 +166,15 @@ def _tls(args: argparse.Namespace) -> TlsOptions | None:
 
 def fleet_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The :func:`run_fleet` arguments of a parsed command line (raises SimConfigError)."""
-    if args.data_dir is not None or args.owner is not None:
-        raise SimConfigError("--data-dir/--owner token minting is not available yet; pass --token")
-    if not args.token:
-        raise SimConfigError("--token is required")
+    token: str | TokenFactory
+    if args.data_dir is not None:
+        token = _minting_factory(args.data_dir, args.owner or "dev")
+    elif args.owner is not None:
+        raise SimConfigError("--owner needs --data-dir (it mints tokens with the stack's key)")
+    elif args.token:
+        token = args.token
+    else:
+        raise SimConfigError("give --token, or --data-dir [--owner] to mint tokens")
     if args.duration is not None and args.duration <= 0:
         raise SimConfigError("--duration must be > 0")
     return {
@@ -181,7 +185,7 @@ def fleet_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "tls": _tls(args),
         "force_tls": args.tls,
         "duration": args.duration,
-        "token": args.token,
+        "token": token,
         "owner": args.owner,
         "progress": not args.no_progress,
         "reference_stack": args.reference_stack,
@@ -192,6 +196,20 @@ def fleet_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "ping_interval": args.ping_interval or None,
         "seed": args.seed,
     }
+
+
+def _minting_factory(data_dir: Path, owner: str) -> TokenFactory:
+    """Sign-up tokens minted with a local stack's key (``twinhub token`` does the same)."""
+    import time
+
+    from twinhub_cli.datadir import DataDir
+
+    issuer = DataDir(data_dir.resolve()).issuer()
+
+    def factory(device_id: str, device_owner: str | None) -> str:
+        return issuer.issue(device_owner or owner, now=time.time(), ttl=3600)
+
+    return factory
 
 
 def run_sim(args: argparse.Namespace) -> int:

@@ -67,7 +67,7 @@ def test_coaps_uri_implies_tls_options() -> None:
     "argv",
     [
         ("--gateway", "coap+tcp://gw"),
-        ("--gateway", "coap+tcp://gw", "--data-dir", "data", "--owner", "alice"),
+        ("--gateway", "coap+tcp://gw", "--owner", "alice"),
         ("--gateway", "coap+tcp://gw", "--token", "T", "--duration", "0"),
     ],
 )
@@ -78,7 +78,19 @@ def test_config_errors(argv: tuple[str, ...]) -> None:
 
 def test_handler_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_sim(parse("--gateway", "coap+tcp://gw")) == 2
-    assert "--token is required" in capsys.readouterr().err
+    assert "give --token" in capsys.readouterr().err
+
+
+def test_data_dir_mints_a_token_per_sign_up(tmp_path: Path) -> None:
+    import jwt
+
+    kw = fleet_kwargs(
+        parse("--gateway", "coap+tcp://gw", "--data-dir", str(tmp_path), "--owner", "alice")
+    )
+    factory = kw["token"]
+    claims = jwt.decode(factory("d1", None), options={"verify_signature": False})
+    assert claims["sub"] == "alice"
+    assert (tmp_path / "keys" / "jwt-signing-key.pem").exists()
 
 
 def test_bad_numbers_are_usage_errors() -> None:
