@@ -19,28 +19,8 @@ from proto.message import StoredMessage
 
 async def load_device_state(store: EventStore, owner: str, device_id: str) -> DeviceState:
     """Replay the device's link and registration events (server-side filtered, small)."""
-    stored: list[StoredMessage] = []
-    for kind in (ResourceLinksPublished.KIND, ResourceLinksUnpublished.KIND,
-                 DeviceUnregistered.KIND):
-        f = subjects.event_filter(owner=owner, device=device_id, kind=kind)
-        stored += [m async for m in store.read(f)]
-    stored.sort(key=lambda m: m.position)
-    links: dict[str, ResourceLink] = {}
-    for m in stored:
-        data = binding.from_stored(m).data
-        if isinstance(data, ResourceLinksPublished):
-            for link in data.links:
-                links[link.href] = link
-        elif isinstance(data, ResourceLinksUnpublished):
-            if not data.hrefs and not data.instance_ids:
-                links.clear()
-            for href in data.hrefs:
-                links.pop(href, None)
-            wanted = set(data.instance_ids)
-            for href in [h for h, link in links.items() if link.ins in wanted]:
-                links.pop(href)
-        elif isinstance(data, DeviceUnregistered):
-            links.clear()
+    found = await discover_owner_links(store, owner, (device_id,))
+    links = {link.href: link for link in found.get(device_id, ())}
     last: dict[str, tuple[int | None, Any]] = {}
     last_message = getattr(store, "last_message", None)
     if last_message is not None:
@@ -56,3 +36,39 @@ async def load_device_state(store: EventStore, owner: str, device_id: str) -> De
                 else:
                     last[href] = (None, ("status", ev.status))
     return DeviceState(links=tuple(links.values()), last_content=last)
+
+
+async def discover_owner_links(
+    store: EventStore, owner: str, device_ids: tuple[str, ...] = ()
+) -> dict[str, tuple[ResourceLink, ...]]:
+    """The current links of an owner's devices (all, or the given ones), from the log."""
+    stored: list[StoredMessage] = []
+    devices = device_ids or (None,)
+    for device in devices:
+        for kind in (
+            ResourceLinksPublished.KIND,
+            ResourceLinksUnpublished.KIND,
+            DeviceUnregistered.KIND,
+        ):
+            f = subjects.event_filter(owner=owner, device=device, kind=kind)
+            stored += [m async for m in store.read(f)]
+    stored.sort(key=lambda m: m.position)
+    per_device: dict[str, dict[str, ResourceLink]] = {}
+    for m in stored:
+        ev = binding.from_stored(m)
+        links = per_device.setdefault(ev.device_id, {})
+        data = ev.data
+        if isinstance(data, ResourceLinksPublished):
+            for link in data.links:
+                links[link.href] = link
+        elif isinstance(data, ResourceLinksUnpublished):
+            if not data.hrefs and not data.instance_ids:
+                links.clear()
+            for href in data.hrefs:
+                links.pop(href, None)
+            wanted = set(data.instance_ids)
+            for href in [h for h, link in links.items() if link.ins in wanted]:
+                links.pop(href)
+        elif isinstance(data, DeviceUnregistered):
+            per_device.pop(ev.device_id, None)
+    return {d: tuple(links.values()) for d, links in per_device.items() if links}

@@ -36,7 +36,7 @@ from gateway.adapters.coap import (
     Connection,
     Observation,
 )
-from gateway.devicestate import load_device_state
+from gateway.devicestate import discover_owner_links, load_device_state
 from gateway.tokens import TokenIssuer, TokenValidator
 from gateway.writer import DeviceWriter, WriterConfig
 
@@ -274,6 +274,8 @@ class Gateway:
                     self._spawn_background(obs.cancel(), f"unobserve:{eff.ref}")
             case s.LoadDeviceState():
                 self._spawn(c, self._load(c, eff), f"load:{eff.device_id}")
+            case s.Discover():
+                self._spawn(c, self._discover(c, eff), f"discover:{eff.owner}")
             case s.Close():
                 if c.replies:
                     c.close_reason = eff.reason  # after the pending reply went out
@@ -357,6 +359,15 @@ class Gateway:
             self._feed(c, s.DeviceStateLoaded(eff.ref, None, str(e)))
             return
         self._feed(c, s.DeviceStateLoaded(eff.ref, state))
+
+    async def _discover(self, c: _Conn, eff: s.Discover) -> None:
+        try:
+            found = await discover_owner_links(self.store, eff.owner, eff.device_ids)
+        except Exception as e:
+            log.warning("discovery for %s failed: %s", eff.owner, e)
+            self._feed(c, s.Discovered(eff.ref, None))
+            return
+        self._feed(c, s.Discovered(eff.ref, found))
 
 
 def _reply(resp: CoapResponse) -> s.Reply:

@@ -125,6 +125,14 @@ class DeviceStateLoaded:
 
 
 @dataclass(frozen=True, slots=True)
+class Discovered:
+    """Answer to ``Discover(ref)``: the owner's devices and their links (None: log failed)."""
+
+    ref: int
+    links: Mapping[str, tuple[ResourceLink, ...]] | None
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passes (expiry checks)."""
 
@@ -135,7 +143,8 @@ class ConnectionLost:
 
 
 Input = (
-    DeviceRequest
+    Discovered
+    | DeviceRequest
     | DeviceResponse
     | Notification
     | AppendResult
@@ -190,6 +199,16 @@ class LoadDeviceState:
 
 
 @dataclass(frozen=True, slots=True)
+class Discover:
+    """Find the owner's devices (``device_ids``: only these; empty: all) and their links."""
+
+    ref: int
+    owner: str
+    device_ids: tuple[str, ...]
+    resource_types: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     reason: str
 
@@ -208,7 +227,8 @@ class SignedOut:
 
 
 Effect = (
-    Respond
+    Discover
+    | Respond
     | SendRequest
     | CancelObservation
     | Append
@@ -291,6 +311,7 @@ class Session:
         self.sign_up_cache: dict[str, Respond] = {}
         self.online = False  # the log says this connection's device is online
         self._sync_started = False
+        self._discoveries: dict[int, DeviceRequest] = {}
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -351,6 +372,8 @@ class Session:
                 return self._on_append(inp, now)
             case DeviceStateLoaded():
                 return self._on_state(inp)
+            case Discovered():
+                return self._on_discovered(inp)
             case DeviceResponse():
                 return self._on_response(inp)
             case Notification():
@@ -612,19 +635,30 @@ class Session:
         return out
 
     def _discover(self, req: DeviceRequest) -> list[Effect]:
-        # Cloud-side discovery, answered from what this gateway knows of the device itself.
-        assert self.device_id is not None
+        """Cloud-side discovery of the owner's devices: the driver reads the links from the log."""
+        assert self.owner is not None
+        params = ocf.query_params(req.query)
+        ref = self._ref()
+        self._discoveries[ref] = req
+        return [Discover(ref, self.owner, tuple(params.get("di", [])), tuple(params.get("rt", [])))]
+
+    def _on_discovered(self, res: Discovered) -> list[Effect]:
+        req = self._discoveries.pop(res.ref, None)
+        if req is None:
+            return []
+        if res.links is None:
+            return [Respond(req.rid, "5.03", b"event log unavailable", 0)]
         params = ocf.query_params(req.query)
         rts = set(params.get("rt", []))
-        dis = set(params.get("di", []))
-        links = [
-            ocf.link_reply(link, self.device_id)
-            for link in self._published.values()
-            if not rts or rts.intersection(link.rt)
-        ]
-        if dis and self.device_id not in dis:
-            links = []
-        body = [{"di": self.device_id, "links": links}] if links else []
+        body = []
+        for device_id, links in sorted(res.links.items()):
+            chosen = [
+                ocf.link_reply(link, device_id)
+                for link in links
+                if not rts or rts.intersection(link.rt)
+            ]
+            if chosen:
+                body.append({"di": device_id, "links": chosen})
         return [self._reply(req, "2.05", body)]
 
     # -- log results -------------------------------------------------------------------------

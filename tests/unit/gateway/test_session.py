@@ -351,6 +351,7 @@ inputs = st.one_of(
         reply=st.builds(s.Reply, code=st.just("2.05"), payload=st.binary(max_size=30)),
     ),
     st.builds(s.DeviceStateLoaded, ref=st.integers(0, 20), state=st.none()),
+    st.builds(s.Discovered, ref=st.integers(0, 20), links=st.none() | st.just({})),
     st.just(s.Tick()),
     st.builds(s.ConnectionLost, reason=st.text(max_size=5)),
 )
@@ -366,7 +367,8 @@ def test_any_input_sequence_is_handled_without_crashing(seq: list[s.Input], sign
         for eff in play.feed(inp):
             assert isinstance(
                 eff,
-                s.Respond
+                s.Discover
+                | s.Respond
                 | s.SendRequest
                 | s.CancelObservation
                 | s.Append
@@ -405,3 +407,20 @@ def test_links_published_before_discovery_are_synced_once() -> None:
     discovery = one(play.feed(s.DeviceStateLoaded(load.ref, s.DeviceState())), s.SendRequest)
     reqs = of(play.feed(s.DeviceResponse(discovery.ref, reply(body=[]))), s.SendRequest)
     assert [(r.path, r.observe) for r in reqs] == [("/light/1", True)]
+
+
+def test_cloud_discovery_lists_the_owners_devices_from_the_log() -> None:
+    play = Play()
+    signed_in(play)
+    effects = play.request("GET", "/oic/res", query=("rt=core.light",))
+    ask = one(effects, s.Discover)
+    assert (ask.owner, ask.resource_types) == ("alice", ("core.light",))
+    light = events.ResourceLink(href="/light/1", rt=("core.light",), observable=True, ins=1)
+    other = events.ResourceLink(href="/oic/d", rt=("oic.wk.d",))
+    effects = play.feed(s.Discovered(ask.ref, {"d2": (light, other), "d3": (other,)}))
+    body = cbor2.loads(one(effects, s.Respond).payload)
+    assert [(d["di"], [link["href"] for link in d["links"]]) for d in body] == [
+        ("d2", ["/light/1"])
+    ]
+    again = one(play.request("GET", "/oic/res"), s.Discover)
+    assert one(play.feed(s.Discovered(again.ref, None)), s.Respond).code == "5.03"
