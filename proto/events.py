@@ -145,6 +145,137 @@ class ResourceChanged(_Data, frozen=True, kw_only=True):
         return self.href
 
 
+# --------------------------------------------------------------------------- commands
+#
+# A command's events all carry its correlation id in the envelope
+# (``Event.correlation_id``, CloudEvent extension ``correlationid``) and its href, so
+# they share the resource's subject token and a subscriber can follow one resource.
+
+CommandOp = Literal["update", "retrieve", "create", "delete"]
+COMMAND_OPS: Final = ("update", "retrieve", "create", "delete")
+CommandState = Literal["pending", "sent", "succeeded", "failed", "expired", "canceled"]
+FINAL_COMMAND_STATES: Final = frozenset({"succeeded", "failed", "expired", "canceled"})
+
+
+class _CommandData(_Data, frozen=True, kw_only=True):
+    href: str
+
+    def resource(self) -> str | None:
+        return self.href
+
+
+class CommandPending(_CommandData, frozen=True, kw_only=True):
+    """A client asked for a command; it waits for the device (recorded before the reply)."""
+
+    TYPE: ClassVar[str] = "io.twinhub.command.pending.v1"
+    KIND: ClassVar[str] = "command-pending"
+    op: CommandOp
+    content: Any = None  # JSON value to send (update / create)
+    content_b64: str | None = None  # or raw bytes in ``content_format`` (base64)
+    content_format: int | None = None  # of content_b64; JSON content is sent as OCF CBOR
+    interface: str | None = None  # OCF interface query (``if=``)
+    expires_at: datetime | None = None  # the time to live, as a deadline (UTC)
+    max_attempts: int = 3
+    issued_by: str = ""  # the caller (token subject)
+    reason: str = ""  # e.g. "desired" for updates issued for desired state
+
+
+class CommandSent(_CommandData, frozen=True, kw_only=True):
+    """The gateway wrote the CoAP request to the device (attempt 1, 2, …)."""
+
+    TYPE: ClassVar[str] = "io.twinhub.command.sent.v1"
+    KIND: ClassVar[str] = "command-sent"
+    gateway: str
+    connection_id: str
+    attempt: int = 1
+
+
+class CommandSucceeded(_CommandData, frozen=True, kw_only=True):
+    """The device answered with a success code; ``content`` is its answer decoded to JSON."""
+
+    TYPE: ClassVar[str] = "io.twinhub.command.succeeded.v1"
+    KIND: ClassVar[str] = "command-succeeded"
+    status: str
+    content: Any = None
+    content_format: int | None = None
+    raw: str | None = None
+
+
+class CommandFailed(_CommandData, frozen=True, kw_only=True):
+    """The device answered with an error, or did not answer within the attempts allowed."""
+
+    TYPE: ClassVar[str] = "io.twinhub.command.failed.v1"
+    KIND: ClassVar[str] = "command-failed"
+    status: str | None = None  # the device's CoAP code, None when it never answered
+    content: Any = None
+    content_format: int | None = None
+    reason: str = ""
+    attempts: int = 0
+
+
+class CommandExpired(_CommandData, frozen=True, kw_only=True):
+    """The time to live passed before the command completed; it will not be sent again."""
+
+    TYPE: ClassVar[str] = "io.twinhub.command.expired.v1"
+    KIND: ClassVar[str] = "command-expired"
+    attempts: int = 0
+
+
+class CommandCanceled(_CommandData, frozen=True, kw_only=True):
+    """A client canceled the command (or newer desired state superseded it)."""
+
+    TYPE: ClassVar[str] = "io.twinhub.command.canceled.v1"
+    KIND: ClassVar[str] = "command-canceled"
+    reason: str = ""
+
+
+class DesiredSet(_Data, frozen=True, kw_only=True):
+    """A client set the desired content of a resource (``version`` grows per resource)."""
+
+    TYPE: ClassVar[str] = "io.twinhub.desired.set.v1"
+    KIND: ClassVar[str] = "desired-set"
+    href: str
+    content: dict[str, Any]
+    version: int
+
+    def resource(self) -> str | None:
+        return self.href
+
+
+class DesiredCleared(_Data, frozen=True, kw_only=True):
+    """A client cleared the desired content of a resource."""
+
+    TYPE: ClassVar[str] = "io.twinhub.desired.cleared.v1"
+    KIND: ClassVar[str] = "desired-cleared"
+    href: str
+    version: int
+
+    def resource(self) -> str | None:
+        return self.href
+
+
+class DesiredReached(_Data, frozen=True, kw_only=True):
+    """The reported content of a resource matches its desired content: the delta is empty."""
+
+    TYPE: ClassVar[str] = "io.twinhub.desired.reached.v1"
+    KIND: ClassVar[str] = "desired-reached"
+    href: str
+    version: int
+
+    def resource(self) -> str | None:
+        return self.href
+
+
+COMMAND_EVENTS: Final = (
+    CommandPending,
+    CommandSent,
+    CommandSucceeded,
+    CommandFailed,
+    CommandExpired,
+    CommandCanceled,
+)
+
+
 EventData = (
     DeviceRegistered
     | DeviceUnregistered
@@ -154,6 +285,15 @@ EventData = (
     | ResourceLinksPublished
     | ResourceLinksUnpublished
     | ResourceChanged
+    | CommandPending
+    | CommandSent
+    | CommandSucceeded
+    | CommandFailed
+    | CommandExpired
+    | CommandCanceled
+    | DesiredSet
+    | DesiredCleared
+    | DesiredReached
 )
 
 EVENT_TYPES: Final[dict[str, type[EventData]]] = {
@@ -167,6 +307,10 @@ EVENT_TYPES: Final[dict[str, type[EventData]]] = {
         ResourceLinksPublished,
         ResourceLinksUnpublished,
         ResourceChanged,
+        *COMMAND_EVENTS,
+        DesiredSet,
+        DesiredCleared,
+        DesiredReached,
     )
 }
 KINDS: Final[dict[str, type[EventData]]] = {cls.KIND: cls for cls in EVENT_TYPES.values()}

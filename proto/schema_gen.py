@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+import msgspec
+
+from proto.api import REQUEST_TYPES, Reply
 from proto.events import EVENT_TYPES, data_schema
 
 SCHEMA_DIR = Path(__file__).with_name("schemas")
@@ -17,10 +20,20 @@ SCHEMA_DIR = Path(__file__).with_name("schemas")
 
 def render() -> dict[str, str]:
     """File name -> file text for every event type."""
-    return {
+    out = {
         f"{type_}.json": json.dumps(data_schema(cls), indent=2, sort_keys=True) + "\n"
         for type_, cls in sorted(EVENT_TYPES.items())
     }
+    api: dict[str, type[object]] = {f"api.v1.{op}.request": c for op, c in REQUEST_TYPES.items()}
+    api["api.v1.reply"] = Reply
+    for name, cls in sorted(api.items()):
+        schema = {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": name,
+            **msgspec.json.schema(cls),
+        }
+        out[f"{name}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return out
 
 
 def main() -> int:

@@ -62,11 +62,44 @@ payloads: st.SearchStrategy[events.EventData] = st.one_of(
     ),
 )
 
+command_payloads: st.SearchStrategy[events.EventData] = st.one_of(
+    st.builds(
+        events.CommandPending,
+        href=hrefs,
+        op=st.sampled_from(events.COMMAND_OPS),
+        content=json_values,
+        interface=st.none() | st.just("oic.if.baseline"),
+        expires_at=st.none() | times,
+        max_attempts=st.integers(1, 10),
+    ),
+    st.builds(
+        events.CommandSent, href=hrefs, gateway=ids, connection_id=ids, attempt=st.integers(1, 5)
+    ),
+    st.builds(events.CommandSucceeded, href=hrefs, status=st.just("2.04"), content=json_values),
+    st.builds(
+        events.CommandFailed,
+        href=hrefs,
+        status=st.none() | st.just("4.00"),
+        reason=st.text(max_size=10),
+        attempts=st.integers(0, 5),
+    ),
+    st.builds(events.CommandExpired, href=hrefs, attempts=st.integers(0, 5)),
+    st.builds(events.CommandCanceled, href=hrefs, reason=st.text(max_size=10)),
+    st.builds(
+        events.DesiredSet,
+        href=hrefs,
+        content=st.dictionaries(st.text(max_size=8), json_values, max_size=3),
+        version=st.integers(1, 100),
+    ),
+    st.builds(events.DesiredCleared, href=hrefs, version=st.integers(1, 100)),
+    st.builds(events.DesiredReached, href=hrefs, version=st.integers(1, 100)),
+)
+
 event_objects: st.SearchStrategy[events.AnyEvent] = st.builds(
     events.Event,
     owner=ids,
     device_id=ids,
-    data=payloads,
+    data=payloads | command_payloads,
     source=ids.map(lambda s: "/gateway/" + s),
     id=st.uuids().map(str),
     time=times,

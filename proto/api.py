@@ -1,0 +1,255 @@
+"""The command API on NATS (request/reply): typed requests, replies and errors.
+
+A client sends one request to ``twinhub.api.v1.<op>`` (see :func:`api_subject`)
+with its JWT in the ``Authorization: Bearer <jwt>`` header and the request as
+JSON; the twin service answers with a :class:`Reply` — never silence: a
+malformed request gets ``Reply(ok=False, error=ApiError("bad_request", …))``.
+
+Commands (update / retrieve / create / delete) are answered once the command is
+**recorded in the log** as pending, with its correlation id; the outcome follows
+as events (``command-sent``, then ``command-succeeded`` / ``-failed`` /
+``-expired`` / ``-canceled``) on the device's subjects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Final, Literal
+
+import msgspec
+
+from proto.errors import ProtoError
+from proto.events import CommandOp, CommandState
+
+API_PREFIX: Final = "twinhub.api.v1"
+AUTH_HEADER: Final = "Authorization"
+DEFAULT_TTL: Final = 60.0
+MAX_TTL: Final = 30 * 24 * 3600.0
+
+
+class ApiDecodeError(ProtoError, ValueError):
+    """A request or reply body is not valid for its operation."""
+
+
+class _Request(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    OP: ClassVar[str] = ""
+
+
+class _CommandRequest(_Request, frozen=True, kw_only=True):
+    device_id: str
+    href: str
+    ttl: float = DEFAULT_TTL  # seconds the command may wait for the device
+    correlation_id: str | None = None  # the caller's, unique while pending; else generated
+    interface: str | None = None
+    max_attempts: int | None = None
+
+
+class UpdateResource(_CommandRequest, frozen=True, kw_only=True):
+    """Update a resource (CoAP POST): ``content`` as JSON, or raw ``content_b64`` in
+    ``content_format`` (60 / 10000 for CBOR)."""
+
+    OP: ClassVar[str] = "update"
+    content: Any = None
+    content_b64: str | None = None
+    content_format: int | None = None
+
+
+class CreateResource(UpdateResource, frozen=True, kw_only=True):
+    """Create a resource in a collection (CoAP POST with ``if=oic.if.create``)."""
+
+    OP: ClassVar[str] = "create"
+
+
+class RetrieveResource(_CommandRequest, frozen=True, kw_only=True):
+    """Read a resource from the device (CoAP GET); the content comes in the outcome event."""
+
+    OP: ClassVar[str] = "retrieve"
+
+
+class DeleteResource(_CommandRequest, frozen=True, kw_only=True):
+    """Delete a resource (CoAP DELETE)."""
+
+    OP: ClassVar[str] = "delete"
+
+
+class SetDesired(_Request, frozen=True, kw_only=True):
+    """Set the desired content of a resource (the twin computes the delta)."""
+
+    OP: ClassVar[str] = "desired-set"
+    device_id: str
+    href: str
+    content: dict[str, Any]
+
+
+class ClearDesired(_Request, frozen=True, kw_only=True):
+    OP: ClassVar[str] = "desired-clear"
+    device_id: str
+    href: str
+
+
+class CancelCommands(_Request, frozen=True, kw_only=True):
+    """Cancel pending commands: one (``correlation_id``), a resource's, or a device's."""
+
+    OP: ClassVar[str] = "cancel"
+    device_id: str
+    correlation_id: str | None = None
+    href: str | None = None
+
+
+class ListPending(_Request, frozen=True, kw_only=True):
+    OP: ClassVar[str] = "pending-list"
+    device_id: str | None = None
+    href: str | None = None
+    state: Literal["pending", "sent"] | None = None
+    limit: int = 1000
+
+
+class GetTwin(_Request, frozen=True, kw_only=True):
+    """The twin with the log position it reflects (``position``: subscribe after it)."""
+
+    OP: ClassVar[str] = "twin-get"
+    device_id: str
+
+
+class ListDevices(_Request, frozen=True, kw_only=True):
+    OP: ClassVar[str] = "devices-list"
+    online: bool | None = None
+    resource_type: str | None = None
+    limit: int = 100
+    after_id: str | None = None
+
+
+ApiRequest = (
+    UpdateResource
+    | CreateResource
+    | RetrieveResource
+    | DeleteResource
+    | SetDesired
+    | ClearDesired
+    | CancelCommands
+    | ListPending
+    | GetTwin
+    | ListDevices
+)
+REQUEST_TYPES: Final[dict[str, type[ApiRequest]]] = {
+    cls.OP: cls
+    for cls in (
+        UpdateResource,
+        CreateResource,
+        RetrieveResource,
+        DeleteResource,
+        SetDesired,
+        ClearDesired,
+        CancelCommands,
+        ListPending,
+        GetTwin,
+        ListDevices,
+    )
+}
+COMMAND_REQUESTS: Final[dict[str, CommandOp]] = {
+    "update": "update",
+    "create": "create",
+    "retrieve": "retrieve",
+    "delete": "delete",
+}
+
+ErrorCode = Literal[
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "conflict",
+    "unavailable",
+    "internal",
+]
+
+
+class ApiError(msgspec.Struct, frozen=True, kw_only=True):
+    code: ErrorCode
+    message: str
+
+
+class CommandAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply to a command: recorded as pending at ``position`` in the log."""
+
+    correlation_id: str
+    device_id: str
+    href: str
+    position: int
+    expires_at: str  # RFC 3339
+
+
+class PendingCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    correlation_id: str
+    device_id: str
+    href: str
+    op: CommandOp
+    state: CommandState
+    issued_at: str
+    expires_at: str | None = None
+    attempts: int = 0
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    ok: bool
+    result: Any = None
+    error: ApiError | None = None
+
+
+def api_subject(op: str) -> str:
+    if op not in REQUEST_TYPES:
+        raise ApiDecodeError(f"unknown operation {op!r}")
+    return f"{API_PREFIX}.{op}"
+
+
+def op_of_subject(subject: str) -> str:
+    prefix = API_PREFIX + "."
+    if not subject.startswith(prefix):
+        raise ApiDecodeError(f"not an API subject: {subject!r}")
+    return subject[len(prefix) :]
+
+
+_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    op: msgspec.json.Decoder(cls) for op, cls in REQUEST_TYPES.items()
+}
+_reply_decoder = msgspec.json.Decoder(Reply)
+
+
+def encode_request(request: ApiRequest) -> bytes:
+    return msgspec.json.encode(request)
+
+
+def decode_request(op: str, body: bytes) -> ApiRequest:
+    decoder = _decoders.get(op)
+    if decoder is None:
+        raise ApiDecodeError(f"unknown operation {op!r}")
+    try:
+        request: ApiRequest = decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ApiDecodeError(f"bad {op} request: {e}") from e
+    return request
+
+
+def encode_reply(reply: Reply) -> bytes:
+    return msgspec.json.encode(reply)
+
+
+def decode_reply(body: bytes) -> Reply:
+    try:
+        return _reply_decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ApiDecodeError(f"bad reply: {e}") from e
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {AUTH_HEADER: f"Bearer {token}"}
+
+
+def token_of(headers: dict[str, str] | None) -> str | None:
+    if not headers:
+        return None
+    value = headers.get(AUTH_HEADER) or headers.get(AUTH_HEADER.lower())
+    if not value or not value.startswith("Bearer "):
+        return None
+    return value[len("Bearer ") :].strip() or None

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proto import api
+
+from .strategies import json_values
+
+requests: st.SearchStrategy[api.ApiRequest] = st.one_of(
+    st.builds(
+        api.UpdateResource,
+        device_id=st.text(min_size=1),
+        href=st.just("/a"),
+        content=json_values,
+        ttl=st.floats(1, 100),
+        correlation_id=st.none() | st.text(),
+    ),
+    st.builds(api.RetrieveResource, device_id=st.text(min_size=1), href=st.just("/a")),
+    st.builds(api.DeleteResource, device_id=st.text(min_size=1), href=st.just("/a")),
+    st.builds(
+        api.SetDesired,
+        device_id=st.just("d"),
+        href=st.just("/a"),
+        content=st.dictionaries(st.text(max_size=5), json_values, max_size=3),
+    ),
+    st.builds(api.CancelCommands, device_id=st.just("d"), correlation_id=st.none() | st.text()),
+    st.builds(api.ListPending, device_id=st.none() | st.just("d")),
+    st.builds(api.GetTwin, device_id=st.just("d")),
+    st.builds(api.ListDevices, online=st.none() | st.booleans()),
+)
+
+
+@given(requests)
+def test_requests_round_trip(request: api.ApiRequest) -> None:
+    body = api.encode_request(request)
+    assert api.decode_request(request.OP, body) == request
+    assert api.op_of_subject(api.api_subject(request.OP)) == request.OP
+
+
+@pytest.mark.parametrize(
+    ("op", "body"),
+    [
+        ("update", b'{"device_id": "d"}'),  # missing href
+        ("update", b'{"device_id": "d", "href": "/a", "bogus": 1}'),  # unknown field
+        ("update", b'{"device_id": 5, "href": "/a"}'),  # wrong type
+        ("twin-get", b"not json"),
+        ("nope", b"{}"),
+    ],
+)
+def test_malformed_requests_raise_a_typed_error(op: str, body: bytes) -> None:
+    with pytest.raises(api.ApiDecodeError):
+        api.decode_request(op, body)
+
+
+def test_replies_and_tokens() -> None:
+    reply = api.Reply(ok=False, error=api.ApiError(code="forbidden", message="not yours"))
+    assert api.decode_reply(api.encode_reply(reply)) == reply
+    ok: Any = api.decode_reply(api.encode_reply(api.Reply(ok=True, result={"x": 1})))
+    assert ok.result == {"x": 1}
+    assert api.token_of(api.bearer("abc")) == "abc"
+    assert api.token_of({"Authorization": "Basic x"}) is None
+    assert api.token_of(None) is None
