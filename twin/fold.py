@@ -126,6 +126,8 @@ def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
                     ),
                 ),
             )
+        case _:
+            new = base  # a known type this twin does not model (yet): only the position moves
     return replace(new, position=position, version=base.version + 1, updated_at=t)
 
 
