@@ -46,6 +46,7 @@ COMMANDS: dict[str, str] = {
     "devices": "twinhub_cli.stack_cmds:register_devices",
     "watch": "twinhub_cli.stack_cmds:register_watch",
     "sim": "devicesim.cli:add_sim_parser",
+    "health": "twinhub_cli.health:register",
 }
 
 GROUP_HELP: dict[str, str] = {

@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# The twinhub image: the `twinhub` command (gateway, twin projector, init, health, ...) in a
+# virtual environment, run as a non-root user. Built by compose.yaml; checked statically by
+# tests/test_compose.py (there is no Docker engine in CI).
+#
+#   docker build -t twinhub .
+#   docker run --rm twinhub --help
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# -- build: install the project (not its dev extra) into /opt/twinhub ------------------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/twinhub
+WORKDIR /src
+# .dockerignore keeps the context to pyproject.toml, README.md and the packages.
+COPY . .
+RUN /opt/twinhub/bin/pip install . \
+ && /opt/twinhub/bin/twinhub --help > /dev/null
+
+# -- runtime -----------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE}
+# /data belongs to the twinhub user: a new named volume mounted there takes its owner, so the
+# `init` service can write keys and certificates into it.
+RUN groupadd --system --gid 10001 twinhub \
+ && useradd --system --uid 10001 --gid twinhub --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin twinhub \
+ && install -d -o twinhub -g twinhub -m 0750 /data
+COPY --from=build /opt/twinhub /opt/twinhub
+ENV PATH=/opt/twinhub/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /data
+USER twinhub:twinhub
+# CoAP over TCP and over TLS (RFC 8323)
+EXPOSE 5683/tcp 5684/tcp
+ENTRYPOINT ["twinhub"]
+CMD ["--help"]
