@@ -97,6 +97,19 @@ class CoapServerConfig:
     """Bytes queued for a peer that does not read; beyond that the connection is aborted."""
     close_timeout: float = 2.0
     """How long a closing connection may take to flush before it is aborted."""
+    auth_timeout: float | None = None
+    """Close a connection not marked authenticated (:meth:`Connection.mark_authenticated`) this
+    long after it was accepted (TLS handshake included) with Abort "not signed in within ...".
+    None: no deadline (the driver must call ``mark_authenticated`` before setting one)."""
+    max_unauthenticated: int | None = None
+    """Connections accepted and not yet authenticated, at most; beyond that a new connection is
+    closed as soon as it is accepted (before any TLS handshake), logged at most once a second.
+    None: no limit (it needs ``mark_authenticated`` too)."""
+    request_rate: float | None = 20.0
+    """Device requests a second per connection (token bucket); beyond that a request gets 4.29
+    Too Many Requests with Max-Age = seconds until the next one is accepted. None: no limit."""
+    request_burst: int = 100
+    """Requests a connection may send at once before ``request_rate`` applies."""
 
     def __post_init__(self) -> None:
         if self.tcp_bind is None and self.tls_bind is None:
@@ -109,6 +122,14 @@ class CoapServerConfig:
         for name in ("max_pending_requests", "max_concurrent_requests", "max_write_buffer"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"CoapServerConfig.{name} must be >= 1")
+        for name in ("auth_timeout", "request_rate"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"CoapServerConfig.{name} must be > 0 or None")
+        if self.max_unauthenticated is not None and self.max_unauthenticated < 1:
+            raise ValueError("CoapServerConfig.max_unauthenticated must be >= 1 or None")
+        if self.request_burst < 1:
+            raise ValueError("CoapServerConfig.request_burst must be >= 1")
         if self.max_message_size < 1152:  # RFC 8323 section 5.3.1: the base value
             raise ValueError("CoapServerConfig.max_message_size must be >= 1152")
 
@@ -283,6 +304,16 @@ class Connection:
         """The certificate the device presented in the TLS handshake (None over TCP, or when the
         server's SSL context did not ask for one)."""
         return self._link.peer_certificate
+
+    @property
+    def authenticated(self) -> bool:
+        """:meth:`mark_authenticated` was called."""
+        return self._link.authenticated
+
+    def mark_authenticated(self) -> None:
+        """The device signed in: the ``auth_timeout`` deadline no longer applies and the
+        connection no longer counts against ``max_unauthenticated``. Idempotent."""
+        self._link.mark_authenticated()
 
     @property
     def closed(self) -> bool:
@@ -480,6 +511,21 @@ class CoapServer:
         """Live connections by id."""
         return MappingProxyType(self._connections)
 
+    @property
+    def unauthenticated(self) -> int:
+        """Connections accepted and not marked authenticated, TLS handshakes included."""
+        return 0 if self._hub is None else self._hub.unauthenticated
+
+    @property
+    def refused(self) -> int:
+        """Connections refused because of ``max_unauthenticated`` since the start."""
+        return 0 if self._hub is None else self._hub.refused
+
+    @property
+    def handshakes(self) -> int:
+        """TLS handshakes in progress."""
+        return 0 if self._hub is None else len(self._hub.tasks)
+
     async def __aenter__(self) -> Self:
         config = self.config
         limits = wire.Limits(
@@ -489,6 +535,10 @@ class CoapServer:
             max_message_size=config.max_message_size,
             max_write_buffer=config.max_write_buffer,
             close_timeout=config.close_timeout,
+            auth_timeout=config.auth_timeout,
+            max_unauthenticated=config.max_unauthenticated,
+            request_rate=config.request_rate,
+            request_burst=config.request_burst,
         )
         self._hub = hub = wire.Hub(limits, self._connection_made)
         try:

@@ -40,6 +40,24 @@ W12 aiocoap knows nothing of OCF-(Accept-)Content-Format-Version (2049 / 2053). 
     added as plain uint options (0x0800 by default with content format 10000); no Accept option
     is added unless the caller gives one.
 
+W13 Framing: ``data_received`` re-copies its whole receive buffer on every chunk (quadratic in a
+    message sent in small pieces), checks the token length only once the whole body is in, calls a
+    payload marker without payload, a truncated option and an option number above 65535 fine, and
+    lets a string option that is not UTF-8 escape as ``UnicodeDecodeError`` (the connection died
+    as "internal error"). -> :class:`gateway.adapters.coap_frames.Deframer` / ``parse_frame``
+    (strict, pure, fuzzed) feed messages built by us; every format error aborts with a diagnostic.
+W14 Unknown critical options in a request are ignored and the request served. -> 4.02 Bad Option
+    (5.05 for the proxy options) from :func:`coap_frames.request_option_problem`, before dispatch;
+    malformed or supernumerary elective options are dropped (RFC 7252 section 5.4).
+W15 An Empty message (0.00) and codes of the reserved classes 1 and 6 are dispatched as requests.
+    -> Empty is ignored (RFC 8323 section 3.3); a reserved class is a format error (Abort).
+W16 ``abort`` (protocol errors) closes the transport with unread input: the kernel may send RST and
+    the peer lose the Abort. -> ``_abort_with`` goes through the same FIN-and-drain as ours.
+W17 ``create_server(ssl=...)`` starts the TLS handshake before we see the connection, so a
+    connection cannot be refused before it costs a handshake. -> listeners are plain TCP; a
+    connection is admitted (limit of unauthenticated connections) and then upgraded with
+    ``loop.start_tls``; a failed handshake is logged with the peer address.
+
 Not worked around: we send what the caller gives in one message -- no Block-wise transfer and no
 check against the peer's advertised Max-Message-Size.
 """
@@ -48,22 +66,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from aiocoap import error as aiocoap_error
-from aiocoap.message import Message
-from aiocoap.numbers.codes import ABORT, CSM, PING, PONG, RELEASE, SERVICE_UNAVAILABLE
+from aiocoap.message import Direction, Message
+from aiocoap.numbers.codes import (
+    ABORT,
+    BAD_OPTION,
+    CSM,
+    PING,
+    PONG,
+    PROXYING_NOT_SUPPORTED,
+    RELEASE,
+    SERVICE_UNAVAILABLE,
+    TOO_MANY_REQUESTS,
+)
 from aiocoap.numbers.constants import COAP_PORT, COAPS_PORT
-from aiocoap.optiontypes import UintOption
+from aiocoap.numbers.optionnumbers import OptionNumber
+from aiocoap.optiontypes import OpaqueOption, UintOption
 from aiocoap.pipe import Pipe
 from aiocoap.protocol import Context
 from aiocoap.tokenmanager import TokenManager
+from aiocoap.transports import rfc8323common
 from aiocoap.transports.tcp import TcpConnection, TCPServer
 from cryptography import x509
 
+from gateway.adapters import coap_frames as frames
 from gateway.adapters.coap_messages import (
     METHOD_NAMES,
     METHODS,
@@ -97,6 +130,10 @@ class Limits:
     max_message_size: int
     max_write_buffer: int
     close_timeout: float
+    auth_timeout: float | None = None
+    max_unauthenticated: int | None = None
+    request_rate: float | None = None
+    request_burst: int = 1
 
 
 class LinkEvents(Protocol):
@@ -126,6 +163,11 @@ class DeviceLink(Protocol):
     def start(self, request: EncodedRequest, on_event: EventHandler) -> Exchange: ...
 
     def abort_with(self, reason: str) -> None: ...
+
+    def mark_authenticated(self) -> None: ...
+
+    @property
+    def authenticated(self) -> bool: ...
 
 
 # --------------------------------------------------------------------------- conversions
@@ -321,8 +363,44 @@ class Exchange:
 # --------------------------------------------------------------------------- the connection
 
 
+def incoming_message(frame: frames.Frame, options: tuple[tuple[int, bytes], ...]) -> Any:
+    """An aiocoap message from a parsed frame (W13); a value aiocoap's option type cannot decode
+    is kept opaque rather than failing the message."""
+    message = Message(code=frame.code, _token=frame.token, payload=frame.payload)
+    for number, value in options:
+        try:
+            option = OptionNumber(number).create_option(decode=value)
+        except Exception:
+            option = OpaqueOption(number, value)
+        message.opt.add_option(option)
+    message.direction = Direction.INCOMING
+    return message
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved; time is an input."""
+
+    __slots__ = ("_at", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = float(burst), now
+
+    def take(self, now: float) -> float:
+        """0.0 when a token was taken; else the seconds until one is there."""
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+
 class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
-    """aiocoap's RFC 8323 connection with our work-arounds (one per device connection)."""
+    """aiocoap's RFC 8323 connection with our work-arounds (one per device connection).
+
+    Made at accept time. Over TLS it is admitted before the handshake and ``connection_made``
+    comes after it (W17); over TCP it is admitted in ``connection_made``."""
 
     _remote_settings: dict[str, Any] | None  # aiocoap's: the peer's CSM options
     _transport: asyncio.Transport | None
@@ -334,22 +412,34 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
         self._ev_loop: Final[asyncio.AbstractEventLoop] = endpoint.loop
         self.tokenmanager: Final[Any] = endpoint.tokenmanager
         self._my_max_message_size = self._limits.max_message_size  # advertised in our CSM
+        self._deframer = frames.Deframer(self._limits.max_message_size)
         self.tls: Final = endpoint.tls
         self.remote = "-"
         self.peer_certificate: x509.Certificate | None = None
         self.writable: Final = asyncio.Event()
         self.writable.set()
         self.events: LinkEvents | None = None
+        self._admitted = False  # counted as unauthenticated by the hub
+        self._authenticated = False
+        self._accepted_at = self._ev_loop.time()
+        self._made = False
+        self._bucket: TokenBucket | None = None
+        if self._limits.request_rate is not None:
+            self._bucket = TokenBucket(
+                self._limits.request_rate, self._limits.request_burst, self._accepted_at
+            )
         self._opened = False
         self._rx_count = 0
         self._last_rx = 0.0
         self._ping_rx_count: int | None = None
         self._ping_sent = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._auth_timer: asyncio.TimerHandle | None = None
         self._hard_close: asyncio.TimerHandle | None = None
         self._our_reason: str | None = None
         self._protocol_error: str | None = None
         self._peer_signal: str | None = None
+        self._shutting = False
         self._gone = False
         self._draining = False
 
@@ -360,6 +450,7 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
         transport = self._transport
         return (
             self._gone
+            or self._shutting
             or self._our_reason is not None
             or transport is None
             or transport.is_closing()
@@ -369,25 +460,47 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
     def close_reason(self) -> str | None:
         return self._our_reason or self._protocol_error or self._peer_signal
 
+    @property
+    def authenticated(self) -> bool:
+        return self._authenticated
+
+    def mark_authenticated(self) -> None:
+        """The device signed in: no sign-in deadline, no longer counted as unauthenticated."""
+        if self._authenticated:
+            return
+        self._authenticated = True
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        self._release_admission()
+
     def start(self, request: EncodedRequest, on_event: EventHandler) -> Exchange:
         if self.closing:
             raise ConnectionClosed(f"connection closed ({self.close_reason or 'closing'})")
         return Exchange(self, request, on_event)
 
     def abort_with(self, reason: str) -> None:
-        """Abort (7.05) with ``reason`` as diagnostic, then close.
+        """Abort (7.05) with ``reason`` as diagnostic, then close (see :meth:`_abort_with`)."""
+        if self._gone or self._shutting or self._our_reason is not None:
+            return
+        self._our_reason = reason
+        diagnostic = reason.encode()[:MAX_DIAGNOSTIC].decode(errors="ignore").encode()
+        self._abort_with(Message(code=ABORT, payload=diagnostic))
+
+    def _abort_with(self, abort_msg: Any) -> None:
+        """Send ``abort_msg`` and close (W16; aiocoap's ``abort`` ends here too).
 
         Over TCP we send FIN and discard what still arrives until the peer closes: closing with
         unread input would send RST, and the peer could lose the Abort. The transport is aborted
         when the peer does not close within ``close_timeout``."""
-        transport = self._transport
-        if self._gone or self._our_reason is not None:
+        if self._gone or self._shutting:
             return
-        self._our_reason = reason
+        self._shutting = True
+        self._cancel_timers()
+        transport = self._transport
         if transport is None:
             return
-        diagnostic = reason.encode()[:MAX_DIAGNOSTIC].decode(errors="ignore").encode()
-        self._send_message(Message(code=ABORT, payload=diagnostic))
+        self._send_message(abort_msg)
         self._draining = True
         try:
             if transport.can_write_eof():
@@ -410,33 +523,128 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
     def send_raw(self, message: Any) -> None:
         self._send_message(message)
 
+    # -- admission (driven by the endpoint)
+
+    def admit(self, remote: str) -> bool:
+        """Count this connection as unauthenticated; False when over the hub's limit."""
+        self.remote = remote
+        if not self._hub.admit(remote):
+            return False
+        self._admitted = True
+        return True
+
+    def handshake_failed(self) -> None:
+        """The TLS handshake failed or was cancelled: nothing of this connection remains (unless
+        it was already made: then its transport closes and ``connection_lost`` follows)."""
+        if self._made or self._gone:
+            return
+        self._gone = True
+        self._cancel_timers()
+        self._release_admission()
+        self._ctx._evict_from_pool(self)
+
+    def _release_admission(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._hub.release()
+
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._made = True
+        if self._hub.stopping:
+            transport.abort()  # type: ignore[attr-defined]
+            return
         try:
+            host, port = transport.get_extra_info("peername")[:2]
+            if not self.tls and not self.admit(hostport(host, port)):
+                transport.abort()  # type: ignore[attr-defined]
+                return
             super().connection_made(transport)  # addresses, then our CSM
             if self._remote_settings is None:
                 self._remote_settings = {}  # W2: a device may send a request first
-            host, port = transport.get_extra_info("peername")[:2]
             self.remote = hostport(host, port)
             self.peer_certificate = peer_certificate(transport)
             self._last_rx = self._ev_loop.time()
             self._arm(self._last_rx + self._limits.opening_timeout)
+            if self._limits.auth_timeout is not None and not self._authenticated:
+                self._auth_timer = self._ev_loop.call_at(
+                    self._accepted_at + self._limits.auth_timeout, self._on_auth_timeout
+                )
             self.events = self._hub.link_made(self)
         except Exception:
             log.exception("cannot set up a connection")
             transport.abort()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        if self._draining:
+        if self._draining or self._gone:
             return
         self._last_rx = self._ev_loop.time()
         self._rx_count += 1
+        self._deframer.feed(data)
+        self._process()
+
+    def _process(self) -> None:
         try:
-            super().data_received(data)
+            while not self.closing:
+                frame = self._deframer.next()
+                if frame is None:
+                    return
+                self._on_frame(frame)
+        except frames.FrameError as e:
+            self.abort(str(e))
         except Exception:
             log.exception("%s: failed to process a message", self.remote)
             self.abort_with("internal error")
+
+    def _on_frame(self, frame: frames.Frame) -> None:
+        code = frame.code
+        if code == 0:
+            return  # W15: Empty, RFC 8323 section 3.3
+        if 1 <= code < 32:
+            self._on_request_frame(frame)
+            return
+        if 64 <= code < 192:
+            message = incoming_message(frame, frame.options)
+            message.remote = self
+            self._ctx._dispatch_incoming(self, message)
+            return
+        if code >= 224:
+            message = incoming_message(frame, frame.options)
+            message.remote = self
+            try:
+                self._process_signaling(message)
+            except rfc8323common.CloseConnection as e:
+                self._ctx._dispatch_error(self, e.args[0])
+                if self._transport is not None:
+                    self._transport.close()
+            return
+        raise frames.FrameError(f"message format error: reserved code {format_code(code)}")
+
+    def _on_request_frame(self, frame: frames.Frame) -> None:
+        if self._bucket is not None:
+            wait = self._bucket.take(self._ev_loop.time())
+            if wait:
+                self._refuse(frame, TOO_MANY_REQUESTS, b"too many requests", math.ceil(wait))
+                return
+        problem = frames.request_option_problem(frame.options)
+        if problem is not None:
+            code = BAD_OPTION if problem.code == "4.02" else PROXYING_NOT_SUPPORTED
+            self._refuse(frame, code, problem.diagnostic.encode(), None)
+            return
+        message = incoming_message(frame, frames.usable_request_options(frame.options))
+        message.remote = self
+        self._ctx._dispatch_incoming(self, message)
+
+    def _refuse(
+        self, frame: frames.Frame, code: Any, diagnostic: bytes, max_age: int | None
+    ) -> None:
+        self.mark_opened()
+        log.debug("%s: %s to a request: %s", self.remote, code, diagnostic.decode())
+        response = Message(code=code, _token=frame.token, payload=diagnostic[:MAX_DIAGNOSTIC])
+        if max_age is not None:
+            response.opt.max_age = max_age
+        self._send_message(response)
 
     def pause_writing(self) -> None:
         self.writable.clear()
@@ -448,10 +656,9 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
         if self._gone:
             return
         self._gone = True
-        for handle in (self._timer, self._hard_close):
-            if handle is not None:
-                handle.cancel()
-        self._timer = self._hard_close = None
+        self._cancel_timers()
+        self._release_admission()
+        self._deframer = frames.Deframer(self._limits.max_message_size)  # drop what it held
         reason = self.close_reason or (
             f"connection lost: {exc}" if exc is not None else "closed by the peer"
         )
@@ -464,6 +671,15 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
             self.writable.set()
             if self.events is not None:
                 self.events.link_lost(reason)
+
+    def _cancel_timers(self) -> None:
+        for handle in (self._timer, self._auth_timer):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._auth_timer = None
+        if self._gone and self._hard_close is not None:
+            self._hard_close.cancel()
+            self._hard_close = None
 
     # -- aiocoap hooks
 
@@ -500,14 +716,21 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
     def abort(self, errormessage: str | None = None, bad_csm_option: int | None = None) -> None:
         if self._protocol_error is None and self._our_reason is None:
             self._protocol_error = f"protocol error: {errormessage}"
+        if errormessage is not None:
+            errormessage = errormessage[:MAX_DIAGNOSTIC]
         super().abort(errormessage, bad_csm_option)
 
-    # -- opening timeout and keepalive (W8)
+    # -- opening timeout, sign-in deadline and keepalive (W8)
 
     def mark_opened(self) -> None:
         if not self._opened:
             self._opened = True
             self._arm(self._last_rx + self._limits.keepalive_interval)
+
+    def _on_auth_timeout(self) -> None:
+        self._auth_timer = None
+        if not self._authenticated and not self.closing:
+            self.abort_with(f"not signed in within {self._limits.auth_timeout}s")
 
     def _arm(self, when: float) -> None:
         if self._timer is not None:
@@ -542,40 +765,89 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
 
 
 class _Endpoint(TCPServer):  # type: ignore[misc]  # aiocoap is untyped
-    """One listening socket; aiocoap's ``TCPServer`` minus its ``create_server`` (W1)."""
+    """One listening socket; aiocoap's ``TCPServer`` minus its ``create_server`` (W1).
+
+    Plain TCP uses ``loop.create_server`` and admits each connection in ``connection_made``. TLS
+    (W17) accepts on its own socket: a connection is admitted first and only then handed to
+    ``loop.connect_accepted_socket`` for the handshake, so a refused one costs no handshake."""
 
     server: asyncio.Server | None
 
-    def __init__(self, hub: Hub, tls: bool) -> None:
+    def __init__(self, hub: Hub, ssl_context: ssl.SSLContext | None) -> None:
         super().__init__()
         self.hub: Final = hub
-        self.tls: Final = tls
-        self._scheme = "coaps+tcp" if tls else "coap+tcp"
-        self._default_port = COAPS_PORT if tls else COAP_PORT
+        self.ssl_context: Final = ssl_context
+        self.tls: Final = ssl_context is not None
+        self._scheme = "coaps+tcp" if self.tls else "coap+tcp"
+        self._default_port = COAPS_PORT if self.tls else COAP_PORT
         self.log = hub.aiocoap_log
         self.loop: asyncio.AbstractEventLoop = hub.loop
         tokenmanager = TokenManager(hub.context)
         tokenmanager.token_interface = self
         self._tokenmanager = tokenmanager
         self.tokenmanager: Final = tokenmanager
+        self._socket: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
 
-    async def listen(
-        self, host: str, port: int, ssl_context: ssl.SSLContext | None
-    ) -> tuple[str, int]:
-        self.server = await self.loop.create_server(
-            self._new_protocol,
-            host,
-            port,
-            ssl=ssl_context,
-            ssl_handshake_timeout=self.hub.limits.opening_timeout if ssl_context else None,
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        if not self.tls:
+            self.server = await self.loop.create_server(self._new_protocol, host, port)
+            sockname = self.server.sockets[0].getsockname()
+            return str(sockname[0]), int(sockname[1])
+        infos = await self.loop.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        sockname = self.server.sockets[0].getsockname()
+        family, *_, address = infos[0]
+        try:
+            sock = socket.create_server(address[:2], family=family, backlog=128)
+        except OSError as e:  # worded as asyncio's create_server words it
+            reason = (e.strerror or str(e)).lower()
+            raise OSError(
+                e.errno, f"error while attempting to bind on address {address[:2]!r}: {reason}"
+            ) from None
+        sock.setblocking(False)
+        self._socket = sock
+        sockname = sock.getsockname()
+        self._acceptor = self.loop.create_task(
+            self._accept_loop(sock), name=f"tls-accept:{hostport(*sockname[:2])}"
+        )
         return str(sockname[0]), int(sockname[1])
 
     def _new_protocol(self) -> DeviceProtocol:
         protocol = DeviceProtocol(self)
         self._pool.add(protocol)
         return protocol
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, address = await self.loop.sock_accept(sock)
+            except OSError as e:  # EMFILE and the like: as asyncio's server does, wait a bit
+                log.warning("accepting a TLS connection failed: %s", e)
+                await asyncio.sleep(0.5)
+                continue
+            protocol = DeviceProtocol(self)
+            if not protocol.admit(hostport(*address[:2])):
+                conn.close()
+                continue
+            self._pool.add(protocol)
+            self.hub.spawn(self._handshake(conn, protocol), f"tls-handshake:{protocol.remote}")
+
+    async def _handshake(self, conn: socket.socket, protocol: DeviceProtocol) -> None:
+        limits = self.hub.limits
+        timeout = limits.opening_timeout
+        if limits.auth_timeout is not None:
+            timeout = min(timeout, limits.auth_timeout)
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self.ssl_context, ssl_handshake_timeout=timeout
+            )
+        except asyncio.CancelledError:
+            protocol.handshake_failed()
+            raise
+        except Exception as e:  # the transport closed the socket
+            protocol.handshake_failed()
+            log.info("%s: TLS handshake failed: %s", protocol.remote, str(e) or type(e).__name__)
 
     def _dispatch_incoming(self, connection: DeviceProtocol, message: Any) -> None:
         connection.mark_opened()
@@ -584,9 +856,16 @@ class _Endpoint(TCPServer):  # type: ignore[misc]  # aiocoap is untyped
     def stop_listening(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            self._acceptor = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     async def shutdown(self) -> None:  # called by the token manager's shutdown
         self._tokenmanager = None
+        self.stop_listening()
         if self.server is None:
             return
         self.server.close()
@@ -621,7 +900,8 @@ class _Site:
 
 
 class Hub:
-    """The aiocoap context and listening endpoints of one server."""
+    """The aiocoap context and listening endpoints of one server, and what they share: the count
+    of unauthenticated connections and the TLS handshakes in progress."""
 
     def __init__(self, limits: Limits, link_made: Callable[[DeviceLink], LinkEvents]) -> None:
         self.loop: Final = asyncio.get_running_loop()
@@ -632,25 +912,70 @@ class Hub:
             loop=self.loop, serversite=_Site(self), loggername=self.aiocoap_log.name
         )
         self.render_tasks: set[asyncio.Task[Any]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        """TLS handshakes in progress."""
+        self.unauthenticated = 0
+        """Connections admitted and not yet marked authenticated (handshaking ones included)."""
+        self.refused = 0
+        """Connections refused so far because of ``max_unauthenticated``."""
+        self._refusals_logged = 0
+        self._next_refusal_log = 0.0
         self._endpoints: list[_Endpoint] = []
+        self.stopping = False
 
     def link_made(self, link: DeviceProtocol) -> LinkEvents:
         return self._link_made(link)
+
+    def admit(self, remote: str) -> bool:
+        limit = self.limits.max_unauthenticated
+        if limit is not None and self.unauthenticated >= limit:
+            self.refused += 1
+            now = self.loop.time()
+            if now >= self._next_refusal_log:  # one line a second under a flood
+                log.warning(
+                    "refused a connection from %s: %d unauthenticated connections (limit %d); "
+                    "%d refused so far",
+                    remote,
+                    self.unauthenticated,
+                    limit,
+                    self.refused,
+                )
+                self._next_refusal_log = now + 1.0
+            return False
+        self.unauthenticated += 1
+        return True
+
+    def release(self) -> None:
+        self.unauthenticated -= 1
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = self.loop.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     async def listen(
         self, bind: tuple[str, int], ssl_context: ssl.SSLContext | None
     ) -> tuple[str, int]:
         if ssl_context is not None:
             ssl_context.set_alpn_protocols([ALPN])  # W10
-        endpoint = _Endpoint(self, tls=ssl_context is not None)
+        endpoint = _Endpoint(self, ssl_context)
         self._endpoints.append(endpoint)
-        return await endpoint.listen(bind[0], bind[1], ssl_context)
+        return await endpoint.listen(bind[0], bind[1])
 
     def stop_listening(self) -> None:
+        self.stopping = True
         for endpoint in self._endpoints:
             endpoint.stop_listening()
+        for task in list(self.tasks):
+            task.cancel()
 
     async def shutdown(self) -> None:
+        handshakes = [t for t in self.tasks if not t.done()]
+        for task in handshakes:
+            task.cancel()
+        if handshakes:
+            await asyncio.wait(handshakes, timeout=self.limits.close_timeout)
         for endpoint in self._endpoints:
             await endpoint.tokenmanager.shutdown()
         tasks = [t for t in self.render_tasks if not t.done()]
