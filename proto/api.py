@@ -189,6 +189,50 @@ class PendingCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     issued_at: str
     expires_at: str | None = None
     attempts: int = 0
+    reason: str = ""  # "desired": issued for desired state
+
+
+class PendingList(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply to ``pending-list``: open commands in issue order per device."""
+
+    commands: list[PendingCommand]
+
+
+class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply to ``cancel``: the commands recorded as canceled (``position``: the last
+    ``command-canceled`` event; ``None`` when nothing was pending)."""
+
+    device_id: str
+    canceled: list[str]
+    position: int | None = None
+
+
+class DesiredResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply to ``desired-set`` / ``desired-clear``: the new version, where it is in the log
+    (``None``: nothing to clear) and the pending desired updates it superseded (canceled)."""
+
+    device_id: str
+    href: str
+    version: int
+    position: int | None = None
+    superseded: list[str] = msgspec.field(default_factory=list)
+
+
+class TwinResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply to ``twin-get``: the twin (its JSON view) and the log position it reflects —
+    subscribe to the device's events after ``position`` and nothing is missed or seen twice."""
+
+    twin: dict[str, Any]
+    position: int
+
+
+class DeviceList(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply to ``devices-list``. Every event up to ``position`` is reflected in every twin
+    listed (each twin may reflect more: its own ``position``); ``next_after_id`` pages on."""
+
+    devices: list[dict[str, Any]]
+    position: int
+    next_after_id: str | None = None
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

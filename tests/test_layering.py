@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = {"proto", "eventstore", "gateway", "twin", "twinhub_cli", "devicesim"}
+OURS = {"proto", "eventstore", "gateway", "twin", "twinhub_cli", "devicesim", "twinhub_client"}
 
 # package -> packages of ours it may import
 ALLOWED = {
@@ -18,10 +18,19 @@ ALLOWED = {
     "gateway": {"proto", "eventstore", "gateway"},
     "twin": {"proto", "eventstore", "twin"},
     "devicesim": {"proto", "devicesim", "twinhub_cli"},
+    # the application-side client: the contracts, and the log's consumers for subscriptions
+    "twinhub_client": {"proto", "eventstore", "twinhub_client"},
 }
 # third-party library -> the only places (path prefixes) that may import it
 CONFINED = {
-    "nats": ("eventstore/adapters/", "twinhub_cli/"),
+    # The twin's command API is NATS request/reply (not the event log): its transport adapter
+    # speaks NATS itself. The client talks to that API and to JetStream.
+    "nats": (
+        "eventstore/adapters/",
+        "twinhub_cli/",
+        "twin/adapters/nats_api.py",
+        "twinhub_client/",
+    ),
     "aiocoap": ("gateway/adapters/", "devicesim/"),
     "pymongo": ("twin/adapters/", "twinhub_cli/"),
     "motor": (),
@@ -69,6 +78,8 @@ def test_the_packages_keep_their_layers() -> None:
         ("proto/x.py", "from eventstore.ports import EventStore\n"),
         ("gateway/session.py", "import nats\n"),
         ("twin/fold.py", "from pymongo import AsyncMongoClient\n"),
+        ("twin/api.py", "import nats\n"),
+        ("twinhub_client/client.py", "from twin.model import Twin\n"),
         ("eventstore/ports.py", "import aiocoap\n"),
     ],
 )

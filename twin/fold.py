@@ -8,6 +8,17 @@ folding it all at once. Every event of a known type that is newer than the twin 
 the rest unchanged (a late offline of a replaced connection). Events of unknown types
 (:class:`~proto.events.UnknownData`) change nothing at all.
 
+Commands. ``command-pending`` adds a command (its correlation id is the envelope's
+``correlation_id``; a second pending event with an id that is still open is ignored: the first
+one wins), ``command-sent`` marks it sent, and the first final event (succeeded / failed /
+expired / canceled) removes it and records the outcome in ``recent_outcomes``; a final event for
+a command that is not open (already ended, or never seen) changes nothing but the position.
+
+Desired state. ``desired-set`` / ``desired-cleared`` replace a resource's desired entry with the
+event's version (the API gives each a version one higher than the last). ``desired-reached``
+marks the entry reached if it is for the current version and the delta is empty. After every
+event an entry whose delta is no longer empty is not reached any more.
+
 :func:`fold_batch` folds a batch of many devices' events; the projector and the rebuild use it.
 """
 
@@ -21,6 +32,15 @@ from datetime import datetime
 
 from proto.events import (
     AnyEvent,
+    CommandCanceled,
+    CommandExpired,
+    CommandFailed,
+    CommandPending,
+    CommandSent,
+    CommandSucceeded,
+    DesiredCleared,
+    DesiredReached,
+    DesiredSet,
     DeviceOffline,
     DeviceOnline,
     DeviceRegistered,
@@ -33,7 +53,16 @@ from proto.events import (
     UnknownData,
 )
 from twin.errors import FoldError
-from twin.model import Connection, ResourceState, Twin, utc_ms
+from twin.model import (
+    RECENT_OUTCOMES,
+    CommandOutcome,
+    Connection,
+    DesiredState,
+    ResourceState,
+    Twin,
+    TwinCommand,
+    utc_ms,
+)
 
 __all__ = ["BatchFold", "fold", "fold_all", "fold_batch"]
 
@@ -65,6 +94,7 @@ def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
         created_at=t,
         updated_at=t,
     )
+    new = base  # a known type this twin does not model (yet): only the position moves
     match data:
         case DeviceRegistered():
             new = _registered(base, event.owner, existed=twin is not None)
@@ -126,8 +156,55 @@ def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
                     ),
                 ),
             )
-        case _:
-            new = base  # a known type this twin does not model (yet): only the position moves
+        case CommandPending():
+            new = _command_pending(base, event, data, position, t)
+        case CommandSent():
+            new = _command_sent(base, event.correlation_id, data, t)
+        case CommandSucceeded() | CommandFailed() | CommandExpired() | CommandCanceled():
+            new = _command_ended(base, event.correlation_id, data, position, t)
+        case DesiredSet():
+            new = replace(
+                base,
+                desired=_put_desired(
+                    base.desired,
+                    DesiredState(
+                        href=data.href,
+                        content=data.content,
+                        version=data.version,
+                        set_at=t,
+                        position=position,
+                    ),
+                ),
+            )
+        case DesiredCleared():
+            new = replace(
+                base,
+                desired=_put_desired(
+                    base.desired,
+                    DesiredState(
+                        href=data.href,
+                        content=None,
+                        version=data.version,
+                        set_at=t,
+                        position=position,
+                    ),
+                ),
+            )
+        case DesiredReached():
+            entry = base.desired_for(data.href)
+            if (
+                entry is not None
+                and not entry.reached
+                and entry.version == data.version
+                and base.delta_for(data.href) == {}
+            ):
+                new = replace(
+                    base, desired=_put_desired(base.desired, replace(entry, reached=True))
+                )
+            else:
+                new = base
+    if new.desired:
+        new = _unreach(new)
     return replace(new, position=position, version=base.version + 1, updated_at=t)
 
 
@@ -194,6 +271,8 @@ def _registered(twin: Twin, owner: str, *, existed: bool) -> Twin:
     if existed and (twin.deleted or twin.owner != owner):
         # A fresh start: a device that signed up again (possibly for another owner) must not
         # show what it reported before. The connection is the device's, it stays.
+        # Open commands stay: each carries its owner, and they must still end (expire) in the
+        # log rather than vanish from the twin.
         return Twin(
             device_id=twin.device_id,
             owner=owner,
@@ -203,8 +282,114 @@ def _registered(twin: Twin, owner: str, *, existed: bool) -> Twin:
             updated_at=twin.updated_at,
             connection=twin.connection,
             sync_state=twin.sync_state,
+            pending=twin.pending,
         )
     return twin
+
+
+def _command_pending(
+    twin: Twin, event: AnyEvent, data: CommandPending, position: int, t: datetime
+) -> Twin:
+    cid = event.correlation_id
+    if not cid or twin.command(cid) is not None:
+        return twin  # no id to follow it by, or an id that is still open: the first one wins
+    command = TwinCommand(
+        correlation_id=cid,
+        owner=event.owner,
+        op=data.op,
+        href=data.href,
+        issued_at=t,
+        position=position,
+        expires_at=None if data.expires_at is None else utc_ms(data.expires_at),
+        max_attempts=data.max_attempts,
+        content=data.content,
+        content_b64=data.content_b64,
+        content_format=data.content_format,
+        interface=data.interface,
+        issued_by=data.issued_by,
+        reason=data.reason,
+    )
+    return replace(twin, pending=(*twin.pending, command))
+
+
+def _command_sent(twin: Twin, cid: str | None, data: CommandSent, t: datetime) -> Twin:
+    if not cid:
+        return twin
+    for i, c in enumerate(twin.pending):
+        if c.correlation_id == cid:
+            sent = replace(
+                c,
+                state="sent",
+                attempts=max(c.attempts, data.attempt),
+                gateway=data.gateway,
+                connection_id=data.connection_id,
+                sent_at=t,
+            )
+            return replace(twin, pending=(*twin.pending[:i], sent, *twin.pending[i + 1 :]))
+    return twin
+
+
+def _command_ended(
+    twin: Twin,
+    cid: str | None,
+    data: CommandSucceeded | CommandFailed | CommandExpired | CommandCanceled,
+    position: int,
+    t: datetime,
+) -> Twin:
+    if not cid:
+        return twin
+    c = twin.command(cid)
+    if c is None:
+        return twin  # not open: ended already (a late answer, a second sweeper) or unknown
+    status: str | None
+    match data:
+        case CommandSucceeded():
+            state, status, reason, attempts = "succeeded", data.status, "", c.attempts
+        case CommandFailed():
+            state, status, reason = "failed", data.status, data.reason
+            attempts = max(c.attempts, data.attempts)
+        case CommandExpired():
+            state, status, reason, attempts = "expired", None, "", max(c.attempts, data.attempts)
+        case CommandCanceled():
+            state, status, reason, attempts = "canceled", None, data.reason, c.attempts
+    outcome = CommandOutcome(
+        correlation_id=cid,
+        op=c.op,
+        href=c.href,
+        state=state,
+        at=t,
+        position=position,
+        attempts=attempts,
+        status=status,
+        reason=reason,
+    )
+    return replace(
+        twin,
+        pending=tuple(p for p in twin.pending if p.correlation_id != cid),
+        recent_outcomes=(*twin.recent_outcomes, outcome)[-RECENT_OUTCOMES:],
+    )
+
+
+def _put_desired(
+    desired: tuple[DesiredState, ...], entry: DesiredState
+) -> tuple[DesiredState, ...]:
+    i = bisect.bisect_left(desired, entry.href, key=lambda d: d.href)
+    if i < len(desired) and desired[i].href == entry.href:
+        return (*desired[:i], entry, *desired[i + 1 :])
+    return (*desired[:i], entry, *desired[i:])
+
+
+def _unreach(twin: Twin) -> Twin:
+    """Entries marked reached whose delta is not empty any more are not reached."""
+    changed = False
+    out: list[DesiredState] = []
+    for d in twin.desired:
+        if d.reached and twin.delta_for(d.href):
+            out.append(replace(d, reached=False))
+            changed = True
+        else:
+            out.append(d)
+    return replace(twin, desired=tuple(out)) if changed else twin
 
 
 def _offline(conn: Connection, t: datetime) -> Connection:

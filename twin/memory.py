@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from twin.model import Twin
@@ -53,6 +54,7 @@ class InMemoryTwinStore:
         online: bool | None = None,
         resource_type: str | None = None,
         include_deleted: bool = False,
+        has_pending: bool | None = None,
         limit: int = DEFAULT_FIND_LIMIT,
         after_id: str | None = None,
     ) -> list[Twin]:
@@ -67,12 +69,23 @@ class InMemoryTwinStore:
                 or (online is not None and doc["connection"]["online"] != online)
                 or (resource_type is not None and resource_type not in doc["resource_types"])
                 or (not include_deleted and doc["deleted"])
+                or (has_pending is not None and (doc["pending_count"] > 0) != has_pending)
             ):
                 continue
             out.append(Twin.from_document(copy.deepcopy(doc)))
             if len(out) == limit:
                 break
         return out
+
+    async def due(self, now: datetime, limit: int = DEFAULT_FIND_LIMIT) -> list[Twin]:
+        check_find_limit(limit)
+        docs = sorted(
+            (d for d in self._docs.values() if d["next_expiry"] is not None),
+            key=lambda d: (d["next_expiry"], d["_id"]),
+        )
+        return [Twin.from_document(copy.deepcopy(d)) for d in docs if d["next_expiry"] <= now][
+            :limit
+        ]
 
     async def max_position(self) -> int:
         return max((int(doc["position"]) for doc in self._docs.values()), default=0)

@@ -16,10 +16,31 @@ as one document per device (:meth:`Twin.to_document`)::
       "resources": [{"href": "/light/1", "content": {...}, "content_format": 10000,
                      "raw": null, "status": "2.05", "etag": "ab01", "observe_seq": 12,
                      "updated_at": <datetime>, "position": 41}],
+      "pending": [{"correlation_id": "c-1", "owner": "alice", "op": "update",
+                   "href": "/light/1", "state": "pending", "issued_at": <datetime>,
+                   "position": 40, "expires_at": <datetime>, "attempts": 0, "max_attempts": 3,
+                   "gateway": "", "connection_id": "", "sent_at": null, "content": {...},
+                   "content_b64": null, "content_format": null, "interface": null,
+                   "issued_by": "alice", "reason": ""}],       # issue order (log position)
+      "pending_count": 1,                            # for the "has pending commands" index
+      "next_expiry": <datetime>,                     # earliest deadline of a pending command
+      "recent_outcomes": [{"correlation_id": "c-0", "op": "retrieve", "href": "/oic/d",
+                           "state": "succeeded", "at": <datetime>, "position": 39,
+                           "attempts": 1, "status": "2.05", "reason": ""}],  # newest last
+      "desired": [{"href": "/light/1", "content": {"value": true}, "version": 2,
+                   "set_at": <datetime>, "position": 38, "reached": false}],  # by href;
+                                                     # content null: cleared (keeps version)
+      "delta": [{"href": "/light/1", "content": {"value": true}}],  # computed, by href
       "position": 41,                                # last applied log position
       "version": 17,                                 # number of events applied
       "created_at": <datetime>, "updated_at": <datetime>
     }
+
+Commands are removed from ``pending`` when they end (succeeded / failed / expired / canceled)
+and their outcome is kept in ``recent_outcomes`` (the last :data:`RECENT_OUTCOMES`). The
+**delta** of a resource is the desired keys whose reported value differs (or is missing); it is
+computed from ``desired`` and ``resources``, never stored on its own (the stored copy is for
+readers of the collection).
 
 Resources are a list sorted by href, not a mapping keyed by href: hrefs contain dots, which
 MongoDB field names may not. Links are sorted by href too, one per href. Times are UTC with
@@ -31,17 +52,35 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Final, get_args
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal, get_args
 
 import msgspec
 
-from proto.events import ResourceLink, SyncState
+from proto.events import COMMAND_OPS, FINAL_COMMAND_STATES, CommandOp, ResourceLink, SyncState
 from twin.errors import CorruptTwinError
 
-__all__ = ["SYNC_STATES", "Connection", "ResourceState", "Twin", "utc_ms"]
+__all__ = [
+    "RECENT_OUTCOMES",
+    "SENT_GRACE",
+    "SYNC_STATES",
+    "CommandOutcome",
+    "Connection",
+    "DesiredState",
+    "ResourceState",
+    "Twin",
+    "TwinCommand",
+    "delta_of",
+    "utc_ms",
+]
 
 SYNC_STATES: Final[tuple[str, ...]] = get_args(SyncState)
+RECENT_OUTCOMES: Final = 20
+SENT_GRACE: Final = timedelta(seconds=30)
+"""How long past its deadline a command already *sent* may still get the device's answer before
+the sweeper expires it (longer than the gateway's request timeout)."""
+
+OpenState = Literal["pending", "sent"]
 
 
 def utc_ms(t: datetime) -> datetime:
@@ -140,6 +179,222 @@ class ResourceState:
 
 
 @dataclass(frozen=True, slots=True)
+class TwinCommand:
+    """A command that has not ended yet: ``pending`` (waiting for the device) or ``sent``.
+
+    ``owner`` is the owner the command was issued for (its events' subject token); ``position``
+    is where its ``command-pending`` event is in the log (the issue order).
+    """
+
+    correlation_id: str
+    owner: str
+    op: CommandOp
+    href: str
+    issued_at: datetime
+    position: int
+    state: OpenState = "pending"
+    expires_at: datetime | None = None
+    attempts: int = 0
+    max_attempts: int = 3
+    gateway: str = ""
+    connection_id: str = ""
+    sent_at: datetime | None = None
+    content: Any = None
+    content_b64: str | None = None
+    content_format: int | None = None
+    interface: str | None = None
+    issued_by: str = ""
+    reason: str = ""
+
+    @property
+    def deadline(self) -> datetime | None:
+        """When the sweeper may expire it: ``expires_at``, plus :data:`SENT_GRACE` once sent."""
+        if self.expires_at is None:
+            return None
+        return self.expires_at + SENT_GRACE if self.state == "sent" else self.expires_at
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "correlation_id": self.correlation_id,
+            "owner": self.owner,
+            "op": self.op,
+            "href": self.href,
+            "state": self.state,
+            "issued_at": self.issued_at,
+            "position": self.position,
+            "expires_at": self.expires_at,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "gateway": self.gateway,
+            "connection_id": self.connection_id,
+            "sent_at": self.sent_at,
+            "content": self.content,
+            "content_b64": self.content_b64,
+            "content_format": self.content_format,
+            "interface": self.interface,
+            "issued_by": self.issued_by,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> TwinCommand:
+        op = doc["op"]
+        if op not in COMMAND_OPS:
+            raise ValueError(f"bad command op {op!r}")
+        state = doc.get("state", "pending")
+        if state not in ("pending", "sent"):
+            raise ValueError(f"bad open command state {state!r}")
+        return cls(
+            correlation_id=_str(doc["correlation_id"]),
+            owner=_str(doc["owner"]),
+            op=op,
+            href=_str(doc["href"]),
+            state=state,
+            issued_at=_time(doc["issued_at"]),
+            position=_int(doc["position"]),
+            expires_at=_opt_time(doc.get("expires_at")),
+            attempts=_int(doc.get("attempts", 0)),
+            max_attempts=_int(doc.get("max_attempts", 3)),
+            gateway=_str(doc.get("gateway", "")),
+            connection_id=_str(doc.get("connection_id", "")),
+            sent_at=_opt_time(doc.get("sent_at")),
+            content=doc.get("content"),
+            content_b64=_opt_str(doc.get("content_b64")),
+            content_format=_opt_int(doc.get("content_format")),
+            interface=_opt_str(doc.get("interface")),
+            issued_by=_str(doc.get("issued_by", "")),
+            reason=_str(doc.get("reason", "")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.to_document()
+        for key in ("issued_at", "expires_at", "sent_at"):
+            out[key] = _iso(out[key])
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    """How a command ended (kept in the twin's bounded ``recent_outcomes``)."""
+
+    correlation_id: str
+    op: CommandOp
+    href: str
+    state: str  # succeeded | failed | expired | canceled
+    at: datetime
+    position: int
+    attempts: int = 0
+    status: str | None = None  # the device's CoAP code, when it answered
+    reason: str = ""
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "correlation_id": self.correlation_id,
+            "op": self.op,
+            "href": self.href,
+            "state": self.state,
+            "at": self.at,
+            "position": self.position,
+            "attempts": self.attempts,
+            "status": self.status,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> CommandOutcome:
+        op, state = doc["op"], doc["state"]
+        if op not in COMMAND_OPS or state not in FINAL_COMMAND_STATES:
+            raise ValueError(f"bad command outcome {op!r} / {state!r}")
+        return cls(
+            correlation_id=_str(doc["correlation_id"]),
+            op=op,
+            href=_str(doc["href"]),
+            state=_str(state),
+            at=_time(doc["at"]),
+            position=_int(doc["position"]),
+            attempts=_int(doc.get("attempts", 0)),
+            status=_opt_str(doc.get("status")),
+            reason=_str(doc.get("reason", "")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.to_document()
+        out["at"] = _iso(self.at)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredState:
+    """The desired content of one resource. ``content`` ``None``: cleared (the version stays,
+    so the next set continues from it). ``reached``: a ``desired-reached`` event for this
+    version was folded and the reported content still matches."""
+
+    href: str
+    content: dict[str, Any] | None
+    version: int
+    set_at: datetime
+    position: int
+    reached: bool = False
+
+    @property
+    def cleared(self) -> bool:
+        return self.content is None
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "href": self.href,
+            "content": self.content,
+            "version": self.version,
+            "set_at": self.set_at,
+            "position": self.position,
+            "reached": self.reached,
+        }
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> DesiredState:
+        content = doc.get("content")
+        if content is not None and not isinstance(content, dict):
+            raise TypeError("desired content must be an object")
+        return cls(
+            href=_str(doc["href"]),
+            content=content,
+            version=_int(doc["version"]),
+            set_at=_time(doc["set_at"]),
+            position=_int(doc["position"]),
+            reached=_bool(doc.get("reached", False)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.to_document()
+        out["set_at"] = _iso(self.set_at)
+        return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: ``true`` is not ``1`` (as Python's ``==`` would have it), ``1`` is ``1.0``."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(_same(v, b[k]) for k, v in a.items())
+        )
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def delta_of(desired: Mapping[str, Any], reported: Any) -> dict[str, Any]:
+    """The desired keys whose reported value differs or is missing, with their desired value."""
+    if not isinstance(reported, dict):
+        return dict(desired)
+    return {k: v for k, v in desired.items() if k not in reported or not _same(v, reported[k])}
+
+
+@dataclass(frozen=True, slots=True)
 class Twin:
     """One device's twin. ``links`` and ``resources`` are sorted by href, unique per href."""
 
@@ -154,10 +409,56 @@ class Twin:
     sync_state: SyncState = "out_of_sync"
     links: tuple[ResourceLink, ...] = ()
     resources: tuple[ResourceState, ...] = ()
+    pending: tuple[TwinCommand, ...] = ()  # by position (issue order)
+    recent_outcomes: tuple[CommandOutcome, ...] = ()  # newest last
+    desired: tuple[DesiredState, ...] = ()  # by href
 
     @property
     def online(self) -> bool:
         return self.connection.online
+
+    def command(self, correlation_id: str) -> TwinCommand | None:
+        """The pending (or sent) command with this correlation id."""
+        for c in self.pending:
+            if c.correlation_id == correlation_id:
+                return c
+        return None
+
+    def desired_for(self, href: str) -> DesiredState | None:
+        i = bisect.bisect_left(self.desired, href, key=lambda d: d.href)
+        if i < len(self.desired) and self.desired[i].href == href:
+            return self.desired[i]
+        return None
+
+    def delta(self) -> dict[str, dict[str, Any]]:
+        """Per href with desired content, the keys still to reach (empty ones left out)."""
+        out: dict[str, dict[str, Any]] = {}
+        for d in self.desired:
+            if d.content is None:
+                continue
+            r = self.resource(d.href)
+            diff = delta_of(d.content, None if r is None else r.content)
+            if diff:
+                out[d.href] = diff
+        return out
+
+    def delta_for(self, href: str) -> dict[str, Any] | None:
+        """The delta of one resource (``{}`` when reached), ``None`` without desired content."""
+        d = self.desired_for(href)
+        if d is None or d.content is None:
+            return None
+        r = self.resource(href)
+        return delta_of(d.content, None if r is None else r.content)
+
+    @property
+    def next_expiry(self) -> datetime | None:
+        """The earliest :attr:`TwinCommand.deadline` of the open commands."""
+        deadlines = [d for c in self.pending if (d := c.deadline) is not None]
+        return min(deadlines) if deadlines else None
+
+    def expired(self, now: datetime) -> tuple[TwinCommand, ...]:
+        """Open commands whose deadline passed at ``now``."""
+        return tuple(c for c in self.pending if (d := c.deadline) is not None and d <= now)
 
     @property
     def resource_types(self) -> tuple[str, ...]:
@@ -189,6 +490,12 @@ class Twin:
             "links": [_link_document(link) for link in self.links],
             "resource_types": list(self.resource_types),
             "resources": [r.to_document() for r in self.resources],
+            "pending": [c.to_document() for c in self.pending],
+            "pending_count": len(self.pending),
+            "next_expiry": self.next_expiry,
+            "recent_outcomes": [o.to_document() for o in self.recent_outcomes],
+            "desired": [d.to_document() for d in self.desired],
+            "delta": [{"href": h, "content": c} for h, c in self.delta().items()],
             "position": self.position,
             "version": self.version,
             "created_at": self.created_at,
@@ -210,6 +517,11 @@ class Twin:
                 sync_state=sync_state,
                 links=tuple(msgspec.convert(link, ResourceLink) for link in doc.get("links", ())),
                 resources=tuple(ResourceState.from_document(r) for r in doc.get("resources", ())),
+                pending=tuple(TwinCommand.from_document(c) for c in doc.get("pending", ())),
+                recent_outcomes=tuple(
+                    CommandOutcome.from_document(o) for o in doc.get("recent_outcomes", ())
+                ),
+                desired=tuple(DesiredState.from_document(d) for d in doc.get("desired", ())),
                 position=_int(doc["position"]),
                 version=_int(doc["version"]),
                 created_at=_time(doc["created_at"]),
@@ -230,6 +542,10 @@ class Twin:
             "links": [_link_document(link) for link in self.links],
             "resource_types": list(self.resource_types),
             "resources": [r.to_json() for r in self.resources],
+            "pending": [c.to_json() for c in self.pending],
+            "recent_outcomes": [o.to_json() for o in self.recent_outcomes],
+            "desired": [d.to_json() for d in self.desired],
+            "delta": [{"href": h, "content": c} for h, c in self.delta().items()],
             "position": self.position,
             "version": self.version,
             "created_at": _iso(self.created_at),

@@ -16,12 +16,15 @@ Semantics (both adapters):
 * **Checkpoints** record, per projector name, a log position up to which every event has been
   written. They only move forward; :meth:`TwinStore.drop` clears them with the twins.
 * ``find`` pages by device id (keyset pagination): pass the last id seen as ``after_id``.
+* ``due`` finds twins with an open command whose deadline (:attr:`Twin.next_expiry`) passed:
+  what the expiry sweeper works through.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from twin.model import Twin
@@ -61,10 +64,18 @@ class TwinStore(Protocol):
         online: bool | None = None,
         resource_type: str | None = None,
         include_deleted: bool = False,
+        has_pending: bool | None = None,
         limit: int = DEFAULT_FIND_LIMIT,
         after_id: str | None = None,
     ) -> list[Twin]:
-        """Twins matching every given criterion, by ascending device id, after ``after_id``."""
+        """Twins matching every given criterion, by ascending device id, after ``after_id``.
+
+        ``has_pending``: with (``True``) or without (``False``) open commands."""
+        ...
+
+    async def due(self, now: datetime, limit: int = DEFAULT_FIND_LIMIT) -> list[Twin]:
+        """Twins (deleted ones too) whose :attr:`Twin.next_expiry` is at or before ``now``,
+        earliest first."""
         ...
 
     async def max_position(self) -> int:

@@ -16,6 +16,12 @@ is already in the twins and is skipped by position; whatever is new comes in log
 same catch-up runs after any failure of the log or the store, so nothing depends on what the
 consumer still holds.
 
+Desired state reached. When a batch leaves a resource's desired content met (empty delta) and
+not yet marked reached, the projector appends ``desired-reached`` *before* it writes the batch
+(:func:`twin.commands.reached_events`; ids derived from the report that met it, so a replayed or
+redelivered batch writes it once). If that append fails nothing is written and the batch comes
+again, so the event is never lost; the fold marks the entry reached when the event comes back.
+
 One projector per twins collection at a time (the consumer hands batches out in log order
 only to a single reader; FerretDB's conditional updates are not atomic across writers).
 :func:`rebuild` drops the twins and folds the whole log again; run it with the projector
@@ -30,15 +36,17 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Final, Self
 
 from eventstore.errors import EventStoreError
 from eventstore.ports import ALL_EVENTS, Consumer, Delivery, EventStore, is_filter_subject
-from proto.binding import from_stored
+from proto.binding import from_stored, to_nats
 from proto.errors import BindingError
 from proto.events import AnyEvent
 from proto.message import StoredMessage
+from twin.commands import reached_events
 from twin.errors import (
     ProjectionTimeoutError,
     ProjectorStoppedError,
@@ -62,6 +70,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NAME: Final = "twin-projector"
 
 Hook = Callable[[Sequence[int]], Awaitable[None]]
+Emit = Callable[[Sequence[AnyEvent]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +86,7 @@ class ProjectorConfig:
     max_ack_pending: int = 1000
     retry_initial: float = 0.05
     retry_max: float = 5.0
+    emit_desired_reached: bool = True  # append desired-reached (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -182,6 +192,7 @@ class _Projection:
     cache: _LruTwins
     hooks: ProjectorHooks = field(default_factory=ProjectorHooks)
     counters: _Counters = field(default_factory=_Counters)
+    emit: Emit | None = None
 
     async def apply(self, messages: Sequence[StoredMessage]) -> None:
         """Fold and write one batch; raises :class:`TwinStoreError` with nothing acknowledged.
@@ -204,6 +215,11 @@ class _Projection:
             if missing:
                 current.update(await self.store.get_many(missing))
             folded = fold_batch(current, events)
+            if self.emit is not None:
+                now = datetime.now(UTC)
+                reached = [e for t in folded.twins.values() for e in reached_events(t, now)]
+                if reached:
+                    await self.emit(reached)
             if self.hooks.before_write is not None:
                 await self.hooks.before_write(positions)
             result = (
@@ -297,10 +313,19 @@ class TwinProjector:
             name=self.config.name,
             cache=_LruTwins(self.config.cache_size),
             hooks=hooks or ProjectorHooks(),
+            emit=self._emit if self.config.emit_desired_reached else None,
         )
         self._task: asyncio.Task[None] | None = None
         self._failure_seen = False  # the loop's failure was raised to a caller already
         self._wakeup = asyncio.Event()
+
+    async def _emit(self, events: Sequence[AnyEvent]) -> None:
+        by_device: dict[str, list[AnyEvent]] = {}
+        for e in events:
+            by_device.setdefault(e.device_id, []).append(e)
+        for device_events in by_device.values():
+            await self._events.append([to_nats(e) for e in device_events])
+        log.info("%s: %d desired state(s) reached", self.config.name, len(events))
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -47,11 +47,21 @@ COMMANDS: dict[str, str] = {
     "watch": "twinhub_cli.stack_cmds:register_watch",
     "sim": "devicesim.cli:add_sim_parser",
     "health": "twinhub_cli.health:register",
+    "cmd update": "twinhub_cli.cmd_cmds:register_command",
+    "cmd retrieve": "twinhub_cli.cmd_cmds:register_command",
+    "cmd create": "twinhub_cli.cmd_cmds:register_command",
+    "cmd delete": "twinhub_cli.cmd_cmds:register_command",
+    "cmd cancel": "twinhub_cli.cmd_cmds:register_cancel",
+    "pending": "twinhub_cli.cmd_cmds:register_pending",
+    "desired set": "twinhub_cli.cmd_cmds:register_desired",
+    "desired clear": "twinhub_cli.cmd_cmds:register_desired",
 }
 
 GROUP_HELP: dict[str, str] = {
     "dev": "development helpers (local servers)",
     "twin": "the twin service and its documents",
+    "cmd": "commands to devices through the command API",
+    "desired": "desired state of resources",
 }
 
 

@@ -1,4 +1,5 @@
-"""Composition of the services from the configuration: the gateway and the twin projector.
+"""Composition of the services from the configuration: the gateway, the twin projector and the
+twin's command API (with its expiry sweeper).
 
 ``twinhub gateway``, ``twinhub twin run`` and ``twinhub up`` all build their
 services here, so the local stack and the containers run the same code.
@@ -30,7 +31,10 @@ from gateway.tokens import (
 )
 from gateway.writer import WriterConfig
 from twin.adapters.mongo import MongoTwinStore
+from twin.adapters.nats_api import NatsApiServer
+from twin.api import ApiConfig, TwinApi
 from twin.service import ProjectorConfig, TwinProjector
+from twin.sweeper import ExpirySweeper
 from twinhub_cli.config import Config, ConfigError, parse_hostport
 from twinhub_cli.datadir import DataDir
 
@@ -167,6 +171,21 @@ async def run_projector(
     )
     async with TwinProjector(twins, store, cfg) as projector:
         yield projector
+
+
+@contextlib.asynccontextmanager
+async def run_api(
+    config: Config, data: DataDir, store: JetStreamEventStore, twins: MongoTwinStore
+) -> AsyncIterator[NatsApiServer]:
+    """The command API on ``twinhub.api.v1.>`` (tokens checked by the gateway's validator) and
+    the expiry sweeper; several twin instances may run both."""
+    validator = validator_for(config, issuer_for(config, data))
+    twin_api = TwinApi(store, twins, validator, ApiConfig(projector=config.twin.consumer))
+    async with (
+        NatsApiServer(store.connection, twin_api) as server,
+        ExpirySweeper(twins, store),
+    ):
+        yield server
 
 
 def first_device_token(config: Config, data: DataDir, owner: str = "dev") -> str:

@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,7 +141,9 @@ def run_gateway_cmd(args: argparse.Namespace) -> int:
 
 
 def register_twin_run(subparsers: SubParsers, name: str, /) -> None:
-    p = subparsers.add_parser(name, help="run the twin projector until SIGTERM")
+    p = subparsers.add_parser(
+        name, help="run the twin projector, the command API and the expiry sweeper until SIGTERM"
+    )
     _common(p)
     p.set_defaults(handler=run_twin_cmd)
 
@@ -152,13 +153,16 @@ def run_twin_cmd(args: argparse.Namespace) -> int:
         from twinhub_cli import services
 
         config = _load_config(args)
+        data = DataDir(args.data_dir.resolve())
         async with (
             _until_signal() as stop,
             services.event_store(config) as store,
             services.twin_store(config) as twins,
             services.run_projector(config, store, twins),
+            services.run_api(config, data, store, twins) as api_server,
         ):
             _out(f"twin projector {config.twin.consumer}: running")
+            _out(f"command API on {api_server.prefix}.>")
             await stop.wait()
         return 0
 
@@ -239,6 +243,7 @@ def run_up(args: argparse.Namespace) -> int:
             store = await stack.enter_async_context(services.event_store(config))
             twins = await stack.enter_async_context(services.twin_store(config))
             await stack.enter_async_context(services.run_projector(config, store, twins))
+            await stack.enter_async_context(services.run_api(config, data, store, twins))
             gw = await stack.enter_async_context(services.run_gateway(config, data, store))
             info = {
                 "pid": os.getpid(),
@@ -256,6 +261,7 @@ def run_up(args: argparse.Namespace) -> int:
             _out(f"  devices (CoAP over TCP)  {info['coap_tcp']}")
             _out(f"  devices (CoAP over TLS)  {info['coaps_tcp']}   CA: {info['ca_file']}")
             _out(f"  NATS (events)            {nats_url}   subjects twinhub.ev.<owner>.>")
+            _out(f"  command API (NATS)       {nats_url}   subjects twinhub.api.v1.<op>")
             _out(f"  MongoDB (twins)          {mongo_url}   db {config.mongo.database}")
             _out(f"  data dir                 {data.root}")
             _out(f"first device token (owner {args.owner!r}, 24 h):")
@@ -370,11 +376,24 @@ def run_devices(args: argparse.Namespace) -> int:
 
 
 def register_watch(subparsers: SubParsers, name: str, /) -> None:
-    p = subparsers.add_parser(name, help="print events live (JSON lines)")
+    p = subparsers.add_parser(
+        name,
+        help="print events live (JSON lines), gap-free from a position",
+        description="Print the events of the log as CloudEvents JSON lines, in log order. With "
+        "--from POSITION every event after that position comes once, with no gap (the resync "
+        "contract: read a twin, note its position, watch --from it). With --durable NAME the "
+        "watch resumes after the last event it printed when started again under that name.",
+    )
     _common(p)
     p.add_argument("--owner", help="only this owner's events")
     p.add_argument("--device", help="only this device's events")
-    p.add_argument("--type", dest="kind", help="only this kind, e.g. resource-changed")
+    p.add_argument(
+        "--type",
+        dest="kinds",
+        action="append",
+        default=None,
+        help="only this kind, e.g. resource-changed (repeatable)",
+    )
     p.add_argument(
         "--from",
         dest="from_position",
@@ -382,37 +401,49 @@ def register_watch(subparsers: SubParsers, name: str, /) -> None:
         default=None,
         help="start after this log position (default: from now on)",
     )
+    p.add_argument("--durable", help="a durable subscription name (resumes where it stopped)")
+    p.add_argument("--count", type=int, default=None, help="stop after this many events")
     p.set_defaults(handler=run_watch)
+
+
+def event_json(e: Any) -> str:
+    """An event as one CloudEvents JSON line (attributes + data, log position as ``sequence``)."""
+    from proto import binding
+
+    ce = binding.to_cloudevent(e)
+    attrs = {
+        k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in ce.get_attributes().items()
+    }
+    return json.dumps(attrs | {"data": ce.get_data()}, sort_keys=True)
 
 
 def run_watch(args: argparse.Namespace) -> int:
     async def main() -> int:
-        from proto import binding, subjects
         from twinhub_cli import services
+        from twinhub_client.client import ack_floor, event_filters
+        from twinhub_client.subscription import EventSubscription
 
         config = _load_config(args, from_stack=True)
-        f = subjects.event_filter(owner=args.owner, device=args.device, kind=args.kind)
-        name = f"watch-{uuid.uuid4().hex[:12]}"
+        filters = event_filters(args.owner, args.device, args.kinds)
         async with _until_signal() as stop, services.event_store(config) as store:
-            start = args.from_position
-            if start is None:
-                start = await store.last_position(subjects.ALL_EVENTS)
-            consumer = await store.consumer(name, (f,), start_after=start, ack_wait=30)
-            try:
-                async with consumer:
-                    while not stop.is_set():
-                        for d in await consumer.fetch(100, 1.0):
-                            e = binding.from_stored(d.stored)
-                            ce = binding.to_cloudevent(e)
-                            attrs = {
-                                k: (v.isoformat() if hasattr(v, "isoformat") else v)
-                                for k, v in ce.get_attributes().items()
-                            }
-                            _out(json.dumps(attrs | {"data": ce.get_data()}, sort_keys=True))
-                            await d.ack()
-            finally:
-                with contextlib.suppress(Exception):
-                    await store.delete_consumer(name)
+
+            async def cursor(name: str) -> int | None:
+                return await ack_floor(store.connection, store.layout.name, name, 5.0)
+
+            sub = EventSubscription(
+                store,
+                filters,
+                durable=args.durable,
+                from_position=args.from_position,
+                cursor=cursor,
+            )
+            printed = 0
+            async with sub:
+                while not stop.is_set() and (args.count is None or printed < args.count):
+                    e = await sub.next(timeout=0.5)
+                    if e is not None:
+                        _out(event_json(e))
+                        printed += 1
         return 0
 
     return _run(main)

@@ -10,9 +10,14 @@ for the twins that exist (they cannot fail; one that matches nothing lost a race
 ``insert_many`` for new twins (a duplicate key there is a race too), and a re-check of the racers.
 Same result on both servers, same number of round trips in the common case.
 
-Resource content is stored as is when it is a valid BSON document; otherwise (keys with ``.``,
-a leading ``$`` or NUL, integers beyond 64 bits, which devices may well send and FerretDB
-refuses) it is stored as JSON text in ``content_json`` and decoded on read.
+Resource content (and the content of pending commands, desired state and delta) is stored as
+is when it is a valid BSON document; otherwise (keys with ``.``, a leading ``$`` or NUL,
+integers beyond 64 bits, which devices may well send and FerretDB refuses) it is stored as JSON
+text in ``content_json`` and decoded on read.
+
+Queries stay simple for FerretDB v1 (no TTL indexes, limited aggregation): the sweeper's
+``due`` is a range on the top-level ``next_expiry``, "has pending commands" a range on
+``pending_count``, both indexed.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from bson.codec_options import CodecOptions
@@ -61,7 +66,11 @@ INDEXES: Final = (
     IndexModel([("connection.online", ASCENDING)], name="online"),
     IndexModel([("resource_types", ASCENDING)], name="resource_types"),
     IndexModel([("position", ASCENDING)], name="position"),  # max_position
+    IndexModel([("next_expiry", ASCENDING)], name="next_expiry"),  # the expiry sweeper
+    IndexModel([("owner", ASCENDING), ("pending_count", ASCENDING)], name="owner_pending"),
 )
+# Lists of the document whose items carry JSON ``content`` (the delta is derived, written only).
+_CONTENT_LISTS: Final = ("resources", "pending", "desired", "delta")
 
 
 class MongoTwinStore:
@@ -169,11 +178,14 @@ class MongoTwinStore:
         online: bool | None = None,
         resource_type: str | None = None,
         include_deleted: bool = False,
+        has_pending: bool | None = None,
         limit: int = DEFAULT_FIND_LIMIT,
         after_id: str | None = None,
     ) -> list[Twin]:
         check_find_limit(limit)
         query: Doc = {}
+        if has_pending is not None:
+            query["pending_count"] = {"$gt": 0} if has_pending else 0
         if owner is not None:
             query["owner"] = owner
         if online is not None:
@@ -186,6 +198,17 @@ class MongoTwinStore:
             query["_id"] = {"$gt": after_id}
         with _translated():
             docs = await self._twins.find(query).sort("_id", ASCENDING).limit(limit).to_list()
+        return [_decode(d) for d in docs]
+
+    async def due(self, now: datetime, limit: int = DEFAULT_FIND_LIMIT) -> list[Twin]:
+        check_find_limit(limit)
+        with _translated():
+            docs = (
+                await self._twins.find({"next_expiry": {"$lte": now}})
+                .sort([("next_expiry", ASCENDING), ("_id", ASCENDING)])
+                .limit(limit)
+                .to_list()
+            )
         return [_decode(d) for d in docs]
 
     async def max_position(self) -> int:
@@ -236,19 +259,21 @@ def _encode(twin: Twin) -> Doc:
     """The replacement document (without ``_id``), with unsafe resource content as JSON text."""
     doc = twin.to_document()
     del doc["_id"]
-    for r in doc["resources"]:
-        if not _bson_safe(r["content"]):
-            r["content_json"] = json.dumps(r["content"], separators=(",", ":"), allow_nan=False)
-            r["content"] = None
+    for key in _CONTENT_LISTS:
+        for r in doc[key]:
+            if not _bson_safe(r["content"]):
+                r["content_json"] = json.dumps(r["content"], separators=(",", ":"), allow_nan=False)
+                r["content"] = None
     return doc
 
 
 def _decode(doc: Doc) -> Twin:
     try:
-        for r in doc.get("resources", ()):
-            text = r.pop("content_json", None)
-            if text is not None:
-                r["content"] = json.loads(text)
+        for key in _CONTENT_LISTS:
+            for r in doc.get(key, ()):
+                text = r.pop("content_json", None)
+                if text is not None:
+                    r["content"] = json.loads(text)
     except (TypeError, AttributeError, ValueError) as e:
         raise CorruptTwinError(f"bad resource content in twin {doc.get('_id')!r}: {e}") from e
     return Twin.from_document(doc)

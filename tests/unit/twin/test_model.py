@@ -60,6 +60,12 @@ def test_document_shape() -> None:
                 "position": 4,
             }
         ],
+        "pending": [],
+        "pending_count": 0,
+        "next_expiry": None,
+        "recent_outcomes": [],
+        "desired": [],
+        "delta": [],
         "position": 5,
         "version": 5,
         "created_at": T0 + timedelta(seconds=1),

@@ -1,0 +1,475 @@
+"""The command API and subscriptions end to end on real servers: the twin's API served on NATS
+request/reply, the client, the projector into MongoDB (FerretDB), the expiry sweeper, and
+JetStream subscriptions across the subscriber's restart and a NATS restart.
+
+The gateway's side (delivering commands to devices) is not here: where a device's answer is
+needed, the test appends it to the log as the gateway would. Each test has its own owner (the
+stream is shared), its own API subject prefix and its own database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from nats.aio.client import Client as NatsClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from eventstore.adapters.jetstream import JetStreamEventStore
+from gateway.tokens import JwtValidator, TokenIssuer
+from proto import api, binding, subjects
+from proto import events as ev
+from proto.events import AnyEvent, EventData
+from twin.adapters.mongo import MongoTwinStore
+from twin.adapters.nats_api import NatsApiServer
+from twin.api import ApiConfig, TwinApi
+from twin.model import Twin
+from twin.service import ProjectorConfig, TwinProjector
+from twin.sweeper import ExpirySweeper, SweeperConfig
+from twinhub_cli.datadir import DataDir
+from twinhub_cli.devservices import NatsServer
+from twinhub_client import (
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    TwinhubClient,
+    UnauthorizedError,
+)
+
+pytestmark = pytest.mark.servers
+
+WAIT = 30.0
+
+
+@dataclass
+class Env:
+    owner: str
+    other: str
+    nats_url: str
+    store: JetStreamEventStore
+    twins: MongoTwinStore
+    issuer: TokenIssuer
+    prefix: str
+    projector: TwinProjector
+
+    def dev(self, name: str) -> str:
+        """A device id of this test's own (device ids are global in the shared stream)."""
+        return f"{self.owner}-{name}"
+
+    def token(self, owner: str | None = None) -> str:
+        return self.issuer.issue(owner or self.owner, now=time.time(), ttl=600)
+
+    def client(self, owner: str | None = None, **kw: Any) -> TwinhubClient:
+        return TwinhubClient(self.nats_url, self.token(owner), api_prefix=self.prefix, **kw)
+
+    async def append(
+        self, device: str, data: EventData, *, owner: str | None = None, cid: str | None = None
+    ) -> int:
+        e: AnyEvent = ev.Event(
+            owner=owner or self.owner,
+            device_id=device,
+            data=data,
+            source="/test/gateway",
+            correlation_id=cid,
+        )
+        return (await self.store.append([binding.to_nats(e)])).last_position
+
+    async def register(self, device: str, owner: str | None = None) -> int:
+        return await self.append(device, ev.DeviceRegistered(), owner=owner)
+
+    async def events(self, device: str, kind: str | None = None) -> list[AnyEvent]:
+        f = subjects.event_filter(device=device, kind=kind)
+        return [binding.from_stored(m) async for m in self.store.read(f)]
+
+    async def wait_twin(self, device: str, cond: Any, timeout: float = WAIT) -> Twin:
+        async with asyncio.timeout(timeout):
+            while True:
+                t = await self.twins.get(device)
+                if t is not None and cond(t):
+                    return t
+                await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def open_env(
+    nats_url: str, db: AsyncDatabase[Any], *, issuer: TokenIssuer | None = None, prefix: str = ""
+) -> AsyncIterator[Env]:
+    owner = "o" + uuid.uuid4().hex[:10]
+    issuer = issuer or TokenIssuer(ec.generate_private_key(ec.SECP256R1()), kid="e2e")
+    prefix = prefix or f"t{uuid.uuid4().hex[:8]}.api.v1"
+    projector_name = f"p-{owner}"
+    async with JetStreamEventStore.from_url(nats_url) as store:
+        await store.provision()
+        twins = MongoTwinStore(db)
+        await twins.ensure_indexes()
+        cfg = ProjectorConfig(name=projector_name, filter_subject=subjects.event_filter(owner))
+        twin_api = TwinApi(
+            store, twins, JwtValidator(issuer.public_keys), ApiConfig(projector=projector_name)
+        )
+        async with (
+            TwinProjector(twins, store, cfg) as projector,
+            NatsApiServer(store.connection, twin_api, prefix=prefix),
+            ExpirySweeper(twins, store, SweeperConfig(interval=0.2)),
+        ):
+            yield Env(
+                owner,
+                "x" + owner,
+                nats_url,
+                store,
+                twins,
+                issuer,
+                prefix,
+                projector,
+            )
+
+
+@pytest.fixture
+async def env(nats_url: str, mongo_db: AsyncDatabase[Any]) -> AsyncIterator[Env]:
+    async with open_env(nats_url, mongo_db) as e:
+        yield e
+
+
+async def test_authorization(env: Env, nats_client: NatsClient) -> None:
+    await env.register(env.dev("d1"))
+    await env.register(env.dev("theirs"), owner=env.other)
+    async with env.client(env.other) as other, env.client() as mine:
+        with pytest.raises(ForbiddenError):
+            await other.update(env.dev("d1"), "/light", {"value": True})
+        with pytest.raises(ForbiddenError):
+            await other.get_twin(env.dev("d1"))
+        with pytest.raises(ForbiddenError):
+            await mine.cancel(env.dev("theirs"))
+        with pytest.raises(NotFoundError):
+            await mine.get_twin(env.dev("no-such-device"))
+        with pytest.raises(BadRequestError):
+            await mine.update(env.dev("d1"), "no-slash", {"value": True})
+        assert [d["device_id"] for d in (await mine.list_devices()).devices] in (
+            [],
+            [env.dev("d1")],
+        )
+    async with TwinhubClient(env.nats_url, "garbage", api_prefix=env.prefix) as bad:
+        with pytest.raises(UnauthorizedError):
+            await bad.get_twin(env.dev("d1"))
+    # without a token, and with a body that is not a request: typed errors, never silence
+    no_token = await nats_client.request(f"{env.prefix}.twin-get", b'{"device_id":"d1"}', 5)
+    assert api.decode_reply(no_token.data).error == api.ApiError(
+        code="unauthorized", message="missing bearer token (Authorization header)"
+    )
+    for subject, body in ((f"{env.prefix}.update", b"{]"), (f"{env.prefix}.bogus", b"{}")):
+        msg = await nats_client.request(subject, body, 5, headers=api.bearer(env.token()))
+        reply = api.decode_reply(msg.data)
+        assert reply.error is not None and reply.error.code == "bad_request"
+    assert await env.events(env.dev("d1"), "command-pending") == []
+
+
+async def test_commands_are_recorded_then_deduplicated_and_canceled(env: Env) -> None:
+    await env.register(env.dev("d1"))
+    async with env.client() as c:
+        accepted = await c.update(
+            env.dev("d1"), "/light", {"value": True}, correlation_id="c-1", ttl=60
+        )
+        # recorded in the log before the reply
+        (pending,) = await env.events(env.dev("d1"), "command-pending")
+        assert (pending.position, pending.correlation_id) == (accepted.position, "c-1")
+        with pytest.raises(ConflictError):
+            await c.update(env.dev("d1"), "/light", {"value": False}, correlation_id="c-1")
+        await c.retrieve(env.dev("d1"), "/oic/d", correlation_id="c-2")
+        await c.delete(
+            env.dev("d1"), "/unpublished/yet", correlation_id="c-3"
+        )  # waits for a publish
+        listed = await c.list_pending(env.dev("d1"))
+        assert [p.correlation_id for p in listed] == ["c-1", "c-2", "c-3"]
+        twin, position = await c.get_twin(env.dev("d1"))
+        assert position >= accepted.position
+        assert [p["correlation_id"] for p in twin["pending"]] == ["c-1", "c-2", "c-3"]
+        canceled = await c.cancel(env.dev("d1"), correlation_id="c-2")
+        assert canceled.canceled == ["c-2"]
+        rest = await c.cancel(env.dev("d1"))
+        assert rest.canceled == ["c-1", "c-3"]
+        assert await c.list_pending(env.dev("d1")) == []
+    twin_doc = await env.wait_twin(
+        env.dev("d1"), lambda t: not t.pending and len(t.recent_outcomes) == 3
+    )
+    assert {o.state for o in twin_doc.recent_outcomes} == {"canceled"}
+
+
+async def test_wait_returns_the_outcome_the_gateway_records(env: Env) -> None:
+    await env.register(env.dev("d1"))
+    async with env.client() as c:
+
+        async def device_answers() -> None:
+            # as the gateway would: sent, then the device's answer
+            async with asyncio.timeout(WAIT):
+                while not (pending := await env.events(env.dev("d1"), "command-pending")):
+                    await asyncio.sleep(0.02)
+            cid = pending[0].correlation_id
+            sent = ev.CommandSent(href="/light", gateway="gw", connection_id="k", attempt=1)
+            await env.append(env.dev("d1"), sent, cid=cid)
+            answer = ev.CommandSucceeded(href="/light", status="2.04", content={"value": True})
+            await env.append(env.dev("d1"), answer, cid=cid)
+
+        answering = asyncio.create_task(device_answers())
+        outcome = await c.update(
+            env.dev("d1"), "/light", {"value": True}, wait=True, wait_timeout=WAIT
+        )
+        await answering
+        assert isinstance(outcome.data, ev.CommandSucceeded)
+        assert outcome.data.status == "2.04"
+        pending = await c.list_pending(env.dev("d1"))
+        assert pending == []
+
+
+async def test_expiry_by_the_sweeper_for_a_device_that_never_comes_online(env: Env) -> None:
+    await env.register(env.dev("offline-forever"))
+    async with env.client() as c:
+        started = time.monotonic()
+        outcome = await c.retrieve(
+            env.dev("offline-forever"), "/oic/d", ttl=1, wait=True, wait_timeout=WAIT
+        )
+        assert isinstance(outcome.data, ev.CommandExpired)
+        assert time.monotonic() - started >= 0.9
+        await c.update(env.dev("offline-forever"), "/a", {"x": 1}, ttl=1)
+        await c.update(env.dev("offline-forever"), "/b", {"x": 1}, ttl=1)
+    twin = await env.wait_twin(env.dev("offline-forever"), lambda t: len(t.recent_outcomes) == 3)
+    assert twin.pending == () and twin.next_expiry is None
+    assert [o.state for o in twin.recent_outcomes] == ["expired"] * 3
+    expired = await env.events(env.dev("offline-forever"), "command-expired")
+    assert len(expired) == 3  # once each, though the sweeper saw the twins several times
+
+
+async def test_desired_state_delta_supersede_and_reached(env: Env) -> None:
+    await env.register(env.dev("d1"))
+    await env.append(
+        env.dev("d1"), ev.ResourceChanged(href="/light", content={"value": False, "dim": 5})
+    )
+    async with env.client() as c:
+        first = await c.set_desired(env.dev("d1"), "/light", {"value": True, "dim": 5})
+        assert first.version == 1
+        twin = await env.wait_twin(env.dev("d1"), lambda t: t.desired)
+        assert twin.delta() == {"/light": {"value": True}}
+        # the gateway issues an update for the delta; newer desired state supersedes it
+        await env.append(
+            env.dev("d1"),
+            ev.CommandPending(
+                href="/light", op="update", content={"value": True}, reason="desired"
+            ),
+            cid="desired-upd-1",
+        )
+        second = await c.set_desired(env.dev("d1"), "/light", {"value": True, "dim": 7})
+        assert (second.version, second.superseded) == (2, ["desired-upd-1"])
+        (canceled,) = await env.events(env.dev("d1"), "command-canceled")
+        assert isinstance(canceled.data, ev.CommandCanceled)
+        assert canceled.data.reason == "superseded"
+        doc, _ = await c.get_twin(env.dev("d1"))
+        assert doc["delta"] == [{"href": "/light", "content": {"value": True, "dim": 7}}]
+        # the device reports the desired content: the delta empties and an event says so
+        await env.append(
+            env.dev("d1"), ev.ResourceChanged(href="/light", content={"value": True, "dim": 7})
+        )
+        reached_twin = await env.wait_twin(
+            env.dev("d1"), lambda t: t.desired and t.desired[0].reached
+        )
+        assert reached_twin.delta() == {}
+        (reached,) = await env.events(env.dev("d1"), "desired-reached")
+        assert isinstance(reached.data, ev.DesiredReached) and reached.data.version == 2
+        cleared = await c.clear_desired(env.dev("d1"), "/light")
+        assert cleared.version == 3
+    twin = await env.wait_twin(env.dev("d1"), lambda t: t.desired and t.desired[0].cleared)
+    assert twin.to_json()["delta"] == []
+
+
+async def test_list_pending_across_devices_and_list_devices(env: Env) -> None:
+    for d in (env.dev("a"), env.dev("b")):
+        await env.register(d)
+    async with env.client() as c:
+        await c.update(env.dev("a"), "/x", 1, correlation_id="1")
+        await c.update(env.dev("b"), "/x", 2, correlation_id="2")
+        await env.wait_twin(env.dev("b"), lambda t: t.pending)
+        await env.wait_twin(env.dev("a"), lambda t: t.pending)
+        listed = await c.list_pending()
+        assert {(p.device_id, p.correlation_id) for p in listed} == {
+            (env.dev("a"), "1"),
+            (env.dev("b"), "2"),
+        }
+        devices = await c.list_devices()
+        assert [d["device_id"] for d in devices.devices] == [env.dev("a"), env.dev("b")]
+        assert devices.position >= 1
+
+
+# -- subscriptions ---------------------------------------------------------------------------
+
+
+async def _changes(env: Env, device: str, values: Sequence[int]) -> list[int]:
+    out = []
+    for v in values:
+        out.append(await env.append(device, ev.ResourceChanged(href="/n", content={"v": v})))
+    return out
+
+
+async def _take(sub: Any, n: int) -> list[AnyEvent]:
+    out = []
+    async with asyncio.timeout(WAIT):
+        async for e in sub:
+            out.append(e)
+            if len(out) == n:
+                break
+    return out
+
+
+async def test_resync_contract_subscribe_from_the_twins_position(env: Env) -> None:
+    await env.register(env.dev("d1"))
+    await env.register(env.dev("d2"))
+    await _changes(env, env.dev("d1"), range(3))
+    async with env.client() as c:
+        _, position = await c.get_twin(env.dev("d1"))
+        later = await _changes(env, env.dev("d1"), range(3, 6))
+        await _changes(env, env.dev("d2"), range(2))  # another device: filtered out by the server
+        sub = c.subscribe(
+            env.owner, env.dev("d1"), types=["resource-changed"], from_position=position
+        )
+        async with sub:
+            got = await _take(sub, 3)
+        assert [e.position for e in got] == later
+        assert [e.data.content for e in got] == [{"v": 3}, {"v": 4}, {"v": 5}]  # type: ignore[union-attr]
+
+
+async def test_durable_subscription_survives_its_own_restart(env: Env) -> None:
+    await env.register(env.dev("d1"))
+    start = await env.store.last_position()
+    positions = await _changes(env, env.dev("d1"), range(10))
+    seen: list[int] = []
+    async with env.client() as c:
+        async with c.subscribe(
+            env.owner, env.dev("d1"), from_position=start, durable=f"w-{env.owner}"
+        ) as s:
+            seen += [e.position or 0 for e in await _take(s, 4)]
+        positions += await _changes(env, env.dev("d1"), range(10, 15))
+        # a crash: the last event handed out is not acknowledged, it comes again
+        s2 = c.subscribe(env.owner, env.dev("d1"), from_position=0, durable=f"w-{env.owner}")
+        await s2.open()
+        seen += [e.position or 0 for e in await _take(s2, 3)]
+        await s2.close(ack=False)
+    async with (
+        env.client() as c2,  # another process, same name
+        c2.subscribe(env.owner, env.dev("d1"), durable=f"w-{env.owner}") as s3,
+    ):
+        redelivered = await _take(s3, 1)
+        assert redelivered[0].position == seen[-1]
+        seen += [e.position or 0 for e in await _take(s3, len(positions) - len(seen))]
+        assert await s3.next(timeout=0.3) is None
+    assert seen == positions  # everything once, in order
+
+
+async def test_subscription_and_api_survive_a_nats_restart(
+    env: Env, nats_server: NatsServer
+) -> None:
+    await env.register(env.dev("d1"))
+    start = await env.store.last_position()
+    before = await _changes(env, env.dev("d1"), range(5))
+    async with env.client() as c:
+        async with c.subscribe(
+            env.owner, env.dev("d1"), types=[ev.ResourceChanged], from_position=start
+        ) as s:
+            got = [e.position for e in await _take(s, 3)]
+            await nats_server.stop()
+            await nats_server.start()
+            after: list[int] = []
+            async with asyncio.timeout(WAIT):
+                while not after:
+                    with contextlib.suppress(Exception):
+                        after = await _changes(env, env.dev("d1"), range(5, 10))
+                    await asyncio.sleep(0.1)
+            got += [e.position for e in await _take(s, 7)]
+        assert got == before + after
+        # the API answers again too (the service re-subscribed on reconnect)
+        async with asyncio.timeout(WAIT):
+            while True:
+                try:
+                    accepted = await c.retrieve(env.dev("d1"), "/oic/d")
+                    break
+                except Exception:
+                    await asyncio.sleep(0.1)
+        assert accepted.position > after[-1]
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+async def _twinhub(*args: str, env_vars: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "twinhub_cli.main",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env_vars or {})},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_commands_against_a_local_stack(
+    nats_url: str, mongo_db: AsyncDatabase[Any], mongo_server: Any, tmp_path: Path
+) -> None:
+    data = DataDir(tmp_path / "data")
+    data.write_stack(
+        {"nats_url": nats_url, "mongo_url": mongo_server.url, "database": mongo_db.name}
+    )
+    async with open_env(nats_url, mongo_db, issuer=data.issuer(), prefix=api.API_PREFIX) as env:
+        await env.register(env.dev("d1"))
+        dd = ("--data-dir", str(data.root), "--owner", env.owner)
+        code, out, err = await _twinhub(
+            "cmd", "update", env.dev("d1"), "/light", '{"value": true}', *dd
+        )
+        assert code == 0, err
+        accepted = json.loads(out)
+        assert accepted["device_id"] == env.dev("d1")
+        code, out, err = await _twinhub(
+            "cmd", "retrieve", env.dev("d1"), "/oic/d", "--ttl", "1", "--wait", *dd
+        )
+        assert code == 1, err  # not succeeded: printed the outcome
+        assert json.loads(out)["type"] == ev.CommandExpired.TYPE
+        code, out, err = await _twinhub("pending", "--device", env.dev("d1"), "--json", *dd)
+        assert code == 0, err
+        assert [json.loads(line)["correlation_id"] for line in out.splitlines()] == [
+            accepted["correlation_id"]
+        ]
+        code, out, err = await _twinhub(
+            "desired", "set", env.dev("d1"), "/light", '{"value": false}', *dd
+        )
+        assert (code, out.strip()) == (0, f"desired /light of {env.dev('d1')}: version 1"), err
+        code, out, _ = await _twinhub("cmd", "cancel", env.dev("d1"), *dd)
+        assert code == 0 and out.startswith("canceled 1 command(s)")
+        code, out, err = await _twinhub(
+            "cmd", "update", env.dev("d1"), "/light", "1", "--token", env.token(env.other), *dd[:2]
+        )
+        assert code == 1 and "forbidden" in err
+        code, out, err = await _twinhub(
+            "watch",
+            "--owner",
+            env.owner,
+            "--device",
+            env.dev("d1"),
+            "--from",
+            "0",
+            "--count",
+            "3",
+            *dd[:2],
+        )
+        assert code == 0, err
+        kinds = [json.loads(line)["type"] for line in out.splitlines()]
+        assert kinds == [ev.DeviceRegistered.TYPE, ev.CommandPending.TYPE, ev.CommandPending.TYPE]

@@ -1,0 +1,294 @@
+"""The command API (sans-IO core and its driver) over the in-memory log and twin store."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+from eventstore.memory import InMemoryEventStore
+from proto import api, binding, subjects
+from proto import events as ev
+from proto.events import AnyEvent
+from twin import commands
+from twin.api import ApiConfig, TwinApi, latest_twin
+from twin.memory import InMemoryTwinStore
+from twin.service import ProjectorConfig, TwinProjector
+from twin.sweeper import ExpirySweeper
+
+from .factory import T0
+
+NOW = T0.timestamp() + 1000
+
+
+@dataclass(frozen=True)
+class Claims:
+    owner: str
+    token_type: str = "access"
+
+
+class Validator:
+    """Tokens are "owner" or "refresh:owner"; anything else is refused."""
+
+    def validate(self, token: str, now: float) -> Claims:
+        if token.startswith("refresh:"):
+            return Claims(token.split(":", 1)[1], "refresh")
+        if not token.isalnum():
+            raise ValueError("bad token")
+        return Claims(token)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = NOW
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class World:
+    log: InMemoryEventStore
+    twins: InMemoryTwinStore
+    api: TwinApi
+    clock: Clock
+
+    async def call(self, request: api.ApiRequest, token: str | None = "alice") -> api.Reply:
+        reply = await self.api.handle(request.OP, api.encode_request(request), token)
+        return api.decode_reply(api.encode_reply(reply))  # as a client sees it
+
+    async def ok(self, request: api.ApiRequest, token: str = "alice") -> Any:
+        reply = await self.call(request, token)
+        assert reply.ok, reply.error
+        return reply.result
+
+    async def code(self, request: api.ApiRequest, token: str | None = "alice") -> str:
+        reply = await self.call(request, token)
+        assert not reply.ok and reply.error is not None
+        return reply.error.code
+
+    async def append(self, data: ev.EventData, owner: str = "alice", **kw: Any) -> int:
+        e: AnyEvent = ev.Event(
+            owner=owner, device_id=kw.pop("device", "d1"), data=data, source="/t", **kw
+        )
+        return (await self.log.append([binding.to_nats(e)])).last_position
+
+    async def events(self, kind: str | None = None) -> list[AnyEvent]:
+        f = subjects.event_filter(device="d1", kind=kind)
+        return [binding.from_stored(m) async for m in self.log.read(f)]
+
+    async def project(self) -> None:
+        """Fold the whole log into the store (what the projector does)."""
+        async with TwinProjector(self.twins, self.log, ProjectorConfig(name="p")) as p:
+            await p.wait_for_position(await self.log.last_position(), 5)
+
+
+@pytest.fixture
+async def world() -> World:
+    log = InMemoryEventStore()
+    await log.provision()
+    twins = InMemoryTwinStore()
+    clock = Clock()
+    w = World(
+        log, twins, TwinApi(log, twins, Validator(), ApiConfig(projector="p"), clock=clock), clock
+    )
+    await w.append(ev.DeviceRegistered())
+    await w.append(ev.DeviceRegistered(), owner="bob", device="b1")
+    return w
+
+
+def update(cid: str | None = None, **kw: Any) -> api.UpdateResource:
+    kw.setdefault("content", {"value": True})
+    return api.UpdateResource(device_id="d1", href="/light", correlation_id=cid, **kw)
+
+
+async def test_command_is_recorded_before_the_reply(world: World) -> None:
+    result = msgspec.convert(await world.ok(update("c-1", ttl=30)), api.CommandAccepted)
+    assert result.correlation_id == "c-1"
+    (pending,) = await world.events("command-pending")
+    assert pending.position == result.position
+    assert pending.correlation_id == "c-1"
+    assert isinstance(pending.data, ev.CommandPending)
+    assert pending.data.content == {"value": True}
+    assert pending.data.expires_at is not None
+    assert pending.data.expires_at.timestamp() == pytest.approx(NOW + 30)
+    assert result.expires_at.endswith("Z")
+
+
+async def test_generated_correlation_id(world: World) -> None:
+    result = await world.ok(api.RetrieveResource(device_id="d1", href="/oic/d"))
+    uuid.UUID(result["correlation_id"])
+
+
+async def test_duplicate_correlation_id_is_a_conflict_while_pending(world: World) -> None:
+    await world.ok(update("dup"))
+    # the twin store has not seen it yet: the API reads the log's tail
+    assert await world.twins.get("d1") is None
+    assert await world.code(update("dup")) == "conflict"
+    await world.append(ev.CommandSucceeded(href="/light", status="2.04"), correlation_id="dup")
+    again = await world.ok(update("dup"))  # ended: the id may be used again
+    assert len(await world.events("command-pending")) == 2
+    assert again["correlation_id"] == "dup"
+
+
+async def test_authorization(world: World) -> None:
+    assert await world.code(update(), token=None) == "unauthorized"
+    assert await world.code(update(), token="garbage!") == "unauthorized"
+    assert await world.code(update(), token="refresh:alice") == "unauthorized"
+    assert await world.code(update(), token="bob") == "forbidden"
+    assert await world.code(api.GetTwin(device_id="d1"), token="bob") == "forbidden"
+    assert await world.code(api.CancelCommands(device_id="d1"), token="bob") == "forbidden"
+    assert await world.code(api.ListPending(device_id="d1"), token="bob") == "forbidden"
+    assert await world.code(api.GetTwin(device_id="nobody")) == "not_found"
+    assert await world.code(update().__class__(device_id="zz", href="/a", content=1)) == (
+        "not_found"
+    )
+    assert await world.events("command-pending") == []
+
+
+@pytest.mark.parametrize(
+    ("op", "body"),
+    [
+        ("update", b"{not json"),
+        ("update", b'{"device_id": "d1"}'),
+        ("update", b'{"device_id": "d1", "href": "/a"}'),  # no content
+        ("update", b'{"device_id": "d1", "href": "a", "content": 1}'),  # href
+        ("update", b'{"device_id": "d1", "href": "/a", "content": 1, "ttl": 0}'),
+        ("update", b'{"device_id": "d1", "href": "/a", "content": 1, "ttl": 1e9}'),
+        ("update", b'{"device_id": "", "href": "/a", "content": 1}'),
+        (
+            "update",
+            b'{"device_id": "d1", "href": "/a", "content_b64": "***", "content_format": 60}',
+        ),
+        ("retrieve", b'{"device_id": "d1", "href": "/a", "correlation_id": ""}'),
+        ("retrieve", b'{"device_id": "d1", "href": "/a", "max_attempts": 0}'),
+        ("pending-list", b'{"limit": 0}'),
+        ("nope", b"{}"),
+    ],
+)
+async def test_malformed_requests_get_bad_request(world: World, op: str, body: bytes) -> None:
+    reply = await world.api.handle(op, body, "alice")
+    assert reply.error is not None and reply.error.code == "bad_request", reply
+
+
+async def test_cancel(world: World) -> None:
+    await world.ok(update("a"))
+    await world.ok(update("b"))
+    await world.ok(api.RetrieveResource(device_id="d1", href="/other", correlation_id="c"))
+    one = await world.ok(api.CancelCommands(device_id="d1", correlation_id="a"))
+    assert one["canceled"] == ["a"]
+    assert await world.code(api.CancelCommands(device_id="d1", correlation_id="a")) == ("not_found")
+    by_href = await world.ok(api.CancelCommands(device_id="d1", href="/light"))
+    assert by_href["canceled"] == ["b"]
+    rest = await world.ok(api.CancelCommands(device_id="d1"))
+    assert rest["canceled"] == ["c"]
+    assert (await world.ok(api.CancelCommands(device_id="d1")))["canceled"] == []
+    canceled = await world.events("command-canceled")
+    assert [e.correlation_id for e in canceled] == ["a", "b", "c"]
+    twin = await latest_twin(world.twins, world.log, "d1")
+    assert twin is not None and twin.pending == ()
+
+
+async def test_desired_set_supersedes_pending_desired_updates(world: World) -> None:
+    first = await world.ok(api.SetDesired(device_id="d1", href="/light", content={"value": True}))
+    assert (first["version"], first["superseded"]) == (1, [])
+    # the gateway issued an update for the delta
+    await world.append(
+        ev.CommandPending(href="/light", op="update", content={"value": True}, reason="desired"),
+        correlation_id="desired-1",
+    )
+    await world.ok(update("user"))  # a user's update is not superseded
+    second = await world.ok(api.SetDesired(device_id="d1", href="/light", content={"value": False}))
+    assert (second["version"], second["superseded"]) == (2, ["desired-1"])
+    (canceled,) = await world.events("command-canceled")
+    assert isinstance(canceled.data, ev.CommandCanceled)
+    assert (canceled.correlation_id, canceled.data.reason) == ("desired-1", "superseded")
+    assert canceled.position is not None and canceled.position < second["position"]
+    cleared = await world.ok(api.ClearDesired(device_id="d1", href="/light"))
+    assert cleared["version"] == 3
+    noop = await world.ok(api.ClearDesired(device_id="d1", href="/light"))
+    assert (noop["version"], noop["position"]) == (3, None)
+    again = await world.ok(api.SetDesired(device_id="d1", href="/light", content={"value": 1}))
+    assert again["version"] == 4
+    twin = await latest_twin(world.twins, world.log, "d1")
+    assert twin is not None
+    assert twin.delta() == {"/light": {"value": 1}}
+    assert [c.correlation_id for c in twin.pending] == ["user"]
+
+
+async def test_get_twin_and_lists(world: World) -> None:
+    await world.ok(update("p1"))
+    got = msgspec.convert(await world.ok(api.GetTwin(device_id="d1")), api.TwinResult)
+    assert got.position == await world.log.last_position(subjects.device_scope("d1"))
+    assert [c["correlation_id"] for c in got.twin["pending"]] == ["p1"]
+    one = await world.ok(api.ListPending(device_id="d1"))
+    assert [c["correlation_id"] for c in one["commands"]] == ["p1"]
+    # across devices: from the store, once projected
+    await world.project()
+    listed = await world.ok(api.ListPending())
+    assert [c["correlation_id"] for c in listed["commands"]] == ["p1"]
+    assert (await world.ok(api.ListPending(state="sent")))["commands"] == []
+    devices = msgspec.convert(await world.ok(api.ListDevices()), api.DeviceList)
+    assert [d["device_id"] for d in devices.devices] == ["d1"]  # bob's b1 is not listed
+    assert devices.position == await world.log.last_position()
+
+
+async def test_concurrent_commands_with_one_id_record_one(world: World) -> None:
+    import asyncio
+
+    replies = await asyncio.gather(*(world.call(update("same")) for _ in range(5)))
+    assert sum(r.ok for r in replies) == 1
+    assert {r.error.code for r in replies if r.error is not None} == {"conflict"}
+    assert len(await world.events("command-pending")) == 1
+
+
+async def test_sweeper_expires_due_commands_once(world: World) -> None:
+    await world.ok(update("short", ttl=5))
+    await world.ok(update("long", ttl=500))
+    await world.project()
+    sweeper = ExpirySweeper(world.twins, world.log, clock=world.clock)
+    assert await sweeper.sweep() == 0
+    world.clock.t += 6
+    assert await sweeper.sweep() == 1
+    assert await sweeper.sweep() == 0  # the store still shows it open: the tail says it ended
+    (expired,) = await world.events("command-expired")
+    assert expired.correlation_id == "short"
+    await world.project()
+    twin = await world.twins.get("d1")
+    assert twin is not None
+    assert [c.correlation_id for c in twin.pending] == ["long"]
+    assert twin.recent_outcomes[-1].state == "expired"
+
+
+async def test_projector_appends_desired_reached(world: World) -> None:
+    await world.ok(api.SetDesired(device_id="d1", href="/light", content={"value": True}))
+    await world.append(ev.ResourceChanged(href="/light", content={"value": False}))
+    await world.project()
+    assert await world.events("desired-reached") == []
+    await world.append(ev.ResourceChanged(href="/light", content={"value": True, "x": 1}))
+    await world.project()
+    await world.project()  # folds the reached event; a replay appends nothing new
+    (reached,) = await world.events("desired-reached")
+    assert isinstance(reached.data, ev.DesiredReached) and reached.data.version == 1
+    twin = await world.twins.get("d1")
+    assert twin is not None and twin.desired[0].reached and twin.delta() == {}
+
+
+def test_decide_is_pure() -> None:
+    from twin.fold import fold_all
+
+    from .factory import event
+
+    twin = fold_all(None, [event(ev.DeviceRegistered(), 1)])
+    now = T0 + timedelta(seconds=5)
+    a = commands.decide(update("x"), "alice", twin, now, expected_last=0)
+    b = commands.decide(update("x"), "alice", twin, now, expected_last=0)
+    assert isinstance(a, commands.Record) and isinstance(b, commands.Record)
+    assert a.events == b.events  # same decision, same event ids: a retried append dedups
+    c = commands.decide(update("x"), "alice", twin, now, expected_last=7)
+    assert isinstance(c, commands.Record) and c.events[0].id != a.events[0].id
+    assert a.scope == "twinhub.ev.alice.d1.command-pending.>"

@@ -1,0 +1,220 @@
+"""The command API's driver: decode, authenticate, load the latest state, decide, record, reply.
+
+:class:`TwinApi` does the I/O around the sans-IO core :mod:`twin.commands` through the ports
+only (:class:`~eventstore.ports.EventStore`, :class:`~twin.ports.TwinStore`) and an injected
+token validator, so it runs the same over the in-memory adapters in unit tests and over
+JetStream + MongoDB in production. The transport (NATS request/reply) is
+:mod:`twin.adapters.nats_api`.
+
+Every request gets a reply: a typed error for anything that goes wrong (``unavailable`` while
+the log or the store cannot be reached, ``internal`` for a bug, logged), never an exception.
+
+The latest twin of a device (:func:`latest_twin`) is the stored twin with the device's log tail
+folded onto it: the store lags the log by the projector's batch, and a duplicate correlation
+id or a cancel must see the command accepted a moment ago. The tail read is one
+``last_position`` on the device's subjects when the store is up to date.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, Protocol
+
+from eventstore.errors import (
+    ConcurrencyError,
+    EventStoreError,
+    InvalidAppendError,
+    UnavailableError,
+)
+from eventstore.ports import AppendResult, EventStore
+from proto import api, binding, subjects
+from proto.errors import BindingError
+from twin import commands
+from twin.commands import Answer, Record, error
+from twin.errors import StoreUnavailableError, TwinStoreError
+from twin.fold import fold
+from twin.model import Twin
+from twin.ports import TwinStore
+
+__all__ = ["ApiConfig", "Caller", "TokenValidator", "TwinApi", "latest_twin"]
+
+log = logging.getLogger(__name__)
+
+MAX_DECISIONS: Final = 8  # conditional appends refused this often: give up with "unavailable"
+
+
+class Caller(Protocol):
+    """What the API needs of a validated token (``gateway.tokens.Claims`` is one)."""
+
+    @property
+    def owner(self) -> str: ...
+
+    @property
+    def token_type(self) -> str: ...
+
+
+class TokenValidator(Protocol):
+    """Validates a bearer token at ``now`` (seconds since the epoch); raises on a bad one.
+
+    The composition root injects the gateway's JWT validator: the twin does not import it.
+    """
+
+    def validate(self, token: str, now: float) -> Caller: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """``projector`` names the checkpoint that ``devices-list`` reports as its position.
+    ``append_timeout``: how long an append is retried (same ids) while the log is unavailable."""
+
+    projector: str = "twin-projector"
+    append_timeout: float = 5.0
+    retry_initial: float = 0.05
+
+
+async def latest_twin(twins: TwinStore, events: EventStore, device_id: str) -> Twin | None:
+    """The stored twin of ``device_id`` with its newer events of the log folded onto it."""
+    twin = await twins.get(device_id)
+    after = 0 if twin is None else twin.position
+    async for stored in events.read(subjects.device_scope(device_id), after=after):
+        try:
+            event = binding.from_stored(stored)
+        except BindingError as e:
+            log.warning("skipping undecodable event at %d: %s", stored.position, e)
+            continue
+        twin = fold(twin, event)
+    return twin
+
+
+class TwinApi:
+    """Answers API requests (see the module docstring). Safe to call concurrently."""
+
+    def __init__(
+        self,
+        events: EventStore,
+        twins: TwinStore,
+        validator: TokenValidator,
+        config: ApiConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._events = events
+        self._twins = twins
+        self._validator = validator
+        self.config = config or ApiConfig()
+        self._clock = clock
+
+    async def handle(self, op: str, body: bytes, token: str | None) -> api.Reply:
+        """The reply to one request of operation ``op`` (the subject's last token)."""
+        try:
+            request = api.decode_request(op, body)
+        except api.ApiDecodeError as e:
+            return error("bad_request", str(e))
+        if token is None:
+            return error("unauthorized", "missing bearer token (Authorization header)")
+        now = self._clock()
+        try:
+            caller = self._validator.validate(token, now)
+        except Exception as e:  # the validator's own error type is not ours to import
+            return error("unauthorized", f"invalid token: {e}")
+        if caller.token_type != "access":
+            return error("unauthorized", f"a {caller.token_type} token cannot call the API")
+        try:
+            return await self._handle(request, caller.owner, now)
+        except (UnavailableError, StoreUnavailableError) as e:
+            log.warning("%s: unavailable: %s", op, e)
+            return error("unavailable", str(e))
+        except (EventStoreError, TwinStoreError) as e:
+            log.error("%s: %s", op, e)
+            return error("unavailable", str(e))
+        except Exception:
+            log.exception("%s: failed", op)
+            return error("internal", "internal error (logged)")
+
+    async def _handle(self, request: api.ApiRequest, owner: str, now_s: float) -> api.Reply:
+        now = datetime.fromtimestamp(now_s, UTC)
+        match request:
+            case api.ListDevices():
+                return await self._list_devices(request, owner)
+            case api.ListPending() if request.device_id is None:
+                return await self._list_pending(request, owner)
+            case api.ListPending():
+                problem = commands.validate(request)
+                if problem is not None:
+                    return error("bad_request", problem)
+                assert request.device_id is not None
+                twin = await latest_twin(self._twins, self._events, request.device_id)
+                if twin is None:
+                    return error("not_found", f"no device {request.device_id!r}")
+                if twin.owner != owner:
+                    return error("forbidden", "device belongs to another owner")
+                return commands.pending_list(request, owner, [twin])
+        problem = commands.validate(request)
+        if problem is not None:
+            return error("bad_request", problem)
+        scope = commands.scope_for(request, owner)
+        for _ in range(MAX_DECISIONS):
+            expected = None if scope is None else await self._events.last_position(scope)
+            twin = await latest_twin(self._twins, self._events, request.device_id)
+            decision = commands.decide(
+                request, owner, twin, now, caller=owner, expected_last=expected
+            )
+            if isinstance(decision, Answer):
+                return decision.reply
+            try:
+                result = await self._append(decision)
+            except ConcurrencyError:
+                log.debug("%s on %s: state moved, deciding again", request.OP, request.device_id)
+                continue
+            return decision.reply(result.positions)
+        return error("unavailable", "too many concurrent changes to this device; retry")
+
+    async def _append(self, record: Record) -> AppendResult:
+        """Append, retrying with the same ids (deduplicated) while the log is unavailable."""
+        messages = [binding.to_nats(e) for e in record.events]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.append_timeout
+        delay = self.config.retry_initial
+        while True:
+            try:
+                if record.scope is None:
+                    return await self._events.append(messages)
+                return await self._events.append(
+                    messages, expected_last=record.expected_last or 0, scope=record.scope
+                )
+            except UnavailableError:
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except InvalidAppendError as e:
+                raise EventStoreError(f"append refused: {e}") from e
+
+    async def _list_devices(self, request: api.ListDevices, owner: str) -> api.Reply:
+        problem = commands.validate(request)
+        if problem is not None:
+            return error("bad_request", problem)
+        # The checkpoint first: every event up to it is in every twin read afterwards.
+        position = await self._twins.checkpoint(self.config.projector)
+        found = await self._twins.find(
+            owner=owner,
+            online=request.online,
+            resource_type=request.resource_type,
+            limit=request.limit,
+            after_id=request.after_id,
+        )
+        return commands.device_list(found, position, request.limit)
+
+    async def _list_pending(self, request: api.ListPending, owner: str) -> api.Reply:
+        problem = commands.validate(request)
+        if problem is not None:
+            return error("bad_request", problem)
+        found = await self._twins.find(
+            owner=owner, has_pending=True, include_deleted=True, limit=request.limit
+        )
+        return commands.pending_list(request, owner, found)

@@ -1,0 +1,507 @@
+"""The command API as a sans-IO core: (request, caller, latest twin, now) -> a decision.
+
+No awaiting, no clock, no randomness of its own: the driver (:mod:`twin.api`) reads the caller's
+owner from the token, loads the device's *latest* twin (the stored twin plus the device's log
+tail folded onto it) and the current last position of the request's :func:`scope_for`, and calls
+:func:`decide`. The decision is either an :class:`Answer` (a reply, nothing to record) or a
+:class:`Record`: events to append — conditionally on ``expected_last`` in ``scope`` when
+the check that led to them must still hold when they land — and how to reply once the log
+acknowledged them.
+
+Why a conditional append (optimistic concurrency on the log) rather than trusting the twin:
+the twin in the store lags the log, and several twin instances may serve the API. Reading the
+tail closes the lag; the condition closes the race between two instances (or two requests) that
+read the same state. Scopes are as narrow as the check: a command's is the device's
+``command-pending`` subjects (a duplicate correlation id can only come from another
+``command-pending``), desired state's the resource's subjects (``*.<href>``: its versions).
+Device reports on other resources never make a command request retry.
+
+Message ids are derived, never random: a command's from (device, correlation id, the expected
+last position), so a retried append of the same decision is deduplicated by the log, while the
+same correlation id reused after the command ended gets a new id. Cancel and expiry ids come
+from (device, correlation id, the command's position): two instances canceling or expiring the
+same command write it once (within the log's duplicate window; beyond it the fold ignores an
+end of a command that already ended).
+
+Also here, pure as well: :func:`expiry_events` (what the sweeper appends) and
+:func:`reached_events` (what the projector appends when a resource's delta became empty).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from proto import api, subjects
+from proto.errors import SubjectError
+from proto.events import (
+    AnyEvent,
+    CommandCanceled,
+    CommandExpired,
+    CommandPending,
+    DesiredCleared,
+    DesiredReached,
+    DesiredSet,
+    Event,
+)
+from twin.model import Twin, TwinCommand
+
+__all__ = [
+    "API_SOURCE",
+    "MAX_CORRELATION_ID",
+    "TWIN_SOURCE",
+    "Answer",
+    "Decision",
+    "Record",
+    "decide",
+    "device_list",
+    "error",
+    "expiry_events",
+    "pending_list",
+    "reached_events",
+    "scope_for",
+    "validate",
+]
+
+API_SOURCE: Final = "/twinhub/twin/api"
+TWIN_SOURCE: Final = "/twinhub/twin"
+MAX_CORRELATION_ID: Final = 256
+MAX_LIMIT: Final = 10_000
+_IDS: Final = uuid.UUID("6f1c6c3e-9a53-4a39-8d0e-4c1b7d0b9e21")  # namespace of derived ids
+
+DeviceRequest = (
+    api.UpdateResource
+    | api.CreateResource
+    | api.RetrieveResource
+    | api.DeleteResource
+    | api.SetDesired
+    | api.ClearDesired
+    | api.CancelCommands
+    | api.GetTwin
+)
+CommandRequest = api.UpdateResource | api.CreateResource | api.RetrieveResource | api.DeleteResource
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Reply at once; nothing to record."""
+
+    reply: api.Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Append ``events`` (in order, one device), then reply with ``reply(positions)``.
+
+    With ``scope`` set, the append is conditional: the last position in ``scope`` must still be
+    ``expected_last``; otherwise the driver decides again on fresh state.
+    """
+
+    events: tuple[AnyEvent, ...]
+    reply: Callable[[Sequence[int]], api.Reply]
+    scope: str | None = None
+    expected_last: int | None = None
+
+
+Decision = Answer | Record
+
+
+def error(code: api.ErrorCode, message: str) -> api.Reply:
+    return api.Reply(ok=False, error=api.ApiError(code=code, message=message))
+
+
+def ok(result: Any) -> api.Reply:
+    return api.Reply(ok=True, result=result)
+
+
+def _derived_id(*parts: object) -> str:
+    return str(uuid.uuid5(_IDS, "\n".join(map(str, parts))))
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _check_token(value: str, what: str) -> str | None:
+    try:
+        if what == "device_id":
+            subjects.event_filter(device=value)
+        else:
+            subjects.event_filter(resource=value)
+    except SubjectError as e:
+        return f"{what}: {e}"
+    return None
+
+
+def validate(request: api.ApiRequest) -> str | None:
+    """What is wrong with a decoded request (``None``: nothing). Decoding checked the types;
+    this checks the values."""
+    problems: list[str] = []
+    device = getattr(request, "device_id", None)
+    if device is not None:
+        if not device:
+            problems.append("device_id must not be empty")
+        elif (p := _check_token(device, "device_id")) is not None:
+            problems.append(p)
+    href = getattr(request, "href", None)
+    if href is not None:
+        if not href.startswith("/"):
+            problems.append(f"href must start with '/': {href!r}")
+        elif (p := _check_token(href, "href")) is not None:
+            problems.append(p)
+    match request:
+        case (
+            api.UpdateResource()
+            | api.CreateResource()
+            | api.RetrieveResource()
+            | api.DeleteResource()
+        ):
+            problems.extend(_command_problems(request))
+        case api.CancelCommands():
+            if request.correlation_id is not None and not _good_id(request.correlation_id):
+                problems.append("bad correlation_id")
+            if request.href is not None and not request.href.startswith("/"):
+                problems.append(f"href must start with '/': {request.href!r}")
+        case api.ListPending() | api.ListDevices():
+            if not 1 <= request.limit <= MAX_LIMIT:
+                problems.append(f"limit must be 1..{MAX_LIMIT}")
+    return "; ".join(problems) or None
+
+
+def _good_id(cid: str) -> bool:
+    return 0 < len(cid) <= MAX_CORRELATION_ID and cid.isprintable() and cid == cid.strip()
+
+
+def _command_problems(request: CommandRequest) -> list[str]:
+    problems: list[str] = []
+    if not 0 < request.ttl <= api.MAX_TTL:
+        problems.append(f"ttl must be > 0 and <= {api.MAX_TTL:g} seconds")
+    if request.correlation_id is not None and not _good_id(request.correlation_id):
+        problems.append(
+            f"correlation_id must be 1..{MAX_CORRELATION_ID} printable characters, "
+            "no surrounding spaces"
+        )
+    if request.max_attempts is not None and not 1 <= request.max_attempts <= 100:
+        problems.append("max_attempts must be 1..100")
+    if request.interface is not None and not request.interface.startswith("oic.if."):
+        problems.append(f"interface must be an OCF interface (oic.if.*): {request.interface!r}")
+    if isinstance(request, api.UpdateResource):  # CreateResource too
+        if request.content_b64 is not None:
+            if request.content is not None:
+                problems.append("give content or content_b64, not both")
+            if request.content_format is None:
+                problems.append("content_b64 needs content_format")
+            try:
+                base64.b64decode(request.content_b64, validate=True)
+            except (binascii.Error, ValueError):
+                problems.append("content_b64 is not base64")
+        elif request.content is None:
+            problems.append(f"{request.OP} needs content (or content_b64)")
+        elif request.content_format is not None:
+            problems.append("content_format goes with content_b64 (JSON content is sent as CBOR)")
+    return problems
+
+
+# -- decisions ------------------------------------------------------------------------------
+
+
+def scope_for(request: api.ApiRequest, owner: str) -> str | None:
+    """The subjects whose last position must not move between the check and the append."""
+    match request:
+        case (
+            api.UpdateResource()
+            | api.CreateResource()
+            | api.RetrieveResource()
+            | api.DeleteResource()
+        ):
+            return subjects.event_filter(owner, request.device_id, CommandPending.KIND)
+        case api.SetDesired() | api.ClearDesired():
+            return subjects.event_filter(owner, request.device_id, None, request.href)
+    return None
+
+
+def _authorize(twin: Twin | None, owner: str, device_id: str, *, live: bool) -> api.Reply | None:
+    if twin is None or (live and twin.deleted and twin.owner == owner):
+        return error("not_found", f"no device {device_id!r}")
+    if twin.owner != owner:
+        return error("forbidden", f"device {device_id!r} belongs to another owner")
+    return None
+
+
+def decide(
+    request: DeviceRequest,
+    owner: str,
+    twin: Twin | None,
+    now: datetime,
+    *,
+    caller: str = "",
+    expected_last: int | None = None,
+    new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+) -> Decision:
+    """Decide a request about one device (``twin``: its latest state, ``None``: unknown).
+
+    ``caller`` names the token's subject in the events (``issued_by``); ``expected_last`` is
+    the last position in :func:`scope_for` read *before* ``twin`` was loaded.
+    """
+    problem = validate(request)
+    if problem is not None:
+        return Answer(error("bad_request", problem))
+    denied = _authorize(twin, owner, request.device_id, live=not isinstance(request, api.GetTwin))
+    if denied is not None:
+        return Answer(denied)
+    assert twin is not None
+    match request:
+        case api.GetTwin():
+            return Answer(ok(api.TwinResult(twin=twin.to_json(), position=twin.position)))
+        case (
+            api.UpdateResource()
+            | api.CreateResource()
+            | api.RetrieveResource()
+            | api.DeleteResource()
+        ):
+            return _command(request, owner, twin, now, caller, expected_last, new_id)
+        case api.CancelCommands():
+            return _cancel(request, owner, twin, now)
+        case api.SetDesired() | api.ClearDesired():
+            return _desired(request, owner, twin, now, expected_last)
+
+
+def _command(
+    request: CommandRequest,
+    owner: str,
+    twin: Twin,
+    now: datetime,
+    caller: str,
+    expected_last: int | None,
+    new_id: Callable[[], str],
+) -> Decision:
+    cid = request.correlation_id or new_id()
+    if twin.command(cid) is not None:
+        return Answer(error("conflict", f"command {cid!r} is still pending on {twin.device_id}"))
+    expires_at = now + timedelta(seconds=request.ttl)
+    content: Any = None
+    content_b64 = None
+    content_format = None
+    if isinstance(request, api.UpdateResource):
+        content, content_b64 = request.content, request.content_b64
+        content_format = request.content_format
+    data = CommandPending(
+        href=request.href,
+        op=api.COMMAND_REQUESTS[request.OP],
+        content=content,
+        content_b64=content_b64,
+        content_format=content_format,
+        interface=request.interface,
+        expires_at=expires_at,
+        max_attempts=request.max_attempts or 3,
+        issued_by=caller or owner,
+    )
+    event: AnyEvent = Event(
+        owner=owner,
+        device_id=twin.device_id,
+        data=data,
+        source=API_SOURCE,
+        id=_derived_id("command", twin.device_id, cid, expected_last),
+        time=now,
+        correlation_id=cid,
+    )
+
+    def reply(positions: Sequence[int]) -> api.Reply:
+        return ok(
+            api.CommandAccepted(
+                correlation_id=cid,
+                device_id=twin.device_id,
+                href=request.href,
+                position=positions[0],
+                expires_at=_iso(expires_at),
+            )
+        )
+
+    scope = subjects.event_filter(owner, twin.device_id, CommandPending.KIND)
+    return Record((event,), reply, scope=scope, expected_last=expected_last)
+
+
+def _cancel_events(
+    twin: Twin, commands: Iterable[TwinCommand], now: datetime, reason: str
+) -> tuple[AnyEvent, ...]:
+    return tuple(
+        Event(
+            owner=c.owner,
+            device_id=twin.device_id,
+            data=CommandCanceled(href=c.href, reason=reason),
+            source=API_SOURCE,
+            id=_derived_id("canceled", twin.device_id, c.correlation_id, c.position),
+            time=now,
+            correlation_id=c.correlation_id,
+        )
+        for c in commands
+    )
+
+
+def _cancel(request: api.CancelCommands, owner: str, twin: Twin, now: datetime) -> Decision:
+    matching = [
+        c
+        for c in twin.pending
+        if c.owner == owner
+        and (request.correlation_id is None or c.correlation_id == request.correlation_id)
+        and (request.href is None or c.href == request.href)
+    ]
+    if not matching:
+        if request.correlation_id is not None:
+            return Answer(error("not_found", f"no pending command {request.correlation_id!r}"))
+        return Answer(ok(api.CancelResult(device_id=twin.device_id, canceled=[])))
+    events = _cancel_events(twin, matching, now, "canceled")
+    ids = [c.correlation_id for c in matching]
+
+    def reply(positions: Sequence[int]) -> api.Reply:
+        return ok(api.CancelResult(device_id=twin.device_id, canceled=ids, position=positions[-1]))
+
+    return Record(events, reply)
+
+
+def _desired(
+    request: api.SetDesired | api.ClearDesired,
+    owner: str,
+    twin: Twin,
+    now: datetime,
+    expected_last: int | None,
+) -> Decision:
+    entry = twin.desired_for(request.href)
+    if isinstance(request, api.ClearDesired) and (entry is None or entry.cleared):
+        version = 0 if entry is None else entry.version
+        return Answer(
+            ok(api.DesiredResult(device_id=twin.device_id, href=request.href, version=version))
+        )
+    version = (0 if entry is None else entry.version) + 1
+    # Latest wins: an update still pending for older desired content would undo the new one.
+    superseded = [
+        c
+        for c in twin.pending
+        if c.op == "update" and c.href == request.href and c.reason == "desired"
+    ]
+    data: DesiredSet | DesiredCleared
+    if isinstance(request, api.SetDesired):
+        data = DesiredSet(href=request.href, content=request.content, version=version)
+    else:
+        data = DesiredCleared(href=request.href, version=version)
+    events = (
+        *_cancel_events(twin, superseded, now, "superseded"),
+        Event(
+            owner=owner,
+            device_id=twin.device_id,
+            data=data,
+            source=API_SOURCE,
+            id=_derived_id(data.KIND, twin.device_id, request.href, version, expected_last),
+            time=now,
+        ),
+    )
+    ids = [c.correlation_id for c in superseded]
+
+    def reply(positions: Sequence[int]) -> api.Reply:
+        return ok(
+            api.DesiredResult(
+                device_id=twin.device_id,
+                href=request.href,
+                version=version,
+                position=positions[-1],
+                superseded=ids,
+            )
+        )
+
+    scope = subjects.event_filter(owner, twin.device_id, None, request.href)
+    return Record(events, reply, scope=scope, expected_last=expected_last)
+
+
+# -- queries ----------------------------------------------------------------------------------
+
+
+def _pending_entry(twin: Twin, c: TwinCommand) -> api.PendingCommand:
+    return api.PendingCommand(
+        correlation_id=c.correlation_id,
+        device_id=twin.device_id,
+        href=c.href,
+        op=c.op,
+        state=c.state,
+        issued_at=_iso(c.issued_at),
+        expires_at=None if c.expires_at is None else _iso(c.expires_at),
+        attempts=c.attempts,
+        reason=c.reason,
+    )
+
+
+def pending_list(request: api.ListPending, owner: str, twins: Iterable[Twin]) -> api.Reply:
+    """The open commands of ``owner`` among ``twins``, per device in issue order."""
+    out: list[api.PendingCommand] = []
+    for twin in twins:
+        for c in twin.pending:
+            if (
+                c.owner == owner
+                and (request.href is None or c.href == request.href)
+                and (request.state is None or c.state == request.state)
+            ):
+                out.append(_pending_entry(twin, c))
+                if len(out) >= request.limit:
+                    return ok(api.PendingList(commands=out))
+    return ok(api.PendingList(commands=out))
+
+
+def device_list(twins: Sequence[Twin], position: int, limit: int) -> api.Reply:
+    next_after = twins[-1].device_id if len(twins) >= limit else None
+    return ok(
+        api.DeviceList(
+            devices=[t.to_json() for t in twins], position=position, next_after_id=next_after
+        )
+    )
+
+
+# -- what the twin service appends on its own -------------------------------------------------
+
+
+def expiry_events(twin: Twin, now: datetime) -> tuple[AnyEvent, ...]:
+    """``command-expired`` for each open command of ``twin`` whose deadline passed."""
+    return tuple(
+        Event(
+            owner=c.owner,
+            device_id=twin.device_id,
+            data=CommandExpired(href=c.href, attempts=c.attempts),
+            source=TWIN_SOURCE,
+            id=_derived_id("expired", twin.device_id, c.correlation_id, c.position),
+            time=now,
+            correlation_id=c.correlation_id,
+        )
+        for c in twin.expired(now)
+    )
+
+
+def reached_events(twin: Twin, now: datetime) -> tuple[AnyEvent, ...]:
+    """``desired-reached`` for each resource whose desired content is met and not yet marked
+    reached. The id names the report that met it, so re-folding the same events (a replay, a
+    redelivery) writes it once."""
+    if twin.deleted:
+        return ()
+    out: list[AnyEvent] = []
+    for d in twin.desired:
+        if d.content is None or d.reached or twin.delta_for(d.href):
+            continue
+        r = twin.resource(d.href)
+        out.append(
+            Event(
+                owner=twin.owner,
+                device_id=twin.device_id,
+                data=DesiredReached(href=d.href, version=d.version),
+                source=TWIN_SOURCE,
+                id=_derived_id(
+                    "reached", twin.device_id, d.href, d.version, 0 if r is None else r.position
+                ),
+                time=now,
+            )
+        )
+    return tuple(out)

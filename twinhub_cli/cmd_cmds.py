@@ -1,0 +1,240 @@
+"""Commands through the command API: ``cmd update|retrieve|create|delete|cancel``, ``pending``,
+``desired set|clear``.
+
+They act as a caller of the API with ``--token T`` (or ``TWINHUB_TOKEN``), or, against a local
+stack, with ``--owner O``: a development token for O signed with the data dir's key (what
+``twinhub up`` trusts). The NATS URL comes from ``--data-dir``'s ``stack.json`` when a stack runs
+there, else from the configuration (``TWINHUB_NATS_URL``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from twinhub_cli.config import ConfigError
+from twinhub_cli.datadir import DataDir
+from twinhub_cli.stack_cmds import _common, _load_config, _out, _run, event_json
+
+if TYPE_CHECKING:
+    from twinhub_client import TwinhubClient
+
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+TOKEN_ENV = "TWINHUB_TOKEN"
+
+
+def _caller(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--token", help=f"the caller's JWT (default: ${TOKEN_ENV})")
+    p.add_argument(
+        "--owner", help="act as this owner with a development token of the data dir's stack"
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="API request timeout (seconds)")
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+
+
+def _with_client(args: argparse.Namespace, body: Callable[[TwinhubClient], Awaitable[int]]) -> int:
+    async def main() -> int:
+        from twinhub_cli import services
+        from twinhub_client import ApiError, TwinhubClient, TwinhubError
+
+        config = _load_config(args, from_stack=True)
+        token = args.token or os.environ.get(TOKEN_ENV)
+        if not token:
+            if not args.owner:
+                raise ConfigError(f"give --token, ${TOKEN_ENV}, or --owner with --data-dir")
+            data = DataDir(args.data_dir.resolve())
+            token = services.issuer_for(config, data).issue(args.owner, now=time.time(), ttl=3600)
+        try:
+            async with TwinhubClient(
+                config.nats.url, token, stream=config.nats.stream, timeout=args.timeout
+            ) as client:
+                return await body(client)
+        except ApiError as e:
+            sys.stderr.write(f"twinhub: {e.code}: {e.message}\n")
+            return 1
+        except TwinhubError as e:
+            sys.stderr.write(f"twinhub: {e}\n")
+            return 1
+
+    return _run(main)
+
+
+# -- twinhub cmd update|retrieve|create|delete -----------------------------------------------
+
+
+def register_command(subparsers: SubParsers, name: str, /) -> None:
+    takes_content = name in ("update", "create")
+    p = subparsers.add_parser(
+        name,
+        help=f"{name} a resource of a device (prints the accepted command, or with --wait its "
+        "outcome event)",
+    )
+    _caller(p)
+    p.add_argument("device", help="device ID")
+    p.add_argument("href", help="resource href, e.g. /light/1")
+    if takes_content:
+        p.add_argument("content", type=_json_arg, help="the content as JSON")
+    p.add_argument("--ttl", type=float, default=60.0, help="seconds it may wait for the device")
+    p.add_argument("--correlation-id", help="your id for it (default: generated)")
+    p.add_argument("--interface", help="OCF interface (if=), e.g. oic.if.baseline")
+    p.add_argument("--max-attempts", type=int, help="send attempts if the device does not answer")
+    p.add_argument("--wait", action="store_true", help="wait for the outcome and print it")
+    p.set_defaults(handler=run_command, op=name)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    async def body(client: TwinhubClient) -> int:
+        from proto.events import CommandSucceeded
+
+        result = await client.command(
+            args.op,
+            args.device,
+            args.href,
+            getattr(args, "content", None),
+            ttl=args.ttl,
+            correlation_id=args.correlation_id,
+            interface=args.interface,
+            max_attempts=args.max_attempts,
+            wait=args.wait,
+        )
+        if not args.wait:
+            import msgspec
+
+            _out(json.dumps(msgspec.to_builtins(result), sort_keys=True))
+            return 0
+        _out(event_json(result))
+        return 0 if isinstance(getattr(result, "data", None), CommandSucceeded) else 1
+
+    return _with_client(args, body)
+
+
+# -- twinhub cmd cancel -------------------------------------------------------------------------
+
+
+def register_cancel(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(
+        name, help="cancel pending commands of a device (one, a resource's, or all)"
+    )
+    _caller(p)
+    p.add_argument("device", help="device ID")
+    p.add_argument("--correlation-id", help="only this command")
+    p.add_argument("--href", help="only this resource's commands")
+    p.set_defaults(handler=run_cancel)
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    async def body(client: TwinhubClient) -> int:
+        result = await client.cancel(
+            args.device, correlation_id=args.correlation_id, href=args.href
+        )
+        _out(f"canceled {len(result.canceled)} command(s)")
+        for cid in result.canceled:
+            _out(f"  {cid}")
+        return 0
+
+    return _with_client(args, body)
+
+
+# -- twinhub pending ------------------------------------------------------------------------
+
+
+def register_pending(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(name, help="list pending commands (a table)")
+    _caller(p)
+    p.add_argument("--device", help="only this device's (read up to the log's end)")
+    p.add_argument("--href", help="only this resource's")
+    p.add_argument("--state", choices=["pending", "sent"])
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(handler=run_pending)
+
+
+def run_pending(args: argparse.Namespace) -> int:
+    async def body(client: TwinhubClient) -> int:
+        import msgspec
+        from rich.console import Console
+        from rich.table import Table
+
+        found = await client.list_pending(
+            args.device, href=args.href, state=args.state, limit=args.limit
+        )
+        if args.json:
+            for c in found:
+                _out(json.dumps(msgspec.to_builtins(c), sort_keys=True))
+            return 0
+        table = Table(title=f"{len(found)} pending command(s)")
+        for col in (
+            "device",
+            "href",
+            "op",
+            "state",
+            "correlation id",
+            "issued",
+            "expires",
+            "tries",
+        ):
+            table.add_column(col)
+        for c in found:
+            table.add_row(
+                c.device_id,
+                c.href,
+                c.op + (" (desired)" if c.reason == "desired" else ""),
+                c.state,
+                c.correlation_id,
+                c.issued_at,
+                c.expires_at or "-",
+                str(c.attempts),
+            )
+        Console().print(table)
+        return 0
+
+    return _with_client(args, body)
+
+
+# -- twinhub desired set|clear --------------------------------------------------------------
+
+
+def register_desired(subparsers: SubParsers, name: str, /) -> None:
+    setting = name == "set"
+    p = subparsers.add_parser(
+        name,
+        help="set the desired content of a resource"
+        if setting
+        else "clear the desired content of a resource",
+    )
+    _caller(p)
+    p.add_argument("device", help="device ID")
+    p.add_argument("href", help="resource href")
+    if setting:
+        p.add_argument("content", type=_json_arg, help="desired content, a JSON object")
+    p.set_defaults(handler=run_desired, setting=setting)
+
+
+def run_desired(args: argparse.Namespace) -> int:
+    async def body(client: TwinhubClient) -> int:
+        if args.setting:
+            if not isinstance(args.content, dict):
+                sys.stderr.write("twinhub: desired content must be a JSON object\n")
+                return 2
+            result = await client.set_desired(args.device, args.href, args.content)
+        else:
+            result = await client.clear_desired(args.device, args.href)
+        _out(f"desired {args.href} of {args.device}: version {result.version}")
+        for cid in result.superseded:
+            _out(f"  superseded pending update {cid}")
+        return 0
+
+    return _with_client(args, body)

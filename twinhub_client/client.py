@@ -1,0 +1,460 @@
+"""The Python client of twinhub: commands, desired state and queries over the command API
+(NATS request/reply), and gap-free event subscriptions (JetStream).
+
+::
+
+    async with TwinhubClient("nats://127.0.0.1:4222", token) as th:
+        accepted = await th.update(device, "/light/1", {"value": True}, ttl=30)
+        outcome = await th.update(device, "/light/1", {"value": False}, wait=True)
+        twin, position = await th.get_twin(device)
+        async with th.subscribe(owner, device, from_position=position) as events:
+            async for event in events:
+                ...
+
+Every API call carries the token (``Authorization: Bearer``); errors come back as the typed
+exceptions of :mod:`twinhub_client.errors`. See :mod:`twinhub_client.subscription` for what a
+subscription guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Final, Literal, Self, TypeVar, overload
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+
+from eventstore.adapters.jetstream import JetStreamEventStore
+from eventstore.errors import UnavailableError
+from eventstore.layout import DEFAULT_STREAM, StreamLayout
+from proto import api, subjects
+from proto.api import (
+    CancelResult,
+    CommandAccepted,
+    DesiredResult,
+    DeviceList,
+    PendingCommand,
+    PendingList,
+    TwinResult,
+)
+from proto.events import (
+    EVENT_TYPES,
+    KINDS,
+    AnyEvent,
+    CommandCanceled,
+    CommandExpired,
+    CommandFailed,
+    CommandOp,
+    CommandSucceeded,
+    EventData,
+)
+from twinhub_client.errors import (
+    OutcomeTimeoutError,
+    ServiceUnavailableError,
+    TwinhubError,
+    api_error,
+)
+from twinhub_client.subscription import EventSubscription
+
+__all__ = ["OUTCOME_KINDS", "TwinhubClient", "event_filters"]
+
+log = logging.getLogger("twinhub_client")
+
+OUTCOME_KINDS: Final = tuple(
+    cls.KIND for cls in (CommandSucceeded, CommandFailed, CommandExpired, CommandCanceled)
+)
+_CONSUMER_NOT_FOUND: Final = 10014
+_OUTCOME_MARGIN: Final = 35.0  # past the ttl: the sweeper's interval and the grace of a sent one
+
+R = TypeVar("R")
+EventKind = str | type[EventData]
+
+
+def _kind(t: EventKind) -> str:
+    if isinstance(t, type):
+        return t.KIND
+    if t in KINDS:
+        return t
+    cls = EVENT_TYPES.get(t)
+    if cls is None:
+        raise ValueError(f"unknown event type or kind {t!r}")
+    return cls.KIND
+
+
+def event_filters(
+    owner: str | None,
+    device: str | None = None,
+    types: Iterable[EventKind] | None = None,
+    href: str | None = None,
+) -> tuple[str, ...]:
+    """The subject filters of a subscription: one per event kind (none: every kind)."""
+    if types is None:
+        return (subjects.event_filter(owner, device, None, href),)
+    kinds = list(dict.fromkeys(_kind(t) for t in types))
+    if not kinds:
+        raise ValueError("types must name at least one event kind")
+    return tuple(subjects.event_filter(owner, device, k, href) for k in kinds)
+
+
+class TwinhubClient:
+    """A connection to twinhub for one caller (its token). An async context manager.
+
+    ``nats``: a URL (the client connects, reconnecting forever, and closes on exit) or a
+    connected ``nats.aio.client.Client`` the caller owns. ``api_prefix`` and ``stream`` name
+    the service's API subjects and event stream (defaults: production).
+    """
+
+    def __init__(
+        self,
+        nats_conn: str | NatsClient,
+        token: str,
+        *,
+        api_prefix: str = api.API_PREFIX,
+        stream: str = DEFAULT_STREAM,
+        timeout: float = 10.0,
+    ) -> None:
+        self._url = nats_conn if isinstance(nats_conn, str) else None
+        self._nc: NatsClient | None = None if isinstance(nats_conn, str) else nats_conn
+        self.token = token
+        self.api_prefix = api_prefix
+        self._layout = StreamLayout(name=stream)
+        self.timeout = timeout
+        self._store: JetStreamEventStore | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._url is not None:
+            try:
+                self._nc = await nats.connect(
+                    self._url,
+                    name="twinhub-client",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    connect_timeout=self.timeout,
+                )
+            except (OSError, nats.errors.Error) as e:
+                raise ServiceUnavailableError(
+                    f"cannot connect to NATS at {self._url}: {e!r}"
+                ) from e
+        assert self._nc is not None
+        store = JetStreamEventStore(self._nc, self._layout, timeout=self.timeout)
+        try:
+            await store.__aenter__()
+        except UnavailableError as e:
+            await self._close_nc()
+            raise ServiceUnavailableError(str(e)) from e
+        self._store = store
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            await store.aclose()
+        await self._close_nc()
+
+    async def _close_nc(self) -> None:
+        if self._url is not None and self._nc is not None:
+            nc, self._nc = self._nc, None
+            try:
+                await nc.close()
+            except nats.errors.Error as e:
+                log.debug("closing NATS: %r", e)
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise TwinhubError("TwinhubClient is not open: use `async with`")
+        return self._nc
+
+    @property
+    def store(self) -> JetStreamEventStore:
+        if self._store is None:
+            raise TwinhubError("TwinhubClient is not open: use `async with`")
+        return self._store
+
+    # -- the API --------------------------------------------------------------------------------
+
+    async def call(self, request: api.ApiRequest) -> Any:
+        """Send one request; its result (builtins), or the typed error it was answered with."""
+        subject = f"{self.api_prefix}.{request.OP}"
+        try:
+            msg = await self.nc.request(
+                subject,
+                api.encode_request(request),
+                timeout=self.timeout,
+                headers=api.bearer(self.token),
+            )
+        except nats.errors.NoRespondersError as e:
+            raise ServiceUnavailableError(f"no twin service answers on {subject}") from e
+        except nats.errors.TimeoutError as e:
+            raise ServiceUnavailableError(f"no answer on {subject} in {self.timeout:g}s") from e
+        except (nats.errors.Error, OSError) as e:
+            raise ServiceUnavailableError(f"request on {subject} failed: {e!r}") from e
+        try:
+            reply = api.decode_reply(msg.data)
+        except api.ApiDecodeError as e:
+            raise ServiceUnavailableError(f"unreadable reply on {subject}: {e}") from e
+        if not reply.ok:
+            err = reply.error
+            if err is None:
+                raise api_error("internal", "error reply without an error")
+            raise api_error(err.code, err.message)
+        return reply.result
+
+    async def _typed(self, request: api.ApiRequest, cls: type[R]) -> R:
+        result = await self.call(request)
+        try:
+            return msgspec.convert(result, cls)
+        except msgspec.ValidationError as e:
+            raise ServiceUnavailableError(f"unexpected {request.OP} result: {e}") from e
+
+    async def command(
+        self,
+        op: CommandOp,
+        device: str,
+        href: str,
+        content: Any = None,
+        *,
+        ttl: float = api.DEFAULT_TTL,
+        correlation_id: str | None = None,
+        interface: str | None = None,
+        max_attempts: int | None = None,
+        content_b64: str | None = None,
+        content_format: int | None = None,
+        wait: bool = False,
+        wait_timeout: float | None = None,
+    ) -> CommandAccepted | AnyEvent:
+        """Issue a command. Returns once it is recorded as pending (:class:`CommandAccepted`,
+        with the log position); with ``wait=True`` returns its outcome event instead
+        (succeeded / failed / expired / canceled), waiting up to ``wait_timeout`` seconds
+        (default: the ttl plus a margin for the sweeper). :meth:`update`, :meth:`retrieve`,
+        :meth:`create` and :meth:`delete` are typed shorthands."""
+        if wait and correlation_id is None:
+            correlation_id = str(uuid.uuid4())  # to recognise the outcome
+        common: dict[str, Any] = {
+            "device_id": device,
+            "href": href,
+            "ttl": ttl,
+            "correlation_id": correlation_id,
+            "interface": interface,
+            "max_attempts": max_attempts,
+        }
+        request: api.ApiRequest
+        if op in ("update", "create"):
+            cls = api.UpdateResource if op == "update" else api.CreateResource
+            request = cls(
+                **common,
+                content=content,
+                content_b64=content_b64,
+                content_format=content_format,
+            )
+        elif content is not None or content_b64 is not None:
+            raise ValueError(f"{op} takes no content")
+        elif op == "retrieve":
+            request = api.RetrieveResource(**common)
+        elif op == "delete":
+            request = api.DeleteResource(**common)
+        else:
+            raise ValueError(f"unknown command op {op!r}")
+        accepted = await self._typed(request, CommandAccepted)
+        if not wait:
+            return accepted
+        return await self.wait_outcome(
+            accepted, ttl + _OUTCOME_MARGIN if wait_timeout is None else wait_timeout
+        )
+
+    async def wait_outcome(self, accepted: CommandAccepted, timeout: float) -> AnyEvent:  # noqa: ASYNC109
+        """The event that ended an accepted command (read from the log after its position)."""
+        filters = event_filters(None, accepted.device_id, OUTCOME_KINDS, accepted.href)
+        async with EventSubscription(
+            self.store, filters, from_position=accepted.position, batch=16
+        ) as sub:
+            try:
+                async with asyncio.timeout(timeout):
+                    async for event in sub:
+                        if event.correlation_id == accepted.correlation_id:
+                            return event
+            except TimeoutError as e:
+                raise OutcomeTimeoutError(
+                    f"no outcome of command {accepted.correlation_id} in {timeout:g}s"
+                ) from e
+        raise OutcomeTimeoutError("subscription ended")  # pragma: no cover
+
+    @overload
+    async def update(
+        self, device: str, href: str, content: Any, *, wait: Literal[False] = ..., **kw: Any
+    ) -> CommandAccepted: ...
+
+    @overload
+    async def update(
+        self, device: str, href: str, content: Any, *, wait: Literal[True], **kw: Any
+    ) -> AnyEvent: ...
+
+    async def update(
+        self, device: str, href: str, content: Any, *, wait: bool = False, **kw: Any
+    ) -> CommandAccepted | AnyEvent:
+        """Update a resource (CoAP POST). Keywords as :meth:`command`."""
+        return await self.command("update", device, href, content, wait=wait, **kw)
+
+    @overload
+    async def create(
+        self, device: str, href: str, content: Any, *, wait: Literal[False] = ..., **kw: Any
+    ) -> CommandAccepted: ...
+
+    @overload
+    async def create(
+        self, device: str, href: str, content: Any, *, wait: Literal[True], **kw: Any
+    ) -> AnyEvent: ...
+
+    async def create(
+        self, device: str, href: str, content: Any, *, wait: bool = False, **kw: Any
+    ) -> CommandAccepted | AnyEvent:
+        """Create a resource in a collection (POST, ``if=oic.if.create``); see :meth:`command`."""
+        return await self.command("create", device, href, content, wait=wait, **kw)
+
+    @overload
+    async def retrieve(
+        self, device: str, href: str, *, wait: Literal[False] = ..., **kw: Any
+    ) -> CommandAccepted: ...
+
+    @overload
+    async def retrieve(
+        self, device: str, href: str, *, wait: Literal[True], **kw: Any
+    ) -> AnyEvent: ...
+
+    async def retrieve(
+        self, device: str, href: str, *, wait: bool = False, **kw: Any
+    ) -> CommandAccepted | AnyEvent:
+        """Read a resource from the device (GET; its content comes in the outcome event)."""
+        return await self.command("retrieve", device, href, wait=wait, **kw)
+
+    @overload
+    async def delete(
+        self, device: str, href: str, *, wait: Literal[False] = ..., **kw: Any
+    ) -> CommandAccepted: ...
+
+    @overload
+    async def delete(
+        self, device: str, href: str, *, wait: Literal[True], **kw: Any
+    ) -> AnyEvent: ...
+
+    async def delete(
+        self, device: str, href: str, *, wait: bool = False, **kw: Any
+    ) -> CommandAccepted | AnyEvent:
+        """Delete a resource (CoAP DELETE). Keywords as :meth:`command`."""
+        return await self.command("delete", device, href, wait=wait, **kw)
+
+    async def set_desired(self, device: str, href: str, content: dict[str, Any]) -> DesiredResult:
+        """Set the desired content of a resource (supersedes pending desired updates)."""
+        return await self._typed(
+            api.SetDesired(device_id=device, href=href, content=content), DesiredResult
+        )
+
+    async def clear_desired(self, device: str, href: str) -> DesiredResult:
+        return await self._typed(api.ClearDesired(device_id=device, href=href), DesiredResult)
+
+    async def cancel(
+        self, device: str, *, correlation_id: str | None = None, href: str | None = None
+    ) -> CancelResult:
+        """Cancel pending commands of a device: one, a resource's, or all."""
+        return await self._typed(
+            api.CancelCommands(device_id=device, correlation_id=correlation_id, href=href),
+            CancelResult,
+        )
+
+    async def list_pending(
+        self,
+        device: str | None = None,
+        *,
+        href: str | None = None,
+        state: Literal["pending", "sent"] | None = None,
+        limit: int = 1000,
+    ) -> list[PendingCommand]:
+        """Open commands (per device in issue order). With ``device`` the list is current;
+        without, it comes from the twins and lags the log by the projection."""
+        result = await self._typed(
+            api.ListPending(device_id=device, href=href, state=state, limit=limit), PendingList
+        )
+        return result.commands
+
+    async def get_twin(self, device: str) -> tuple[dict[str, Any], int]:
+        """The device's twin (JSON) and the log position it reflects: subscribe after it."""
+        result = await self._typed(api.GetTwin(device_id=device), TwinResult)
+        return result.twin, result.position
+
+    async def list_devices(
+        self,
+        *,
+        online: bool | None = None,
+        resource_type: str | None = None,
+        limit: int = 100,
+        after_id: str | None = None,
+    ) -> DeviceList:
+        """The caller's devices (one page; ``next_after_id`` pages on)."""
+        return await self._typed(
+            api.ListDevices(
+                online=online, resource_type=resource_type, limit=limit, after_id=after_id
+            ),
+            DeviceList,
+        )
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        owner: str,
+        device: str | None = None,
+        types: Iterable[EventKind] | None = None,
+        from_position: int | None = None,
+        durable: str | None = None,
+        *,
+        href: str | None = None,
+        batch: int = 64,
+    ) -> EventSubscription:
+        """Events of ``owner`` (optionally one device, some kinds, one resource) after
+        ``from_position`` (default: from now on), once, in log order; ``durable`` names a
+        subscription that resumes after its last acknowledged event. Use it as
+        ``async with client.subscribe(...) as events: async for event in events: ...``."""
+        return EventSubscription(
+            self.store,
+            event_filters(owner, device, types, href),
+            durable=durable,
+            from_position=from_position,
+            cursor=self.ack_floor,
+            batch=batch,
+        )
+
+    async def ack_floor(self, name: str) -> int | None:
+        """The last position acknowledged by durable consumer ``name`` (``None``: none such)."""
+        return await ack_floor(self.nc, self._layout.name, name, self.timeout)
+
+
+async def ack_floor(nc: NatsClient, stream: str, name: str, timeout: float) -> int | None:  # noqa: ASYNC109
+    """A JetStream consumer's ack floor (stream sequence), ``None`` if it does not exist."""
+    try:
+        msg = await nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{name}", b"", timeout=timeout)
+    except (nats.errors.Error, OSError) as e:
+        raise UnavailableError(f"consumer info of {name}: {e!r}") from e
+    resp: dict[str, Any] = json.loads(msg.data) if msg.data else {}
+    err = resp.get("error")
+    if err is not None:
+        if int(err.get("err_code", 0)) == _CONSUMER_NOT_FOUND:
+            return None
+        raise UnavailableError(f"consumer info of {name}: {err}")
+    return int(resp["ack_floor"]["stream_seq"])

@@ -1,0 +1,268 @@
+"""Gap-free event subscriptions: every matching event after a position, once, in log order.
+
+An :class:`EventSubscription` reads the event log through a JetStream pull consumer whose
+filter subjects select the events on the server (``twinhub.ev.<owner>.…``: another owner's events
+are never scanned). It is an async iterator of typed events (:class:`proto.events.Event`, each
+with its log ``position``) and an async context manager.
+
+How "once, in order, no gap" is kept:
+
+* **Order and no gap.** The subscription remembers the position of the last event it handed
+  out. Whenever the consumer is (re)opened — at start, and after any error of the log or the
+  connection (a NATS restart included) — it is deleted and created again to start right after
+  that position. JetStream would otherwise redeliver what was in flight only after ``ack_wait``,
+  *behind* newer events. Deliveries at or below the last position are dropped (acknowledged).
+* **Acknowledgement** of an event happens when the caller asks for the next one (it got the
+  event and is done with it), or when it leaves the ``async with`` block without an exception.
+* **Durable, by name.** With ``durable="name"`` the consumer survives the subscriber: a
+  subscription opened again under that name resumes right after the last event acknowledged
+  (the consumer's ack floor; ``from_position`` only applies the first time). An event being
+  processed when the subscriber died (handed out, not acknowledged) comes again: deduplicate by
+  ``position`` if processing is not idempotent. One subscriber per durable name at a time.
+* Without a name the consumer is temporary, deleted on close.
+
+Without ``from_position`` a new subscription starts at the end of the log (new events only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Self, TypeVar
+
+from eventstore.errors import EventStoreError
+from eventstore.ports import ALL_EVENTS, Consumer, Delivery, EventStore
+from proto import binding
+from proto.errors import BindingError
+from proto.events import AnyEvent
+
+__all__ = ["Cursor", "EventSubscription"]
+
+log = logging.getLogger("twinhub_client.subscription")
+
+Cursor = Callable[[str], Awaitable[int | None]]
+"""The ack floor of a durable consumer by name; ``None`` when there is no such consumer."""
+
+T = TypeVar("T")
+
+
+class EventSubscription:
+    """See the module docstring. Use from one task."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        filters: Sequence[str] = (ALL_EVENTS,),
+        *,
+        durable: str | None = None,
+        from_position: int | None = None,
+        cursor: Cursor | None = None,
+        batch: int = 64,
+        ack_wait: float = 300.0,
+        fetch_timeout: float = 1.0,
+        retry_max: float = 2.0,
+    ) -> None:
+        if from_position is not None and from_position < 0:
+            raise ValueError("from_position must be >= 0")
+        if not filters:
+            raise ValueError("at least one filter subject")
+        self._store = store
+        self.filters = tuple(dict.fromkeys(filters))
+        self.durable = durable is not None
+        self.name = durable if durable is not None else f"sub-{uuid.uuid4().hex[:20]}"
+        self._from = from_position
+        self._cursor = cursor
+        self._batch = batch
+        self._ack_wait = ack_wait
+        self._fetch_timeout = fetch_timeout
+        self._retry_max = retry_max
+        self._consumer: Consumer | None = None
+        self._buffer: deque[Delivery] = deque()
+        self._current: Delivery | None = None
+        self._last = 0
+        self._opened = False
+        self._closed = False
+        self._broken = False
+        self.reconnects = 0
+
+    @property
+    def position(self) -> int:
+        """The position of the last event handed out (or where the subscription started)."""
+        return self._last
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create (or resume) the consumer; retries while the log is unavailable."""
+        if self._opened:
+            return
+        start = self._from
+        resume = False
+        if self.durable and self._cursor is not None:
+            floor = await self._retrying(lambda: self._cursor_of())
+            if floor is not None:
+                start, resume = floor, True
+        if start is None:
+            start = await self._retrying(lambda: self._store.last_position(ALL_EVENTS))
+        self._last = start
+        if self.durable and self._cursor is None:
+            # No way to read the ack floor (in-memory log): reopen the consumer as it is.
+            self._consumer = await self._retrying(self._open_consumer)
+        else:
+            await self._retrying(self._recreate)
+        self._opened = True
+        log.info(
+            "subscription %s %s after position %d on %s",
+            self.name,
+            "resumed" if resume else "started",
+            start,
+            ", ".join(self.filters),
+        )
+
+    async def _cursor_of(self) -> int | None:
+        assert self._cursor is not None
+        return await self._cursor(self.name)
+
+    async def close(self, *, ack: bool = True) -> None:
+        """Stop; acknowledge the event handed out last unless ``ack`` is false. A durable
+        consumer stays (resume by its name); a temporary one is deleted."""
+        if self._closed:
+            return
+        self._closed = True
+        if ack and self._current is not None:
+            with contextlib.suppress(EventStoreError):
+                await self._current.ack()
+        self._current = None
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(EventStoreError):
+                await consumer.close()
+        if not self.durable:
+            with contextlib.suppress(EventStoreError):
+                await self._store.delete_consumer(self.name)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close(ack=exc_type is None)
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> AnyEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        if not self._opened:
+            await self.open()
+        await self._settle_current()
+        return await self._next_event()
+
+    async def _next_event(self) -> AnyEvent:
+        while True:
+            if not self._buffer:
+                await self._fill()
+            d = self._buffer.popleft()
+            if d.position <= self._last:
+                with contextlib.suppress(EventStoreError):
+                    await d.ack()
+                continue
+            self._last = d.position
+            self._current = d
+            try:
+                return binding.from_stored(d.stored)
+            except BindingError as e:
+                log.error("subscription %s: undecodable event at %d: %s", self.name, d.position, e)
+                await self._settle_current()
+
+    async def next(self, timeout: float) -> AnyEvent | None:  # noqa: ASYNC109
+        """The next event, or ``None`` if none came within ``timeout`` seconds (the event handed
+        out before is acknowledged either way)."""
+        if self._closed:
+            raise StopAsyncIteration
+        if not self._opened:
+            await self.open()
+        await self._settle_current()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._next_event()
+        except TimeoutError:
+            return None
+
+    async def _settle_current(self) -> None:
+        d, self._current = self._current, None
+        if d is None:
+            return
+        try:
+            await d.ack()
+        except EventStoreError as e:
+            # The consumer starts again after this event: that acknowledges it as well.
+            log.warning("subscription %s: ack failed (%s); reopening", self.name, e)
+            self._drop_consumer()
+
+    async def _fill(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                if self._broken or self._consumer is None:
+                    await self._recreate()
+                    self.reconnects += 1
+                assert self._consumer is not None
+                got = await self._consumer.fetch(self._batch, self._fetch_timeout)
+            except EventStoreError as e:
+                log.warning("subscription %s: %s; retrying in %.2fs", self.name, e, delay)
+                self._drop_consumer()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            if got:
+                self._buffer.extend(sorted(got, key=lambda d: d.position))
+                return
+
+    def _drop_consumer(self) -> None:
+        """Forget what the consumer delivered: the next fetch recreates it after the last
+        position handed out."""
+        self._broken = True
+        self._buffer.clear()
+
+    async def _open_consumer(self) -> Consumer:
+        return await self._store.consumer(
+            self.name,
+            self.filters,
+            start_after=self._last,
+            ack_wait=self._ack_wait,
+            max_ack_pending=max(4 * self._batch, 256),
+        )
+
+    async def _recreate(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(EventStoreError, OSError):
+                await consumer.close()
+        await self._store.delete_consumer(self.name)
+        self._buffer.clear()
+        self._consumer = await self._open_consumer()
+        self._broken = False
+
+    async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.05
+        while True:
+            try:
+                return await op()
+            except EventStoreError as e:
+                log.warning("subscription %s: %s; retrying in %.2fs", self.name, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
