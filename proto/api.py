@@ -190,6 +190,13 @@ class PendingCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     expires_at: str | None = None
     attempts: int = 0
     reason: str = ""  # "desired": issued for desired state
+    # what to send (the gateway replays pending commands from this list at sign-in)
+    position: int = 0  # of its command-pending event: the issue order
+    content: Any = None
+    content_b64: str | None = None
+    content_format: int | None = None
+    interface: str | None = None
+    max_attempts: int = 3
 
 
 class PendingList(msgspec.Struct, frozen=True, kw_only=True):

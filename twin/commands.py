@@ -434,6 +434,12 @@ def _pending_entry(twin: Twin, c: TwinCommand) -> api.PendingCommand:
         expires_at=None if c.expires_at is None else _iso(c.expires_at),
         attempts=c.attempts,
         reason=c.reason,
+        position=c.position,
+        content=c.content,
+        content_b64=c.content_b64,
+        content_format=c.content_format,
+        interface=c.interface,
+        max_attempts=c.max_attempts,
     )
 
 

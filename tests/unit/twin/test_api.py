@@ -225,8 +225,15 @@ async def test_get_twin_and_lists(world: World) -> None:
     got = msgspec.convert(await world.ok(api.GetTwin(device_id="d1")), api.TwinResult)
     assert got.position == await world.log.last_position(subjects.device_scope("d1"))
     assert [c["correlation_id"] for c in got.twin["pending"]] == ["p1"]
-    one = await world.ok(api.ListPending(device_id="d1"))
-    assert [c["correlation_id"] for c in one["commands"]] == ["p1"]
+    one = msgspec.convert(await world.ok(api.ListPending(device_id="d1")), api.PendingList)
+    (p1,) = one.commands
+    assert (p1.correlation_id, p1.op, p1.content, p1.max_attempts) == (
+        "p1",
+        "update",
+        {"value": True},
+        3,
+    )
+    assert p1.position == got.twin["pending"][0]["position"]
     # across devices: from the store, once projected
     await world.project()
     listed = await world.ok(api.ListPending())
