@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from eventstore.ports import EventStore
+from gateway.commands import Command
 from gateway.session import DeviceState
 from proto import binding, subjects
 from proto.events import (
+    COMMAND_EVENTS,
+    AnyEvent,
+    CommandPending,
+    CommandSent,
     DeviceUnregistered,
     ResourceChanged,
     ResourceLink,
@@ -72,3 +77,59 @@ async def discover_owner_links(
         elif isinstance(data, DeviceUnregistered):
             per_device.pop(ev.device_id, None)
     return {d: tuple(links.values()) for d, links in per_device.items() if links}
+
+
+async def load_pending_commands(store: EventStore, owner: str, device_id: str) -> list[Command]:
+    """The device's open commands (pending or sent, no outcome yet), in issue order."""
+    stored: list[StoredMessage] = []
+    for cls in COMMAND_EVENTS:
+        f = subjects.event_filter(owner=owner, device=device_id, kind=cls.KIND)
+        stored += [m async for m in store.read(f)]
+    stored.sort(key=lambda m: m.position)
+    open_: dict[str, Command] = {}
+    for m in stored:
+        ev = binding.from_stored(m)
+        corr = ev.correlation_id
+        if corr is None:
+            continue
+        data = ev.data
+        if isinstance(data, CommandPending):
+            open_[corr] = Command(
+                correlation_id=corr,
+                op=data.op,
+                href=data.href,
+                position=m.position,
+                expires_at=data.expires_at.timestamp() if data.expires_at else None,
+                content=data.content,
+                content_b64=data.content_b64,
+                content_format=data.content_format,
+                interface=data.interface,
+                max_attempts=data.max_attempts,
+                owner=ev.owner,
+            )
+        elif isinstance(data, CommandSent):
+            if corr in open_:
+                open_[corr].attempts = max(open_[corr].attempts, data.attempt)
+        elif corr in open_:  # an outcome: succeeded, failed, expired, canceled
+            del open_[corr]
+    return sorted(open_.values(), key=lambda c: c.position)
+
+
+def command_from_event(ev: AnyEvent, position: int) -> Command | None:
+    """A live ``command-pending`` event as a :class:`Command`."""
+    data = ev.data
+    if not isinstance(data, CommandPending) or ev.correlation_id is None:
+        return None
+    return Command(
+        correlation_id=ev.correlation_id,
+        op=data.op,
+        href=data.href,
+        position=position,
+        expires_at=data.expires_at.timestamp() if data.expires_at else None,
+        content=data.content,
+        content_b64=data.content_b64,
+        content_format=data.content_format,
+        interface=data.interface,
+        max_attempts=data.max_attempts,
+        owner=ev.owner,
+    )
