@@ -74,6 +74,7 @@ class InMemoryEventStore:
         self._consumers: dict[str, _ConsumerState] = {}
         self._changed = asyncio.Event()
         self._provisioned = False
+        self._notifiers: set[InMemoryNotifier] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -152,6 +153,9 @@ class InMemoryEventStore:
         self._dedup[message.msg_id] = (seq, now)
         per = self._per_subject.setdefault(message.subject, [])
         per.append(seq)
+        for n in self._notifiers:
+            if any(subject_matches(f, message.subject) for f in n.filters):
+                n.event.set()
         limit = self.layout.max_msgs_per_subject
         if limit is not None:
             while len(per) > limit:
@@ -205,6 +209,13 @@ class InMemoryEventStore:
         self._check_provisioned()
         self._expire(self._clock())
         return self._last_in(scope)
+
+    async def notifier(self, filters: Sequence[str]) -> InMemoryNotifier:
+        if not filters or not all(map(is_filter_subject, filters)):
+            raise ValueError(f"bad filter subjects: {filters!r}")
+        n = InMemoryNotifier(self, tuple(filters))
+        self._notifiers.add(n)
+        return n
 
     async def last_message(self, scope: str) -> StoredMessage | None:
         last = await self.last_position(scope)
@@ -321,6 +332,24 @@ class InMemoryEventStore:
             return None
         due = min(p.due_ns for p in state.pending.values())
         return max(0.0, (due - self._clock()) / _NS)
+
+
+class InMemoryNotifier:
+    def __init__(self, store: InMemoryEventStore, filters: tuple[str, ...]) -> None:
+        self.store = store
+        self.filters = filters
+        self.event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            return False
+        self.event.clear()
+        return True
+
+    async def close(self) -> None:
+        self.store._notifiers.discard(self)
 
 
 class InMemoryConsumer:

@@ -47,6 +47,7 @@ __all__ = [
     "ConsumerSpec",
     "Delivery",
     "EventStore",
+    "Notifier",
     "Settler",
     "check_append",
     "is_filter_subject",
@@ -218,6 +219,22 @@ class Consumer(Protocol):
     ) -> None: ...
 
 
+class Notifier(Protocol):
+    """A wake-up signal for new messages matching some filters (routing by subscription).
+
+    It carries no data and no ordering: on a wake-up, read the log after the position you
+    have. It also wakes after a reconnection to the server, when messages may have been
+    missed. Best effort by design — the log is the truth.
+    """
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """True once something matching arrived (or a resync is due) since the last wait;
+        False after ``timeout`` seconds of nothing."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class EventStore(Protocol):
     """The event log. See the module docstring for the semantics."""
 
@@ -245,6 +262,10 @@ class EventStore(Protocol):
 
     async def last_message(self, scope: str) -> StoredMessage | None:
         """The last message matching ``scope`` (wildcards allowed), or None."""
+        ...
+
+    async def notifier(self, filters: Sequence[str]) -> Notifier:
+        """A :class:`Notifier` for messages appended on subjects matching ``filters``."""
         ...
 
     def read(

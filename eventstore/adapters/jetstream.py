@@ -248,6 +248,33 @@ def _rfc3339_ns(ns: int) -> str:
     return f"{base}.{frac:09d}Z"
 
 
+class JetStreamNotifier:
+    """Core NATS subscriptions on the log's subjects: a JetStream publish reaches them too."""
+
+    def __init__(self, store: JetStreamEventStore) -> None:
+        self.store = store
+        self.event = asyncio.Event()
+        self.subs: list[Subscription] = []
+
+    async def on_msg(self, msg: Msg) -> None:
+        self.event.set()
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            return False
+        self.event.clear()
+        return True
+
+    async def close(self) -> None:
+        self.store._notifiers.discard(self)
+        subs, self.subs = self.subs, []
+        for sub in subs:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await sub.unsubscribe()
+
+
 class _ReplyMux:
     """One wildcard inbox for publish acks: a publish registers a future under a token."""
 
@@ -407,6 +434,7 @@ class JetStreamEventStore:
         self._timeout = timeout
         self._atomic_slots = asyncio.Semaphore(max_atomic_inflight)
         self._mux: _ReplyMux | None = None
+        self._notifiers: set[JetStreamNotifier] = set()
 
     @classmethod
     def from_url(
@@ -434,6 +462,7 @@ class JetStreamEventStore:
                     reconnect_time_wait=0.25,
                     connect_timeout=self._timeout,
                     allow_reconnect=True,
+                    reconnected_cb=self._on_reconnected,
                 )
             except (OSError, nats.errors.Error) as exc:
                 raise UnavailableError(f"cannot connect to NATS at {self._url}: {exc!r}") from exc
@@ -465,7 +494,9 @@ class JetStreamEventStore:
         if self._owns_nc and self._nc is not None:
             nc, self._nc = self._nc, None
             self._owns_nc = False
-            with contextlib.suppress(nats.errors.Error):
+            # While the server is away nats-py's close can fail flushing to the dead socket
+            # (ConnectionResetError): closing must still succeed.
+            with contextlib.suppress(nats.errors.Error, OSError):
                 await nc.close()
 
     def _conn(self) -> tuple[NatsClient, _ReplyMux]:
@@ -716,6 +747,24 @@ class JetStreamEventStore:
                 return 0
             raise
         return int(resp["message"]["seq"])
+
+    async def _on_reconnected(self) -> None:
+        for n in list(self._notifiers):  # messages may have been missed while away
+            n.event.set()
+
+    async def notifier(self, filters: Sequence[str]) -> JetStreamNotifier:
+        if not filters or not all(map(is_filter_subject, filters)):
+            raise ValueError(f"bad filter subjects: {filters!r}")
+        nc, _ = self._conn()
+        n = JetStreamNotifier(self)
+        try:
+            for f in filters:
+                n.subs.append(await nc.subscribe(f, cb=n.on_msg))
+        except nats.errors.Error as exc:
+            await n.close()
+            raise UnavailableError(f"cannot subscribe to {filters}: {exc!r}") from exc
+        self._notifiers.add(n)
+        return n
 
     async def last_message(self, scope: str) -> StoredMessage | None:
         if not is_filter_subject(scope):

@@ -323,6 +323,18 @@ async def test_last_message_per_scope(h: Harness) -> None:
     assert await h.store.last_message(h.device_scope("d3")) is None
 
 
+async def test_notifier_wakes_on_matching_appends_only(h: Harness) -> None:
+    n = await h.store.notifier([h.device_scope("d1")])
+    try:
+        assert not await n.wait(0.05)
+        await h.store.append([h.msg("d2", "r1")])
+        assert not await n.wait(0.1), "another device's message must not wake it"
+        await h.store.append([h.msg("d1", "r1"), h.msg("d1", "r2")])
+        assert await n.wait(5.0)
+    finally:
+        await n.close()
+
+
 async def test_device_replay_is_filtered_by_the_server(h: Harness) -> None:
     await h.store.append([h.msg("noisy", f"r{i % 10}") for i in range(1000)])
     mine = [h.msg("quiet", "r1"), h.msg("quiet", "r2"), h.msg("quiet", "r3")]
