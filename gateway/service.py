@@ -7,6 +7,13 @@ results, ticks, the connection's end) and carries out the effects the session
 returns. Session feeding is synchronous and happens on the event loop only, so a
 session never sees two inputs at once and needs no lock.
 
+Device authentication: a TLS connection's client certificate is checked against the
+listener's :class:`gateway.identity.TlsAuthPolicy` as soon as the handshake is done
+(:meth:`Gateway._on_connect`); a connection that does not meet it is refused before any of its
+requests is read, and never gets a session. An accepted certificate's device ID (``ocf-identity``)
+and expiry go into the session's configuration; authorization (tokens, owners, device IDs) is
+the session's.
+
 Routing: :attr:`Gateway.devices` maps a signed-in device to its current
 connection. A second sign-in of the same device closes the older connection; the
 older session's offline event names its own connection, so the twin ignores it
@@ -37,8 +44,11 @@ from gateway.adapters.coap import (
     Observation,
 )
 from gateway.devicestate import discover_owner_links, load_device_state
+from gateway.identity import NO_IDENTITY, CertificateRejected, TlsAuthPolicy, check_peer
 from gateway.tokens import TokenIssuer, TokenValidator
 from gateway.writer import DeviceWriter, WriterConfig
+from proto import subjects
+from proto.events import DeviceRegistered, DeviceUnregistered
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,10 @@ class GatewayConfig:
     tcp_bind: tuple[str, int] | None = ("127.0.0.1", 5683)
     tls_bind: tuple[str, int] | None = None
     ssl_context: ssl.SSLContext | None = None
+    # Device authentication on the TLS listener; its ssl_context must match the mode (client
+    # certificates required and verified against the CA(s) in the mutual modes). The TCP
+    # listener never authenticates devices: development only.
+    tls_auth: TlsAuthPolicy = field(default_factory=TlsAuthPolicy)
     access_ttl: float | None = 3600.0
     refresh_ttl: float = 30 * 24 * 3600.0
     batch_observe: bool = True
@@ -84,6 +98,7 @@ class GatewayStats:
     requests: int = 0
     notifications: int = 0
     overflow_closes: int = 0
+    refused: int = 0  # TLS connections whose client certificate did not meet the mode
 
 
 class Gateway:
@@ -174,8 +189,24 @@ class Gateway:
 
     # -- adapter callbacks -------------------------------------------------------------------
 
-    def _on_connect(self, conn: Connection) -> None:
+    def _on_connect(self, conn: Connection) -> str | None:
         cfg = self.config
+        identity = NO_IDENTITY
+        if conn.scheme == "coaps+tcp":
+            try:
+                identity = check_peer(conn.peer_certificate(), cfg.tls_auth, self.clock())
+            except CertificateRejected as e:
+                self.stats.refused += 1
+                log.warning(
+                    "refused %s connection %s from %s (%s): %s",
+                    cfg.tls_auth.mode.value,
+                    conn.id,
+                    conn.remote,
+                    conn.scheme,
+                    e,
+                )
+                return "client certificate not accepted"
+        cert_expires_at = identity.not_after if cfg.tls_auth.end_session_on_cert_expiry else None
         session = s.Session(
             s.SessionConfig(
                 gateway_id=cfg.gateway_id,
@@ -185,6 +216,8 @@ class Gateway:
                 access_ttl=cfg.access_ttl,
                 refresh_ttl=cfg.refresh_ttl,
                 batch_observe=cfg.batch_observe,
+                cert_device_id=identity.device_id,
+                cert_expires_at=cert_expires_at,
             ),
             self.validator,
             self.issuer,
@@ -199,7 +232,8 @@ class Gateway:
         holder.append(c)
         self.conns[conn.id] = c
         self.stats.connections += 1
-        log.debug("connection %s from %s", conn.id, conn.remote)
+        log.debug("connection %s from %s (%s)", conn.id, conn.remote, identity.described)
+        return None
 
     def _on_close(self, conn: Connection, reason: str) -> None:
         c = self.conns.pop(conn.id, None)
@@ -272,6 +306,8 @@ class Gateway:
                 obs = c.observations.pop(eff.ref, None)
                 if obs is not None and not c.closed:
                     self._spawn_background(obs.cancel(), f"unobserve:{eff.ref}")
+            case s.LoadOwner():
+                self._spawn(c, self._load_owner(c, eff), f"owner:{eff.device_id}")
             case s.LoadDeviceState():
                 self._spawn(c, self._load(c, eff), f"load:{eff.device_id}")
             case s.Discover():
@@ -360,6 +396,15 @@ class Gateway:
             return
         self._feed(c, s.DeviceStateLoaded(eff.ref, state))
 
+    async def _load_owner(self, c: _Conn, eff: s.LoadOwner) -> None:
+        try:
+            owner = await device_owner(self.store, eff.device_id)
+        except Exception as e:
+            log.warning("device %s: could not read its owner: %s", eff.device_id, e)
+            self._feed(c, s.OwnerLoaded(eff.ref, None, str(e) or type(e).__name__))
+            return
+        self._feed(c, s.OwnerLoaded(eff.ref, owner))
+
     async def _discover(self, c: _Conn, eff: s.Discover) -> None:
         try:
             found = await discover_owner_links(self.store, eff.owner, eff.device_ids)
@@ -368,6 +413,23 @@ class Gateway:
             self._feed(c, s.Discovered(eff.ref, None))
             return
         self._feed(c, s.Discovered(eff.ref, found))
+
+
+async def device_owner(store: EventStore, device_id: str) -> str | None:
+    """The device's current owner per the log: the owner of its last registration, unless
+    that owner unregistered it afterwards (None: the device is free)."""
+    registered = await store.last_message(
+        subjects.event_filter(device=device_id, kind=DeviceRegistered.KIND)
+    )
+    if registered is None:
+        return None
+    owner = subjects.parse_event_subject(registered.message.subject).owner
+    unregistered = await store.last_message(
+        subjects.event_filter(owner=owner, device=device_id, kind=DeviceUnregistered.KIND)
+    )
+    if unregistered is not None and unregistered.position > registered.position:
+        return None
+    return owner
 
 
 def _reply(resp: CoapResponse) -> s.Reply:

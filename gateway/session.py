@@ -125,6 +125,19 @@ class DeviceStateLoaded:
 
 
 @dataclass(frozen=True, slots=True)
+class OwnerLoaded:
+    """Answer to ``LoadOwner(ref)``: the device's current owner per the log.
+
+    ``owner`` is None when the device is not registered (never signed up, or signed off);
+    ``error`` is set when the log could not be read.
+    """
+
+    ref: int
+    owner: str | None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Discovered:
     """Answer to ``Discover(ref)``: the owner's devices and their links (None: log failed)."""
 
@@ -144,6 +157,7 @@ class ConnectionLost:
 
 Input = (
     Discovered
+    | OwnerLoaded
     | DeviceRequest
     | DeviceResponse
     | Notification
@@ -199,6 +213,15 @@ class LoadDeviceState:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadOwner:
+    """Find the device's current owner in the log (its last registration or unregistration);
+    answer with ``OwnerLoaded(ref)``."""
+
+    ref: int
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Discover:
     """Find the owner's devices (``device_ids``: only these; empty: all) and their links."""
 
@@ -228,6 +251,7 @@ class SignedOut:
 
 Effect = (
     Discover
+    | LoadOwner
     | Respond
     | SendRequest
     | CancelObservation
@@ -258,6 +282,10 @@ class SessionConfig:
     refresh_ttl: float = 30 * 24 * 3600.0
     batch_observe: bool = True
     max_links: int = 1000
+    cert_device_id: str | None = None
+    """The device ID of the connection's OCF identity certificate (``ocf-identity`` mode)."""
+    cert_expires_at: float | None = None
+    """End the session when the client certificate expires (when the gateway is told to)."""
 
     @property
     def source(self) -> str:
@@ -275,6 +303,18 @@ class _Pending:
     on_ok: list[Effect]
     on_fail: list[Effect]
     then: str = ""  # a follow-up step name
+    cache: tuple[str, Respond] | None = None  # sign-up answer to remember once recorded
+
+
+@dataclass(frozen=True, slots=True)
+class _OwnerCheck:
+    """A sign-up / sign-in / sign-off waiting for the device's owner from the log."""
+
+    step: str  # "sign-up" | "sign-in" | "sign-off"
+    req: DeviceRequest
+    claims: Claims
+    device_id: str
+    sign_up: ocf.SignUp | None = None
 
 
 @dataclass(slots=True)
@@ -312,6 +352,7 @@ class Session:
         self.online = False  # the log says this connection's device is online
         self._sync_started = False
         self._discoveries: dict[int, DeviceRequest] = {}
+        self._owner_checks: dict[int, _OwnerCheck] = {}
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -350,9 +391,10 @@ class Session:
         on_fail: list[Effect],
         then: str = "",
         critical: bool = True,
+        cache: tuple[str, Respond] | None = None,
     ) -> Append:
         ref = self._ref()
-        self._pending[ref] = _Pending(on_ok, on_fail, then)
+        self._pending[ref] = _Pending(on_ok, on_fail, then, cache)
         return Append(ref, tuple(events), critical)
 
     def _expires_in(self, expires_at: float | None, now: float) -> int:
@@ -372,6 +414,8 @@ class Session:
                 return self._on_append(inp, now)
             case DeviceStateLoaded():
                 return self._on_state(inp)
+            case OwnerLoaded():
+                return self._on_owner(inp, now)
             case Discovered():
                 return self._on_discovered(inp)
             case DeviceResponse():
@@ -417,24 +461,78 @@ class Session:
         except GatewayError as e:
             return self._error(req, e)
 
-    def _check_device(self, claims: Claims, di: str) -> None:
-        if claims.device_id is not None and claims.device_id != di:
-            raise Unauthorized("token is for another device")
+    # -- authorization ---------------------------------------------------------------------
+
+    def _resolve_device(self, claims: Claims, di: str) -> str:
+        """Device-ID resolution: the certificate's (``ocf-identity``), else the token's
+        device-ID claim, else the request's ``di``. Certificate and claim must agree, and the
+        request's ``di`` must name the resolved device."""
+        cert = self.config.cert_device_id
+        claim = claims.device_id
+        if cert is not None and claim is not None and cert != claim:
+            raise Unauthorized("the token's device ID is not the certificate's")
+        resolved = cert or claim or di
+        if di != resolved:
+            source = "certificate" if cert else "token"
+            raise Unauthorized(f"di {di!r} is not the device of the {source}")
+        return resolved
+
+    def _load_owner(self, check: _OwnerCheck) -> LoadOwner:
+        ref = self._ref()
+        self._owner_checks[ref] = check
+        return LoadOwner(ref, check.device_id)
+
+    def _on_owner(self, loaded: OwnerLoaded, now: float) -> list[Effect]:
+        check = self._owner_checks.pop(loaded.ref, None)
+        if check is None:
+            return []
+        req = check.req
+        if loaded.error:
+            if check.step == "sign-in":
+                self.phase = Phase.CONNECTED
+            return [Respond(req.rid, "5.03", b"event log unavailable", 0)]
+        owner = check.claims.owner
+        if loaded.owner is not None and loaded.owner != owner:
+            return self._error(req, Unauthorized("the device belongs to another owner"))
+        try:
+            match check.step:
+                case "sign-up":
+                    assert check.sign_up is not None
+                    return self._signed_up(req, check.sign_up, check.claims, check.device_id, now)
+                case "sign-in":
+                    if loaded.owner is None:
+                        raise Unauthorized("the device is not registered: sign up first")
+                    return self._signed_in(req, check.claims, check.device_id, now)
+                case _:
+                    if loaded.owner is None:  # nothing to unregister (a retry, or never)
+                        return [Respond(req.rid, "2.02"), Close("signed off")]
+                    return self._unregister(req, check.device_id, owner)
+        except GatewayError as e:
+            return self._error(req, e)
+
+    # -- the security paths --------------------------------------------------------------
 
     def _sign_up(self, req: DeviceRequest, su: ocf.SignUp, now: float) -> list[Effect]:
         cached = self.sign_up_cache.get(su.access_token)
         if cached is not None:  # devices retry sign-up: same request, same answer
             return [Respond(req.rid, cached.code, cached.payload, cached.content_format)]
         claims = self.validator.validate(su.access_token, now)
-        self._check_device(claims, su.device_id)
+        if claims.token_type != "access":
+            raise TokenError("not an access token")
+        device_id = self._resolve_device(claims, su.device_id)
+        return [self._load_owner(_OwnerCheck("sign-up", req, claims, device_id, su))]
+
+    def _signed_up(
+        self, req: DeviceRequest, su: ocf.SignUp, claims: Claims, device_id: str, now: float
+    ) -> list[Effect]:
         access = self.issuer.issue(
-            claims.owner, now=now, ttl=self.config.access_ttl, device_id=su.device_id
+            claims.owner, now=now, ttl=self.config.access_ttl, device_id=device_id
         )
         refresh = self.issuer.issue(
             claims.owner,
             now=now,
             ttl=self.config.refresh_ttl,
-            device_id=su.device_id,
+            device_id=device_id,
             token_type="refresh",
         )
         expires_at = None if self.config.access_ttl is None else now + self.config.access_ttl
@@ -449,14 +547,18 @@ class Session:
                 "redirecturi": "",
             },
         )
-        self.sign_up_cache[su.access_token] = reply
         ev = self._event(
             DeviceRegistered(auth_provider=su.auth_provider, gateway=self.config.gateway_id),
-            device_id=su.device_id,
+            device_id=device_id,
             owner=claims.owner,
         )
         return [
-            self._append([ev], [reply], [Respond(req.rid, "5.03", b"event log unavailable", 0)])
+            self._append(
+                [ev],
+                [reply],
+                [Respond(req.rid, "5.03", b"event log unavailable", 0)],
+                cache=(su.access_token, reply),
+            )
         ]
 
     def _session(self, req: DeviceRequest, si: ocf.SignIn, now: float) -> list[Effect]:
@@ -469,15 +571,25 @@ class Session:
             raise TokenError("not an access token")
         if claims.owner != si.user_id:
             raise Unauthorized("uid does not match the token's owner")
-        self._check_device(claims, si.device_id)
-        resumed = self.phase is Phase.SIGNED_IN
-        self.device_id = si.device_id
+        device_id = self._resolve_device(claims, si.device_id)
+        if self.phase is Phase.SIGNED_IN:  # a new sign-in on a live session (after refresh)
+            if claims.owner != self.owner:
+                raise Unauthorized("the token is another owner's")
+            self.expires_at = claims.expires_at
+            return [
+                self._reply(req, "2.04", {"expiresin": self._expires_in(claims.expires_at, now)})
+            ]
+        self.phase = Phase.SIGNING_IN
+        self.device_id = device_id
+        return [self._load_owner(_OwnerCheck("sign-in", req, claims, device_id))]
+
+    def _signed_in(
+        self, req: DeviceRequest, claims: Claims, device_id: str, now: float
+    ) -> list[Effect]:
+        self.device_id = device_id
         self.owner = claims.owner
         self.expires_at = claims.expires_at
         reply = self._reply(req, "2.04", {"expiresin": self._expires_in(claims.expires_at, now)})
-        if resumed:  # a new sign-in on a live session (after token refresh): extend it
-            return [reply]
-        self.phase = Phase.SIGNING_IN
         online = self._event(
             DeviceOnline(
                 gateway=self.config.gateway_id,
@@ -530,21 +642,25 @@ class Session:
         claims = self.validator.validate(rf.refresh_token, now)
         if claims.token_type != "refresh":
             raise TokenError("not a refresh token")
-        self._check_device(claims, rf.device_id)
         if rf.user_id and rf.user_id != claims.owner:
             raise Unauthorized("uid does not match the refresh token's owner")
+        device_id = self._resolve_device(claims, rf.device_id)
         access = self.issuer.issue(
-            claims.owner, now=now, ttl=self.config.access_ttl, device_id=rf.device_id
+            claims.owner, now=now, ttl=self.config.access_ttl, device_id=device_id
         )
         refresh = self.issuer.issue(
             claims.owner,
             now=now,
             ttl=self.config.refresh_ttl,
-            device_id=rf.device_id,
+            device_id=device_id,
             token_type="refresh",
         )
         expires_at = None if self.config.access_ttl is None else now + self.config.access_ttl
-        if self.phase is Phase.SIGNED_IN and rf.device_id == self.device_id:
+        if (
+            self.phase is Phase.SIGNED_IN
+            and device_id == self.device_id
+            and claims.owner == self.owner
+        ):
             self.expires_at = expires_at
         return [
             self._reply(
@@ -560,24 +676,32 @@ class Session:
         ]
 
     def _sign_off(self, req: DeviceRequest, so: ocf.SignOff, now: float) -> list[Effect]:
+        current = self.phase is Phase.SIGNED_IN and so.device_id == self.device_id
         if so.access_token:
             claims = self.validator.validate(so.access_token, now)
-            self._check_device(claims, so.device_id)
-            owner = claims.owner
-        elif self.phase is Phase.SIGNED_IN and so.device_id == self.device_id:
+            if claims.token_type != "access":
+                raise TokenError("not an access token")
+            if so.user_id and so.user_id != claims.owner:
+                raise Unauthorized("uid does not match the token's owner")
+            device_id = self._resolve_device(claims, so.device_id)
+            if not (current and claims.owner == self.owner):
+                return [self._load_owner(_OwnerCheck("sign-off", req, claims, device_id))]
+            return self._unregister(req, device_id, claims.owner)
+        if current:  # signed in on this connection: its sign-in was authorized
             assert self.owner is not None
-            owner = self.owner
-        else:
-            raise Unauthorized("sign-off needs an access token or a signed-in session")
+            return self._unregister(req, so.device_id, self.owner)
+        raise Unauthorized("sign-off needs an access token or a signed-in session")
+
+    def _unregister(self, req: DeviceRequest, device_id: str, owner: str) -> list[Effect]:
         out: list[Effect] = []
-        if self.phase is Phase.SIGNED_IN:
+        if self.phase is Phase.SIGNED_IN and device_id == self.device_id:
             out += self._go_offline("sign-off")
-        ev = self._event(DeviceUnregistered(reason="sign-off"), device_id=so.device_id, owner=owner)
+            self.phase = Phase.CONNECTED
+        ev = self._event(DeviceUnregistered(reason="sign-off"), device_id=device_id, owner=owner)
         done: list[Effect] = [Respond(req.rid, "2.02"), Close("signed off")]
         out.append(
             self._append([ev], done, [Respond(req.rid, "5.03", b"event log unavailable", 0)])
         )
-        self.phase = Phase.CONNECTED
         return out
 
     def _publish(self, req: DeviceRequest, pub: ocf.Publish) -> list[Effect]:
@@ -673,6 +797,9 @@ class Session:
                 self.phase = Phase.CONNECTED
             return out
         out = list(pending.on_ok)
+        if pending.cache is not None:
+            key, answer = pending.cache
+            self.sign_up_cache[key] = answer
         if pending.then == "signed-in" and self.phase is Phase.SIGNING_IN:
             self.phase = Phase.SIGNED_IN
             self.online = True
@@ -898,10 +1025,16 @@ class Session:
 
     def _on_tick(self, now: float) -> list[Effect]:
         if self.phase is Phase.SIGNED_IN and self.expires_at is not None and now > self.expires_at:
-            out = self._go_offline("token expired")
-            self.phase = Phase.CLOSED
-            return [*out, Close("token expired")]
+            return self._end("token expired")
+        cert_end = self.config.cert_expires_at
+        if cert_end is not None and now > cert_end:
+            return self._end("client certificate expired")
         return []
+
+    def _end(self, reason: str) -> list[Effect]:
+        out = self._go_offline(reason) if self.online else []
+        self.phase = Phase.CLOSED
+        return [*out, Close(reason)]
 
     def _on_lost(self, lost: ConnectionLost) -> list[Effect]:
         out = self._go_offline(lost.reason) if self.online else []

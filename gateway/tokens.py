@@ -45,6 +45,9 @@ ASYMMETRIC_ALGORITHMS: Final = (
 REFRESH_TYPE: Final = "refresh"
 DEFAULT_ISSUER: Final = "twinhub"
 DEFAULT_AUDIENCE: Final = "twinhub"
+DEVICE_BINDING_CLAIM: Final = "twinhub/device"
+"""The device a gateway-issued token is bound to; honoured when no device-ID claim is
+configured (a configured claim replaces it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +154,8 @@ class JwtValidator:
             if not isinstance(d, str) or not d:
                 raise TokenError(f"token has no device claim {self.device_claim!r}")
             device = d
-        elif isinstance(claims.get("twinhub/device"), str):
-            device = claims["twinhub/device"]
+        elif isinstance(claims.get(DEVICE_BINDING_CLAIM), str):
+            device = claims[DEVICE_BINDING_CLAIM]
         return Claims(
             owner=owner,
             device_id=device,
@@ -173,12 +176,16 @@ class TokenIssuer:
         issuer: str = DEFAULT_ISSUER,
         audience: str = DEFAULT_AUDIENCE,
         owner_claim: str = "sub",
+        device_claim: str | None = None,
     ) -> None:
         self.private_key = private_key
         self.kid = kid
         self.issuer = issuer
         self.audience = audience
         self.owner_claim = owner_claim
+        # A configured device-ID claim is required in every token the gateway accepts, its own
+        # access/refresh tokens included: they carry the device ID under that name too.
+        self.device_claim = device_claim
 
     @property
     def public_keys(self) -> KeySet:
@@ -204,7 +211,9 @@ class TokenIssuer:
         if ttl is not None:
             claims["exp"] = int(now + ttl)
         if device_id is not None:
-            claims["twinhub/device"] = device_id
+            claims[DEVICE_BINDING_CLAIM] = device_id
+            if self.device_claim:
+                claims[self.device_claim] = device_id
         if token_type != "access":
             claims["typ"] = token_type
         if extra:

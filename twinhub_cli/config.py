@@ -58,8 +58,10 @@ class GatewaySettings:
     tls: str = "127.0.0.1:5684"
     tls_cert: str = ""
     tls_key: str = ""
-    client_ca: str = ""
-    device_auth: DeviceAuth = "none"
+    client_ca: str = ""  # PEM (one or more CAs) for mutual TLS; "" = the data dir's CA
+    device_auth: DeviceAuth = "none"  # of the TLS listener; the mutual modes disable plain TCP
+    crl_file: str = ""  # PEM/DER CRL(s) of the client CA(s), checked after the handshake
+    end_session_on_cert_expiry: bool = False  # close a session when its certificate expires
     keepalive_interval: float = 30.0
     keepalive_timeout: float = 60.0
     opening_timeout: float = 10.0

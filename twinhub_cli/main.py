@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "dev services": "twinhub_cli.main:register_dev_services",
     "token": "twinhub_cli.token_cmd:register",
     "init": "twinhub_cli.stack_cmds:register_init",
+    "pki": "twinhub_cli.pki_cmd:register",
     "up": "twinhub_cli.stack_cmds:register_up",
     "gateway": "twinhub_cli.stack_cmds:register_gateway",
     "twin run": "twinhub_cli.stack_cmds:register_twin_run",

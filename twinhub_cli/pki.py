@@ -112,6 +112,28 @@ def load_ca(ca_dir: Path) -> Issued:
     return Issued(cert, key, cert_path, key_path)
 
 
+def issue_crl(ca: Issued, out_path: Path, revoked: Sequence[x509.Certificate]) -> Path:
+    """A CRL of ``ca`` revoking ``revoked`` (PEM), valid for a week."""
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=7))
+    )
+    for cert in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(now - dt.timedelta(minutes=1))
+            .build()
+        )
+    crl = builder.sign(ca.key, hashes.SHA256())
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return out_path
+
+
 def load_or_create_ca(ca_dir: Path) -> Issued:
     if (ca_dir / f"{CA_NAME}.crt").exists():
         return load_ca(ca_dir)
@@ -126,9 +148,11 @@ def _leaf(
     eku: Sequence[x509.ObjectIdentifier],
     san: Sequence[x509.GeneralName] = (),
     not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before or (_now() - dt.timedelta(minutes=5))
+    end = not_after or (start + dt.timedelta(days=days))
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -136,7 +160,7 @@ def _leaf(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=days))
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -192,8 +216,10 @@ def issue_device(
     name: str | None = None,
     days: int = 365,
     not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
 ) -> Issued:
-    """An OCF identity certificate (``device_id``) or a plain client one (``common_name``)."""
+    """An OCF identity certificate (``device_id``) or a plain client one (``common_name``);
+    valid for ``days`` from ``not_before`` (default: five minutes ago) or until ``not_after``."""
     if (device_id is None) == (common_name is None):
         raise ValueError("give exactly one of device_id (OCF identity) or common_name")
     if device_id is not None:
@@ -205,5 +231,5 @@ def issue_device(
         cn = common_name
         eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    cert, key = _leaf(ca, subject, days=days, eku=eku, not_before=not_before)
+    cert, key = _leaf(ca, subject, days=days, eku=eku, not_before=not_before, not_after=not_after)
     return _save(out_dir, name or (device_id or cn).replace(":", "_"), cert, key)

@@ -14,12 +14,14 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pymongo import AsyncMongoClient
 
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.layout import StreamLayout
+from gateway.identity import AuthMode, TlsAuthPolicy, parse_crls
 from gateway.service import Gateway, GatewayConfig
 from gateway.tokens import (
     JwtValidator,
@@ -35,6 +37,7 @@ from twin.adapters.nats_api import NatsApiServer
 from twin.api import ApiConfig, TwinApi
 from twin.service import ProjectorConfig, TwinProjector
 from twin.sweeper import ExpirySweeper
+from twinhub_cli import pki as devpki
 from twinhub_cli.config import Config, ConfigError, parse_hostport
 from twinhub_cli.datadir import DataDir
 
@@ -60,6 +63,7 @@ def issuer_for(config: Config, data: DataDir) -> TokenIssuer:
         issuer=config.auth.issuer,
         audience=config.auth.audience,
         owner_claim=config.auth.owner_claim,
+        device_claim=config.auth.device_claim or None,
     )
 
 
@@ -83,7 +87,16 @@ def validator_for(config: Config, issuer: TokenIssuer) -> JwtValidator:
     )
 
 
+def client_ca_file(config: Config, data: DataDir) -> Path:
+    """The CA(s) device certificates must chain to: ``gateway.client_ca`` or the data dir's."""
+    if config.gateway.client_ca:
+        return Path(config.gateway.client_ca)
+    return devpki.load_or_create_ca(data.pki).cert_path
+
+
 def server_ssl_context(config: Config, data: DataDir) -> ssl.SSLContext:
+    """The TLS listener's context: the server certificate, and in the mutual-TLS modes a
+    required client certificate verified against the client CA(s) (chain and validity)."""
     g = config.gateway
     if g.tls_cert and g.tls_key:
         cert, key = Path(g.tls_cert), Path(g.tls_key)
@@ -96,11 +109,34 @@ def server_ssl_context(config: Config, data: DataDir) -> ssl.SSLContext:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"gateway TLS certificate {cert} / key {key}: {e}") from None
-    if g.device_auth != "none":
-        ca = Path(g.client_ca) if g.client_ca else data.pki / "ca.crt"
-        ctx.load_verify_locations(cafile=str(ca))
+    if AuthMode(g.device_auth).mutual:
+        ca = client_ca_file(config, data)
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"gateway.client_ca {ca}: {e}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl.CERT_NONE  # no certificate request at all
     return ctx
+
+
+def tls_auth_policy(config: Config, data: DataDir) -> TlsAuthPolicy:
+    g = config.gateway
+    mode = AuthMode(g.device_auth)
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+    if g.crl_file:
+        if not mode.mutual:
+            raise ConfigError("gateway.crl_file: only with a mutual-TLS device_auth")
+        ca = client_ca_file(config, data)
+        try:
+            cas = x509.load_pem_x509_certificates(ca.read_bytes())
+            crls = parse_crls(Path(g.crl_file).read_bytes(), cas)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"gateway.crl_file {g.crl_file}: {e}") from None
+    return TlsAuthPolicy(
+        mode=mode, crls=crls, end_session_on_cert_expiry=g.end_session_on_cert_expiry
+    )
 
 
 def layout_for(config: Config) -> StreamLayout:
@@ -111,6 +147,18 @@ def gateway_config(config: Config, data: DataDir) -> GatewayConfig:
     g = config.gateway
     tcp = parse_hostport(g.tcp, "gateway.tcp")
     tls = parse_hostport(g.tls, "gateway.tls")
+    mode = AuthMode(g.device_auth)
+    if mode.mutual:
+        if tls is None:
+            raise ConfigError(f"gateway.device_auth {mode.value} needs the TLS listener")
+        if tcp is not None:
+            # a plain listener would let any device skip the certificate
+            log.warning(
+                "gateway.device_auth %s: the plain TCP listener (%s) stays disabled",
+                mode.value,
+                g.tcp,
+            )
+            tcp = None
     if tcp is None and tls is None:
         raise ConfigError("gateway: both listeners are disabled (gateway.tcp and gateway.tls)")
     return GatewayConfig(
@@ -118,6 +166,7 @@ def gateway_config(config: Config, data: DataDir) -> GatewayConfig:
         tcp_bind=tcp,
         tls_bind=tls,
         ssl_context=server_ssl_context(config, data) if tls else None,
+        tls_auth=tls_auth_policy(config, data) if tls else TlsAuthPolicy(),
         access_ttl=config.auth.access_ttl or None,
         refresh_ttl=config.auth.refresh_ttl,
         batch_observe=g.batch_observe,

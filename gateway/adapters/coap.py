@@ -63,7 +63,9 @@ log = logging.getLogger(__name__)
 
 Scheme = Literal["coap+tcp", "coaps+tcp"]
 RequestHandler = Callable[["Connection", CoapRequest], Awaitable[CoapResponse]]
-ConnectHandler = Callable[["Connection"], None]
+ConnectHandler = Callable[["Connection"], str | None]
+"""Returns None to accept the connection, or a reason to refuse it: the connection is then
+aborted at once (Abort with the reason as diagnostic), before any of its requests is read."""
 CloseHandler = Callable[["Connection", str], None]
 
 
@@ -481,7 +483,8 @@ class Connection:
 class CoapServer:
     """The gateway's CoAP over TCP / TLS endpoints (an async context manager).
 
-    ``on_connect(conn)`` is called once a connection is established (after the TLS handshake),
+    ``on_connect(conn)`` is called once a connection is established (after the TLS handshake)
+    and may refuse it (see :data:`ConnectHandler`),
     ``on_request(conn, req)`` for every device request (cancelled when the connection goes),
     ``on_close(conn, reason)`` once when it is gone. On exit every connection is closed with
     Abort "server shutting down".
@@ -577,10 +580,13 @@ class CoapServer:
         log.info("%s: %s connection from %s", connection.id, connection.scheme, connection.remote)
         if self._on_connect is not None:
             try:
-                self._on_connect(connection)
+                refused = self._on_connect(connection)
             except Exception:
                 log.exception("%s: on_connect failed", connection.id)
                 link.abort_with("internal error")
+            else:
+                if refused is not None:
+                    link.abort_with(refused)
         return connection
 
     def _connection_lost(self, connection: Connection) -> None:

@@ -23,11 +23,23 @@ def make_issuer() -> TokenIssuer:
 
 @dataclass
 class Play:
+    """One session and a stand-in for the log's registrations.
+
+    ``owners`` is what the log says about each device's owner: ``LoadOwner`` effects are
+    answered from it at once (unless ``auto_owner`` is off), and acknowledged appends of
+    registrations update it.
+    """
+
     issuer: TokenIssuer = field(default_factory=make_issuer)
     batch: bool = True
     access_ttl: float | None = 3600.0
     now: float = NOW
     rid: int = 0
+    cert_device_id: str | None = None
+    cert_expires_at: float | None = None
+    device_claim: str | None = None
+    auto_owner: bool = True
+    owners: dict[str, str] = field(default_factory=dict)
     session: s.Session = field(init=False)
 
     def __post_init__(self) -> None:
@@ -37,14 +49,38 @@ class Play:
             remote_address="127.0.0.1:5000",
             batch_observe=self.batch,
             access_ttl=self.access_ttl,
+            cert_device_id=self.cert_device_id,
+            cert_expires_at=self.cert_expires_at,
         )
-        self.session = s.Session(cfg, JwtValidator(self.issuer.public_keys), self.issuer)
+        self.issuer.device_claim = self.device_claim
+        validator = JwtValidator(self.issuer.public_keys, device_claim=self.device_claim)
+        self.session = s.Session(cfg, validator, self.issuer)
 
     def token(self, owner: str = "alice", device: str | None = None, ttl: float = 600) -> str:
         return self.issuer.issue(owner, now=self.now, ttl=ttl, device_id=device)
 
     def feed(self, inp: s.Input) -> list[s.Effect]:
-        return self.session.handle(inp, self.now)
+        return self._answer_owners(self.session.handle(inp, self.now))
+
+    def _answer_owners(self, effects: list[s.Effect]) -> list[s.Effect]:
+        if not self.auto_owner:
+            return effects
+        out: list[s.Effect] = []
+        for e in effects:
+            if isinstance(e, s.LoadOwner):
+                loaded = s.OwnerLoaded(e.ref, self.owners.get(e.device_id))
+                out += self._answer_owners(self.session.handle(loaded, self.now))
+            else:
+                out.append(e)
+        return out
+
+    def record(self, effects: list[s.Effect]) -> None:
+        """The appends among ``effects`` are in the log: keep track of registrations."""
+        for ev in appended(effects):
+            if isinstance(ev.data, events.DeviceRegistered):
+                self.owners[ev.device_id] = ev.owner
+            elif isinstance(ev.data, events.DeviceUnregistered):
+                self.owners.pop(ev.device_id, None)
 
     def request(
         self, method: str, path: str, body: Any = None, query: tuple[str, ...] = (), cf: int = OCF
@@ -55,6 +91,7 @@ class Play:
 
     def ack(self, effects: list[s.Effect]) -> list[s.Effect]:
         """Acknowledge every Append among the effects; return all that follows."""
+        self.record(effects)
         out: list[s.Effect] = []
         for e in effects:
             if isinstance(e, s.Append):

@@ -55,8 +55,13 @@ def test_sign_up_retry_gets_the_same_answer_and_log_failure_is_503() -> None:
     first = play.request("POST", "/oic/sec/account", {"di": "d1", "accesstoken": token})
     failed = play.feed(s.AppendResult(one(first, s.Append).ref, False, "down"))
     assert one(failed, s.Respond).code == "5.03"
+    # not recorded: the retry registers again (a 2.04 must never precede the registration)
     again = play.request("POST", "/oic/sec/account", {"di": "d1", "accesstoken": token})
-    assert one(again, s.Respond).code == "2.04"
+    answer = one(play.ack(again), s.Respond)
+    assert answer.code == "2.04"
+    third = play.request("POST", "/oic/sec/account", {"di": "d1", "accesstoken": token})
+    assert [(r.code, r.payload) for r in of(third, s.Respond)] == [(answer.code, answer.payload)]
+    assert not of(third, s.Append), "recorded: a retry gets the same answer, nothing appended"
 
 
 def test_before_sign_in_only_security_paths_are_open() -> None:
