@@ -57,6 +57,11 @@ W17 ``create_server(ssl=...)`` starts the TLS handshake before we see the connec
     connection cannot be refused before it costs a handshake. -> listeners are plain TCP; a
     connection is admitted (limit of unauthenticated connections) and then upgraded with
     ``loop.start_tls``; a failed handshake is logged with the peer address.
+W18 ``Context.render_to_pipe`` creates the rendering coroutine before its task starts: when the
+    request loses interest at once (a second request on the same token, the connection aborted
+    in the same read), the task is cancelled unstarted and the coroutine is never awaited -- a
+    ``RuntimeWarning`` any peer can trigger at will. -> :class:`_Context` creates it inside the
+    task.
 
 Not worked around: we send what the caller gives in one message -- no Block-wise transfer and no
 check against the peer's advertised Max-Message-Size.
@@ -89,7 +94,7 @@ from aiocoap.numbers.codes import (
 from aiocoap.numbers.constants import COAP_PORT, COAPS_PORT
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import OpaqueOption, UintOption
-from aiocoap.pipe import Pipe
+from aiocoap.pipe import Pipe, error_to_message
 from aiocoap.protocol import Context
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports import rfc8323common
@@ -700,8 +705,12 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
 
     def _process_signaling(self, message: Any) -> None:
         code = message.code
-        critical = any(int(o.number) & 1 for o in message.opt.option_list())
-        if code == PING and not critical:
+        critical = [int(o.number) for o in message.opt.option_list() if int(o.number) & 1]
+        if critical and code in (PING, PONG, RELEASE, ABORT):
+            # aiocoap aborts, then carries on (and answers a Ping with the deprecated call, W9)
+            self.abort(f"unknown critical option {critical[0]} in a signalling message")
+            return
+        if code == PING:
             self._send_message(Message(code=PONG, _token=message.token))  # W9
             return
         if code == CSM:
@@ -876,6 +885,22 @@ class _Endpoint(TCPServer):  # type: ignore[misc]  # aiocoap is untyped
             log.warning("listening socket did not close within %ss", self.hub.limits.close_timeout)
 
 
+class _Context(Context):  # type: ignore[misc]  # aiocoap is untyped
+    """aiocoap's context, rendering without an eagerly created coroutine (W18)."""
+
+    def render_to_pipe(self, pipe: Any) -> None:
+        responder = error_to_message(pipe, self.log)
+
+        async def render() -> None:
+            try:
+                await self._render_to_pipe(responder)
+            except Exception as e:
+                responder.add_exception(e)
+
+        task = asyncio.get_running_loop().create_task(render(), name="coap-render")
+        responder.on_interest_end(task.cancel)
+
+
 class _Site:
     """aiocoap's server site: every device request goes to its connection's ``serve``."""
 
@@ -908,7 +933,7 @@ class Hub:
         self.limits: Final = limits
         self._link_made = link_made
         self.aiocoap_log: Final = logging.getLogger("gateway.adapters.coap.aiocoap")
-        self.context: Final[Any] = Context(
+        self.context: Final[Any] = _Context(
             loop=self.loop, serversite=_Site(self), loggername=self.aiocoap_log.name
         )
         self.render_tasks: set[asyncio.Task[Any]] = set()

@@ -140,6 +140,10 @@ MALFORMED = {
         bytes([0xE0, 0xFF, 0x00, GET]) + b"\x00" * 100,
         "message too large: 65553 bytes announced, limit 65536",
     ),
+    "unknown critical option in a Ping": (
+        bytes([0x11, 0xE2, 0x07, 0x10]),  # token 07, option 1, empty
+        "unknown critical option 1 in a signalling message",
+    ),
     "unknown critical option in a CSM": (
         bytes([0x21, 0xE1, 0x00, 0x91, 0x00]),  # token 00, option 9, empty
         "Option not supported",
