@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from gateway.adapters.coap_frames import Deframer, FrameError
+from gateway.adapters.coap_frames import Deframer, FrameError, encode_frame
+from gateway.adapters.coap_frames import Frame as CoreFrame
 
 from ..integration.gateway.coap_peers import PING, PONG, Frame, RawPeer  # noqa: TID252
 from ..integration.gateway.gateway_stack import Stack, sign_in  # noqa: TID252
@@ -17,30 +18,51 @@ async def probe(stack: Stack, data: bytes, *, signed_in: bool = False) -> list[F
     """Connect (and sign in), write ``data`` and a Ping; return the frames received until its
     Pong or the end of the connection.
 
-    When ``data`` ends inside a message, the Ping only adds to that message: then we close
-    after writing (the gateway waits for the rest of a message as long as its timeouts allow).
+    A Ping after ``data`` may end up inside its last message (as its payload, or as the rest of
+    an incomplete one): more Pings go out until one stands on its own. When ``data`` still ends
+    inside a message we close after writing (the gateway waits for the rest of a message as long
+    as its timeouts allow); after a format error we read until the gateway closes.
     """
-    ping = Frame(PING, PROBE).encode()
-    _, error, incomplete = deframe_all(data + ping, stack.gateway.config.max_message_size)
+    ping = encode_frame(CoreFrame(PING, PROBE))
+    limit = stack.gateway.config.max_message_size
+    for _ in range(3):
+        data += ping
+        frames, error, incomplete = deframe(data, limit)
+        if error is not None or incomplete or frames[-1] == CoreFrame(PING, PROBE):
+            break
     peer = await RawPeer.connect(stack.tcp)
     try:
         if signed_in:
             await sign_in(stack, peer)
-        peer.writer.write(data + ping)
+        peer.writer.write(data)
         if incomplete and error is None:
             await peer.writer.drain()
             return []
-        frames: list[Frame] = []
+        got: list[Frame] = []
         with contextlib.suppress(EOFError, ConnectionError):
             async with asyncio.timeout(5):
                 while True:
                     frame = await peer.recv()
-                    frames.append(frame)
+                    got.append(frame)
                     if frame.code == PONG and frame.token == PROBE:
                         break
-        return frames
+        return got
     finally:
         peer.writer.transport.abort()
+
+
+def deframe(data: bytes, limit: int) -> tuple[list[CoreFrame], str | None, bool]:
+    """The frames of ``data``, the format error that ends it (if any) and whether it ends
+    inside a message -- nothing else may come out of the deframer."""
+    deframer = Deframer(limit)
+    deframer.feed(data)
+    frames: list[CoreFrame] = []
+    try:
+        while (frame := deframer.next()) is not None:
+            frames.append(frame)
+    except FrameError as e:
+        return frames, str(e), False
+    return frames, None, deframer.buffered > 0
 
 
 def check_answers(frames: list[Frame]) -> None:
@@ -51,17 +73,3 @@ def check_answers(frames: list[Frame]) -> None:
         assert code_class in (2, 3, 4, 5, 7) or 1 <= frame.code <= 4, frame
         if code_class == 7:
             assert 0xE1 <= frame.code <= 0xE5, frame
-
-
-def deframe_all(data: bytes, limit: int) -> tuple[int, str | None, bool]:
-    """How many frames ``data`` holds, the format error that ends it (if any) and whether it
-    ends inside a message -- nothing else may come out of the deframer."""
-    deframer = Deframer(limit)
-    deframer.feed(data)
-    count = 0
-    try:
-        while deframer.next() is not None:
-            count += 1
-    except FrameError as e:
-        return count, str(e), False
-    return count, None, deframer.buffered > 0

@@ -1,4 +1,4 @@
-"""aiocoap 0.4.17 behaviours we work around (``gateway.adapters.coap_wire`` W1-W11), pinned.
+"""aiocoap 0.4.17 behaviours we work around (``gateway.adapters.coap_wire`` W1-W18), pinned.
 
 Each ``test_aiocoap_*`` asserts the behaviour of *raw* aiocoap: if an upgrade changes it, the test
 fails and the work-around must be revisited. Each ``test_ours_*`` asserts what our adapter gives
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import gc
+import inspect
 import ipaddress
 import logging
 import socket
@@ -966,3 +967,114 @@ async def test_ours_keeps_an_observation_nobody_references() -> None:
         await marker
         assert got == [b"kept"]
         peer.close()
+
+
+# --------------------------------------------------------------------------- W13-W18 hostile input
+
+
+def test_aiocoap_framing_is_lenient_and_leaks_unicode_errors() -> None:
+    """W13: aiocoap's framing functions, as its ``data_received`` uses them."""
+    assert _extract_message_size(bytes([0x09])) == (2, 9, 0)  # a token of 9: no complaint yet
+    assert _decode_message(bytes([0x10, 0x01, 0xFF])).payload == b""  # marker, no payload
+    with pytest.raises(UnicodeDecodeError):  # not UnparsableMessage: escapes data_received
+        _decode_message(bytes([0x30, 0x02, 0xB2, 0xFF, 0xFE]))  # Uri-Path b"\xff\xfe"
+
+
+async def test_ours_aborts_on_format_errors_and_answers_bad_values_with_4_02() -> None:
+    async with our_server() as ours:
+        peer = await Peer.connect(ours.port)
+        peer.writer.write(bytes([0x30, 0x02, 0xB2, 0xFF, 0xFE]))
+        answer = await peer.recv_non_signalling()
+        assert answer.code == aiocoap.BAD_OPTION
+        peer.writer.write(bytes([0x09]))
+        abort = await peer.recv()
+        while abort is not None and abort.code != aiocoap.ABORT:
+            abort = await peer.recv()
+        assert abort is not None
+        assert abort.payload == b"message format error: token length 9 (at most 8)"
+        peer.close()
+
+
+def _unknown_critical(request: Any) -> Any:
+    request.opt.add_option(OpaqueOption(2051, b"x"))
+    return request
+
+
+async def test_aiocoap_serves_requests_with_unknown_critical_options() -> None:
+    """W14."""
+    async with raw_aiocoap_server() as (_, port):
+        peer = await Peer.connect(port)
+        request = _unknown_critical(msg(aiocoap.GET, b"\x01", uri_path=("echo",)))
+        peer.send(msg(aiocoap.CSM), request)
+        assert (await peer.recv_non_signalling()).code == aiocoap.CONTENT
+        peer.close()
+
+
+async def test_ours_answers_unknown_critical_options_with_4_02() -> None:
+    async with our_server() as ours:
+        peer = await Peer.connect(ours.port)
+        peer.send(_unknown_critical(msg(aiocoap.GET, b"\x01", uri_path=("echo",))))
+        answer = await peer.recv_non_signalling()
+        assert answer.code == aiocoap.BAD_OPTION
+        assert answer.payload == b"unrecognised critical option 2051"
+        peer.close()
+
+
+@pytest.mark.parametrize("code", [0, 0x21, 0xC1])
+def test_aiocoap_dispatches_empty_and_reserved_codes_as_requests(code: int) -> None:
+    """W15."""
+    seen: list[Any] = []
+
+    class Manager:
+        def process_request(self, message: Any) -> None:
+            seen.append(message)
+
+    server = TCPServer()
+    server._tokenmanager = Manager()
+    server._dispatch_incoming(None, Message(code=code))
+    assert [int(m.code) for m in seen] == [code]
+
+
+def test_aiocoap_abort_closes_with_unread_input() -> None:
+    """W16: ``transport.close()`` right after the Abort, no half-close."""
+    calls: list[str] = []
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            calls.append("write")
+
+        def close(self) -> None:
+            calls.append("close")
+
+        def write_eof(self) -> None:
+            calls.append("write_eof")
+
+    connection = TcpConnection.__new__(TcpConnection)
+    connection.log = logging.getLogger("test")
+    connection._transport = Transport()
+    connection.abort("bad")
+    assert calls == ["write", "close"]
+
+
+async def test_aiocoap_render_to_pipe_leaves_a_coroutine_never_awaited() -> None:
+    """W18: a request that loses interest at once (here: nobody listens to its pipe)."""
+    from aiocoap.pipe import Pipe
+    from aiocoap.protocol import Context
+
+    for context, leaves_one in ((Context, True), (wire._Context, False)):
+        created: list[Any] = []
+
+        class Spy(context):  # type: ignore[misc, valid-type]
+            def _render_to_pipe(self, pipe: Any, created: list[Any] = created) -> Any:
+                coroutine = super()._render_to_pipe(pipe)
+                created.append(coroutine)
+                return coroutine
+
+        ctx = Spy(loop=asyncio.get_running_loop(), serversite=None, loggername="test")
+        ctx.render_to_pipe(Pipe(Message(code=aiocoap.GET), logging.getLogger("test")))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        unstarted = [c for c in created if inspect.getcoroutinestate(c) == inspect.CORO_CREATED]
+        for coroutine in unstarted:
+            coroutine.close()  # what the RuntimeWarning is about
+        assert bool(unstarted) is leaves_one, context
