@@ -89,6 +89,8 @@ class _Conn:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     close_reason: str | None = None
     closed: bool = False
+    lost: bool = False  # the connection is gone: what the session appends now is its last word
+    writes_for: set[str] = field(default_factory=set)  # devices whose events it appended
 
 
 @dataclass
@@ -120,6 +122,8 @@ class Gateway:
         self.clock = clock
         self.conns: dict[str, _Conn] = {}
         self.devices: dict[str, _Conn] = {}
+        # device -> the writer of its newest connection that appended its events
+        self._device_writers: dict[str, DeviceWriter] = {}
         self.stats = GatewayStats()
         self._rids = itertools.count(1)
         self._server: CoapServer | None = None
@@ -240,6 +244,7 @@ class Gateway:
         if c is None:
             return
         c.closed = True
+        c.lost = True
         self._feed(c, s.ConnectionLost(reason))
         for fut in c.replies.values():
             if not fut.done():
@@ -247,7 +252,7 @@ class Gateway:
         for task in c.tasks:
             task.cancel()
         c.observations.clear()
-        self._spawn_background(c.writer.close(), f"drain:{conn.id}")
+        self._spawn_background(self._drain(c), f"drain:{conn.id}")
         log.debug("connection %s closed: %s", conn.id, reason)
 
     async def _on_request(self, conn: Connection, req: CoapRequest) -> CoapResponse:
@@ -293,7 +298,10 @@ class Gateway:
                 if fut is not None and not fut.done():
                     fut.set_result(eff)
             case s.Append():
-                if not c.writer.submit(eff.ref, eff.events, eff.critical):
+                self._order_after_older_connections(c, eff)
+                # The offline event of a lost connection goes in even over the bound: after an
+                # overflow close it is what tells the twin the device went away.
+                if not c.writer.submit(eff.ref, eff.events, eff.critical, force=c.lost):
                     self.stats.overflow_closes += 1
                     log.warning(
                         "device %s: event buffer full, closing its connection", c.session.device_id
@@ -329,6 +337,24 @@ class Gateway:
             case s.SignedOut():
                 if self.devices.get(eff.device_id) is c:
                     del self.devices[eff.device_id]
+
+    def _order_after_older_connections(self, c: _Conn, eff: s.Append) -> None:
+        """A connection's first events of a device wait for what older connections of the
+        device still hold (see :mod:`gateway.writer`)."""
+        if not eff.events or eff.events[0].device_id in c.writes_for:
+            return
+        device = eff.events[0].device_id
+        c.writes_for.add(device)
+        older = self._device_writers.get(device)
+        if older is not None:
+            c.writer.follow(older)
+        self._device_writers[device] = c.writer
+
+    async def _drain(self, c: _Conn) -> None:
+        await c.writer.close()
+        for device in c.writes_for:
+            if self._device_writers.get(device) is c.writer:
+                del self._device_writers[device]
 
     def _spawn(self, c: _Conn, coro: object, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]

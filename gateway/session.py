@@ -350,6 +350,11 @@ class Session:
         self._next_ins = 1
         self.sign_up_cache: dict[str, Respond] = {}
         self.online = False  # the log says this connection's device is online
+        # This connection's online event may be in the log with no offline after it: its sign-in
+        # append is in flight, or failed with an unknown outcome (an unavailable log may store
+        # it still). The connection's end then records an offline too (which the twin ignores
+        # when the online never made it: it names this connection).
+        self._maybe_online = False
         self._sync_started = False
         self._discoveries: dict[int, DeviceRequest] = {}
         self._owner_checks: dict[int, _OwnerCheck] = {}
@@ -405,7 +410,11 @@ class Session:
     def handle(self, inp: Input, now: float) -> list[Effect]:
         if self.phase is Phase.CLOSED and not isinstance(inp, ConnectionLost | AppendResult):
             return []
-        if self.phase is Phase.CLOSED and isinstance(inp, ConnectionLost) and not self.online:
+        if (
+            self.phase is Phase.CLOSED
+            and isinstance(inp, ConnectionLost)
+            and not (self.online or self._maybe_online)
+        ):
             return []
         match inp:
             case DeviceRequest():
@@ -602,6 +611,7 @@ class Session:
             TwinSyncStateChanged(state="syncing", connection_id=self.config.connection_id)
         )
         fail: list[Effect] = [Respond(req.rid, "5.03", b"event log unavailable", 0)]
+        self._maybe_online = True
         return [self._append([online, syncing], [reply], fail, then="signed-in")]
 
     def _sign_out(self, req: DeviceRequest, si: ocf.SignIn) -> list[Effect]:
@@ -625,6 +635,7 @@ class Session:
         self._sync_started = False
         self.sync_state = "out_of_sync"
         self.online = False
+        self._maybe_online = False
         assert self.device_id is not None
         out.append(SignedOut(self.device_id))
         ev = self._event(
@@ -1008,7 +1019,9 @@ class Session:
                 connection_id=self.config.connection_id,
             )
         )
-        return [self._append([ev], [], [Close("event log unavailable")])]
+        # Not critical: no device reply waits for it. The writer keeps it (bounded) until the
+        # log is back; only a give-up (drain timeout, refusal) fails it and closes.
+        return [self._append([ev], [], [Close("event log unavailable")], critical=False)]
 
     def _maybe_in_sync(self) -> list[Effect]:
         if self.sync_state != "syncing" or self._discovery_ref is not None:
@@ -1019,7 +1032,7 @@ class Session:
         ev = self._event(
             TwinSyncStateChanged(state="in_sync", connection_id=self.config.connection_id)
         )
-        return [self._append([ev], [], [Close("event log unavailable")])]
+        return [self._append([ev], [], [Close("event log unavailable")], critical=False)]
 
     # -- time and the end -------------------------------------------------------------------
 
@@ -1032,12 +1045,12 @@ class Session:
         return []
 
     def _end(self, reason: str) -> list[Effect]:
-        out = self._go_offline(reason) if self.online else []
+        out = self._go_offline(reason) if self.online or self._maybe_online else []
         self.phase = Phase.CLOSED
         return [*out, Close(reason)]
 
     def _on_lost(self, lost: ConnectionLost) -> list[Effect]:
-        out = self._go_offline(lost.reason) if self.online else []
+        out = self._go_offline(lost.reason) if self.online or self._maybe_online else []
         self.phase = Phase.CLOSED
         return out
 

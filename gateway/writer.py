@@ -15,6 +15,12 @@ A *critical* append (one a device reply waits for) that cannot be written within
 ``critical_timeout`` is reported as failed so the device gets 5.03 and retries;
 notifications are retried until written or until :meth:`close` gives up at its
 ``drain_timeout``.
+
+A device's events go to the log in order across its connections too: the writer of a newer
+connection follows the older one's (:meth:`DeviceWriter.follow`) and writes nothing before the
+older writer settled what it held at that moment (say, notifications it buffered while the log
+was down). Otherwise the new connection's sign-in and fresh values could reach the log first and
+the old, stale values after them, where they would win in the twin.
 """
 
 from __future__ import annotations
@@ -68,7 +74,12 @@ class DeviceWriter:
         self._buffered = 0
         self._wakeup = asyncio.Event()
         self._closing = False
+        self._submitted = 0  # appends ever queued
+        self._settled = 0  # appends written or failed
+        self._marks: list[tuple[int, asyncio.Future[None]]] = []
+        self._after: asyncio.Future[None] | None = None
         self._task = asyncio.create_task(self._run(), name=f"writer:{name}")
+        self._task.add_done_callback(lambda _: self._release_marks())
         self.written = 0
         self.retries = 0
 
@@ -76,16 +87,54 @@ class DeviceWriter:
     def buffered(self) -> int:
         return self._buffered
 
-    def submit(self, ref: int, events: tuple[AnyEvent, ...], critical: bool) -> bool:
-        """Queue an append; ``False`` when the buffer would overflow (nothing was queued)."""
+    def submit(
+        self, ref: int, events: tuple[AnyEvent, ...], critical: bool, *, force: bool = False
+    ) -> bool:
+        """Queue an append; ``False`` when the buffer would overflow (nothing was queued).
+
+        ``force`` queues it beyond ``max_buffered``: for the few last events of a connection
+        that is gone (its offline event), which must not be lost to an overflow that its own
+        notifications caused.
+        """
         if self._closing:
             return False
-        if self._buffered + len(events) > self.config.max_buffered:
+        if not force and self._buffered + len(events) > self.config.max_buffered:
             return False
         self._queue.append(_Item(ref, events, critical, time.monotonic()))
         self._buffered += len(events)
+        self._submitted += 1
         self._wakeup.set()
         return True
+
+    def follow(self, older: DeviceWriter) -> None:
+        """Write nothing before ``older`` (the writer of an older connection of the same device)
+        settled every append it was given so far."""
+        self._after = older.settled()
+
+    def settled(self) -> asyncio.Future[None]:
+        """Resolved once every append submitted so far is written or failed (or the writer
+        stopped)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._settled >= self._submitted or self._task.done():
+            fut.set_result(None)
+        else:
+            self._marks.append((self._submitted, fut))
+        return fut
+
+    def _done(self, item: _Item, ok: bool, error: str, positions: tuple[int, ...]) -> None:
+        self.on_done(item.ref, ok, error, positions)
+        self._settled += 1
+        if self._marks and self._marks[0][0] <= self._settled:
+            for _, fut in [m for m in self._marks if m[0] <= self._settled]:
+                if not fut.done():
+                    fut.set_result(None)
+            self._marks = [m for m in self._marks if m[0] > self._settled]
+
+    def _release_marks(self) -> None:
+        for _, fut in self._marks:
+            if not fut.done():
+                fut.set_result(None)
+        self._marks = []
 
     async def close(self) -> None:
         """Write what is queued (up to ``drain_timeout``), then stop."""
@@ -97,7 +146,7 @@ class DeviceWriter:
             self._task.cancel()
             lost = self._buffered
             for item in self._queue:
-                self.on_done(item.ref, False, "writer closed", ())
+                self._done(item, False, "writer closed", ())
             self._queue.clear()
             log.error("writer %s: gave up with %d unwritten events", self.name, lost)
         except asyncio.CancelledError:
@@ -127,6 +176,15 @@ class DeviceWriter:
                     await self._wakeup.wait()
                     continue
                 batch = self._take_batch()
+            if self._after is not None:
+                if not self._after.done():
+                    # An older connection of this device holds events still: they go first.
+                    critical = any(item.critical for item in batch)
+                    wait = self.config.critical_timeout if critical else None
+                    await asyncio.wait([self._after], timeout=wait)
+                    batch = self._expire_critical(batch, "older events of the device pending")
+                    continue
+                self._after = None
             messages = [binding.to_nats(ev) for item in batch for ev in item.events]
             try:
                 result = await self.store.append(messages)
@@ -143,7 +201,7 @@ class DeviceWriter:
                 log.error("writer %s: append refused: %s", self.name, e)
                 for item in batch:
                     self._buffered -= len(item.events)
-                    self.on_done(item.ref, False, str(e), ())
+                    self._done(item, False, str(e), ())
                 batch = []
                 continue
             delay = self.config.retry_initial
@@ -154,7 +212,7 @@ class DeviceWriter:
                 i += n
                 self._buffered -= n
                 self.written += n
-                self.on_done(item.ref, True, "", positions)
+                self._done(item, True, "", positions)
             batch = []
 
     def _expire_critical(self, batch: list[_Item], error: str) -> list[_Item]:
@@ -164,7 +222,7 @@ class DeviceWriter:
         for item in batch:
             if item.critical and now - item.submitted > self.config.critical_timeout:
                 self._buffered -= len(item.events)
-                self.on_done(item.ref, False, error, ())
+                self._done(item, False, error, ())
             else:
                 keep.append(item)
         return keep

@@ -101,12 +101,20 @@ def server_tls(tmp: Path) -> tuple[ssl.SSLContext, Path]:
 
 @contextlib.asynccontextmanager
 async def open_stack(
-    nats_url: str, db: AsyncDatabase[Any], tmp: Path, **gateway_kw: Any
+    nats_url: str,
+    db: AsyncDatabase[Any],
+    tmp: Path,
+    *,
+    store_timeout: float = 5.0,
+    gateway_store: Callable[[JetStreamEventStore], Any] | None = None,
+    **gateway_kw: Any,
 ) -> AsyncIterator[Stack]:
+    """``store_timeout``: the event store's request timeout; ``gateway_store`` wraps the store
+    the gateway is given (a fault-injecting proxy); the rest goes to :class:`GatewayConfig`."""
     owner = "o" + uuid.uuid4().hex[:10]
     issuer = TokenIssuer(ec.generate_private_key(ec.SECP256R1()), kid="e2e")
     ctx, ca_file = server_tls(tmp)
-    async with JetStreamEventStore.from_url(nats_url) as store:
+    async with JetStreamEventStore.from_url(nats_url, timeout=store_timeout) as store:
         await store.provision()
         cfg = GatewayConfig(
             gateway_id="gw-e2e",
@@ -117,5 +125,6 @@ async def open_stack(
         )
         twins = MongoTwinStore(db)
         await twins.ensure_indexes()
-        async with Gateway(cfg, store, JwtValidator(issuer.public_keys), issuer) as gw:
+        gw_store = store if gateway_store is None else gateway_store(store)
+        async with Gateway(cfg, gw_store, JwtValidator(issuer.public_keys), issuer) as gw:
             yield Stack(owner, store, gw, issuer, twins, ca_file)
