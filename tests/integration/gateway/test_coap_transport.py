@@ -629,7 +629,7 @@ async def test_a_peer_that_does_not_read_is_aborted() -> None:
     async def large(conn: Connection, req: CoapRequest) -> CoapResponse:
         return CoapResponse("2.05", big)
 
-    async with gateway(max_write_buffer=256 * 1024) as gw:
+    async with gateway(max_write_buffer=256 * 1024, request_rate=None) as gw:
         gw.handler = large
         peer = await RawPeer.connect(addr(gw.server.tcp_address))
         peer.send(request(GET, "/a", peer.token()))
