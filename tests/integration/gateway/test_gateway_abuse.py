@@ -130,15 +130,15 @@ async def test_after_a_hostile_barrage_the_gateway_is_back_to_baseline_and_serve
     async with running_gateway(opening_timeout=0.5) as stack:
         baseline = stack.counts()
         await stack.well_behaved_device_works()
-        await stack.settle(baseline)
+        await stack.settle(baseline, 3 * DEADLINE)
         with errors_only() as errors:
             tracemalloc.start(8)
             try:
                 await barrage(stack, rng)
-                await stack.settle(baseline)
+                await stack.settle(baseline, 3 * DEADLINE)
                 first = traced()
                 await barrage(stack, rng)
-                await stack.settle(baseline)
+                await stack.settle(baseline, 3 * DEADLINE)
                 second = traced()
             finally:
                 tracemalloc.stop()
@@ -149,4 +149,4 @@ async def test_after_a_hostile_barrage_the_gateway_is_back_to_baseline_and_serve
         assert growth < 256 * 1024, f"grew by {growth} bytes in the second round:\n{top}"
 
         await stack.well_behaved_device_works()
-        await stack.settle(baseline)
+        await stack.settle(baseline, 3 * DEADLINE)
