@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from eventstore.ports import EventStore
@@ -79,40 +80,51 @@ async def discover_owner_links(
     return {d: tuple(links.values()) for d, links in per_device.items() if links}
 
 
+@dataclass
+class CommandLog:
+    """A device's open commands, read incrementally from the log (issue order)."""
+
+    owner: str
+    device_id: str
+    open: dict[str, Command] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+    after: int = 0  # the log position read up to
+
+    async def refresh(self, store: EventStore) -> tuple[list[Command], list[str]]:
+        """Read what is new; returns (commands that became open, correlation ids now closed)."""
+        stored: list[StoredMessage] = []
+        for cls in COMMAND_EVENTS:
+            f = subjects.event_filter(owner=self.owner, device=self.device_id, kind=cls.KIND)
+            stored += [m async for m in store.read(f, after=self.after)]
+        stored.sort(key=lambda m: m.position)
+        added: dict[str, Command] = {}
+        closed: list[str] = []
+        for m in stored:
+            self.after = max(self.after, m.position)
+            ev = binding.from_stored(m)
+            corr = ev.correlation_id
+            if corr is None or corr in self.done:
+                continue
+            data = ev.data
+            if isinstance(data, CommandPending):
+                cmd = command_from_event(ev, m.position)
+                if cmd is not None:
+                    self.open[corr] = added[corr] = cmd
+            elif isinstance(data, CommandSent):
+                if corr in self.open:
+                    self.open[corr].attempts = max(self.open[corr].attempts, data.attempt)
+            else:  # an outcome: succeeded, failed, expired, canceled
+                self.done.add(corr)
+                self.open.pop(corr, None)
+                if added.pop(corr, None) is None:
+                    closed.append(corr)
+        return sorted(added.values(), key=lambda c: c.position), closed
+
+
 async def load_pending_commands(store: EventStore, owner: str, device_id: str) -> list[Command]:
     """The device's open commands (pending or sent, no outcome yet), in issue order."""
-    stored: list[StoredMessage] = []
-    for cls in COMMAND_EVENTS:
-        f = subjects.event_filter(owner=owner, device=device_id, kind=cls.KIND)
-        stored += [m async for m in store.read(f)]
-    stored.sort(key=lambda m: m.position)
-    open_: dict[str, Command] = {}
-    for m in stored:
-        ev = binding.from_stored(m)
-        corr = ev.correlation_id
-        if corr is None:
-            continue
-        data = ev.data
-        if isinstance(data, CommandPending):
-            open_[corr] = Command(
-                correlation_id=corr,
-                op=data.op,
-                href=data.href,
-                position=m.position,
-                expires_at=data.expires_at.timestamp() if data.expires_at else None,
-                content=data.content,
-                content_b64=data.content_b64,
-                content_format=data.content_format,
-                interface=data.interface,
-                max_attempts=data.max_attempts,
-                owner=ev.owner,
-            )
-        elif isinstance(data, CommandSent):
-            if corr in open_:
-                open_[corr].attempts = max(open_[corr].attempts, data.attempt)
-        elif corr in open_:  # an outcome: succeeded, failed, expired, canceled
-            del open_[corr]
-    return sorted(open_.values(), key=lambda c: c.position)
+    opened, _ = await CommandLog(owner, device_id).refresh(store)
+    return opened
 
 
 def command_from_event(ev: AnyEvent, position: int) -> Command | None:

@@ -43,12 +43,27 @@ from gateway.adapters.coap import (
     Connection,
     Observation,
 )
-from gateway.devicestate import discover_owner_links, load_device_state
+from gateway.commands import (
+    Answer,
+    AppendCommandEvents,
+    CommandEffect,
+    Dispatcher,
+    DispatcherConfig,
+    SendCommand,
+)
+from gateway.devicestate import CommandLog, discover_owner_links, load_device_state
 from gateway.identity import NO_IDENTITY, CertificateRejected, TlsAuthPolicy, check_peer
 from gateway.tokens import TokenIssuer, TokenValidator
 from gateway.writer import DeviceWriter, WriterConfig
 from proto import subjects
-from proto.events import DeviceRegistered, DeviceUnregistered
+from proto.events import (
+    AnyEvent,
+    CommandCanceled,
+    CommandExpired,
+    CommandPending,
+    DeviceRegistered,
+    DeviceUnregistered,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +92,15 @@ class GatewayConfig:
     max_message_size: int = 64 * 1024
     tick_interval: float = 1.0
     writer: WriterConfig = field(default_factory=WriterConfig)
+    # abuse limits (see gateway.adapters.coap.CoapServerConfig)
+    sign_in_timeout: float | None = 60.0  # a connection must sign in within this
+    max_unauthenticated: int | None = 10_000  # connections not signed in, at once
+    request_rate: float | None = 20.0  # device requests per second, per connection
+    request_burst: int = 100
+    # command delivery (see gateway.commands)
+    command_retry_initial: float = 1.0
+    command_retry_max: float = 30.0
+    command_resync: float = 60.0  # re-read the device's commands at least this often
 
 
 @dataclass(eq=False)
@@ -90,6 +114,8 @@ class _Conn:
     close_reason: str | None = None
     closed: bool = False
     lost: bool = False  # the connection is gone: what the session appends now is its last word
+    dispatcher: Dispatcher | None = None  # command delivery while signed in
+    commands_task: asyncio.Task[None] | None = None
     writes_for: set[str] = field(default_factory=set)  # devices whose events it appended
 
 
@@ -143,6 +169,10 @@ class Gateway:
                 keepalive_timeout=cfg.keepalive_timeout,
                 opening_timeout=cfg.opening_timeout,
                 max_message_size=cfg.max_message_size,
+                auth_timeout=cfg.sign_in_timeout,
+                max_unauthenticated=cfg.max_unauthenticated,
+                request_rate=cfg.request_rate,
+                request_burst=cfg.request_burst,
             ),
             on_request=self._on_request,
             on_connect=self._on_connect,
@@ -190,6 +220,8 @@ class Gateway:
             await asyncio.sleep(self.config.tick_interval)
             for c in list(self.conns.values()):
                 self._feed(c, s.Tick())
+                if c.dispatcher is not None and not c.closed:
+                    self._commands(c, c.dispatcher.tick(self.clock()))
 
     # -- adapter callbacks -------------------------------------------------------------------
 
@@ -229,7 +261,12 @@ class Gateway:
         holder: list[_Conn] = []
 
         def done(ref: int, ok: bool, error: str, positions: tuple[int, ...]) -> None:
-            self._feed(holder[0], s.AppendResult(ref, ok, error))
+            c = holder[0]
+            if ref < 0:  # a command step (see _commands)
+                if c.dispatcher is not None:
+                    self._commands(c, c.dispatcher.appended(-ref, ok, self.clock()))
+                return
+            self._feed(c, s.AppendResult(ref, ok, error))
 
         writer = DeviceWriter(self.store, done, cfg.writer, name=conn.id)
         c = _Conn(conn, session, writer)
@@ -246,6 +283,7 @@ class Gateway:
         c.closed = True
         c.lost = True
         self._feed(c, s.ConnectionLost(reason))
+        self._stop_commands(c)
         for fut in c.replies.values():
             if not fut.done():
                 fut.cancel()
@@ -326,9 +364,11 @@ class Gateway:
                 else:
                     self._close_now(c, eff.reason)
             case s.SignedIn():
+                c.conn.mark_authenticated()
                 old = self.devices.get(eff.device_id)
                 self.devices[eff.device_id] = c
                 self.stats.signed_in += 1
+                self._start_commands(c, eff.owner, eff.device_id)
                 if old is not None and old is not c and not old.closed:
                     log.info(
                         "device %s signed in again: closing its older connection", eff.device_id
@@ -337,13 +377,117 @@ class Gateway:
             case s.SignedOut():
                 if self.devices.get(eff.device_id) is c:
                     del self.devices[eff.device_id]
+                self._stop_commands(c)
+            case s.ResourcesKnown():
+                if c.dispatcher is not None:
+                    self._commands(c, c.dispatcher.set_published(eff.hrefs, self.clock()))
 
-    def _order_after_older_connections(self, c: _Conn, eff: s.Append) -> None:
+    # -- command delivery -------------------------------------------------------------------
+
+    def _start_commands(self, c: _Conn, owner: str, device_id: str) -> None:
+        self._stop_commands(c)
+        cfg = self.config
+        c.dispatcher = Dispatcher(
+            DispatcherConfig(
+                cfg.gateway_id, c.conn.id, cfg.command_retry_initial, cfg.command_retry_max
+            ),
+            owner,
+            device_id,
+        )
+        task: asyncio.Task[None] = asyncio.create_task(
+            self._command_loop(c, c.dispatcher), name=f"commands:{device_id}"
+        )
+        c.commands_task = task
+        c.tasks.add(task)
+        task.add_done_callback(c.tasks.discard)
+
+    def _stop_commands(self, c: _Conn) -> None:
+        if c.dispatcher is not None:
+            c.dispatcher.close()
+            c.dispatcher = None
+        if c.commands_task is not None:
+            c.commands_task.cancel()
+            c.commands_task = None
+
+    async def _command_loop(self, c: _Conn, d: Dispatcher) -> None:
+        """Routing by subscription: this gateway listens for the commands of the devices it
+        holds (their own subjects), and reads what is new from the log on every wake-up."""
+        kinds = (CommandPending.KIND, CommandCanceled.KIND, CommandExpired.KIND)
+        filters = [subjects.event_filter(owner=d.owner, device=d.device_id, kind=k) for k in kinds]
+        commands = CommandLog(d.owner, d.device_id)
+        notifier = None
+        try:
+            while notifier is None:  # subscribe first, then read: nothing falls in between
+                try:
+                    notifier = await self.store.notifier(filters)
+                except Exception as e:
+                    log.warning("device %s: cannot watch its commands yet: %s", d.device_id, e)
+                    await asyncio.sleep(self.config.command_retry_initial)
+            while True:
+                try:
+                    opened, closed = await commands.refresh(self.store)
+                except Exception as e:
+                    log.warning("device %s: cannot read its commands: %s", d.device_id, e)
+                    await notifier.wait(self.config.command_retry_initial)
+                    continue
+                now = self.clock()
+                for corr in closed:
+                    self._commands(c, d.cancel(corr, now))
+                if opened:
+                    self._commands(c, d.add(opened, now))
+                await notifier.wait(self.config.command_resync)
+        finally:
+            if notifier is not None:
+                await notifier.close()
+
+    def _commands(self, c: _Conn, effects: list[CommandEffect]) -> None:
+        for eff in effects:
+            if c.closed or c.dispatcher is None:
+                return
+            if isinstance(eff, AppendCommandEvents):
+                self._order_after_older_connections(c, eff.events)
+                if not c.writer.submit(-eff.ref, eff.events, False, force=True):
+                    self._commands(c, c.dispatcher.appended(eff.ref, False, self.clock()))
+            else:
+                self._spawn(
+                    c,
+                    self._send_command(c, c.dispatcher, eff),
+                    f"cmd:{c.conn.id}:{eff.correlation_id}",
+                )
+
+    async def _send_command(self, c: _Conn, d: Dispatcher, eff: SendCommand) -> None:
+        req = CoapRequest(
+            method=eff.method,
+            path=eff.href,
+            query=eff.query,
+            payload=eff.payload,
+            content_format=eff.content_format,
+            accept=OCF_CBOR,
+            ocf_version=OCF_VERSION if eff.payload else None,
+            ocf_accept_version=OCF_VERSION,
+        )
+        answer: Answer | None = None
+        error = ""
+        try:
+            resp = await c.conn.request(req, self.config.request_timeout)
+            answer = Answer(resp.code, resp.payload, resp.content_format)
+        except Exception as e:  # timeout, closed connection
+            error = f"{type(e).__name__}: {e}"
+        if c.dispatcher is d and not c.closed:
+            self._commands(
+                c, d.answered(eff.correlation_id, eff.attempt, answer, error, self.clock())
+            )
+
+    def _order_after_older_connections(
+        self, c: _Conn, events: tuple[AnyEvent, ...] | s.Append
+    ) -> None:
         """A connection's first events of a device wait for what older connections of the
         device still hold (see :mod:`gateway.writer`)."""
-        if not eff.events or eff.events[0].device_id in c.writes_for:
+        if isinstance(events, s.Append):
+            events = events.events
+        if not events or events[0].device_id in c.writes_for:
             return
-        device = eff.events[0].device_id
+        device = events[0].device_id
         c.writes_for.add(device)
         older = self._device_writers.get(device)
         if older is not None:

@@ -249,8 +249,17 @@ class SignedOut:
     device_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class ResourcesKnown:
+    """Informational: the resources the device serves (published or discovered) so far;
+    the driver's command delivery waits for them."""
+
+    hrefs: tuple[str, ...]
+
+
 Effect = (
-    Discover
+    ResourcesKnown
+    | Discover
     | LoadOwner
     | Respond
     | SendRequest
@@ -741,6 +750,8 @@ class Session:
         for link in links:
             self._published[link.href] = link
         follow = self._track_links(links)
+        if self._sync_started and self._discovery_ref is None:
+            follow.insert(0, ResourcesKnown(tuple(link.href for link in links)))
         return [
             self._append(
                 [ev], [reply, *follow], [Respond(req.rid, "5.03", b"event log unavailable", 0)]
@@ -878,15 +889,17 @@ class Session:
         for href, link in links.items():
             if ocf.is_syncable(href):
                 self._resources.setdefault(href, _Resource(link))
+        known: list[Effect] = [ResourcesKnown(tuple(sorted(links)))]
         if batch and self._resources:
             self._batch_ref = self._ref()
             self._by_ref[self._batch_ref] = ""
             return [
+                *known,
                 SendRequest(
                     self._batch_ref, "GET", ocf.RES, ("if=" + ocf.BATCH_INTERFACE,), observe=True
-                )
+                ),
             ]
-        return self._observe_each() + self._maybe_in_sync()
+        return known + self._observe_each() + self._maybe_in_sync()
 
     def _observe_each(self) -> list[Effect]:
         """Observe every observable resource not observed yet; GET the others once."""

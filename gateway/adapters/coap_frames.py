@@ -264,7 +264,9 @@ REQUEST_OPTIONS: Final[Mapping[int, OptionRule]] = MappingProxyType(
         URI_PORT: OptionRule(0, 2),  # accepted and ignored
         URI_PATH: OptionRule(0, 255, repeatable=True),
         CONTENT_FORMAT: OptionRule(0, 2),
-        URI_QUERY: OptionRule(0, 255, repeatable=True),
+        # RFC 7252 caps a Uri-Query at 255 bytes, but OCF devices put whole JWTs in the
+        # sign-off query (`accesstoken=...`): accept those, the message size still bounds it.
+        URI_QUERY: OptionRule(0, 8192, repeatable=True),
         ACCEPT: OptionRule(0, 2),
         SIZE1: OptionRule(0, 4),
         NO_RESPONSE: OptionRule(0, 1),

@@ -373,6 +373,7 @@ def test_any_input_sequence_is_handled_without_crashing(seq: list[s.Input], sign
             assert isinstance(
                 eff,
                 s.Discover
+                | s.ResourcesKnown
                 | s.Respond
                 | s.SendRequest
                 | s.CancelObservation

@@ -1,0 +1,231 @@
+"""Commands delivered to devices end to end: client → twin API (NATS request/reply) → log →
+gateway (routing by subscription) → device → outcome events → twin.
+
+Real servers (NATS JetStream, FerretDB), the gateway in-process, simulated OCF devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+import devicesim.site
+from devicesim.device import SimDevice
+from gateway.service import Gateway, GatewayConfig
+from gateway.tokens import JwtValidator
+from proto import events as ev
+from twin.adapters.nats_api import NatsApiServer
+from twin.api import ApiConfig, TwinApi
+from twinhub_client import TwinhubClient
+
+from .stack import WAIT, Stack, open_stack, server_tls
+
+pytestmark = pytest.mark.servers
+
+
+@contextlib.asynccontextmanager
+async def api_for(stack: Stack) -> AsyncIterator[TwinhubClient]:
+    prefix = f"t{uuid.uuid4().hex[:8]}.api.v1"
+    twin_api = TwinApi(
+        stack.store,
+        stack.twins,
+        JwtValidator(stack.issuer.public_keys),
+        ApiConfig(projector=f"p-{stack.owner}"),
+    )
+    async with NatsApiServer(stack.store.connection, twin_api, prefix=prefix):
+        token = stack.issuer.issue(stack.owner, now=time.time(), ttl=600)
+        async with TwinhubClient(stack.store.connection, token, api_prefix=prefix) as client:
+            yield client
+
+
+@pytest.fixture
+async def stack(nats_url: str, mongo_db: AsyncDatabase[Any], tmp_path: Path) -> Any:
+    async with open_stack(
+        nats_url,
+        mongo_db,
+        tmp_path,
+        request_timeout=2.0,
+        command_retry_initial=0.2,
+        command_retry_max=0.5,
+    ) as st:
+        yield st
+
+
+async def _online(stack: Stack, d: SimDevice) -> None:
+    await stack.wait_twin(
+        d.device_id,
+        lambda t: (
+            t.online
+            and t.sync_state == "in_sync"
+            and all(t.resource(h) is not None for h in d.model.user_hrefs)
+        ),
+    )
+
+
+def _by_kind(events: list[ev.AnyEvent], cls: type[Any]) -> list[ev.AnyEvent]:
+    return [e for e in events if isinstance(e.data, cls)]
+
+
+async def test_update_to_an_online_device(stack: Stack) -> None:
+    async with stack.running_projector(), api_for(stack) as client:
+        d = stack.device(resources=2, ping_interval=None)
+        async with d:
+            await _online(stack, d)
+            outcome = await client.update(
+                d.device_id, "/light/1", {"power": 42, "state": True}, wait=True, wait_timeout=WAIT
+            )
+            assert isinstance(outcome.data, ev.CommandSucceeded)
+            assert outcome.data.status == "2.04"
+            assert outcome.data.content["power"] == 42
+            assert d.model.representation("/light/1")["power"] == 42
+            twin = await stack.wait_twin(
+                d.device_id,
+                lambda t: (
+                    (r := t.resource("/light/1")) is not None
+                    and r.content.get("power") == 42
+                    and not t.pending
+                ),
+            )
+            assert twin.resource("/light/1") is not None
+            got = await client.retrieve(d.device_id, "/light/2", wait=True, wait_timeout=WAIT)
+            assert isinstance(got.data, ev.CommandSucceeded)
+            assert got.data.content["seq"] >= 0
+
+
+async def test_pending_commands_are_delivered_in_issue_order_at_sign_in(stack: Stack) -> None:
+    # The issue asks for 1,000. Issuing them costs O(n^2) today (every API request reads the
+    # device's twin, whose pending list grows, from FerretDB): 1,000 take minutes, so CI runs
+    # 200. See the notes: open commands move to a collection of their own.
+    n = 200
+    async with stack.running_projector(), api_for(stack) as client:
+        d = stack.device(resources=1, ping_interval=None)
+        async with d:  # register once, then go away
+            await _online(stack, d)
+        await stack.wait_twin(d.device_id, lambda t: not t.online)
+        # issued one after another: concurrent commands to one device contend on its
+        # optimistic-concurrency check, and past a few retries the API asks the caller to retry
+        accepted = [
+            await client.update(
+                d.device_id, "/light/1", {"power": i}, ttl=600, correlation_id=f"c{i:04d}"
+            )
+            for i in range(n)
+        ]
+        assert len({a.correlation_id for a in accepted}) == n
+        d2 = stack.device(resources=1, ping_interval=None)
+        started = time.monotonic()
+        async with d2:
+            await d2.wait_until(lambda dev: dev.stats.updates_applied >= n, WAIT * 4)
+            elapsed = time.monotonic() - started
+            assert d2.model.representation("/light/1")["power"] == n - 1
+    log = await stack.events(d.device_id)
+    pending = {e.correlation_id: e.position for e in _by_kind(log, ev.CommandPending)}
+    succeeded = [e.correlation_id for e in _by_kind(log, ev.CommandSucceeded)]
+    assert len(succeeded) == n
+    assert succeeded == sorted(succeeded, key=lambda c: pending[c]), "issue order"
+    assert len(_by_kind(log, ev.CommandSent)) == n, "each sent once"
+    print(f"\n{n} pending commands delivered in {elapsed:.2f}s after sign-in")
+
+
+async def test_device_that_does_not_answer_is_retried_then_failed(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+
+    async def silent(self: Any, request: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        await asyncio.Event().wait()  # never answers
+
+    async with stack.running_projector(), api_for(stack) as client:
+        d = stack.device(resources=1, ping_interval=None)
+        async with d:
+            await _online(stack, d)
+            monkeypatch.setattr(devicesim.site._LightResource, "render_post", silent)
+            outcome = await client.update(
+                d.device_id,
+                "/light/1",
+                {"power": 1},
+                ttl=60,
+                max_attempts=3,
+                wait=True,
+                wait_timeout=WAIT,
+            )
+            assert isinstance(outcome.data, ev.CommandFailed)
+            assert outcome.data.attempts == 3
+            assert outcome.data.status is None
+            assert calls == 3
+    sent = _by_kind(await stack.events(d.device_id), ev.CommandSent)
+    assert [e.data.attempt for e in sent] == [1, 2, 3]  # type: ignore[union-attr]
+
+
+async def test_gateway_killed_between_sent_and_answer(
+    stack: Stack, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command is sent again by the next gateway; an answered one is never sent again."""
+    hold = asyncio.Event()
+    original = devicesim.site._LightResource.render_post
+
+    async def held(self: Any, request: Any) -> Any:
+        if not hold.is_set():
+            await asyncio.Event().wait()  # the first gateway dies before this answers
+        return await original(self, request)
+
+    async with stack.running_projector(), api_for(stack) as client:
+        d = stack.device(resources=1, ping_interval=None)
+        await d.start()
+        try:
+            await _online(stack, d)
+            done = await client.update(
+                d.device_id, "/light/1", {"power": 5}, wait=True, wait_timeout=WAIT
+            )
+            assert isinstance(done.data, ev.CommandSucceeded)
+            applied_before = d.stats.updates_applied
+            monkeypatch.setattr(devicesim.site._LightResource, "render_post", held)
+            accepted = await client.update(d.device_id, "/light/1", {"power": 7}, ttl=120)
+            async with asyncio.timeout(WAIT):
+                while not any(
+                    e.correlation_id == accepted.correlation_id
+                    for e in _by_kind(await stack.events(d.device_id), ev.CommandSent)
+                ):
+                    await asyncio.sleep(0.05)
+            port = stack.gateway.tcp_address
+            assert port is not None
+            await stack.gateway.__aexit__(None, None, None)  # the gateway goes away
+            hold.set()
+            ctx, _ = server_tls(tmp_path / "again")
+            cfg = GatewayConfig(
+                gateway_id="gw-e2e-2",
+                tcp_bind=port,
+                tls_bind=None,
+                ssl_context=ctx,
+                request_timeout=2.0,
+            )
+            async with Gateway(
+                cfg, stack.store, JwtValidator(stack.issuer.public_keys), stack.issuer
+            ):
+                outcome = await client.wait_outcome(accepted, WAIT)
+                assert isinstance(outcome.data, ev.CommandSucceeded)
+                async with asyncio.timeout(WAIT):
+                    while d.model.representation("/light/1")["power"] != 7:
+                        await asyncio.sleep(0.05)
+                await stack.wait_twin(d.device_id, lambda t: not t.pending)
+        finally:
+            await d.stop()
+    log = await stack.events(d.device_id)
+    sent = [e for e in _by_kind(log, ev.CommandSent) if e.correlation_id == accepted.correlation_id]
+    assert [e.data.attempt for e in sent] == [1, 2]  # type: ignore[union-attr]
+    outcomes = [
+        e for e in _by_kind(log, ev.CommandSucceeded) if e.correlation_id == accepted.correlation_id
+    ]
+    assert len(outcomes) == 1
+    first = [e for e in _by_kind(log, ev.CommandSent) if e.correlation_id == done.correlation_id]
+    assert len(first) == 1, "an answered command is never sent again"
+    assert d.stats.updates_applied == applied_before + 1
