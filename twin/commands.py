@@ -511,3 +511,45 @@ def reached_events(twin: Twin, now: datetime) -> tuple[AnyEvent, ...]:
             )
         )
     return tuple(out)
+
+
+DESIRED_REASON: Final = "desired"
+DESIRED_UPDATE_TTL: Final = timedelta(seconds=60)
+
+
+def desired_update_events(twin: Twin, now: datetime) -> tuple[AnyEvent, ...]:
+    """``command-pending`` updates that carry each resource's delta to an online device.
+
+    One per (resource, desired version) at most: the correlation id and the event id are
+    derived from them, so folding the same state again (a replay, the next batch) issues
+    nothing new. Setting desired again supersedes a pending one (see :func:`decide`)."""
+    if twin.deleted or not twin.online:
+        return ()
+    busy = {c.href for c in twin.pending if c.reason == DESIRED_REASON}
+    out: list[AnyEvent] = []
+    for d in twin.desired:
+        if d.content is None or d.href in busy:
+            continue
+        delta = twin.delta_for(d.href)
+        if not delta:
+            continue
+        correlation_id = "desired-" + _derived_id("desired", twin.device_id, d.href, d.version)
+        out.append(
+            Event(
+                owner=twin.owner,
+                device_id=twin.device_id,
+                data=CommandPending(
+                    href=d.href,
+                    op="update",
+                    content=delta,
+                    expires_at=now + DESIRED_UPDATE_TTL,
+                    issued_by="twinhub",
+                    reason=DESIRED_REASON,
+                ),
+                source=TWIN_SOURCE,
+                id=_derived_id("desired-update", twin.device_id, d.href, d.version),
+                time=now,
+                correlation_id=correlation_id,
+            )
+        )
+    return tuple(out)

@@ -46,7 +46,7 @@ from proto.binding import from_stored, to_nats
 from proto.errors import BindingError
 from proto.events import AnyEvent
 from proto.message import StoredMessage
-from twin.commands import reached_events
+from twin.commands import desired_update_events, reached_events
 from twin.errors import (
     ProjectionTimeoutError,
     ProjectorStoppedError,
@@ -217,7 +217,11 @@ class _Projection:
             folded = fold_batch(current, events)
             if self.emit is not None:
                 now = datetime.now(UTC)
-                reached = [e for t in folded.twins.values() for e in reached_events(t, now)]
+                reached = [
+                    e
+                    for t in folded.twins.values()
+                    for e in (*reached_events(t, now), *desired_update_events(t, now))
+                ]
                 if reached:
                     await self.emit(reached)
             if self.hooks.before_write is not None:
@@ -325,7 +329,7 @@ class TwinProjector:
             by_device.setdefault(e.device_id, []).append(e)
         for device_events in by_device.values():
             await self._events.append([to_nats(e) for e in device_events])
-        log.info("%s: %d desired state(s) reached", self.config.name, len(events))
+        log.info("%s: %d desired-state event(s) appended", self.config.name, len(events))
 
     # -- lifecycle ---------------------------------------------------------------------------
 

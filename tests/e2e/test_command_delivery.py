@@ -229,3 +229,27 @@ async def test_gateway_killed_between_sent_and_answer(
     first = [e for e in _by_kind(log, ev.CommandSent) if e.correlation_id == done.correlation_id]
     assert len(first) == 1, "an answered command is never sent again"
     assert d.stats.updates_applied == applied_before + 1
+
+
+async def test_desired_state_is_carried_to_the_device_and_reached(stack: Stack) -> None:
+    async with stack.running_projector(), api_for(stack) as client:
+        d = stack.device(resources=1, ping_interval=None)
+        async with d:
+            await _online(stack, d)
+            await client.set_desired(d.device_id, "/light/1", {"power": 77, "state": True})
+            async with asyncio.timeout(WAIT):
+                while d.model.representation("/light/1")["power"] != 77:
+                    await asyncio.sleep(0.05)
+            twin = await stack.wait_twin(
+                d.device_id,
+                lambda t: (
+                    t.delta_for("/light/1") == {}
+                    and any(x.href == "/light/1" and x.reached for x in t.desired)
+                ),
+            )
+            assert twin.resource("/light/1").content["power"] == 77  # type: ignore[union-attr]
+    log = await stack.events(d.device_id)
+    updates = [e for e in _by_kind(log, ev.CommandPending) if e.data.reason == "desired"]  # type: ignore[union-attr]
+    assert len(updates) == 1
+    assert updates[0].data.content == {"power": 77, "state": True}  # type: ignore[union-attr]
+    assert len(_by_kind(log, ev.DesiredReached)) == 1
