@@ -43,6 +43,15 @@ class TokenError(Unauthorized):
     """A token failed validation (signature, expiry, issuer, audience, claims)."""
 
 
+class UnknownKey(TokenError):
+    """The token names a signing key (``kid``) the key set does not hold (yet): a key source
+    that can refresh (a JWKS URL) may know it after a refresh."""
+
+    def __init__(self, kid: str | None) -> None:
+        super().__init__(f"unknown signing key {kid!r}")
+        self.kid = kid
+
+
 def coap_code(error: BaseException) -> str:
     """The CoAP response code for an error (5.00 for anything unexpected)."""
     if isinstance(error, GatewayError):

@@ -28,7 +28,7 @@ import itertools
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -52,7 +52,9 @@ from gateway.commands import (
     SendCommand,
 )
 from gateway.devicestate import CommandLog, discover_owner_links, load_device_state
+from gateway.errors import Unavailable
 from gateway.identity import NO_IDENTITY, CertificateRejected, TlsAuthPolicy, check_peer
+from gateway.oauth import OAuthProvider
 from gateway.tokens import TokenIssuer, TokenValidator
 from gateway.writer import DeviceWriter, WriterConfig
 from proto import subjects
@@ -139,12 +141,14 @@ class Gateway:
         validator: TokenValidator,
         issuer: TokenIssuer,
         *,
+        oauth: Mapping[str, OAuthProvider] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
         self.validator = validator
         self.issuer = issuer
+        self.oauth = dict(oauth or {})
         self.clock = clock
         self.conns: dict[str, _Conn] = {}
         self.devices: dict[str, _Conn] = {}
@@ -254,6 +258,8 @@ class Gateway:
                 batch_observe=cfg.batch_observe,
                 cert_device_id=identity.device_id,
                 cert_expires_at=cert_expires_at,
+                refreshable_keys=bool(getattr(self.validator, "refreshable", False)),
+                oauth_providers=tuple(self.oauth),
             ),
             self.validator,
             self.issuer,
@@ -354,6 +360,10 @@ class Gateway:
                     self._spawn_background(obs.cancel(), f"unobserve:{eff.ref}")
             case s.LoadOwner():
                 self._spawn(c, self._load_owner(c, eff), f"owner:{eff.device_id}")
+            case s.RefreshKeys():
+                self._spawn(c, self._refresh_keys(c, eff), f"refresh-keys:{c.conn.id}")
+            case s.ExchangeCode():
+                self._spawn(c, self._exchange(c, eff), f"oauth:{eff.provider}:{c.conn.id}")
             case s.LoadDeviceState():
                 self._spawn(c, self._load(c, eff), f"load:{eff.device_id}")
             case s.Discover():
@@ -574,6 +584,35 @@ class Gateway:
             self._feed(c, s.OwnerLoaded(eff.ref, None, str(e) or type(e).__name__))
             return
         self._feed(c, s.OwnerLoaded(eff.ref, owner))
+
+    async def _refresh_keys(self, c: _Conn, eff: s.RefreshKeys) -> None:
+        refresh = getattr(self.validator, "refresh_keys", None)
+        if refresh is not None:
+            try:
+                await refresh()
+            except Exception as e:  # the retry fails with the unknown key: 4.01
+                log.warning("refreshing the token keys (kid %r) failed: %s", eff.kid, e)
+        self._feed(c, s.KeysRefreshed(eff.ref))
+
+    async def _exchange(self, c: _Conn, eff: s.ExchangeCode) -> None:
+        provider = self.oauth.get(eff.provider)
+        if provider is None:
+            self._feed(c, s.CodeExchanged(eff.ref, None, f"unknown provider {eff.provider!r}"))
+            return
+        try:
+            claims = await provider.exchange(eff.code, self.clock())
+        except Unavailable as e:
+            log.warning("oauth %s: %s (connection %s)", eff.provider, e, c.conn.id)
+            self._feed(c, s.CodeExchanged(eff.ref, None, str(e), unavailable=True))
+            return
+        except Exception as e:  # refused code, invalid token
+            log.info("oauth %s: %s (connection %s)", eff.provider, e, c.conn.id)
+            self._feed(c, s.CodeExchanged(eff.ref, None, str(e) or type(e).__name__))
+            return
+        log.info(
+            "oauth %s: code exchanged for %s (connection %s)", eff.provider, claims.owner, c.conn.id
+        )
+        self._feed(c, s.CodeExchanged(eff.ref, claims))
 
     async def _discover(self, c: _Conn, eff: s.Discover) -> None:
         try:

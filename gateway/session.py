@@ -36,6 +36,7 @@ from gateway.errors import (
     NotFound,
     TokenError,
     Unauthorized,
+    UnknownKey,
     coap_code,
 )
 from gateway.tokens import Claims, TokenIssuer, TokenValidator
@@ -146,6 +147,26 @@ class Discovered:
 
 
 @dataclass(frozen=True, slots=True)
+class KeysRefreshed:
+    """Answer to ``RefreshKeys(ref)``: the validator's key source was refreshed (or could not
+    be, or was refreshed too recently); the request is handled again, once."""
+
+    ref: int
+
+
+@dataclass(frozen=True, slots=True)
+class CodeExchanged:
+    """Answer to ``ExchangeCode(ref)``: the claims of the provider's validated token, or why
+    there are none (``unavailable``: the provider could not be reached; else the code or the
+    token was refused)."""
+
+    ref: int
+    claims: Claims | None
+    error: str = ""
+    unavailable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passes (expiry checks)."""
 
@@ -156,7 +177,9 @@ class ConnectionLost:
 
 
 Input = (
-    Discovered
+    KeysRefreshed
+    | CodeExchanged
+    | Discovered
     | OwnerLoaded
     | DeviceRequest
     | DeviceResponse
@@ -232,6 +255,25 @@ class Discover:
 
 
 @dataclass(frozen=True, slots=True)
+class RefreshKeys:
+    """A token named a signing key the validator does not know: refresh its key source (at
+    its bounded rate), then answer ``KeysRefreshed(ref)``."""
+
+    ref: int
+    kid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeCode:
+    """Exchange an OAuth2 authorization code at ``provider``'s token endpoint and validate the
+    token it returns; answer ``CodeExchanged(ref)``."""
+
+    ref: int
+    provider: str
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     reason: str
 
@@ -258,7 +300,9 @@ class ResourcesKnown:
 
 
 Effect = (
-    ResourcesKnown
+    RefreshKeys
+    | ExchangeCode
+    | ResourcesKnown
     | Discover
     | LoadOwner
     | Respond
@@ -295,6 +339,10 @@ class SessionConfig:
     """The device ID of the connection's OCF identity certificate (``ocf-identity`` mode)."""
     cert_expires_at: float | None = None
     """End the session when the client certificate expires (when the gateway is told to)."""
+    refreshable_keys: bool = False
+    """The validator's keys can be refreshed (a JWKS URL): an unknown ``kid`` asks for it."""
+    oauth_providers: tuple[str, ...] = ()
+    """Sign-up ``authprovider`` values whose ``accesstoken`` is an OAuth2 authorization code."""
 
     @property
     def source(self) -> str:
@@ -367,6 +415,12 @@ class Session:
         self._sync_started = False
         self._discoveries: dict[int, DeviceRequest] = {}
         self._owner_checks: dict[int, _OwnerCheck] = {}
+        self._key_waits: dict[int, DeviceRequest] = {}  # RefreshKeys ref -> the request
+        self._exchanges: dict[int, tuple[ocf.SignUp, list[DeviceRequest]]] = {}
+        self._exchanging: dict[str, int] = {}  # code -> ExchangeCode ref in flight
+        # A code is single-use at the provider: once exchanged, its claims answer this
+        # connection's retries (the sign-up answer cache covers those recorded in the log).
+        self._exchanged: dict[str, Claims] = {}
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -428,6 +482,11 @@ class Session:
         match inp:
             case DeviceRequest():
                 return self._on_request(inp, now)
+            case KeysRefreshed():
+                req = self._key_waits.pop(inp.ref, None)
+                return [] if req is None else self._on_request(req, now, retried=True)
+            case CodeExchanged():
+                return self._on_exchanged(inp, now)
             case AppendResult():
                 return self._on_append(inp, now)
             case DeviceStateLoaded():
@@ -447,7 +506,7 @@ class Session:
 
     # -- device requests -------------------------------------------------------------------
 
-    def _on_request(self, req: DeviceRequest, now: float) -> list[Effect]:
+    def _on_request(self, req: DeviceRequest, now: float, *, retried: bool = False) -> list[Effect]:
         try:
             payload = codecs.decode(req.payload, req.content_format or OCF_CBOR)
         except CodecError as e:
@@ -476,6 +535,12 @@ class Session:
                 case (ocf.RD | ocf.RES, _):
                     return self._error(req, _method_not_allowed(req))
             return self._error(req, _not_found(req))
+        except UnknownKey as e:
+            if retried or not self.config.refreshable_keys:
+                return self._error(req, e)
+            ref = self._ref()
+            self._key_waits[ref] = req
+            return [RefreshKeys(ref, e.kid)]
         except GatewayError as e:
             return self._error(req, e)
 
@@ -534,11 +599,60 @@ class Session:
         cached = self.sign_up_cache.get(su.access_token)
         if cached is not None:  # devices retry sign-up: same request, same answer
             return [Respond(req.rid, cached.code, cached.payload, cached.content_format)]
+        if su.auth_provider in self.config.oauth_providers:
+            return self._sign_up_with_code(req, su)
+        if su.auth_provider and su.access_token.count(".") != 2:
+            raise Unauthorized(f"unknown auth provider {su.auth_provider!r}")
         claims = self.validator.validate(su.access_token, now)
         if claims.token_type != "access":
             raise TokenError("not an access token")
+        return self._sign_up_claims(req, su, claims)
+
+    def _sign_up_claims(self, req: DeviceRequest, su: ocf.SignUp, claims: Claims) -> list[Effect]:
         device_id = self._resolve_device(claims, su.device_id)
         return [self._load_owner(_OwnerCheck("sign-up", req, claims, device_id, su))]
+
+    def _sign_up_with_code(self, req: DeviceRequest, su: ocf.SignUp) -> list[Effect]:
+        """OAuth2 sign-up: the driver exchanges the code (once per connection) and validates
+        the provider's token; retries wait for, or reuse, that one exchange."""
+        code = su.access_token
+        exchanged = self._exchanged.get(code)
+        if exchanged is not None:
+            return self._sign_up_claims(req, su, exchanged)
+        in_flight = self._exchanging.get(code)
+        if in_flight is not None:
+            self._exchanges[in_flight][1].append(req)
+            return []
+        ref = self._ref()
+        self._exchanges[ref] = (su, [req])
+        self._exchanging[code] = ref
+        return [ExchangeCode(ref, su.auth_provider, code)]
+
+    def _on_exchanged(self, res: CodeExchanged, now: float) -> list[Effect]:
+        waiting = self._exchanges.pop(res.ref, None)
+        if waiting is None:
+            return []
+        su, reqs = waiting
+        self._exchanging.pop(su.access_token, None)
+        out: list[Effect] = []
+        if res.claims is None:
+            for req in reqs:
+                if res.unavailable:  # the code was not used: the device may retry it
+                    diag = f"auth provider {su.auth_provider!r} unavailable: {res.error}"
+                    out.append(Respond(req.rid, "5.03", diag.encode("utf-8")[:512], 0))
+                else:
+                    err = Unauthorized(f"authorization code refused: {res.error}")
+                    out += self._error(req, err)
+            return out
+        self._exchanged[su.access_token] = res.claims
+        for req in reqs:
+            try:
+                if res.claims.token_type != "access":
+                    raise TokenError("not an access token")
+                out += self._sign_up_claims(req, su, res.claims)
+            except GatewayError as e:
+                out += self._error(req, e)
+        return out
 
     def _signed_up(
         self, req: DeviceRequest, su: ocf.SignUp, claims: Claims, device_id: str, now: float

@@ -30,7 +30,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.errors import TokenError
+from gateway.errors import TokenError, UnknownKey
 
 ASYMMETRIC_ALGORITHMS: Final = (
     "ES256",
@@ -79,7 +79,20 @@ class KeySet:
             return self.keys[kid]
         if kid is None and len(self.keys) == 1:
             return next(iter(self.keys.values()))
-        raise TokenError(f"unknown signing key {kid!r}")
+        raise UnknownKey(kid)
+
+
+class KeyLookup(Protocol):
+    """Where a validator finds a token's key: a :class:`KeySet`, or a refreshable source
+    (:class:`gateway.jwks.JwksKeys`) that raises :class:`UnknownKey` until it knows the key."""
+
+    def find(self, kid: str | None) -> PublicKey: ...
+
+
+class RefreshableKeys(KeyLookup, Protocol):
+    async def refresh(self) -> bool:
+        """Fetch the keys again unless fetched too recently; True when fetched."""
+        ...
 
 
 class JwtValidator:
@@ -87,7 +100,7 @@ class JwtValidator:
 
     def __init__(
         self,
-        keys: KeySet,
+        keys: KeyLookup,
         *,
         issuer: str | None = DEFAULT_ISSUER,
         audience: str | None = DEFAULT_AUDIENCE,
@@ -106,6 +119,17 @@ class JwtValidator:
         self.device_claim = device_claim
         self.algorithms = algorithms
         self.leeway = leeway
+
+    @property
+    def refreshable(self) -> bool:
+        return hasattr(self.keys, "refresh")
+
+    async def refresh_keys(self) -> bool:
+        """Refresh a refreshable key source (the driver's answer to an unknown ``kid``)."""
+        refresh = getattr(self.keys, "refresh", None)
+        if refresh is None:
+            return False
+        return bool(await refresh())
 
     def validate(self, token: str, now: float) -> Claims:
         if not token or len(token) > 16_384:

@@ -49,6 +49,13 @@ class AuthSettings:
     device_claim: str = ""
     access_ttl: float = 3600.0  # seconds; 0 = tokens without expiry (expiresin -1)
     refresh_ttl: float = 30 * 24 * 3600.0
+    jwks_url: str = ""  # accept tokens signed by the keys of this JWKS (fetched on unknown kid)
+    jwks_min_refresh: float = 30.0  # seconds: at most one JWKS fetch per interval
+    # OAuth2 sign-up providers, one string each: "NAME;discovery=URL;client_id_file=PATH;
+    # client_secret_file=PATH[;token_endpoint=URL;jwks_uri=URL;redirect_uri=URL;
+    # token=access_token|id_token;issuer=ISS;audience=AUD]" (see gateway.oauth)
+    oauth_providers: tuple[str, ...] = ()
+    oauth_timeout: float = 10.0  # seconds per HTTP exchange with a provider
 
 
 @dataclass(frozen=True, slots=True)

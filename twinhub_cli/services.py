@@ -22,6 +22,8 @@ from pymongo import AsyncMongoClient
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.layout import StreamLayout
 from gateway.identity import AuthMode, TlsAuthPolicy, parse_crls
+from gateway.jwks import JwksKeys
+from gateway.oauth import OAuthProvider, parse_provider
 from gateway.service import Gateway, GatewayConfig
 from gateway.tokens import (
     JwtValidator,
@@ -77,14 +79,49 @@ def validator_for(config: Config, issuer: TokenIssuer) -> JwtValidator:
         keys.update(load_public_keys(extra).keys)
     except (OSError, ValueError) as e:
         raise ConfigError(f"auth.public_keys: {e}") from None
+    lookup: KeySet | JwksKeys = KeySet(keys)
+    if config.auth.jwks_url:
+        try:
+            lookup = JwksKeys(
+                config.auth.jwks_url,
+                static=KeySet(keys),
+                min_refresh=config.auth.jwks_min_refresh,
+                algorithms=TOKEN_ALGORITHMS,
+            )
+        except ValueError as e:
+            raise ConfigError(f"auth.jwks_url: {e}") from None
     return JwtValidator(
-        KeySet(keys),
+        lookup,
         issuer=config.auth.issuer or None,
         audience=config.auth.audience or None,
         owner_claim=config.auth.owner_claim,
         device_claim=config.auth.device_claim or None,
-        algorithms=("ES256", "ES384", "RS256", "PS256", "EdDSA"),
+        algorithms=TOKEN_ALGORITHMS,
     )
+
+
+TOKEN_ALGORITHMS = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+
+
+def oauth_providers_for(config: Config) -> dict[str, OAuthProvider]:
+    """The OAuth2 sign-up providers of ``auth.oauth_providers``, by name."""
+    out: dict[str, OAuthProvider] = {}
+    for i, spec in enumerate(config.auth.oauth_providers):
+        try:
+            provider = parse_provider(spec)
+        except ValueError as e:
+            raise ConfigError(f"auth.oauth_providers[{i}]: {e}") from None
+        if provider.name in out:
+            raise ConfigError(f"auth.oauth_providers: provider {provider.name!r} twice")
+        out[provider.name] = OAuthProvider(
+            provider,
+            owner_claim=config.auth.owner_claim,
+            device_claim=config.auth.device_claim or None,
+            algorithms=TOKEN_ALGORITHMS,
+            time_limit=config.auth.oauth_timeout,
+            min_refresh=config.auth.jwks_min_refresh,
+        )
+    return out
 
 
 def client_ca_file(config: Config, data: DataDir) -> Path:
@@ -191,7 +228,13 @@ async def run_gateway(
     config: Config, data: DataDir, store: JetStreamEventStore
 ) -> AsyncIterator[Gateway]:
     issuer = issuer_for(config, data)
-    gw = Gateway(gateway_config(config, data), store, validator_for(config, issuer), issuer)
+    gw = Gateway(
+        gateway_config(config, data),
+        store,
+        validator_for(config, issuer),
+        issuer,
+        oauth=oauth_providers_for(config),
+    )
     async with gw:
         yield gw
 
