@@ -28,7 +28,6 @@ from eventstore.errors import (
     NotProvisionedError,
 )
 from eventstore.layout import StreamLayout
-from eventstore.notify import WakeUp
 from eventstore.ports import (
     ALL_EVENTS,
     AppendResult,
@@ -335,11 +334,19 @@ class InMemoryEventStore:
         return max(0.0, (due - self._clock()) / _NS)
 
 
-class InMemoryNotifier(WakeUp):
+class InMemoryNotifier:
     def __init__(self, store: InMemoryEventStore, filters: tuple[str, ...]) -> None:
         self.store = store
         self.filters = filters
-        super().__init__()
+        self.event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            return False
+        self.event.clear()
+        return True
 
     async def close(self) -> None:
         self.store._notifiers.discard(self)

@@ -70,7 +70,6 @@ from eventstore.layout import (
     read_consumer_config,
     stream_config,
 )
-from eventstore.notify import WakeUp
 from eventstore.ports import (
     ALL_EVENTS,
     RESERVED_HEADER_PREFIX,
@@ -249,16 +248,24 @@ def _rfc3339_ns(ns: int) -> str:
     return f"{base}.{frac:09d}Z"
 
 
-class JetStreamNotifier(WakeUp):
+class JetStreamNotifier:
     """Core NATS subscriptions on the log's subjects: a JetStream publish reaches them too."""
 
     def __init__(self, store: JetStreamEventStore) -> None:
         self.store = store
-        super().__init__()
+        self.event = asyncio.Event()
         self.subs: list[Subscription] = []
 
     async def on_msg(self, msg: Msg) -> None:
         self.event.set()
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            return False
+        self.event.clear()
+        return True
 
     async def close(self) -> None:
         self.store._notifiers.discard(self)
