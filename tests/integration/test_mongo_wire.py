@@ -261,3 +261,25 @@ async def test_create_index_and_query_by_it(mongo_db: AsyncDatabase[Doc]) -> Non
     assert [d["_id"] for d in found] == ["d3", "d5"]
     with pytest.raises(DuplicateKeyError):
         await coll.insert_one({"_id": "x", "serial": 3})
+
+
+async def test_lookups_by_id_use_the_id_index(mongo_db: AsyncDatabase[Doc]) -> None:
+    """``{_id: X}`` is an index lookup, not a scan: the twin store's writes and reads rely on it.
+
+    FerretDB v1.24 (SQLite) scans the whole table for it: its query says ``->'$._id'`` while
+    its ``_id`` index is on ``->"_id"``, which SQLite does not treat as the same expression
+    (24 ms per lookup at 1,000 twins, growing with the collection). tools/mongo-server
+    patches that (``patches/0001-*.patch``); this fails if a FerretDB upgrade loses the patch.
+    """
+    coll = mongo_db.get_collection("by_id")
+    await coll.insert_many([{"_id": f"d{i}", "v": i} for i in range(50)])
+    build = await mongo_db.command("buildInfo")
+    plan = await mongo_db.command("explain", {"find": "by_id", "filter": {"_id": "d7"}})
+    if "ferretdbVersion" in build:
+        steps = plan["queryPlanner"]["Plan"]
+        assert plan["filterPushdown"] is True
+        assert any("USING INDEX" in step for step in steps), steps
+        assert not any("SCAN" in step for step in steps), steps
+    else:  # MongoDB: an _id point lookup, however the version spells it
+        assert "COLLSCAN" not in str(plan["queryPlanner"]["winningPlan"])
+    assert await coll.find_one({"_id": "d7"}) == {"_id": "d7", "v": 7}
