@@ -10,6 +10,17 @@ for the twins that exist (they cannot fail; one that matches nothing lost a race
 ``insert_many`` for new twins (a duplicate key there is a race too), and a re-check of the racers.
 Same result on both servers, same number of round trips in the common case.
 
+FerretDB v1 pushes only an exact ``{"_id": X}`` filter down to SQLite (and only through the
+index with our patch, see ``tools/mongo-server/patches``): ``{_id: {$in: ...}}`` and a guarded
+``{_id: X, position: {$lt: P}}`` are full scans of the collection (measured: 390 ms for 64 ids,
+205 ms per guarded replace at 1,000 twins, growing with the collection). There the store works
+by point lookups only: ``get_many`` is concurrent ``find_one`` by ``_id``, and ``write_many``
+compares positions itself — from a cache of the positions it last stored or read, a lookup by
+``_id`` on a miss — and replaces by ``_id`` alone. That is sound because FerretDB already needs
+a single writer per twins collection (its conditional updates are not atomic across
+connections, see the contract tests): the projector. On MongoDB the guarded writes stay as they
+are, so several writers remain safe there.
+
 Resource content (and the content of pending commands, desired state and delta) is stored as
 is when it is a valid BSON document; otherwise (keys with ``.``, a leading ``$`` or NUL,
 integers beyond 64 bits, which devices may well send and FerretDB refuses) it is stored as JSON
@@ -73,6 +84,9 @@ INDEXES: Final = (
 _CONTENT_LISTS: Final = ("resources", "pending", "desired", "delta")
 
 
+POINT_LOOKUPS: Final = 16  # concurrent find_one by _id on FerretDB
+POSITION_CACHE: Final = 200_000  # positions remembered on FerretDB (~100 B each)
+
 WRITE_CHUNK: Final = 64
 """Most operations per write command. FerretDB v1.24 (SQLite) never answers an update command
 of 100 or more updates and blocks the collection meanwhile (measured by the e2e benchmark)."""
@@ -94,6 +108,25 @@ class MongoTwinStore:
         )
         # Writes through one store never overlap: on FerretDB a guarded update is not atomic.
         self._write_lock = asyncio.Lock()
+        self._ferretdb: bool | None = None  # learnt from buildInfo on first use
+        # FerretDB only (single writer): device id -> position of the twin stored, oldest first.
+        self._positions: dict[str, int] = {}
+
+    async def _point_lookups(self) -> bool:
+        """Whether this is FerretDB, where only ``{_id: X}`` filters use an index."""
+        if self._ferretdb is None:
+            with _translated():
+                info = await self._twins.database.command("buildInfo")
+            self._ferretdb = "ferretdbVersion" in info
+            if self._ferretdb:
+                log.info("FerretDB %s: point lookups by _id only", info["ferretdbVersion"])
+        return self._ferretdb
+
+    def _remember(self, device_id: str, position: int) -> None:
+        self._positions.pop(device_id, None)
+        self._positions[device_id] = position
+        if len(self._positions) > POSITION_CACHE:
+            del self._positions[next(iter(self._positions))]
 
     async def get(self, device_id: str) -> Twin | None:
         with _translated():
@@ -104,9 +137,43 @@ class MongoTwinStore:
         ids = list(dict.fromkeys(device_ids))
         if not ids:
             return {}
+        if await self._point_lookups():
+            docs = await self._find_each(ids)
+            twins = {t.device_id: t for t in map(_decode, docs)}
+            for t in twins.values():
+                self._remember(t.device_id, t.position)
+            return twins
         with _translated():
             docs = await self._twins.find({"_id": {"$in": ids}}).to_list()
         return {t.device_id: t for t in map(_decode, docs)}
+
+    async def _find_each(self, ids: list[str], projection: Doc | None = None) -> list[Doc]:
+        """``find_one`` by ``_id`` for each id, a few at a time; the documents found."""
+        gate = asyncio.Semaphore(POINT_LOOKUPS)
+
+        async def one(device_id: str) -> Doc | None:
+            async with gate:
+                return await self._twins.find_one({"_id": device_id}, projection)
+
+        with _translated():
+            found = await asyncio.gather(*(one(i) for i in ids))
+        return [d for d in found if d is not None]
+
+    async def _stored_positions(self, ids: list[str], *, cached: bool) -> dict[str, int]:
+        """The positions of the stored twins among ``ids`` (absent: no twin)."""
+        if not await self._point_lookups():
+            with _translated():
+                return {
+                    d["_id"]: d["position"]
+                    async for d in self._twins.find(
+                        {"_id": {"$in": ids}}, {"_id": 1, "position": 1}
+                    )
+                }
+        known = {i: self._positions[i] for i in ids if cached and i in self._positions}
+        missing = [i for i in ids if i not in known]
+        for d in await self._find_each(missing, {"_id": 1, "position": 1}):
+            known[d["_id"]] = d["position"]
+        return known
 
     async def write_many(self, twins: Iterable[Twin]) -> WriteResult:
         async with self._write_lock:
@@ -116,16 +183,10 @@ class MongoTwinStore:
         pending, skipped = newest_per_device(twins)
         written: list[str] = []
         recheck: set[str] = set()  # lost a race last round: equal position there means ours
-        for _ in range(MAX_WRITE_ROUNDS):
+        for round_ in range(MAX_WRITE_ROUNDS):
             if not pending:
                 return WriteResult(written=tuple(written), skipped=tuple(skipped))
-            with _translated():
-                stored = {
-                    d["_id"]: d["position"]
-                    async for d in self._twins.find(
-                        {"_id": {"$in": list(pending)}}, {"_id": 1, "position": 1}
-                    )
-                }
+            stored = await self._stored_positions(list(pending), cached=round_ == 0)
             replace: list[Twin] = []
             insert: list[Twin] = []
             for device_id, t in pending.items():
@@ -147,8 +208,14 @@ class MongoTwinStore:
         """Guarded replaces of existing twins; returns those that matched nothing (raced)."""
         if not twins:
             return []
+        by_id_only = await self._point_lookups()  # single writer, positions compared above
         ops = [
-            ReplaceOne({"_id": t.device_id, "position": {"$lt": t.position}}, _encode(t))
+            ReplaceOne(
+                {"_id": t.device_id}
+                if by_id_only
+                else {"_id": t.device_id, "position": {"$lt": t.position}},
+                _encode(t),
+            )
             for t in twins
         ]
         matched = 0
@@ -157,9 +224,17 @@ class MongoTwinStore:
                 result = await self._twins.bulk_write(ops[i : i + WRITE_CHUNK], ordered=False)
                 matched += result.matched_count
         if matched == len(twins):
-            written.extend(t.device_id for t in twins)
+            self._written(twins, written)
             return []
-        return twins  # someone else moved some of them: find out which next round
+        for t in twins:  # someone else moved some of them: find out which next round
+            self._positions.pop(t.device_id, None)
+        return twins
+
+    def _written(self, twins: Iterable[Twin], written: list[str]) -> None:
+        for t in twins:
+            written.append(t.device_id)
+            if self._ferretdb:
+                self._remember(t.device_id, t.position)
 
     async def _insert(self, twins: list[Twin], written: list[str]) -> list[Twin]:
         """Unordered insert of new twins; returns those another writer created first."""
@@ -180,9 +255,9 @@ class MongoTwinStore:
             if any(err.get("code") != DUPLICATE_KEY for err in errors):
                 raise _translate(e) from e
             racers = {err["index"] for err in errors}
-            written.extend(t.device_id for i, t in enumerate(twins) if i not in racers)
+            self._written((t for i, t in enumerate(twins) if i not in racers), written)
             return [twins[i] for i in sorted(racers)]
-        written.extend(t.device_id for t in twins)
+        self._written(twins, written)
         return []
 
     async def find(
@@ -253,6 +328,7 @@ class MongoTwinStore:
         raise TwinStoreError(f"could not save checkpoint {name!r}")
 
     async def drop(self) -> None:
+        self._positions.clear()
         with _translated():
             await self._twins.drop()
             await self._checkpoints.drop()
