@@ -99,6 +99,9 @@ class GatewayConfig:
     max_unauthenticated: int | None = 10_000  # connections not signed in, at once
     request_rate: float | None = 20.0  # device requests per second, per connection
     request_burst: int = 100
+    # connections from one IPv4 address / IPv6 /64 at once, signed in or not (devices behind
+    # one NAT share it: raise it for large fleets behind one address)
+    max_connections_per_ip: int | None = 1024
     # command delivery (see gateway.commands)
     command_retry_initial: float = 1.0
     command_retry_max: float = 30.0
@@ -177,6 +180,7 @@ class Gateway:
                 max_unauthenticated=cfg.max_unauthenticated,
                 request_rate=cfg.request_rate,
                 request_burst=cfg.request_burst,
+                max_connections_per_ip=cfg.max_connections_per_ip,
             ),
             on_request=self._on_request,
             on_connect=self._on_connect,

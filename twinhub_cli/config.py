@@ -76,6 +76,12 @@ class GatewaySettings:
     max_message_size: int = 64 * 1024
     batch_observe: bool = True
     max_buffered_events: int = 10_000
+    # abuse limits (see gateway.adapters.coap.CoapServerConfig); 0 = no limit
+    sign_in_timeout: float = 60.0  # seconds from accept (TLS handshake included) to sign-in
+    max_unauthenticated: int = 10_000  # connections not signed in, at once
+    max_connections_per_ip: int = 1024  # from one IPv4 address / IPv6 /64, signed in or not
+    request_rate: float = 20.0  # device requests a second, per connection
+    request_burst: int = 100  # requests at once before request_rate applies
 
 
 @dataclass(frozen=True, slots=True)

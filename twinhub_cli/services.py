@@ -213,6 +213,11 @@ def gateway_config(config: Config, data: DataDir) -> GatewayConfig:
         opening_timeout=g.opening_timeout,
         max_message_size=g.max_message_size,
         writer=WriterConfig(max_buffered=g.max_buffered_events),
+        sign_in_timeout=g.sign_in_timeout or None,
+        max_unauthenticated=g.max_unauthenticated or None,
+        max_connections_per_ip=g.max_connections_per_ip or None,
+        request_rate=g.request_rate or None,
+        request_burst=max(1, g.request_burst),
     )
 
 

@@ -112,6 +112,11 @@ class CoapServerConfig:
     Too Many Requests with Max-Age = seconds until the next one is accepted. None: no limit."""
     request_burst: int = 100
     """Requests a connection may send at once before ``request_rate`` applies."""
+    max_connections_per_ip: int | None = None
+    """Connections from one remote address at once (an IPv4 address, or an IPv6 /64), from
+    accept to close, signed in or not; beyond that a new connection is closed as soon as it is
+    accepted (before any TLS handshake), logged with the peer address at most once a second.
+    None: no limit."""
 
     def __post_init__(self) -> None:
         if self.tcp_bind is None and self.tls_bind is None:
@@ -128,8 +133,10 @@ class CoapServerConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"CoapServerConfig.{name} must be > 0 or None")
-        if self.max_unauthenticated is not None and self.max_unauthenticated < 1:
-            raise ValueError("CoapServerConfig.max_unauthenticated must be >= 1 or None")
+        for name in ("max_unauthenticated", "max_connections_per_ip"):
+            limit = getattr(self, name)
+            if limit is not None and limit < 1:
+                raise ValueError(f"CoapServerConfig.{name} must be >= 1 or None")
         if self.request_burst < 1:
             raise ValueError("CoapServerConfig.request_burst must be >= 1")
         if self.max_message_size < 1152:  # RFC 8323 section 5.3.1: the base value
@@ -525,6 +532,15 @@ class CoapServer:
         return 0 if self._hub is None else self._hub.refused
 
     @property
+    def refused_per_ip(self) -> int:
+        """Connections refused because of ``max_connections_per_ip`` since the start."""
+        return 0 if self._hub is None else self._hub.refused_per_ip
+
+    def connections_from(self, host: str) -> int:
+        """Live connections (TLS handshakes included) counted against ``host``'s limit."""
+        return 0 if self._hub is None else self._hub.per_ip.get(wire.address_key(host), 0)
+
+    @property
     def handshakes(self) -> int:
         """TLS handshakes in progress."""
         return 0 if self._hub is None else len(self._hub.tasks)
@@ -542,6 +558,7 @@ class CoapServer:
             max_unauthenticated=config.max_unauthenticated,
             request_rate=config.request_rate,
             request_burst=config.request_burst,
+            max_connections_per_ip=config.max_connections_per_ip,
         )
         self._hub = hub = wire.Hub(limits, self._connection_made)
         try:

@@ -55,8 +55,9 @@ W16 ``abort`` (protocol errors) closes the transport with unread input: the kern
     the peer lose the Abort. -> ``_abort_with`` goes through the same FIN-and-drain as ours.
 W17 ``create_server(ssl=...)`` starts the TLS handshake before we see the connection, so a
     connection cannot be refused before it costs a handshake. -> listeners are plain TCP; a
-    connection is admitted (limit of unauthenticated connections) and then upgraded with
-    ``loop.start_tls``; a failed handshake is logged with the peer address.
+    connection is admitted (limits of connections per remote address and of unauthenticated
+    connections) and then upgraded with ``loop.connect_accepted_socket``; a failed handshake is
+    logged with the peer address.
 W18 ``Context.render_to_pipe`` creates the rendering coroutine before its task starts: when the
     request loses interest at once (a second request on the same token, the connection aborted
     in the same read), the task is cancelled unstarted and the coroutine is never awaited -- a
@@ -70,6 +71,7 @@ check against the peer's advertised Max-Message-Size.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import socket
@@ -139,6 +141,7 @@ class Limits:
     max_unauthenticated: int | None = None
     request_rate: float | None = None
     request_burst: int = 1
+    max_connections_per_ip: int | None = None
 
 
 class LinkEvents(Protocol):
@@ -180,6 +183,21 @@ class DeviceLink(Protocol):
 
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def address_key(host: str) -> str:
+    """What the per-address connection limit counts by: the IPv4 address (IPv4-mapped IPv6
+    included), or the IPv6 /64 -- one subscriber's prefix, where an attacker has 2**64
+    addresses to spread connections over."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _uint(value: int | None, name: str, limit: int) -> int | None:
@@ -425,6 +443,7 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
         self.writable.set()
         self.events: LinkEvents | None = None
         self._admitted = False  # counted as unauthenticated by the hub
+        self._address: str | None = None  # counted by the hub's per-address limit under this key
         self._authenticated = False
         self._accepted_at = self._ev_loop.time()
         self._made = False
@@ -530,12 +549,15 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
 
     # -- admission (driven by the endpoint)
 
-    def admit(self, remote: str) -> bool:
-        """Count this connection as unauthenticated; False when over the hub's limit."""
-        self.remote = remote
-        if not self._hub.admit(remote):
+    def admit(self, host: str, port: int) -> bool:
+        """Count this connection against its remote address and as unauthenticated; False when
+        over one of the hub's limits (nothing is counted then)."""
+        self.remote = hostport(host, port)
+        key = address_key(host)
+        if not self._hub.admit(self.remote, key):
             return False
         self._admitted = True
+        self._address = key
         return True
 
     def handshake_failed(self) -> None:
@@ -546,12 +568,18 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
         self._gone = True
         self._cancel_timers()
         self._release_admission()
+        self._release_address()
         self._ctx._evict_from_pool(self)
 
     def _release_admission(self) -> None:
         if self._admitted:
             self._admitted = False
             self._hub.release()
+
+    def _release_address(self) -> None:
+        if self._address is not None:
+            self._hub.release_address(self._address)
+            self._address = None
 
     # -- asyncio.Protocol
 
@@ -562,7 +590,7 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
             return
         try:
             host, port = transport.get_extra_info("peername")[:2]
-            if not self.tls and not self.admit(hostport(host, port)):
+            if not self.tls and not self.admit(host, port):
                 transport.abort()  # type: ignore[attr-defined]
                 return
             super().connection_made(transport)  # addresses, then our CSM
@@ -663,6 +691,7 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
         self._gone = True
         self._cancel_timers()
         self._release_admission()
+        self._release_address()
         self._deframer = frames.Deframer(self._limits.max_message_size)  # drop what it held
         reason = self.close_reason or (
             f"connection lost: {exc}" if exc is not None else "closed by the peer"
@@ -836,7 +865,7 @@ class _Endpoint(TCPServer):  # type: ignore[misc]  # aiocoap is untyped
                 await asyncio.sleep(0.5)
                 continue
             protocol = DeviceProtocol(self)
-            if not protocol.admit(hostport(*address[:2])):
+            if not protocol.admit(str(address[0]), int(address[1])):
                 conn.close()
                 continue
             self._pool.add(protocol)
@@ -925,8 +954,9 @@ class _Site:
 
 
 class Hub:
-    """The aiocoap context and listening endpoints of one server, and what they share: the count
-    of unauthenticated connections and the TLS handshakes in progress."""
+    """The aiocoap context and listening endpoints of one server, and what they share: the
+    connections per remote address, the count of unauthenticated connections and the TLS
+    handshakes in progress."""
 
     def __init__(self, limits: Limits, link_made: Callable[[DeviceLink], LinkEvents]) -> None:
         self.loop: Final = asyncio.get_running_loop()
@@ -943,15 +973,36 @@ class Hub:
         """Connections admitted and not yet marked authenticated (handshaking ones included)."""
         self.refused = 0
         """Connections refused so far because of ``max_unauthenticated``."""
-        self._refusals_logged = 0
+        self.per_ip: dict[str, int] = {}
+        """Live connections (handshaking ones included) by :func:`address_key`."""
+        self.refused_per_ip = 0
+        """Connections refused so far because of ``max_connections_per_ip``."""
         self._next_refusal_log = 0.0
+        self._next_ip_refusal_log = 0.0
         self._endpoints: list[_Endpoint] = []
         self.stopping = False
 
     def link_made(self, link: DeviceProtocol) -> LinkEvents:
         return self._link_made(link)
 
-    def admit(self, remote: str) -> bool:
+    def admit(self, remote: str, address: str) -> bool:
+        per_address = self.limits.max_connections_per_ip
+        held = self.per_ip.get(address, 0)
+        if per_address is not None and held >= per_address:
+            self.refused_per_ip += 1
+            now = self.loop.time()
+            if now >= self._next_ip_refusal_log:  # one line a second under a flood
+                log.warning(
+                    "refused a connection from %s: %d connections from %s (limit %d per "
+                    "address); %d refused so far",
+                    remote,
+                    held,
+                    address,
+                    per_address,
+                    self.refused_per_ip,
+                )
+                self._next_ip_refusal_log = now + 1.0
+            return False
         limit = self.limits.max_unauthenticated
         if limit is not None and self.unauthenticated >= limit:
             self.refused += 1
@@ -968,10 +1019,16 @@ class Hub:
                 self._next_refusal_log = now + 1.0
             return False
         self.unauthenticated += 1
+        self.per_ip[address] = held + 1
         return True
 
     def release(self) -> None:
         self.unauthenticated -= 1
+
+    def release_address(self, address: str) -> None:
+        held = self.per_ip.pop(address, 0) - 1
+        if held > 0:
+            self.per_ip[address] = held
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = self.loop.create_task(coro, name=name)

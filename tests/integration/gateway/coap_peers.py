@@ -160,13 +160,18 @@ class RawPeer:
 
     @classmethod
     async def connect(
-        cls, address: tuple[str, int], ssl_context: ssl.SSLContext | None = None
+        cls,
+        address: tuple[str, int],
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        local_host: str | None = None,
     ) -> RawPeer:
         reader, writer = await asyncio.open_connection(
             address[0],
             address[1],
             ssl=ssl_context,
             server_hostname=address[0] if ssl_context else None,
+            local_addr=None if local_host is None else (local_host, 0),
         )
         return cls(reader, writer)
 

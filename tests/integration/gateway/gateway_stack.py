@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from devicesim.config import DeviceConfig, GatewayAddress
 from devicesim.device import DeviceState, SimDevice
 from eventstore.memory import InMemoryEventStore
+from gateway.adapters.coap import CoapServer
 from gateway.service import Gateway, GatewayConfig
 from gateway.tokens import JwtValidator, TokenIssuer
 
@@ -38,6 +39,18 @@ class Stack:
         address = self.gateway.tcp_address
         assert address is not None
         return address
+
+    @property
+    def tls(self) -> tuple[str, int]:
+        address = self.gateway.tls_address
+        assert address is not None
+        return address
+
+    @property
+    def server(self) -> CoapServer:
+        server = self.gateway._server
+        assert server is not None
+        return server
 
     def token(self, device_id: str | None = None) -> str:
         return self.issuer.issue(self.owner, now=time.time(), ttl=600, device_id=device_id)

@@ -1,0 +1,87 @@
+"""Abuse limits of the full gateway over real loopback sockets (real TLS where it matters):
+connections per remote address, the slow-message deadline, what our CSM advertises, the
+device's own Max-Message-Size, and concurrent sign-ups of one device by two owners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+import pytest
+
+from .coap_peers import PING, PONG, Frame, Pki, RawPeer, make_pki
+from .gateway_stack import DEADLINE, running_gateway, sign_in, wait_for
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_config(pki: Pki, **config: object) -> dict[str, object]:
+    return {
+        "tcp_bind": None,
+        "tls_bind": ("127.0.0.1", 0),
+        "ssl_context": pki.server_context(client_cert=False),
+        **config,
+    }
+
+
+async def alive(peer: RawPeer) -> None:
+    """A Ping is answered."""
+    peer.send(Frame(PING, b"\x01"))
+    assert (await peer.recv_until(PONG)).token == b"\x01"
+
+
+# --------------------------------------------------------------------------- connections per IP
+
+
+async def test_connections_beyond_the_per_ip_limit_are_refused_before_the_tls_handshake(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = pki.client_context(client_cert=False)
+    async with running_gateway(**tls_config(pki, max_connections_per_ip=2)) as stack:
+        signed = await RawPeer.connect(stack.tls, client)
+        await sign_in(stack, signed)  # a signed-in connection still counts
+        silent = await RawPeer.connect(stack.tls)  # plain TCP: its handshake never starts
+        await wait_for(lambda: stack.server.connections_from("127.0.0.1") == 2)
+        with caplog.at_level(logging.WARNING, "gateway.adapters.coap"):
+            async with asyncio.timeout(5):  # far less than the handshake timeout
+                with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+                    await RawPeer.connect(stack.tls, client)
+        assert stack.server.refused_per_ip == 1
+        assert stack.server.handshakes == 1  # the silent one's: the refused one never started
+        assert "refused a connection from 127.0.0.1:" in caplog.text
+        assert "2 connections from 127.0.0.1 (limit 2 per address)" in caplog.text
+        # another address is not affected
+        other = await RawPeer.connect(stack.tls, client, local_host="127.0.0.2")
+        await sign_in(stack, other)
+        # a connection that goes makes room
+        silent.writer.transport.abort()
+        await wait_for(lambda: stack.server.connections_from("127.0.0.1") == 1)
+        again = await RawPeer.connect(stack.tls, client)
+        await sign_in(stack, again)
+        await alive(signed)
+        for peer in (signed, other, again):
+            await peer.close()
+        await wait_for(lambda: not stack.server.connections, DEADLINE)
+        assert stack.server.connections_from("127.0.0.1") == 0
+        assert stack.server.unauthenticated == 0
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # an IPv4 peer on a dual-stack socket
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),  # one subscriber's prefix
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+    ],
+)
+def test_connections_are_counted_per_ipv4_address_or_ipv6_64(host: str, key: str) -> None:
+    from gateway.adapters.coap_wire import address_key
+
+    assert address_key(host) == key
