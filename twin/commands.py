@@ -23,8 +23,10 @@ from (device, correlation id, the command's position): two instances canceling o
 same command write it once (within the log's duplicate window; beyond it the fold ignores an
 end of a command that already ended).
 
-Also here, pure as well: :func:`expiry_events` (what the sweeper appends) and
-:func:`reached_events` (what the projector appends when a resource's delta became empty).
+Also here, pure as well: :func:`expiry_events` (what the sweeper appends), and what the
+projector appends: :func:`reached_events` (a resource's delta became empty),
+:func:`desired_update_events` (a delta to carry to an online device) and
+:func:`signoff_cancel_events` (a device signed off: its open commands end as canceled).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from twin.model import Twin, TwinCommand
 __all__ = [
     "API_SOURCE",
     "MAX_CORRELATION_ID",
+    "SIGNED_OFF_REASON",
     "TWIN_SOURCE",
     "Answer",
     "Decision",
@@ -65,6 +68,7 @@ __all__ = [
     "pending_list",
     "reached_events",
     "scope_for",
+    "signoff_cancel_events",
     "validate",
 ]
 
@@ -330,14 +334,18 @@ def _command(
 
 
 def _cancel_events(
-    twin: Twin, commands: Iterable[TwinCommand], now: datetime, reason: str
+    twin: Twin,
+    commands: Iterable[TwinCommand],
+    now: datetime,
+    reason: str,
+    source: str = API_SOURCE,
 ) -> tuple[AnyEvent, ...]:
     return tuple(
         Event(
             owner=c.owner,
             device_id=twin.device_id,
             data=CommandCanceled(href=c.href, reason=reason),
-            source=API_SOURCE,
+            source=source,
             id=_derived_id("canceled", twin.device_id, c.correlation_id, c.position),
             time=now,
             correlation_id=c.correlation_id,
@@ -485,6 +493,26 @@ def expiry_events(twin: Twin, now: datetime) -> tuple[AnyEvent, ...]:
         )
         for c in twin.expired(now)
     )
+
+
+SIGNED_OFF_REASON: Final = "device signed off"
+
+
+def signoff_cancel_events(
+    twin: Twin, now: datetime, signed_off_at: int = 0
+) -> tuple[AnyEvent, ...]:
+    """``command-canceled`` for the open commands of a device that signed off.
+
+    All of them while the twin is deleted; otherwise (the device registered again after a
+    sign-off folded in the same batch, at position ``signed_off_at``) those issued before the
+    sign-off. Ids are a client's cancel's (device, correlation id, the command's position): a
+    replayed batch, a second projector pass or a client canceling the same command at the
+    same time write it once."""
+    if twin.deleted:
+        ended: Iterable[TwinCommand] = twin.pending
+    else:
+        ended = [c for c in twin.pending if c.position < signed_off_at]
+    return _cancel_events(twin, ended, now, SIGNED_OFF_REASON, TWIN_SOURCE)
 
 
 def reached_events(twin: Twin, now: datetime) -> tuple[AnyEvent, ...]:

@@ -271,8 +271,8 @@ def _registered(twin: Twin, owner: str, *, existed: bool) -> Twin:
     if existed and (twin.deleted or twin.owner != owner):
         # A fresh start: a device that signed up again (possibly for another owner) must not
         # show what it reported before. The connection is the device's, it stays.
-        # Open commands stay: each carries its owner, and they must still end (expire) in the
-        # log rather than vanish from the twin.
+        # Open commands stay: each carries its owner, and they must still end in the log
+        # rather than vanish from the twin (the projector cancels those of a sign-off).
         return Twin(
             device_id=twin.device_id,
             owner=owner,

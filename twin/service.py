@@ -16,11 +16,15 @@ is already in the twins and is skipped by position; whatever is new comes in log
 same catch-up runs after any failure of the log or the store, so nothing depends on what the
 consumer still holds.
 
-Desired state reached. When a batch leaves a resource's desired content met (empty delta) and
-not yet marked reached, the projector appends ``desired-reached`` *before* it writes the batch
-(:func:`twin.commands.reached_events`; ids derived from the report that met it, so a replayed or
-redelivered batch writes it once). If that append fails nothing is written and the batch comes
-again, so the event is never lost; the fold marks the entry reached when the event comes back.
+Derived events. The projector appends events that follow from a batch *before* it writes the
+batch: ``desired-reached`` when a resource's desired content is met (empty delta) and not yet
+marked reached (:func:`twin.commands.reached_events`), ``command-pending`` updates carrying a
+delta to an online device (:func:`twin.commands.desired_update_events`) and ``command-canceled``
+("device signed off") for the open commands of a device that signed off
+(:func:`twin.commands.signoff_cancel_events`). Their ids are derived (from the report that met
+the desired state, the desired version, the canceled command), so a replayed or redelivered batch
+writes each once. If that append fails nothing is written and the batch comes again, so no
+derived event is lost; the fold applies them when they come back.
 
 One projector per twins collection at a time (the consumer hands batches out in log order
 only to a single reader; FerretDB's conditional updates are not atomic across writers).
@@ -44,9 +48,9 @@ from eventstore.errors import EventStoreError
 from eventstore.ports import ALL_EVENTS, Consumer, Delivery, EventStore, is_filter_subject
 from proto.binding import from_stored, to_nats
 from proto.errors import BindingError
-from proto.events import AnyEvent
+from proto.events import AnyEvent, DeviceUnregistered
 from proto.message import StoredMessage
-from twin.commands import desired_update_events, reached_events
+from twin.commands import desired_update_events, reached_events, signoff_cancel_events
 from twin.errors import (
     ProjectionTimeoutError,
     ProjectorStoppedError,
@@ -86,7 +90,7 @@ class ProjectorConfig:
     max_ack_pending: int = 1000
     retry_initial: float = 0.05
     retry_max: float = 5.0
-    emit_desired_reached: bool = True  # append desired-reached (see the module docstring)
+    emit_derived_events: bool = True  # append derived events (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -217,13 +221,21 @@ class _Projection:
             folded = fold_batch(current, events)
             if self.emit is not None:
                 now = datetime.now(UTC)
-                reached = [
+                signed_off: dict[str, int] = {}
+                for e in events:
+                    if isinstance(e.data, DeviceUnregistered) and e.position is not None:
+                        signed_off[e.device_id] = max(e.position, signed_off.get(e.device_id, 0))
+                derived = [
                     e
                     for t in folded.twins.values()
-                    for e in (*reached_events(t, now), *desired_update_events(t, now))
+                    for e in (
+                        *signoff_cancel_events(t, now, signed_off.get(t.device_id, 0)),
+                        *reached_events(t, now),
+                        *desired_update_events(t, now),
+                    )
                 ]
-                if reached:
-                    await self.emit(reached)
+                if derived:
+                    await self.emit(derived)
             if self.hooks.before_write is not None:
                 await self.hooks.before_write(positions)
             result = (
@@ -317,7 +329,7 @@ class TwinProjector:
             name=self.config.name,
             cache=_LruTwins(self.config.cache_size),
             hooks=hooks or ProjectorHooks(),
-            emit=self._emit if self.config.emit_desired_reached else None,
+            emit=self._emit if self.config.emit_derived_events else None,
         )
         self._task: asyncio.Task[None] | None = None
         self._failure_seen = False  # the loop's failure was raised to a caller already
@@ -329,7 +341,7 @@ class TwinProjector:
             by_device.setdefault(e.device_id, []).append(e)
         for device_events in by_device.values():
             await self._events.append([to_nats(e) for e in device_events])
-        log.info("%s: %d desired-state event(s) appended", self.config.name, len(events))
+        log.info("%s: %d derived event(s) appended", self.config.name, len(events))
 
     # -- lifecycle ---------------------------------------------------------------------------
 

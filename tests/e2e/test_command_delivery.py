@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -24,8 +25,19 @@ from gateway.tokens import JwtValidator
 from proto import events as ev
 from twin.adapters.nats_api import NatsApiServer
 from twin.api import ApiConfig, TwinApi
+from twin.commands import SIGNED_OFF_REASON
 from twinhub_client import TwinhubClient
 
+# the raw RFC 8323 peer of the transport tests: a device that signs off (the simulator never does)
+from ..integration.gateway.coap_peers import (  # noqa: TID252
+    CONTENT_FORMAT,
+    CSM,
+    DELETE,
+    POST,
+    RawPeer,
+    request,
+    uint,
+)
 from .stack import WAIT, Stack, open_stack, server_tls
 
 pytestmark = pytest.mark.servers
@@ -254,3 +266,73 @@ async def test_desired_state_is_carried_to_the_device_and_reached(stack: Stack) 
     assert len(updates) == 1
     assert updates[0].data.content == {"power": 77, "state": True}  # type: ignore[union-attr]
     assert len(_by_kind(log, ev.DesiredReached)) == 1
+
+
+async def _ask(
+    peer: RawPeer, method: int, path: str, body: Any, query: tuple[str, ...] = ()
+) -> str:
+    token = peer.token()
+    options = [(CONTENT_FORMAT, uint(10000))]
+    peer.send(request(method, path, token, query=query, payload=cbor2.dumps(body), options=options))
+    while True:  # skipping the server's CSM and its requests (discovery) to us
+        frame = await peer.recv()
+        if frame.token == token and 64 <= frame.code < 224:
+            return f"{frame.code >> 5}.{frame.code & 31:02d}"
+
+
+async def _sign_off(stack: Stack, peer: RawPeer, device_id: str) -> None:
+    # the token in the payload: a JWT is longer than a Uri-Query option may be (255)
+    query = (f"di={device_id}", f"uid={stack.owner}")
+    body = {"accesstoken": stack.token(device_id)}
+    assert await _ask(peer, DELETE, "/oic/sec/account", body, query) == "2.02"
+
+
+async def test_sign_off_cancels_the_devices_pending_commands(stack: Stack) -> None:
+    """Offline (queued while away) and signed in (waiting for a publish): all end as canceled."""
+    assert stack.gateway.tcp_address is not None
+    async with stack.running_projector(), api_for(stack) as client:
+        away = stack.device(resources=1, ping_interval=None)
+        async with away:  # register once, then go away
+            await _online(stack, away)
+        await stack.wait_twin(away.device_id, lambda t: not t.online)
+        here = str(uuid.uuid4())
+        peer = await RawPeer.connect(stack.gateway.tcp_address)
+        try:
+            assert (await peer.recv()).code == CSM
+            tok = stack.token(here)
+            sign_up = {"di": here, "accesstoken": tok, "authprovider": "test"}
+            assert await _ask(peer, POST, "/oic/sec/account", sign_up) == "2.04"
+            sign_in = {"di": here, "uid": stack.owner, "accesstoken": tok, "login": True}
+            assert await _ask(peer, POST, "/oic/sec/session", sign_in) == "2.04"
+            await stack.wait_twin(here, lambda t: t.online)
+            queued = [
+                await client.update(away.device_id, "/light/1", {"power": i}, ttl=600)
+                for i in range(3)
+            ]
+            queued.append(await client.retrieve(away.device_id, "/oic/d", ttl=600))
+            # /light/1 is not published: the gateway holds these until it is
+            waiting = [
+                await client.update(here, "/light/1", {"power": i}, ttl=600) for i in range(2)
+            ]
+            assert len(await client.list_pending(here)) == 2
+            await _sign_off(stack, peer, here)
+        finally:
+            await peer.close()
+        other = await RawPeer.connect(stack.gateway.tcp_address)
+        try:  # the away device signs off from a connection without a sign-in (token only)
+            await _sign_off(stack, other, away.device_id)
+        finally:
+            await other.close()
+        for accepted in queued + waiting:
+            outcome = await client.wait_outcome(accepted, WAIT)
+            assert isinstance(outcome.data, ev.CommandCanceled), outcome
+            assert outcome.data.reason == SIGNED_OFF_REASON
+        for device_id in (away.device_id, here):
+            twin = await stack.wait_twin(device_id, lambda t: t.deleted and not t.pending)
+            assert [o.state for o in twin.recent_outcomes][-2:] == ["canceled", "canceled"]
+    for device_id, n in ((away.device_id, 4), (here, 2)):
+        log = await stack.events(device_id)
+        assert len(_by_kind(log, ev.CommandCanceled)) == n, "each canceled once"
+        assert _by_kind(log, ev.CommandSent) == [], "none reached the device"
+        kinds = [e.kind for e in log]
+        assert kinds.index("device-unregistered") < kinds.index("command-canceled")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -299,3 +300,73 @@ def test_decide_is_pure() -> None:
     c = commands.decide(update("x"), "alice", twin, now, expected_last=7)
     assert isinstance(c, commands.Record) and c.events[0].id != a.events[0].id
     assert a.scope == "twinhub.ev.alice.d1.command-pending.>"
+
+
+async def test_projector_cancels_the_commands_of_a_signed_off_device(world: World) -> None:
+    await world.ok(update("a"))
+    await world.ok(api.RetrieveResource(device_id="d1", href="/other", correlation_id="b"))
+    await world.project()
+    await world.append(ev.DeviceUnregistered(reason="sign-off"))
+    await world.project()
+    await world.project()  # folds the cancels; a replay appends nothing new
+    canceled = await world.events("command-canceled")
+    assert [e.correlation_id for e in canceled] == ["a", "b"]
+    assert all(
+        isinstance(e.data, ev.CommandCanceled)
+        and e.data.reason == commands.SIGNED_OFF_REASON
+        and e.source == commands.TWIN_SOURCE
+        for e in canceled
+    )
+    twin = await world.twins.get("d1")
+    assert twin is not None and twin.deleted and twin.pending == ()
+    assert [(o.correlation_id, o.state) for o in twin.recent_outcomes] == [
+        ("a", "canceled"),
+        ("b", "canceled"),
+    ]
+
+
+async def test_sign_off_and_sign_up_again_in_one_batch(world: World) -> None:
+    """The projector folds both before it looks: commands from before the sign-off still end."""
+    await world.ok(update("before"))
+    await world.append(ev.DeviceUnregistered(reason="sign-off"))
+    await world.append(ev.DeviceRegistered())
+    await world.ok(update("after"))
+    await world.project()
+    await world.project()
+    (canceled,) = await world.events("command-canceled")
+    assert canceled.correlation_id == "before"
+    twin = await world.twins.get("d1")
+    assert twin is not None and not twin.deleted
+    assert [c.correlation_id for c in twin.pending] == ["after"]
+
+
+def test_signoff_cancel_events_are_pure_and_match_a_clients_cancel() -> None:
+    from twin.fold import fold, fold_all
+
+    from .factory import event
+
+    def pending(cid: str, position: int) -> AnyEvent:
+        data = ev.CommandPending(href="/a", op="retrieve", expires_at=T0 + timedelta(hours=1))
+        e = event(data, position)
+        return dataclasses.replace(e, correlation_id=cid)
+
+    twin = fold_all(None, [event(ev.DeviceRegistered(), 1), pending("x", 2), pending("y", 3)])
+    assert twin is not None
+    now = T0 + timedelta(seconds=10)
+    assert commands.signoff_cancel_events(twin, now) == ()
+    client = commands.decide(api.CancelCommands(device_id="d1"), "alice", twin, now)
+    assert isinstance(client, commands.Record)
+    off = fold(twin, event(ev.DeviceUnregistered(reason="sign-off"), 4))
+    assert off is not None and off.deleted
+    ended = commands.signoff_cancel_events(off, now)
+    assert ended == commands.signoff_cancel_events(off, now)
+    assert [e.correlation_id for e in ended] == ["x", "y"]
+    assert [e.id for e in ended] == [e.id for e in client.events], "one id per canceled command"
+    assert all(e.data == ev.CommandCanceled(href="/a", reason="device signed off") for e in ended)
+    # registered again (in the same batch): only what was issued before the sign-off ends
+    back = fold_all(off, [event(ev.DeviceRegistered(), 5), pending("z", 6)])
+    assert back is not None and not back.deleted
+    assert [c.correlation_id for c in back.pending] == ["x", "y", "z"]
+    again = commands.signoff_cancel_events(back, now, signed_off_at=4)
+    assert [e.correlation_id for e in again] == ["x", "y"]
+    assert commands.signoff_cancel_events(back, now) == ()
