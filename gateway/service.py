@@ -102,6 +102,7 @@ class GatewayConfig:
     # connections from one IPv4 address / IPv6 /64 at once, signed in or not (devices behind
     # one NAT share it: raise it for large fleets behind one address)
     max_connections_per_ip: int | None = 1024
+    message_timeout: float | None = 30.0  # a message begun must be complete within this
     # command delivery (see gateway.commands)
     command_retry_initial: float = 1.0
     command_retry_max: float = 30.0
@@ -181,6 +182,7 @@ class Gateway:
                 request_rate=cfg.request_rate,
                 request_burst=cfg.request_burst,
                 max_connections_per_ip=cfg.max_connections_per_ip,
+                message_timeout=cfg.message_timeout,
             ),
             on_request=self._on_request,
             on_connect=self._on_connect,

@@ -82,6 +82,7 @@ class GatewaySettings:
     max_connections_per_ip: int = 1024  # from one IPv4 address / IPv6 /64, signed in or not
     request_rate: float = 20.0  # device requests a second, per connection
     request_burst: int = 100  # requests at once before request_rate applies
+    message_timeout: float = 30.0  # seconds from a message's first byte to its last (slowloris)
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,6 +218,7 @@ def gateway_config(config: Config, data: DataDir) -> GatewayConfig:
         max_connections_per_ip=g.max_connections_per_ip or None,
         request_rate=g.request_rate or None,
         request_burst=max(1, g.request_burst),
+        message_timeout=g.message_timeout or None,
     )
 
 

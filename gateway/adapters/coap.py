@@ -117,6 +117,10 @@ class CoapServerConfig:
     accept to close, signed in or not; beyond that a new connection is closed as soon as it is
     accepted (before any TLS handshake), logged with the peer address at most once a second.
     None: no limit."""
+    message_timeout: float | None = 30.0
+    """Abort (7.05 "message timeout: ...") a connection whose message is not complete this long
+    after its first byte arrived, however slowly the peer keeps sending (slowloris). None: no
+    deadline."""
 
     def __post_init__(self) -> None:
         if self.tcp_bind is None and self.tls_bind is None:
@@ -129,7 +133,7 @@ class CoapServerConfig:
         for name in ("max_pending_requests", "max_concurrent_requests", "max_write_buffer"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"CoapServerConfig.{name} must be >= 1")
-        for name in ("auth_timeout", "request_rate"):
+        for name in ("auth_timeout", "request_rate", "message_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"CoapServerConfig.{name} must be > 0 or None")
@@ -559,6 +563,7 @@ class CoapServer:
             request_rate=config.request_rate,
             request_burst=config.request_burst,
             max_connections_per_ip=config.max_connections_per_ip,
+            message_timeout=config.message_timeout,
         )
         self._hub = hub = wire.Hub(limits, self._connection_made)
         try:

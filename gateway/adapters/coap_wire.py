@@ -29,8 +29,10 @@ W6  A request on a closed connection waits forever (asyncio drops the write; uvl
 W7  No back-pressure (``pause_writing`` is a no-op). -> :attr:`DeviceProtocol.writable` gates our
     requests; a peer that lets the write buffer grow past ``max_write_buffer`` is aborted; device
     requests in flight and our pending requests are bounded by the facade.
-W8  No opening timeout and no keepalive Ping. -> timers in :class:`DeviceProtocol`; the TLS
-    handshake is bounded by ``ssl_handshake_timeout``.
+W8  No opening timeout, no keepalive Ping and no bound on how long a message may take to
+    arrive (a peer trickling bytes holds the connection forever). -> timers in
+    :class:`DeviceProtocol`, the slow-message one (``message_timeout``) running from a message's
+    first byte to its last; the TLS handshake is bounded by ``ssl_handshake_timeout``.
 W9  The Pong to a Ping with a token is built with the deprecated ``Message(token=...)``: a
     ``DeprecationWarning`` that kills the connection where warnings are errors. -> our own Pong.
 W10 No ALPN on the server side. -> the server context offers "coap" (RFC 8323 section 4.1).
@@ -142,6 +144,7 @@ class Limits:
     request_rate: float | None = None
     request_burst: int = 1
     max_connections_per_ip: int | None = None
+    message_timeout: float | None = None
 
 
 class LinkEvents(Protocol):
@@ -459,6 +462,7 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
         self._ping_sent = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
+        self._message_timer: asyncio.TimerHandle | None = None  # a message is incomplete
         self._hard_close: asyncio.TimerHandle | None = None
         self._our_reason: str | None = None
         self._protocol_error: str | None = None
@@ -615,20 +619,57 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
         self._last_rx = self._ev_loop.time()
         self._rx_count += 1
         self._deframer.feed(data)
-        self._process()
+        completed = self._process()
+        if not self.closing:
+            self._watch_slow_message(completed)
 
-    def _process(self) -> None:
+    def _process(self) -> int:
+        """Handle the complete messages buffered; returns how many there were."""
+        completed = 0
         try:
             while not self.closing:
                 frame = self._deframer.next()
                 if frame is None:
-                    return
+                    break
+                completed += 1
                 self._on_frame(frame)
         except frames.FrameError as e:
             self.abort(str(e))
         except Exception:
             log.exception("%s: failed to process a message", self.remote)
             self.abort_with("internal error")
+        return completed
+
+    def _watch_slow_message(self, completed: int) -> None:
+        """The slow-message deadline: a message begun must be complete within
+        ``message_timeout`` of its first byte, however the peer trickles it (the keepalive only
+        sees that bytes arrive)."""
+        timeout = self._limits.message_timeout
+        if timeout is None:
+            return
+        if not self._deframer.buffered:
+            if self._message_timer is not None:
+                self._message_timer.cancel()
+                self._message_timer = None
+            return
+        if self._message_timer is None or completed:  # the incomplete message began now
+            if self._message_timer is not None:
+                self._message_timer.cancel()
+            self._message_timer = self._ev_loop.call_later(timeout, self._on_message_timeout)
+
+    def _on_message_timeout(self) -> None:
+        self._message_timer = None
+        if not self.closing:
+            held = self._deframer.buffered
+            log.info(
+                "%s: no complete message within %ss (%d bytes of one held): aborting",
+                self.remote,
+                self._limits.message_timeout,
+                held,
+            )
+            self.abort_with(
+                f"message timeout: a message not complete within {self._limits.message_timeout}s"
+            )
 
     def _on_frame(self, frame: frames.Frame) -> None:
         code = frame.code
@@ -707,10 +748,10 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
                 self.events.link_lost(reason)
 
     def _cancel_timers(self) -> None:
-        for handle in (self._timer, self._auth_timer):
+        for handle in (self._timer, self._auth_timer, self._message_timer):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._auth_timer = None
+        self._timer = self._auth_timer = self._message_timer = None
         if self._gone and self._hard_close is not None:
             self._hard_close.cancel()
             self._hard_close = None

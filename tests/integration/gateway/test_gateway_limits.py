@@ -11,7 +11,7 @@ import ssl
 
 import pytest
 
-from .coap_peers import PING, PONG, Frame, Pki, RawPeer, make_pki
+from .coap_peers import ABORT, PING, PONG, POST, Frame, Pki, RawPeer, make_pki, request
 from .gateway_stack import DEADLINE, running_gateway, sign_in, wait_for
 
 
@@ -85,3 +85,64 @@ def test_connections_are_counted_per_ipv4_address_or_ipv6_64(host: str, key: str
     from gateway.adapters.coap_wire import address_key
 
     assert address_key(host) == key
+
+
+# --------------------------------------------------------------------------- slow messages
+
+
+async def _trickle(peer: RawPeer, data: bytes, interval: float) -> int:
+    """Send ``data`` a byte at a time; returns how many bytes went before the server closed."""
+    sent = 0
+    try:
+        for byte in data:
+            peer.writer.write(bytes([byte]))
+            await peer.writer.drain()
+            sent += 1
+            await asyncio.sleep(interval)
+    except (ConnectionError, ssl.SSLError, OSError):
+        pass
+    return sent
+
+
+async def test_a_message_trickled_past_the_deadline_is_aborted_though_bytes_keep_coming(
+    pki: Pki,
+) -> None:
+    config = tls_config(pki, message_timeout=0.5, keepalive_interval=0.2, keepalive_timeout=0.2)
+    async with running_gateway(**config) as stack:
+        peer = await RawPeer.connect(stack.tls, pki.client_context(client_cert=False))
+        await sign_in(stack, peer)
+        message = request(POST, "/oic/rd", peer.token(), payload=bytes(200)).encode()
+        trickler = asyncio.create_task(_trickle(peer, message, 0.02))  # ~4.5 s in all
+        frames = await peer.expect_eof(timeout=3)
+        sent = await trickler
+        assert frames[-1].code == ABORT
+        assert frames[-1].payload == b"message timeout: a message not complete within 0.5s"
+        assert sent < len(message)  # it was still sending
+        await wait_for(lambda: not stack.server.connections)
+
+
+async def test_a_slow_header_is_aborted_too() -> None:
+    async with running_gateway(message_timeout=0.3) as stack:
+        peer = await RawPeer.connect(stack.tcp)
+        peer.writer.write(b"\xe4")  # a 2-byte extended length announced, never given
+        frames = await peer.expect_eof(timeout=3)
+        assert frames[-1].code == ABORT
+        assert frames[-1].payload.startswith(b"message timeout")
+
+
+async def test_complete_messages_far_apart_and_messages_in_pieces_within_the_deadline_pass(
+    pki: Pki,
+) -> None:
+    async with running_gateway(**tls_config(pki, message_timeout=0.4)) as stack:
+        peer = await RawPeer.connect(stack.tls, pki.client_context(client_cert=False))
+        await sign_in(stack, peer)
+        await asyncio.sleep(0.6)  # idle longer than the deadline: no message was begun
+        await alive(peer)
+        ping = Frame(PING, b"\x02").encode()
+        for _ in range(3):  # each message in two pieces, the deadline restarts with each
+            peer.writer.write(ping[:1])
+            await asyncio.sleep(0.25)
+            peer.writer.write(ping[1:])
+            assert (await peer.recv_until(PONG)).token == b"\x02"
+        await alive(peer)
+        await peer.close()
