@@ -9,6 +9,10 @@ JetStream + MongoDB in production. The transport (NATS request/reply) is
 Every request gets a reply: a typed error for anything that goes wrong (``unavailable`` while
 the log or the store cannot be reached, ``internal`` for a bug, logged), never an exception.
 
+Tokens signed by a key the validator does not know yet (a key rotated at a JWKS URL) are not
+refused at once: the injected :class:`KeyRefresh` refreshes the keys (at the key source's
+bounded rate) and the token is validated once more, as the gateway does for devices.
+
 The latest twin of a device (:func:`latest_twin`) is the stored twin with the device's log tail
 folded onto it: the store lags the log by the projector's batch, and a duplicate correlation
 id or a cancel must see the command accepted a moment ago. The tail read is one
@@ -41,7 +45,7 @@ from twin.fold import fold
 from twin.model import Twin
 from twin.ports import TwinStore
 
-__all__ = ["ApiConfig", "Caller", "TokenValidator", "TwinApi", "latest_twin"]
+__all__ = ["ApiConfig", "Caller", "KeyRefresh", "TokenValidator", "TwinApi", "latest_twin"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,15 @@ class TokenValidator(Protocol):
     """
 
     def validate(self, token: str, now: float) -> Caller: ...
+
+
+class KeyRefresh(Protocol):
+    """Called with the error of a refused token; refreshes the validator's keys (a JWKS) when
+    the error says its signing key is unknown and returns True, so the token is validated once
+    more; False for any other error. Injected by the composition root, which knows both the
+    validator's errors and its key source; the source bounds how often it fetches."""
+
+    async def __call__(self, error: Exception) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +115,14 @@ class TwinApi:
         config: ApiConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        refresh_keys: KeyRefresh | None = None,
     ) -> None:
         self._events = events
         self._twins = twins
         self._validator = validator
         self.config = config or ApiConfig()
         self._clock = clock
+        self._refresh_keys = refresh_keys
 
     async def handle(self, op: str, body: bytes, token: str | None) -> api.Reply:
         """The reply to one request of operation ``op`` (the subject's last token)."""
@@ -119,7 +134,7 @@ class TwinApi:
             return error("unauthorized", "missing bearer token (Authorization header)")
         now = self._clock()
         try:
-            caller = self._validator.validate(token, now)
+            caller = await self._caller(token, now)
         except Exception as e:  # the validator's own error type is not ours to import
             return error("unauthorized", f"invalid token: {e}")
         if caller.token_type != "access":
@@ -135,6 +150,21 @@ class TwinApi:
         except Exception:
             log.exception("%s: failed", op)
             return error("internal", "internal error (logged)")
+
+    async def _caller(self, token: str, now: float) -> Caller:
+        try:
+            return self._validator.validate(token, now)
+        except Exception as e:
+            if self._refresh_keys is None:
+                raise
+            try:
+                refreshed = await self._refresh_keys(e)
+            except Exception as refresh_error:  # the retry fails with the first error
+                log.warning("refreshing the token keys failed: %s", refresh_error)
+                refreshed = True
+            if not refreshed:
+                raise
+        return self._validator.validate(token, now)  # once: the gateway does the same
 
     async def _handle(self, request: api.ApiRequest, owner: str, now_s: float) -> api.Reply:
         now = datetime.fromtimestamp(now_s, UTC)

@@ -21,6 +21,7 @@ from pymongo import AsyncMongoClient
 
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.layout import StreamLayout
+from gateway.errors import UnknownKey
 from gateway.identity import AuthMode, TlsAuthPolicy, parse_crls
 from gateway.jwks import JwksKeys
 from gateway.oauth import OAuthProvider, parse_provider
@@ -36,7 +37,7 @@ from gateway.tokens import (
 from gateway.writer import WriterConfig
 from twin.adapters.mongo import MongoTwinStore
 from twin.adapters.nats_api import NatsApiServer
-from twin.api import ApiConfig, TwinApi
+from twin.api import ApiConfig, KeyRefresh, TwinApi
 from twin.service import ProjectorConfig, TwinProjector
 from twin.sweeper import ExpirySweeper
 from twinhub_cli import pki as devpki
@@ -101,6 +102,21 @@ def validator_for(config: Config, issuer: TokenIssuer) -> JwtValidator:
 
 
 TOKEN_ALGORITHMS = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+
+
+def key_refresh_for(validator: JwtValidator) -> KeyRefresh | None:
+    """The command API's answer to a token signed by an unknown key: refresh the validator's
+    JWKS (at its bounded rate) and validate again, as the gateway does; None without a JWKS."""
+    if not validator.refreshable:
+        return None
+
+    async def refresh(error: Exception) -> bool:
+        if not isinstance(error, UnknownKey):
+            return False
+        await validator.refresh_keys()  # fetched now, by a concurrent request, or too recently
+        return True
+
+    return refresh
 
 
 def oauth_providers_for(config: Config) -> dict[str, OAuthProvider]:
@@ -278,7 +294,13 @@ async def run_api(
     """The command API on ``twinhub.api.v1.>`` (tokens checked by the gateway's validator) and
     the expiry sweeper; several twin instances may run both."""
     validator = validator_for(config, issuer_for(config, data))
-    twin_api = TwinApi(store, twins, validator, ApiConfig(projector=config.twin.consumer))
+    twin_api = TwinApi(
+        store,
+        twins,
+        validator,
+        ApiConfig(projector=config.twin.consumer),
+        refresh_keys=key_refresh_for(validator),
+    )
     async with (
         NatsApiServer(store.connection, twin_api) as server,
         ExpirySweeper(twins, store),

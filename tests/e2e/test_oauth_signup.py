@@ -16,13 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from pymongo.asynchronous.database import AsyncDatabase
 
 from eventstore.adapters.jetstream import JetStreamEventStore
 from gateway.service import Gateway
+from twin.adapters.mongo import MongoTwinStore
 from twinhub_cli import config as cfgmod
 from twinhub_cli import services
 from twinhub_cli.datadir import DataDir
+from twinhub_client import TwinhubClient, UnauthorizedError
 
 from ..integration.gateway.coap_peers import CONTENT_FORMAT, POST, RawPeer, request, uint  # noqa: TID252
 from .idp import Idp
@@ -202,6 +207,47 @@ async def test_a_rotated_jwks_key_is_fetched_on_first_sight(nats_url: str, tmp_p
                 idp.rotate()
             assert idp.jwks_fetches == 2, "one fetch per new kid"
             peer.writer.transport.abort()
+    finally:
+        idp.stop()
+
+
+async def test_the_command_api_takes_a_rotated_jwks_key_without_a_restart(
+    nats_url: str, mongo_db: AsyncDatabase[Any], tmp_path: Path
+) -> None:
+    """The twin's command API, built as ``twinhub twin run`` builds it, refreshes the JWKS on
+    an unknown kid like the gateway: a key rotated at the URL works at once."""
+    idp = Idp().start()
+    owner = "o" + uuid.uuid4().hex[:10]
+    auth = {
+        "jwks_url": idp.url + "/jwks",
+        "jwks_min_refresh": 0,
+        "issuer": idp.url,
+        "audience": idp.client_id,
+    }
+    config = cfgmod.load(None, env={}, overrides={"auth": auth})
+
+    async def devices(token: str) -> list[Any]:  # on the production subjects, as configured
+        async with TwinhubClient(nats_url, token) as client:
+            return (await client.list_devices()).devices
+
+    try:
+        async with JetStreamEventStore.from_url(nats_url) as store:
+            await store.provision()
+            twins = MongoTwinStore(mongo_db)
+            await twins.ensure_indexes()
+            async with services.run_api(config, DataDir(tmp_path / "data"), store, twins):
+                assert await devices(idp.sign({"sub": owner})) == []
+                assert idp.jwks_fetches == 1
+                idp.rotate()
+                assert await devices(idp.sign({"sub": owner})) == []
+                assert idp.jwks_fetches == 2, "fetched on the new kid's first sight"
+                # a key the JWKS does not publish: looked up once more, then refused
+                stranger = ec.generate_private_key(ec.SECP256R1())
+                claims = {"sub": owner, "iss": idp.url, "aud": idp.client_id}
+                forged = jwt.encode(claims, stranger, algorithm="ES256", headers={"kid": "k-x"})
+                with pytest.raises(UnauthorizedError):
+                    await devices(forged)
+                assert idp.jwks_fetches == 3
     finally:
         idp.stop()
 

@@ -370,3 +370,48 @@ def test_signoff_cancel_events_are_pure_and_match_a_clients_cancel() -> None:
     again = commands.signoff_cancel_events(back, now, signed_off_at=4)
     assert [e.correlation_id for e in again] == ["x", "y"]
     assert commands.signoff_cancel_events(back, now) == ()
+
+
+async def test_a_token_of_an_unknown_key_is_validated_again_after_a_key_refresh() -> None:
+    class Rotating:
+        """Tokens are "kid:owner"; a kid is known once refreshed."""
+
+        def __init__(self) -> None:
+            self.known = {"k1"}
+            self.published = {"k1", "k2"}
+
+        def validate(self, token: str, now: float) -> Claims:
+            kid, _, owner = token.partition(":")
+            if kid not in self.known:
+                raise LookupError(kid)
+            if not owner.isalnum():
+                raise ValueError("bad token")
+            return Claims(owner)
+
+    keys = Rotating()
+    asked: list[Exception] = []
+
+    async def refresh(e: Exception) -> bool:
+        asked.append(e)
+        if not isinstance(e, LookupError):
+            return False
+        keys.known = set(keys.published)
+        return True
+
+    log = InMemoryEventStore()
+    await log.provision()
+    twin_api = TwinApi(log, InMemoryTwinStore(), keys, refresh_keys=refresh)
+    body = api.encode_request(api.ListDevices())
+
+    async def call(token: str) -> api.Reply:
+        return await twin_api.handle(api.ListDevices.OP, body, token)
+
+    assert (await call("k1:alice")).ok
+    assert asked == []
+    assert (await call("k2:alice")).ok
+    assert [type(e) for e in asked] == [LookupError]
+    refused = await call("k3:alice")  # refreshed, still unknown: refused after one more try
+    assert refused.error is not None and refused.error.code == "unauthorized"
+    bad = await call("k1:al ice")  # not a key problem: no refresh
+    assert bad.error is not None and bad.error.code == "unauthorized"
+    assert [type(e) for e in asked] == [LookupError, LookupError, ValueError]
