@@ -40,6 +40,7 @@ from gateway.adapters.coap_messages import (
     CoapTransportError,
     ConnectionClosed,
     RequestTimeout,
+    UnsupportedResponse,
 )
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "Observation",
     "RequestHandler",
     "RequestTimeout",
+    "UnsupportedResponse",
 ]
 
 log = logging.getLogger(__name__)

@@ -230,6 +230,9 @@ class Deframer:
 
 # --------------------------------------------------------------------------- request options
 
+CSM_MAX_MESSAGE_SIZE: Final = 2  # options of a CSM (RFC 8323 section 5.3)
+CSM_BLOCK_WISE_TRANSFER: Final = 4
+
 IF_MATCH: Final = 1
 URI_HOST: Final = 3
 ETAG: Final = 4

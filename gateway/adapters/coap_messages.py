@@ -115,3 +115,10 @@ class RequestTimeout(CoapTransportError, TimeoutError):
     """The device did not answer in time."""
 
     code = "5.04"
+
+
+class UnsupportedResponse(CoapTransportError, ValueError):
+    """The device answered in a way this gateway does not support: one block of a block-wise
+    transfer (RFC 7959), which we neither advertise nor reassemble."""
+
+    code = "5.02"

@@ -65,6 +65,11 @@ W18 ``Context.render_to_pipe`` creates the rendering coroutine before its task s
     in the same read), the task is cancelled unstarted and the coroutine is never awaited -- a
     ``RuntimeWarning`` any peer can trigger at will. -> :class:`_Context` creates it inside the
     task.
+W19 aiocoap's CSM (``_send_initial_csm``) advertises the Block-wise-Transfer capability (RFC 8323
+    section 5.3.2), yet nothing here does block-wise transfer: a device request with Block1 /
+    Block2 gets 4.02 (W14) and a Block2 response would have passed as the whole content. -> our
+    CSM carries Max-Message-Size only; a response that is one block of several (Block2 with
+    More set, or a later block) fails its exchange with :class:`UnsupportedResponse`.
 
 Not worked around: we send what the caller gives in one message -- no Block-wise transfer and no
 check against the peer's advertised Max-Message-Size.
@@ -117,6 +122,7 @@ from gateway.adapters.coap_messages import (
     CoapResponse,
     CoapTransportError,
     ConnectionClosed,
+    UnsupportedResponse,
     format_code,
     parse_code,
 )
@@ -362,6 +368,16 @@ class Exchange:
                 self._done = True
                 self._on_event(None, self._link.translate_error(event.exception), True)
             elif event.message is not None:
+                block2 = event.message.opt.block2
+                if block2 is not None and (block2.more or block2.block_number):  # W19
+                    self._done = True
+                    error = UnsupportedResponse(
+                        f"{self._request.method} {self._request.path}: the device answered "
+                        f"block-wise (block {block2.block_number}, more: {block2.more}), "
+                        "which this gateway does not support"
+                    )
+                    self._on_event(None, error, True)
+                    return False
                 self._done = bool(event.is_last)
                 self._on_event(response_value(event.message), None, self._done)
         finally:
@@ -791,6 +807,12 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
         elif code == RELEASE:
             self._peer_signal = "released by the peer"
         super()._process_signaling(message)
+
+    def _send_initial_csm(self) -> None:
+        """W19: Max-Message-Size only -- no Block-wise-Transfer, which we do not do."""
+        csm = Message(code=CSM)
+        csm.opt.add_option(UintOption(frames.CSM_MAX_MESSAGE_SIZE, self._my_max_message_size))
+        self._send_message(csm)
 
     def abort(self, errormessage: str | None = None, bad_csm_option: int | None = None) -> None:
         if self._protocol_error is None and self._our_reason is None:

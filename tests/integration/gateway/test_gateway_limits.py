@@ -11,7 +11,16 @@ import ssl
 
 import pytest
 
-from .coap_peers import ABORT, PING, PONG, POST, Frame, Pki, RawPeer, make_pki, request
+from gateway.adapters.coap import (
+    CoapRequest,
+    CoapResponse,
+    CoapServer,
+    CoapServerConfig,
+    Connection,
+    UnsupportedResponse,
+)
+
+from .coap_peers import ABORT, CSM, PING, PONG, POST, Frame, Pki, RawPeer, make_pki, request
 from .gateway_stack import DEADLINE, running_gateway, sign_in, wait_for
 
 
@@ -146,3 +155,49 @@ async def test_complete_messages_far_apart_and_messages_in_pieces_within_the_dea
             assert (await peer.recv_until(PONG)).token == b"\x02"
         await alive(peer)
         await peer.close()
+
+
+# --------------------------------------------------------------------------- block-wise
+
+BLOCK1, BLOCK2, BAD_OPTION, CONTENT = 27, 23, 130, 69
+CSM_MAX_MESSAGE_SIZE, CSM_BLOCK_WISE = 2, 4
+
+
+async def test_our_csm_does_not_advertise_block_wise_which_we_refuse(pki: Pki) -> None:
+    async with running_gateway(**tls_config(pki, max_message_size=8192)) as stack:
+        peer = await RawPeer.connect(stack.tls, pki.client_context(client_cert=False))
+        csm = await peer.recv()
+        assert csm.code == CSM
+        assert [n for n, _ in csm.options] == [CSM_MAX_MESSAGE_SIZE]  # no Block-wise-Transfer
+        assert csm.uint(CSM_MAX_MESSAGE_SIZE) == 8192
+        # ... and indeed: a block-wise request is refused (unrecognised critical option)
+        token = peer.token()
+        peer.send(request(POST, "/oic/sec/account", token, options=[(BLOCK1, b"\x0e")]))
+        refused = await peer.recv_until(BAD_OPTION)
+        assert (refused.token, refused.payload) == (token, b"unrecognised critical option 27")
+        await alive(peer)
+        await peer.close()
+
+
+async def test_a_block_wise_response_of_the_device_fails_the_request_not_truncates_it() -> None:
+    async with CoapServer(CoapServerConfig(tcp_bind=("127.0.0.1", 0)), on_request=_echo) as srv:
+        assert srv.tcp_address is not None
+        peer = await RawPeer.connect(srv.tcp_address)
+        peer.send(Frame(CSM))
+        await wait_for(lambda: bool(srv.connections))
+        (conn,) = srv.connections.values()
+        for block2 in (b"\x0e", b"\x16"):  # block 0 of more (szx 6), block 1 of the last
+            pending = asyncio.create_task(conn.request(CoapRequest("GET", "/big"), DEADLINE))
+            asked = await peer.recv_request()
+            peer.send(Frame(CONTENT, asked.token, ((BLOCK2, block2),), bytes(1024)))
+            with pytest.raises(UnsupportedResponse, match="answered block-wise"):
+                await pending
+        pending = asyncio.create_task(conn.request(CoapRequest("GET", "/small"), DEADLINE))
+        asked = await peer.recv_request()
+        peer.send(Frame(CONTENT, asked.token, ((BLOCK2, b"\x06"),), b"all"))  # the only block
+        assert (await pending).payload == b"all"
+        await peer.close()
+
+
+async def _echo(conn: Connection, req: CoapRequest) -> CoapResponse:
+    return CoapResponse("2.04", req.payload)

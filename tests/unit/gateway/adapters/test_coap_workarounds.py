@@ -1,4 +1,4 @@
-"""aiocoap 0.4.17 behaviours we work around (``gateway.adapters.coap_wire`` W1-W18), pinned.
+"""aiocoap 0.4.17 behaviours we work around (``gateway.adapters.coap_wire`` W1-W19), pinned.
 
 Each ``test_aiocoap_*`` asserts the behaviour of *raw* aiocoap: if an upgrade changes it, the test
 fails and the work-around must be revisited. Each ``test_ours_*`` asserts what our adapter gives
@@ -1078,3 +1078,24 @@ async def test_aiocoap_render_to_pipe_leaves_a_coroutine_never_awaited() -> None
         for coroutine in unstarted:
             coroutine.close()  # what the RuntimeWarning is about
         assert bool(unstarted) is leaves_one, context
+
+
+# --------------------------------------------------------------------------- W19 block-wise
+
+
+async def test_aiocoap_advertises_block_wise_transfer_in_its_csm() -> None:
+    async with raw_aiocoap_server() as (_, port):
+        peer = await Peer.connect(port)
+        csm = await peer.recv()
+        assert csm.code == aiocoap.CSM
+        assert [int(o.number) for o in csm.opt.option_list()] == [2, 4]
+        peer.close()
+
+
+async def test_ours_advertises_max_message_size_only() -> None:
+    async with our_server(max_message_size=4096) as ours:
+        peer = await Peer.connect(ours.port)
+        csm = await peer.recv()
+        assert csm.code == aiocoap.CSM
+        assert [(int(o.number), o.value) for o in csm.opt.option_list()] == [(2, b"\x10\x00")]
+        peer.close()
