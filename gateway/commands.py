@@ -183,11 +183,22 @@ class Dispatcher:
         return self._pump(now)
 
     def answered(
-        self, correlation_id: str, attempt: int, answer: Answer | None, error: str, now: float
+        self,
+        correlation_id: str,
+        attempt: int,
+        answer: Answer | None,
+        error: str,
+        now: float,
+        *,
+        permanent: bool = False,
     ) -> list[CommandEffect]:
+        """The device's answer, or ``error``; ``permanent``: the request cannot be sent at all
+        (say, larger than the device accepts), so it fails now, without retries."""
         cmd = self.commands.get(correlation_id)
         if cmd is None or self._busy.get(cmd.href) != correlation_id or attempt != cmd.attempts:
             return []
+        if permanent:
+            return [self._failure(cmd, None, error)]
         if answer is not None and (answer.code.startswith("2.") or answer.code.startswith("4.")):
             return [self._outcome(cmd, answer)]
         # no answer, or a server error on the device: retry while allowed

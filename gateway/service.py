@@ -42,6 +42,7 @@ from gateway.adapters.coap import (
     CoapServerConfig,
     Connection,
     Observation,
+    RequestTooLarge,
 )
 from gateway.commands import (
     Answer,
@@ -484,15 +485,25 @@ class Gateway:
         )
         answer: Answer | None = None
         error = ""
+        permanent = False
         try:
             resp = await c.conn.request(req, self.config.request_timeout)
             answer = Answer(resp.code, resp.payload, resp.content_format)
+        except RequestTooLarge as e:  # never sent; a retry would not fit either
+            log.warning("device %s: command %s: %s", d.device_id, eff.correlation_id, e)
+            error = (
+                f"request of {e.size} bytes not sent: the device accepts at most {e.limit} "
+                "bytes (its CSM Max-Message-Size)"
+            )
+            permanent = True
         except Exception as e:  # timeout, closed connection
             error = f"{type(e).__name__}: {e}"
         if c.dispatcher is d and not c.closed:
-            self._commands(
-                c, d.answered(eff.correlation_id, eff.attempt, answer, error, self.clock())
+            now = self.clock()
+            answered = d.answered(
+                eff.correlation_id, eff.attempt, answer, error, now, permanent=permanent
             )
+            self._commands(c, answered)
 
     def _order_after_older_connections(
         self, c: _Conn, events: tuple[AnyEvent, ...] | s.Append

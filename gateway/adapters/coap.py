@@ -40,6 +40,7 @@ from gateway.adapters.coap_messages import (
     CoapTransportError,
     ConnectionClosed,
     RequestTimeout,
+    RequestTooLarge,
     UnsupportedResponse,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "Observation",
     "RequestHandler",
     "RequestTimeout",
+    "RequestTooLarge",
     "UnsupportedResponse",
 ]
 
@@ -355,13 +357,15 @@ class Connection:
 
         Raises :class:`ConnectionClosed` (at once on a closed connection, or when it closes while
         waiting), :class:`RequestTimeout` (no response within ``timeout`` seconds, which includes
-        waiting for a free slot and for the write buffer to drain) and ``ValueError`` (a request
+        waiting for a free slot and for the write buffer to drain), :class:`RequestTooLarge`
+        (larger than the device's Max-Message-Size: not sent) and ``ValueError`` (a request
         that cannot be encoded, or Observe=0: use :meth:`observe`).
         """
         if request.observe == 0:
             raise ValueError("register observations with Connection.observe()")
         encoded = wire.EncodedRequest(request)
         self._check_open()
+        self._check_size(encoded)
         future: asyncio.Future[CoapResponse] = asyncio.get_running_loop().create_future()
 
         def on_event(
@@ -410,6 +414,7 @@ class Connection:
         request = replace(request, observe=0)
         encoded = wire.EncodedRequest(request)
         self._check_open()
+        self._check_size(encoded)
         observation = Observation(self, request, on_notification, on_end, timeout)
         try:
             async with asyncio.timeout(timeout):
@@ -452,6 +457,22 @@ class Connection:
         if self.closed:
             reason = self.close_reason or "closing"
             raise ConnectionClosed(f"{self.id}: connection closed ({reason})")
+
+    @property
+    def peer_max_message_size(self) -> int:
+        """The largest message the device accepts: from its CSM, else RFC 8323's base value."""
+        return self._link.peer_max_message_size
+
+    def _check_size(self, encoded: wire.EncodedRequest) -> None:
+        limit = self._link.peer_max_message_size
+        if encoded.size > limit:
+            request = encoded.request
+            raise RequestTooLarge(
+                f"{self.id}: {request.method} {request.path} not sent: {encoded.size} bytes, "
+                f"above the device's Max-Message-Size of {limit} bytes",
+                encoded.size,
+                limit,
+            )
 
     async def _writable(self) -> None:
         writable = self._link.writable

@@ -117,6 +117,18 @@ class RequestTimeout(CoapTransportError, TimeoutError):
     code = "5.04"
 
 
+class RequestTooLarge(CoapTransportError, ValueError):
+    """A request to the device is larger than the Max-Message-Size the device advertised in its
+    CSM (RFC 8323 section 5.3.1; 1152 bytes until it sent one): it was not sent."""
+
+    code = "4.13"
+
+    def __init__(self, message: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
 class UnsupportedResponse(CoapTransportError, ValueError):
     """The device answered in a way this gateway does not support: one block of a block-wise
     transfer (RFC 7959), which we neither advertise nor reassemble."""

@@ -70,9 +70,12 @@ W19 aiocoap's CSM (``_send_initial_csm``) advertises the Block-wise-Transfer cap
     Block2 gets 4.02 (W14) and a Block2 response would have passed as the whole content. -> our
     CSM carries Max-Message-Size only; a response that is one block of several (Block2 with
     More set, or a later block) fails its exchange with :class:`UnsupportedResponse`.
+W20 Nothing checks a request against the Max-Message-Size the peer advertised (RFC 8323 section
+    5.3.1; the base value 1152 until its CSM arrives). -> :attr:`EncodedRequest.size` (worst-case
+    token) against :attr:`DeviceProtocol.peer_max_message_size`: the facade refuses a larger
+    request before it is sent (``RequestTooLarge``).
 
-Not worked around: we send what the caller gives in one message -- no Block-wise transfer and no
-check against the peer's advertised Max-Message-Size.
+Not worked around: we send what the caller gives in one message -- no Block-wise transfer.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ from aiocoap.pipe import Pipe, error_to_message
 from aiocoap.protocol import Context
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports import rfc8323common
-from aiocoap.transports.tcp import TcpConnection, TCPServer
+from aiocoap.transports.tcp import TcpConnection, TCPServer, _serialize
 from cryptography import x509
 
 from gateway.adapters import coap_frames as frames
@@ -132,6 +135,8 @@ log = logging.getLogger("gateway.adapters.coap")
 ALPN: Final = "coap"
 MAX_DIAGNOSTIC: Final = 512
 """Longest Abort diagnostic payload we send (bytes)."""
+BASE_MAX_MESSAGE_SIZE: Final = 1152
+"""RFC 8323 section 5.3.1: what a peer accepts until its CSM says otherwise."""
 
 EventHandler = Callable[[CoapResponse | None, BaseException | None, bool], None]
 """``(response, error, last)``: exactly one of response / error is set; an error is last."""
@@ -176,6 +181,9 @@ class DeviceLink(Protocol):
     def closing(self) -> bool: ...
     @property
     def close_reason(self) -> str | None: ...
+
+    @property
+    def peer_max_message_size(self) -> int: ...
 
     def start(self, request: EncodedRequest, on_event: EventHandler) -> Exchange: ...
 
@@ -257,6 +265,13 @@ class EncodedRequest:
     def __init__(self, request: CoapRequest) -> None:
         self.request: Final = request
         self._message: Any = _message(request, ocf_defaults=True)
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire with the longest token the token manager may pick."""
+        if self._message is None:
+            raise RuntimeError("an EncodedRequest is sent once")
+        return len(_serialize(self._message)) + frames.MAX_TOKEN - len(self._message.token)
 
     def take(self) -> Any:
         message, self._message = self._message, None
@@ -517,6 +532,12 @@ class DeviceProtocol(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
             self._auth_timer.cancel()
             self._auth_timer = None
         self._release_admission()
+
+    @property
+    def peer_max_message_size(self) -> int:
+        """W20: the peer's CSM Max-Message-Size, else RFC 8323's base value."""
+        value = (self._remote_settings or {}).get("max-message-size")
+        return BASE_MAX_MESSAGE_SIZE if value is None else int(value)
 
     def start(self, request: EncodedRequest, on_event: EventHandler) -> Exchange:
         if self.closing:

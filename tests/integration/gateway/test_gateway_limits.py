@@ -11,16 +11,34 @@ import ssl
 
 import pytest
 
+from devicesim.device import DeviceState
 from gateway.adapters.coap import (
     CoapRequest,
     CoapResponse,
     CoapServer,
     CoapServerConfig,
     Connection,
+    RequestTooLarge,
     UnsupportedResponse,
 )
+from proto import binding
+from proto import events as ev
 
-from .coap_peers import ABORT, CSM, PING, PONG, POST, Frame, Pki, RawPeer, make_pki, request
+from .coap_peers import (
+    ABORT,
+    CHANGED,
+    CSM,
+    GET,
+    PING,
+    PONG,
+    POST,
+    Frame,
+    Pki,
+    RawPeer,
+    make_pki,
+    request,
+    uint,
+)
 from .gateway_stack import DEADLINE, running_gateway, sign_in, wait_for
 
 
@@ -201,3 +219,69 @@ async def test_a_block_wise_response_of_the_device_fails_the_request_not_truncat
 
 async def _echo(conn: Connection, req: CoapRequest) -> CoapResponse:
     return CoapResponse("2.04", req.payload)
+
+
+# --------------------------------------------------------------------------- device's max size
+
+
+async def test_requests_above_the_devices_max_message_size_are_not_sent() -> None:
+    async with CoapServer(CoapServerConfig(tcp_bind=("127.0.0.1", 0)), on_request=_echo) as srv:
+        assert srv.tcp_address is not None
+        peer = await RawPeer.connect(srv.tcp_address)
+        peer.send(request(GET, "/hello", peer.token()))  # no CSM (OCF style): 1152 applies
+        await wait_for(lambda: bool(srv.connections))
+        (conn,) = srv.connections.values()
+        assert conn.peer_max_message_size == 1152
+        big = CoapRequest("POST", "/oic/d", payload=bytes(1200), content_format=60)
+        with pytest.raises(RequestTooLarge, match="above the device's Max-Message-Size of 1152"):
+            await conn.request(big, DEADLINE)
+        with pytest.raises(RequestTooLarge):
+            await conn.observe(CoapRequest("GET", "/" + "p" * 1200), lambda r: None, DEADLINE)
+        peer.send(Frame(CSM, options=((CSM_MAX_MESSAGE_SIZE, uint(1400)),)))
+        await wait_for(lambda: conn.peer_max_message_size == 1400)
+        fits = asyncio.create_task(conn.request(big, DEADLINE))
+        asked = await peer.recv_request()  # the first request the peer ever sees
+        assert (asked.path, len(asked.payload)) == ("/oic/d", 1200)
+        peer.send(Frame(CHANGED, asked.token))
+        assert (await fits).code == "2.04"
+        with pytest.raises(RequestTooLarge, match="of 1400"):
+            await conn.request(CoapRequest("POST", "/oic/d", payload=bytes(1400)), DEADLINE)
+        assert not conn.closed
+        await peer.close()
+
+
+async def test_a_command_larger_than_the_device_accepts_fails_with_the_reason() -> None:
+    async with running_gateway() as stack:
+        device = stack.device(reference_stack=True)  # iotivity-lite style: no CSM, so 1152
+        await device.start()
+        try:
+            await device.wait_until(lambda d: d.state is DeviceState.ONLINE, DEADLINE)
+            di = device.config.device_id
+            href = device.model.user_hrefs[0]
+            for cid, content in (
+                ("too-big", {"value": True, "n": "x" * 2000}),
+                ("ok", {"value": True}),
+            ):
+                pending = ev.CommandPending(href=href, op="update", content=content)
+                event = ev.Event(stack.owner, di, pending, "/test", correlation_id=cid)
+                await stack.store.append([binding.to_nats(event)])
+            outcomes: dict[str, ev.AnyEvent] = {}
+
+            async def settled() -> bool:
+                async for stored in stack.store.read("twinhub.ev.>"):
+                    event = binding.from_stored(stored)
+                    if isinstance(event.data, ev.CommandSucceeded | ev.CommandFailed):
+                        assert event.correlation_id is not None
+                        outcomes[event.correlation_id] = event
+                return len(outcomes) == 2
+
+            async with asyncio.timeout(DEADLINE):
+                while not await settled():
+                    await asyncio.sleep(0.05)
+            failed = outcomes["too-big"].data
+            assert isinstance(failed, ev.CommandFailed)
+            assert failed.attempts == 1  # no retries: it would not fit either
+            assert "not sent: the device accepts at most 1152 bytes" in failed.reason
+            assert isinstance(outcomes["ok"].data, ev.CommandSucceeded)
+        finally:
+            await device.stop()

@@ -111,6 +111,16 @@ def test_device_error_is_a_failure_without_retry() -> None:
     assert failed.status == "4.05"
 
 
+def test_a_request_that_cannot_be_sent_fails_at_once_with_its_reason() -> None:
+    d = make()
+    d.set_published(["/a"], NOW)
+    req = of(ack_all(d, d.add([cmd("c1")], NOW)), SendCommand)[0]
+    reason = "request of 2048 bytes not sent: the device accepts at most 1152 bytes"
+    failed = data(d.answered("c1", req.attempt, None, reason, NOW, permanent=True))[0]
+    assert isinstance(failed, ev.CommandFailed)
+    assert (failed.status, failed.reason, failed.attempts) == (None, reason, 1)
+
+
 def test_expired_commands_are_never_sent_and_canceled_ones_dropped() -> None:
     d = make()
     d.set_published(["/a"], NOW)
