@@ -64,7 +64,6 @@ from proto.events import (
     CommandCanceled,
     CommandExpired,
     CommandPending,
-    DeviceRegistered,
     DeviceUnregistered,
 )
 
@@ -273,13 +272,15 @@ class Gateway:
         )
         holder: list[_Conn] = []
 
-        def done(ref: int, ok: bool, error: str, positions: tuple[int, ...]) -> None:
+        def done(
+            ref: int, ok: bool, error: str, positions: tuple[int, ...], conflict: bool
+        ) -> None:
             c = holder[0]
             if ref < 0:  # a command step (see _commands)
                 if c.dispatcher is not None:
                     self._commands(c, c.dispatcher.appended(-ref, ok, self.clock()))
                 return
-            self._feed(c, s.AppendResult(ref, ok, error))
+            self._feed(c, s.AppendResult(ref, ok, error, conflict))
 
         writer = DeviceWriter(self.store, done, cfg.writer, name=conn.id)
         c = _Conn(conn, session, writer)
@@ -352,7 +353,14 @@ class Gateway:
                 self._order_after_older_connections(c, eff)
                 # The offline event of a lost connection goes in even over the bound: after an
                 # overflow close it is what tells the twin the device went away.
-                if not c.writer.submit(eff.ref, eff.events, eff.critical, force=c.lost):
+                if not c.writer.submit(
+                    eff.ref,
+                    eff.events,
+                    eff.critical,
+                    force=c.lost,
+                    expected_last=eff.expected_last,
+                    scope=eff.scope,
+                ):
                     self.stats.overflow_closes += 1
                     log.warning(
                         "device %s: event buffer full, closing its connection", c.session.device_id
@@ -595,12 +603,12 @@ class Gateway:
 
     async def _load_owner(self, c: _Conn, eff: s.LoadOwner) -> None:
         try:
-            owner = await device_owner(self.store, eff.device_id)
+            owner, registered_at = await device_registration(self.store, eff.device_id)
         except Exception as e:
             log.warning("device %s: could not read its owner: %s", eff.device_id, e)
             self._feed(c, s.OwnerLoaded(eff.ref, None, str(e) or type(e).__name__))
             return
-        self._feed(c, s.OwnerLoaded(eff.ref, owner))
+        self._feed(c, s.OwnerLoaded(eff.ref, owner, registered_at=registered_at))
 
     async def _refresh_keys(self, c: _Conn, eff: s.RefreshKeys) -> None:
         refresh = getattr(self.validator, "refresh_keys", None)
@@ -641,21 +649,20 @@ class Gateway:
         self._feed(c, s.Discovered(eff.ref, found))
 
 
-async def device_owner(store: EventStore, device_id: str) -> str | None:
-    """The device's current owner per the log: the owner of its last registration, unless
-    that owner unregistered it afterwards (None: the device is free)."""
-    registered = await store.last_message(
-        subjects.event_filter(device=device_id, kind=DeviceRegistered.KIND)
-    )
+async def device_registration(store: EventStore, device_id: str) -> tuple[str | None, int]:
+    """The device's current owner per the log -- the owner of its last registration, unless
+    that owner unregistered it afterwards (None: the device is free) -- and the position of that
+    registration (0: none), which a new registration's conditional append expects."""
+    registered = await store.last_message(s.registration_scope(device_id))
     if registered is None:
-        return None
+        return None, 0
     owner = subjects.parse_event_subject(registered.message.subject).owner
     unregistered = await store.last_message(
         subjects.event_filter(owner=owner, device=device_id, kind=DeviceUnregistered.KIND)
     )
     if unregistered is not None and unregistered.position > registered.position:
-        return None
-    return owner
+        return None, registered.position
+    return owner, registered.position
 
 
 def _reply(resp: CoapResponse) -> s.Reply:

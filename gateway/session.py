@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Final
 
@@ -40,7 +40,7 @@ from gateway.errors import (
     coap_code,
 )
 from gateway.tokens import Claims, TokenIssuer, TokenValidator
-from proto import codecs
+from proto import codecs, subjects
 from proto.codecs import ContentFormat
 from proto.errors import CodecError
 from proto.events import (
@@ -108,6 +108,7 @@ class AppendResult:
     ref: int
     ok: bool
     error: str = ""
+    conflict: bool = False  # a conditional append whose condition did not hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +131,14 @@ class OwnerLoaded:
     """Answer to ``LoadOwner(ref)``: the device's current owner per the log.
 
     ``owner`` is None when the device is not registered (never signed up, or signed off);
-    ``error`` is set when the log could not be read.
+    ``error`` is set when the log could not be read. ``registered_at``: the position of the
+    device's last registration (0: none), the condition of a sign-up's append.
     """
 
     ref: int
     owner: str | None
     error: str = ""
+    registered_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,11 +224,17 @@ class CancelObservation:
 
 @dataclass(frozen=True, slots=True)
 class Append:
-    """Append events (one device, in order); answer with AppendResult(ref)."""
+    """Append events (one device, in order); answer with AppendResult(ref).
+
+    With ``expected_last`` the append is conditional: written only if the last position among
+    the log's messages matching ``scope`` is still ``expected_last`` (else
+    ``AppendResult(conflict=True)`` and nothing is written)."""
 
     ref: int
     events: tuple[AnyEvent, ...]
     critical: bool = True  # a failure of a non-critical append is not fatal to the session
+    expected_last: int | None = None
+    scope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +360,13 @@ class SessionConfig:
 
 OCF_CBOR: Final = int(ContentFormat.OCF_CBOR)
 _REPLY_FORMATS: Final = {50: 50, 60: 60, 10000: 10000}
+MAX_REGISTRATION_ATTEMPTS: Final = 3
+"""Owner checks of one sign-up whose conditional registration keeps losing races (then 5.03)."""
+
+
+def registration_scope(device_id: str) -> str:
+    """The device's registrations, whoever's: the scope of a sign-up's conditional append."""
+    return subjects.event_filter(device=device_id, kind=DeviceRegistered.KIND)
 
 
 @dataclass(slots=True)
@@ -361,6 +377,7 @@ class _Pending:
     on_fail: list[Effect]
     then: str = ""  # a follow-up step name
     cache: tuple[str, Respond] | None = None  # sign-up answer to remember once recorded
+    on_conflict: _OwnerCheck | None = None  # a registration raced: check the owner again
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +389,7 @@ class _OwnerCheck:
     claims: Claims
     device_id: str
     sign_up: ocf.SignUp | None = None
+    attempt: int = 1  # a sign-up whose registration lost a race checks again, a few times
 
 
 @dataclass(slots=True)
@@ -580,8 +598,7 @@ class Session:
         try:
             match check.step:
                 case "sign-up":
-                    assert check.sign_up is not None
-                    return self._signed_up(req, check.sign_up, check.claims, check.device_id, now)
+                    return self._signed_up(check, loaded.registered_at, now)
                 case "sign-in":
                     if loaded.owner is None:
                         raise Unauthorized("the device is not registered: sign up first")
@@ -654,9 +671,12 @@ class Session:
                 out += self._error(req, e)
         return out
 
-    def _signed_up(
-        self, req: DeviceRequest, su: ocf.SignUp, claims: Claims, device_id: str, now: float
-    ) -> list[Effect]:
+    def _signed_up(self, check: _OwnerCheck, registered_at: int, now: float) -> list[Effect]:
+        """Record the registration -- conditional on the device's registrations being as read
+        (``registered_at``), so of two owners signing the same free device up at once only one
+        wins; the other checks the owner again and gets 4.01."""
+        req, su, claims, device_id = check.req, check.sign_up, check.claims, check.device_id
+        assert su is not None
         access = self.issuer.issue(
             claims.owner, now=now, ttl=self.config.access_ttl, device_id=device_id
         )
@@ -684,12 +704,19 @@ class Session:
             device_id=device_id,
             owner=claims.owner,
         )
+        append = self._append(
+            [ev],
+            [reply],
+            [Respond(req.rid, "5.03", b"event log unavailable", 0)],
+            cache=(su.access_token, reply),
+        )
+        self._pending[append.ref].on_conflict = check
         return [
-            self._append(
-                [ev],
-                [reply],
-                [Respond(req.rid, "5.03", b"event log unavailable", 0)],
-                cache=(su.access_token, reply),
+            Append(
+                append.ref,
+                append.events,
+                expected_last=registered_at,
+                scope=registration_scope(device_id),
             )
         ]
 
@@ -928,6 +955,13 @@ class Session:
         if pending is None:
             return []
         if not res.ok:
+            check = pending.on_conflict
+            if res.conflict and check is not None:
+                if check.attempt < MAX_REGISTRATION_ATTEMPTS:
+                    # another registration of the device got in between: who owns it now?
+                    return [self._load_owner(replace(check, attempt=check.attempt + 1))]
+                diagnostic = b"concurrent registrations of the device: retry"
+                return [Respond(check.req.rid, "5.03", diagnostic, 0)]
             out = list(pending.on_fail)
             if pending.then == "signed-in":
                 self.phase = Phase.CONNECTED

@@ -16,6 +16,10 @@ A *critical* append (one a device reply waits for) that cannot be written within
 notifications are retried until written or until :meth:`close` gives up at its
 ``drain_timeout``.
 
+A *conditional* append (``expected_last`` over ``scope``: a device's registration) is written
+alone, in its place in the order, and never retried after the log refused its condition: the
+caller learns of the conflict and decides.
+
 A device's events go to the log in order across its connections too: the writer of a newer
 connection follows the older one's (:meth:`DeviceWriter.follow`) and writes nothing before the
 older writer settled what it held at that moment (say, notifications it buffered while the log
@@ -32,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from eventstore.errors import EventStoreError, UnavailableError
+from eventstore.errors import ConcurrencyError, EventStoreError, UnavailableError
 from eventstore.ports import EventStore
 from proto import binding
 from proto.events import AnyEvent
@@ -56,10 +60,13 @@ class _Item:
     events: tuple[AnyEvent, ...]
     critical: bool
     submitted: float
+    expected_last: int | None = None
+    scope: str | None = None
 
 
-Done = Callable[[int, bool, str, tuple[int, ...]], None]
-"""Called once per submitted append: (ref, ok, error, positions)."""
+Done = Callable[[int, bool, str, tuple[int, ...], bool], None]
+"""Called once per submitted append: (ref, ok, error, positions, conflict) -- ``conflict``: a
+conditional append whose condition did not hold (nothing was written)."""
 
 
 class DeviceWriter:
@@ -88,19 +95,28 @@ class DeviceWriter:
         return self._buffered
 
     def submit(
-        self, ref: int, events: tuple[AnyEvent, ...], critical: bool, *, force: bool = False
+        self,
+        ref: int,
+        events: tuple[AnyEvent, ...],
+        critical: bool,
+        *,
+        force: bool = False,
+        expected_last: int | None = None,
+        scope: str | None = None,
     ) -> bool:
         """Queue an append; ``False`` when the buffer would overflow (nothing was queued).
 
         ``force`` queues it beyond ``max_buffered``: for the few last events of a connection
         that is gone (its offline event), which must not be lost to an overflow that its own
-        notifications caused.
+        notifications caused. ``expected_last`` / ``scope``: a conditional append (see
+        :meth:`eventstore.ports.EventStore.append`), written alone.
         """
         if self._closing:
             return False
         if not force and self._buffered + len(events) > self.config.max_buffered:
             return False
-        self._queue.append(_Item(ref, events, critical, time.monotonic()))
+        item = _Item(ref, events, critical, time.monotonic(), expected_last, scope)
+        self._queue.append(item)
         self._buffered += len(events)
         self._submitted += 1
         self._wakeup.set()
@@ -121,8 +137,15 @@ class DeviceWriter:
             self._marks.append((self._submitted, fut))
         return fut
 
-    def _done(self, item: _Item, ok: bool, error: str, positions: tuple[int, ...]) -> None:
-        self.on_done(item.ref, ok, error, positions)
+    def _done(
+        self,
+        item: _Item,
+        ok: bool,
+        error: str,
+        positions: tuple[int, ...],
+        conflict: bool = False,
+    ) -> None:
+        self.on_done(item.ref, ok, error, positions, conflict)
         self._settled += 1
         if self._marks and self._marks[0][0] <= self._settled:
             for _, fut in [m for m in self._marks if m[0] <= self._settled]:
@@ -159,6 +182,9 @@ class DeviceWriter:
         while self._queue and (
             not batch or n + len(self._queue[0].events) <= self.config.max_batch
         ):
+            conditional = self._queue[0].expected_last is not None
+            if batch and (conditional or batch[0].expected_last is not None):
+                break  # a conditional append goes alone
             item = self._queue.popleft()
             batch.append(item)
             n += len(item.events)
@@ -186,8 +212,14 @@ class DeviceWriter:
                     continue
                 self._after = None
             messages = [binding.to_nats(ev) for item in batch for ev in item.events]
+            first = batch[0]
             try:
-                result = await self.store.append(messages)
+                if first.expected_last is not None:
+                    result = await self.store.append(
+                        messages, expected_last=first.expected_last, scope=first.scope
+                    )
+                else:
+                    result = await self.store.append(messages)
             except UnavailableError as e:
                 self.retries += 1
                 batch = self._expire_critical(batch, str(e))
@@ -196,6 +228,13 @@ class DeviceWriter:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max)
+                continue
+            except ConcurrencyError as e:  # the condition did not hold: the caller decides
+                log.info("writer %s: conditional append refused: %s", self.name, e)
+                for item in batch:
+                    self._buffered -= len(item.events)
+                    self._done(item, False, str(e), (), conflict=True)
+                batch = []
                 continue
             except EventStoreError as e:  # not retryable: report and drop this batch
                 log.error("writer %s: append refused: %s", self.name, e)

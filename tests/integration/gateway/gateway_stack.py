@@ -99,9 +99,11 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(**config: Any) -> AsyncIterator[Stack]:
+async def running_gateway(
+    *, store: InMemoryEventStore | None = None, **config: Any
+) -> AsyncIterator[Stack]:
     issuer = TokenIssuer(ec.generate_private_key(ec.SECP256R1()), kid="test")
-    store = InMemoryEventStore()
+    store = store or InMemoryEventStore()
     await store.provision()
     config.setdefault("tcp_bind", ("127.0.0.1", 0))
     async with Gateway(

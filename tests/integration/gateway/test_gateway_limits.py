@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
+import uuid
 
+import cbor2
 import pytest
 
 from devicesim.device import DeviceState
+from eventstore.memory import InMemoryEventStore
 from gateway.adapters.coap import (
     CoapRequest,
     CoapResponse,
@@ -21,12 +25,15 @@ from gateway.adapters.coap import (
     RequestTooLarge,
     UnsupportedResponse,
 )
+from gateway.session import registration_scope
 from proto import binding
 from proto import events as ev
+from proto.message import StoredMessage
 
 from .coap_peers import (
     ABORT,
     CHANGED,
+    CONTENT_FORMAT,
     CSM,
     GET,
     PING,
@@ -39,7 +46,7 @@ from .coap_peers import (
     request,
     uint,
 )
-from .gateway_stack import DEADLINE, running_gateway, sign_in, wait_for
+from .gateway_stack import DEADLINE, Stack, running_gateway, sign_in, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +184,7 @@ async def test_complete_messages_far_apart_and_messages_in_pieces_within_the_dea
 
 # --------------------------------------------------------------------------- block-wise
 
-BLOCK1, BLOCK2, BAD_OPTION, CONTENT = 27, 23, 130, 69
+BLOCK1, BLOCK2, BAD_OPTION, CONTENT, UNAUTHORIZED = 27, 23, 130, 69, 129
 CSM_MAX_MESSAGE_SIZE, CSM_BLOCK_WISE = 2, 4
 
 
@@ -285,3 +292,67 @@ async def test_a_command_larger_than_the_device_accepts_fails_with_the_reason() 
             assert isinstance(outcomes["ok"].data, ev.CommandSucceeded)
         finally:
             await device.stop()
+
+
+# --------------------------------------------------------------------------- registration race
+
+
+class RacingStore(InMemoryEventStore):
+    """Holds every read of the device's registrations until two readers are in: both sign-ups
+    have read "free" before either records anything -- the race, every time."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__()
+        self.scope = registration_scope(device_id)
+        self.readers = 0
+        self.both_read = asyncio.Event()
+
+    async def last_message(self, scope: str) -> StoredMessage | None:
+        if scope == self.scope and not self.both_read.is_set():
+            self.readers += 1
+            if self.readers == 2:
+                self.both_read.set()
+            async with asyncio.timeout(DEADLINE):
+                await self.both_read.wait()
+        return await super().last_message(scope)
+
+
+async def _sign_up(stack: Stack, peer: RawPeer, di: str, owner: str) -> int:
+    token = stack.issuer.issue(owner, now=time.time(), ttl=600)
+    body = {"di": di, "accesstoken": token, "authprovider": "twinhub"}
+    cbor = [(CONTENT_FORMAT, uint(10000))]
+    sent = peer.token()
+    peer.send(request(POST, "/oic/sec/account", sent, payload=cbor2.dumps(body), options=cbor))
+    while True:
+        answer = await peer.recv()
+        if answer.token == sent:
+            return answer.code
+
+
+@pytest.mark.parametrize("same_owner", [False, True])
+async def test_concurrent_sign_ups_of_one_device_by_two_owners_cannot_both_win(
+    pki: Pki, same_owner: bool
+) -> None:
+    di = str(uuid.uuid4())
+    store = RacingStore(di)
+    async with running_gateway(store=store, **tls_config(pki)) as stack:
+        owners = [stack.owner, stack.owner if same_owner else "mallory"]
+        client = pki.client_context(client_cert=False)
+        peers = [await RawPeer.connect(stack.tls, client) for _ in owners]
+        codes = await asyncio.gather(
+            *(_sign_up(stack, peer, di, owner) for peer, owner in zip(peers, owners, strict=True))
+        )
+        assert store.readers == 2  # both checked the owner before either registration
+        registrations = [binding.from_stored(m) async for m in store.read(registration_scope(di))]
+        if same_owner:
+            assert codes == [CHANGED, CHANGED]  # the loser checked again: its own device
+            assert {r.owner for r in registrations} == {stack.owner}
+        else:
+            assert sorted(codes) == [CHANGED, UNAUTHORIZED]
+            winner = owners[codes.index(CHANGED)]
+            assert [r.owner for r in registrations] == [winner]
+            loser = peers[codes.index(UNAUTHORIZED)]
+            frames = await loser.expect_eof()  # 4.01 closes the connection
+            assert frames[-1].code == ABORT
+        for peer in peers:
+            peer.writer.transport.abort()

@@ -63,7 +63,7 @@ async def test_events_are_written_in_order_and_batched(store: InMemoryEventStore
     flaky = Flaky(store)
     w = DeviceWriter(
         flaky,
-        lambda ref, ok, err, pos: done.append((ref, ok)),  # type: ignore[arg-type]
+        lambda ref, ok, err, pos, conflict: done.append((ref, ok)),  # type: ignore[arg-type]
         WriterConfig(),
         "t",
     )
@@ -83,7 +83,7 @@ async def test_unavailable_log_is_retried_without_loss_or_duplicates(
     done: list[int] = []
     w = DeviceWriter(
         flaky,
-        lambda ref, ok, err, pos: done.append(ref),  # type: ignore[arg-type]
+        lambda ref, ok, err, pos, conflict: done.append(ref),  # type: ignore[arg-type]
         WriterConfig(retry_initial=0.001, retry_max=0.01),
         "t",
     )
@@ -118,7 +118,7 @@ async def test_critical_append_fails_after_its_timeout(store: InMemoryEventStore
     results: list[tuple[int, bool]] = []
     w = DeviceWriter(
         flaky,
-        lambda ref, ok, err, pos: results.append((ref, ok)),  # type: ignore[arg-type]
+        lambda ref, ok, err, pos, conflict: results.append((ref, ok)),  # type: ignore[arg-type]
         WriterConfig(critical_timeout=0.02, retry_initial=0.005, retry_max=0.01),
         "t",
     )
@@ -130,3 +130,28 @@ async def test_critical_append_fails_after_its_timeout(store: InMemoryEventStore
     assert results[1] == (2, True)
     await w.close()
     assert await _contents(store) == [2]
+
+
+async def test_a_conditional_append_goes_alone_and_reports_a_conflict(
+    store: InMemoryEventStore,
+) -> None:
+    flaky = Flaky(store)
+    flaky.down = True  # everything queues up first
+    done: list[tuple[int, bool, bool]] = []
+    w = DeviceWriter(
+        flaky,
+        lambda ref, ok, err, pos, conflict: done.append((ref, ok, conflict)),
+        WriterConfig(retry_initial=0.001, retry_max=0.01),
+        "t",
+    )
+    scope = "twinhub.ev.*.d.>"
+    w.submit(1, (ev(1),), critical=False)
+    w.submit(2, (ev(2),), critical=True, expected_last=1, scope=scope)  # holds after 1
+    w.submit(3, (ev(3),), critical=True, expected_last=1, scope=scope)  # 2 moved it: conflict
+    w.submit(4, (ev(4),), critical=False)
+    await wait_for(lambda: flaky.calls >= 2)
+    flaky.down = False
+    await wait_for(lambda: len(done) == 4)
+    await w.close()
+    assert done == [(1, True, False), (2, True, False), (3, False, True), (4, True, False)]
+    assert await _contents(store) == [1, 2, 4]
