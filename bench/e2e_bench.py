@@ -230,6 +230,8 @@ async def gateway_process(
         "TWINHUB_GATEWAY_TLS": f"{GATEWAY_HOST}:0",
         "TWINHUB_GATEWAY_TLS_CERT": str(pki / "server.crt"),
         "TWINHUB_GATEWAY_TLS_KEY": str(pki / "server.key"),
+        # every simulated device connects from 127.0.0.1: no per-address connection limit
+        "TWINHUB_GATEWAY_MAX_CONNECTIONS_PER_IP": "0",
     }
     argv = [_venv_bin("twinhub"), "--log-level", "WARNING", "gateway", "--data-dir", str(data_dir)]
     if profile_to is not None:
@@ -1328,10 +1330,8 @@ QUICK: dict[str, Any] = {
 # The twin sweep starts lower: the development twin store (FerretDB/SQLite) scans the whole
 # collection for every update, so with 1000 twins it writes only some 10-20 twins/s.
 E2E_LOW_RATES = [10.0, 25.0, 50.0, 100.0, 200.0]
-# FerretDB v1.24 (SQLite) hangs on an update command of 100 or more statements (a bulk_write of
-# >= 100 ReplaceOne, which the Mongo twin store sends for a batch touching >= 100 twins), so the
-# projector's batch is kept below 100 events unless asked otherwise.
-TWIN_BATCH = 99
+# The projector's batch: what `twinhub twin run` uses (config `twin.batch`).
+TWIN_BATCH = 2000
 
 
 def _phases(text: str) -> list[str]:
@@ -1384,7 +1384,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--twin-batch",
         type=int,
         default=TWIN_BATCH,
-        help=f"projector batch size ({TWIN_BATCH}: FerretDB hangs on >= 100 twin writes at once)",
+        help=f"projector batch size ({TWIN_BATCH}, as config twin.batch)",
     )
     p.add_argument(
         "--devices-per-sim", type=int, default=2500, help="devices per simulator process (2500)"

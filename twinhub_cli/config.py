@@ -89,7 +89,9 @@ class GatewaySettings:
 class TwinSettings:
     consumer: str = "twin-projector"
     collection: str = "twins"
-    batch: int = 500
+    # Events per projector batch at most. A batch writes each device's twin once, so under
+    # load bigger batches fold more events into one write (FerretDB: ~2 ms per twin write).
+    batch: int = 2000
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ module against a real MongoDB.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -283,3 +284,21 @@ async def test_lookups_by_id_use_the_id_index(mongo_db: AsyncDatabase[Doc]) -> N
     else:  # MongoDB: an _id point lookup, however the version spells it
         assert "COLLSCAN" not in str(plan["queryPlanner"]["winningPlan"])
     assert await coll.find_one({"_id": "d7"}) == {"_id": "d7", "v": 7}
+
+
+async def test_an_update_command_of_many_statements_is_answered(
+    mongo_db: AsyncDatabase[Doc],
+) -> None:
+    """One ``update`` command of 300 replaces completes (the twin store sends hundreds).
+
+    FerretDB v1.24 kept each statement's query open until the end of the command, one pooled
+    SQLite connection each, and the 100th statement waited forever for one of the pool's 100
+    (the command never answered and the collection stayed blocked). tools/mongo-server patches
+    that (``patches/0002-*.patch``); this fails (times out) if an upgrade loses the patch.
+    """
+    coll = mongo_db.get_collection("many_updates")
+    await coll.insert_many([{"_id": f"d{i}", "v": 0} for i in range(300)])
+    ops = [UpdateOne({"_id": f"d{i}"}, {"$set": {"v": 1}}) for i in range(300)]
+    result = await asyncio.wait_for(coll.bulk_write(ops, ordered=False), timeout=30)
+    assert result.matched_count == 300
+    assert await coll.count_documents({"v": 1}) == 300

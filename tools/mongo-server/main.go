@@ -10,6 +10,8 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/http"
+	_ "net/http/pprof" // served only with --pprof
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -22,6 +24,10 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "TCP address to listen on (port 0 picks a free port)")
 	dataDir := flag.String("data-dir", "", "directory for the SQLite databases (created if missing)")
 	logLevel := flag.String("log-level", "warn", "debug, info, warn or error")
+	syncMode := flag.String("sqlite-synchronous", "normal",
+		"SQLite synchronous pragma: normal (WAL: no fsync per commit; a power loss may roll back "+
+			"the last commits, never corrupt) or full (fsync every commit)")
+	pprofAddr := flag.String("pprof", "", "serve Go's net/http/pprof on this loopback address (profiling)")
 	flag.Parse()
 
 	if *dataDir == "" {
@@ -38,6 +44,11 @@ func main() {
 		os.Exit(2)
 	}
 
+	if *syncMode != "normal" && *syncMode != "full" {
+		fmt.Fprintf(os.Stderr, "mongo-server: bad --sqlite-synchronous %q: normal or full\n", *syncMode)
+		os.Exit(2)
+	}
+
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		fmt.Fprintf(os.Stderr, "mongo-server: bad --log-level: %v\n", err)
@@ -49,11 +60,17 @@ func main() {
 		Listener:  ferretdb.ListenerConfig{TCP: *listen},
 		Logger:    logger,
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + abs + "/",
+		SQLiteURL: "file:" + abs + "/?_pragma=synchronous(" + *syncMode + ")",
 	})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "mongo-server: %v\n", err)
 		os.Exit(1)
+	}
+
+	if *pprofAddr != "" {
+		go func() {
+			logger.Warn("pprof", "error", http.ListenAndServe(*pprofAddr, nil)) //nolint:gosec // loopback, dev only
+		}()
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

@@ -87,9 +87,10 @@ _CONTENT_LISTS: Final = ("resources", "pending", "desired", "delta")
 POINT_LOOKUPS: Final = 16  # concurrent find_one by _id on FerretDB
 POSITION_CACHE: Final = 200_000  # positions remembered on FerretDB (~100 B each)
 
-WRITE_CHUNK: Final = 64
-"""Most operations per write command. FerretDB v1.24 (SQLite) never answers an update command
-of 100 or more updates and blocks the collection meanwhile (measured by the e2e benchmark)."""
+WRITE_CHUNK: Final = 256
+"""Most operations per write command. Unpatched FerretDB v1.24 (SQLite) never answers an update
+command of 100 or more updates (tools/mongo-server patches that, see
+``tests/integration/test_mongo_wire.py``); bounded chunks keep each command short anyway."""
 
 
 class MongoTwinStore:
