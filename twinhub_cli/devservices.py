@@ -88,6 +88,17 @@ def find_mongo_server_binary() -> Path:
     return path
 
 
+def _die_with_us(argv: list[str]) -> list[str]:
+    """``argv`` run so that the server gets SIGTERM if this process dies, even by SIGKILL.
+
+    Through util-linux ``setpriv --pdeathsig`` (it sets the parent-death signal, then execs the
+    server under the same pid), which keeps ``preexec_fn`` (unsafe with threads) out of the
+    spawn. Without ``setpriv`` (not Linux) the server outlives a killed parent, as before.
+    """
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
+
+
 def _log_tail(path: Path) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -246,8 +257,7 @@ class NatsServer(_ServerProcess):
             str(self.log_path),
         ]
         proc = await asyncio.create_subprocess_exec(
-            self.binary,
-            *args,
+            *_die_with_us([str(self.binary), *args]),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -339,8 +349,7 @@ class MongoServer(_ServerProcess):
         self._log_file = self.log_path.open("ab")
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.binary,
-                *args,
+                *_die_with_us([str(self.binary), *args]),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=self._log_file,

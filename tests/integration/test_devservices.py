@@ -148,3 +148,54 @@ async def test_cli_dev_services_runs_until_sigterm(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_servers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """SIGKILL of ``twinhub dev services`` (no chance to clean up) still stops its servers:
+    they get SIGTERM from the kernel (parent-death signal), so no orphan holds ports or data."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "twinhub_cli.main",
+        "dev",
+        "services",
+        "--data-dir",
+        str(tmp_path),
+        "--nats-port",
+        "0",
+        "--mongo-port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(60):
+            seen = 0
+            while seen < 2:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "twinhub dev services exited before printing its URLs"
+                seen += line.startswith(("NATS ", "MongoDB "))
+        children = _children_of(proc.pid)
+        assert len(children) == 2, children
+    finally:
+        proc.kill()
+        await proc.wait()
+    async with asyncio.timeout(20):
+        while alive := [pid for pid in children if _alive(pid)]:
+            await asyncio.sleep(0.05)
+    assert not alive
+
+
+def _children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
