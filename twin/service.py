@@ -392,6 +392,11 @@ class TwinProjector:
         return self._projection.counters.snapshot()
 
     @property
+    def running(self) -> bool:
+        """Whether the background loop runs (started, not ended by cancellation or failure)."""
+        return self._task is not None and not self._task.done()
+
+    @property
     def position(self) -> int:
         """The highest log position whose batch is written (and, past catch-up, acknowledged)."""
         return self._projection.counters.position
