@@ -83,6 +83,8 @@ class GatewaySettings:
     request_rate: float = 20.0  # device requests a second, per connection
     request_burst: int = 100  # requests at once before request_rate applies
     message_timeout: float = 30.0  # seconds from a message's first byte to its last (slowloris)
+    # HOST:PORT of /metrics, /healthz, /readyz (":9464" = every address); "" = off
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,8 @@ class TwinSettings:
     # Events per projector batch at most. A batch writes each device's twin once, so under
     # load bigger batches fold more events into one write (FerretDB: ~2 ms per twin write).
     batch: int = 2000
+    # HOST:PORT of /metrics, /healthz, /readyz (":9465" = every address); "" = off
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True, slots=True)

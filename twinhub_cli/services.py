@@ -43,6 +43,19 @@ from twin.sweeper import ExpirySweeper
 from twinhub_cli import pki as devpki
 from twinhub_cli.config import Config, ConfigError, parse_hostport
 from twinhub_cli.datadir import DataDir
+from twinhub_cli.observability import (
+    ApiMetrics,
+    CheckFn,
+    CountingTwinApi,
+    GatewayCollector,
+    Heartbeat,
+    LogHead,
+    ObservabilityConfig,
+    ObservabilityServer,
+    Prober,
+    TwinCollector,
+    standard_registry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,22 +302,113 @@ async def run_projector(
 
 @contextlib.asynccontextmanager
 async def run_api(
-    config: Config, data: DataDir, store: JetStreamEventStore, twins: MongoTwinStore
+    config: Config,
+    data: DataDir,
+    store: JetStreamEventStore,
+    twins: MongoTwinStore,
+    *,
+    metrics: ApiMetrics | None = None,
 ) -> AsyncIterator[NatsApiServer]:
     """The command API on ``twinhub.api.v1.>`` (tokens checked by the gateway's validator) and
-    the expiry sweeper; several twin instances may run both."""
+    the expiry sweeper; several twin instances may run both. With ``metrics`` the requests'
+    outcomes and the sweeper's count are recorded there (for :func:`twin_observability`)."""
     validator = validator_for(config, issuer_for(config, data))
-    twin_api = TwinApi(
-        store,
-        twins,
-        validator,
-        ApiConfig(projector=config.twin.consumer),
-        refresh_keys=key_refresh_for(validator),
+    api_args = (store, twins, validator, ApiConfig(projector=config.twin.consumer))
+    refresh = key_refresh_for(validator)
+    twin_api = (
+        TwinApi(*api_args, refresh_keys=refresh)
+        if metrics is None
+        else CountingTwinApi(*api_args, refresh_keys=refresh, metrics=metrics)
     )
-    async with (
-        NatsApiServer(store.connection, twin_api) as server,
-        ExpirySweeper(twins, store),
-    ):
+    sweeper = ExpirySweeper(twins, store)
+    if metrics is not None:
+        metrics.sweeper = sweeper
+    async with NatsApiServer(store.connection, twin_api) as server, sweeper:
+        yield server
+
+
+# -- operations endpoints (see twinhub_cli.observability) ------------------------------------
+
+
+def _nats_connected(store: JetStreamEventStore) -> CheckFn:
+    async def check() -> str:
+        nc = store.connection
+        if not nc.is_connected:
+            state = "reconnecting" if nc.is_reconnecting else "disconnected"
+            raise ConnectionError(f"NATS {state}")
+        return f"connected to {nc.connected_url.netloc if nc.connected_url else '?'}"
+
+    return check
+
+
+@contextlib.asynccontextmanager
+async def gateway_observability(
+    config: Config,
+    store: JetStreamEventStore,
+    gateway: Gateway,
+    obs: ObservabilityConfig | None = None,
+) -> AsyncIterator[ObservabilityServer | None]:
+    """``/metrics``, ``/healthz``, ``/readyz`` of the gateway on ``gateway.metrics_listen``
+    (None when it is empty). Ready: NATS connected and JetStream answering."""
+    bind = parse_hostport(config.gateway.metrics_listen, "gateway.metrics_listen")
+    if bind is None:
+        yield None
+        return
+    obs = obs or ObservabilityConfig()
+    heartbeat = Heartbeat(obs.heartbeat_interval)
+    prober = Prober(
+        {"nats": _nats_connected(store), "jetstream": LogHead(store)},
+        interval=obs.probe_interval,
+        timeout=obs.probe_timeout,
+    )
+    registry = standard_registry()
+    registry.register(GatewayCollector(gateway, heartbeat, prober))
+    async with ObservabilityServer(
+        f"gateway {config.gateway.id}", bind, registry, prober, heartbeat, obs
+    ) as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def twin_observability(
+    config: Config,
+    store: JetStreamEventStore,
+    twins: MongoTwinStore,
+    projector: TwinProjector,
+    api_metrics: ApiMetrics | None = None,
+    obs: ObservabilityConfig | None = None,
+) -> AsyncIterator[ObservabilityServer | None]:
+    """``/metrics``, ``/healthz``, ``/readyz`` of the twin service on ``twin.metrics_listen``
+    (None when it is empty). Ready: NATS connected, JetStream and MongoDB answering (the
+    projector's checkpoint is read), the projector running."""
+    bind = parse_hostport(config.twin.metrics_listen, "twin.metrics_listen")
+    if bind is None:
+        yield None
+        return
+    obs = obs or ObservabilityConfig()
+    heartbeat = Heartbeat(obs.heartbeat_interval)
+    head = LogHead(store, projector.config.filter_subject)
+
+    async def mongo() -> str:
+        return f"checkpoint {await twins.checkpoint(projector.config.name)}"
+
+    async def running() -> str:
+        if not projector.running:
+            raise RuntimeError(f"projector {projector.config.name} stopped")
+        return f"at position {projector.position}"
+
+    prober = Prober(
+        {"nats": _nats_connected(store), "jetstream": head, "mongo": mongo, "projector": running},
+        interval=obs.probe_interval,
+        timeout=obs.probe_timeout,
+    )
+    registry = standard_registry()
+    registry.register(
+        TwinCollector(projector, head, api_metrics, heartbeat, prober, lambda: projector.running)
+    )
+    async with ObservabilityServer(
+        f"twin {config.twin.consumer}", bind, registry, prober, heartbeat, obs
+    ) as server:
         yield server
 
 
