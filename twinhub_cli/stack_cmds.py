@@ -132,8 +132,11 @@ def run_gateway_cmd(args: argparse.Namespace) -> int:
             _until_signal() as stop,
             services.event_store(config) as store,
             services.run_gateway(config, data, store) as gw,
+            services.gateway_observability(config, store, gw) as ops,
         ):
             _out(f"gateway {config.gateway.id}: tcp={gw.tcp_address} tls={gw.tls_address}")
+            if ops is not None:
+                _out(f"gateway {config.gateway.id}: {ops.url}/metrics /healthz /readyz")
             await stop.wait()
         return 0
 
@@ -151,18 +154,23 @@ def register_twin_run(subparsers: SubParsers, name: str, /) -> None:
 def run_twin_cmd(args: argparse.Namespace) -> int:
     async def main() -> int:
         from twinhub_cli import services
+        from twinhub_cli.observability import ApiMetrics
 
         config = _load_config(args)
         data = DataDir(args.data_dir.resolve())
+        api_metrics = ApiMetrics()
         async with (
             _until_signal() as stop,
             services.event_store(config) as store,
             services.twin_store(config) as twins,
-            services.run_projector(config, store, twins),
-            services.run_api(config, data, store, twins) as api_server,
+            services.run_projector(config, store, twins) as projector,
+            services.run_api(config, data, store, twins, metrics=api_metrics) as api_server,
+            services.twin_observability(config, store, twins, projector, api_metrics) as ops,
         ):
             _out(f"twin projector {config.twin.consumer}: running")
             _out(f"command API on {api_server.prefix}.>")
+            if ops is not None:
+                _out(f"twin {config.twin.consumer}: {ops.url}/metrics /healthz /readyz")
             await stop.wait()
         return 0
 
@@ -194,6 +202,18 @@ def register_up(subparsers: SubParsers, name: str, /) -> None:
         default="none",
         help="TLS client authentication of devices (default none)",
     )
+    p.add_argument(
+        "--gateway-metrics",
+        default="127.0.0.1:9464",
+        metavar="HOST:PORT",
+        help="the gateway's /metrics /healthz /readyz (default 127.0.0.1:9464, '' = off)",
+    )
+    p.add_argument(
+        "--twin-metrics",
+        default="127.0.0.1:9465",
+        metavar="HOST:PORT",
+        help="the twin service's /metrics /healthz /readyz (default 127.0.0.1:9465, '' = off)",
+    )
     p.add_argument("--owner", default="dev", help="owner of the printed first-device token")
     p.set_defaults(handler=run_up)
 
@@ -209,6 +229,7 @@ def run_up(args: argparse.Namespace) -> int:
     async def main() -> int:
         from twinhub_cli import services
         from twinhub_cli.devservices import MongoServer, NatsServer
+        from twinhub_cli.observability import ApiMetrics
 
         data = DataDir(args.data_dir.resolve())
         data.root.mkdir(parents=True, exist_ok=True)
@@ -237,14 +258,27 @@ def run_up(args: argparse.Namespace) -> int:
                         "tcp": f"{hp}:{args.tcp_port}",
                         "tls": f"{hp}:{args.tls_port}",
                         "device_auth": args.device_auth,
+                        "metrics_listen": args.gateway_metrics,
                     },
+                    "twin": {"metrics_listen": args.twin_metrics},
                 },
             )
+            api_metrics = ApiMetrics()
             store = await stack.enter_async_context(services.event_store(config))
             twins = await stack.enter_async_context(services.twin_store(config))
-            await stack.enter_async_context(services.run_projector(config, store, twins))
-            await stack.enter_async_context(services.run_api(config, data, store, twins))
+            projector = await stack.enter_async_context(
+                services.run_projector(config, store, twins)
+            )
+            await stack.enter_async_context(
+                services.run_api(config, data, store, twins, metrics=api_metrics)
+            )
             gw = await stack.enter_async_context(services.run_gateway(config, data, store))
+            twin_ops = await stack.enter_async_context(
+                services.twin_observability(config, store, twins, projector, api_metrics)
+            )
+            gw_ops = await stack.enter_async_context(
+                services.gateway_observability(config, store, gw)
+            )
             info = {
                 "pid": os.getpid(),
                 "nats_url": nats_url,
@@ -253,6 +287,8 @@ def run_up(args: argparse.Namespace) -> int:
                 "coap_tcp": _uri("coap+tcp", gw.tcp_address),
                 "coaps_tcp": _uri("coaps+tcp", gw.tls_address),
                 "ca_file": str(data.pki / "ca.crt"),
+                "gateway_metrics": f"{gw_ops.url}/metrics" if gw_ops else "",
+                "twin_metrics": f"{twin_ops.url}/metrics" if twin_ops else "",
             }
             data.write_stack(info)
             stack.callback(lambda: data.stack_file.unlink(missing_ok=True))
@@ -263,6 +299,9 @@ def run_up(args: argparse.Namespace) -> int:
             _out(f"  NATS (events)            {nats_url}   subjects twinhub.ev.<owner>.>")
             _out(f"  command API (NATS)       {nats_url}   subjects twinhub.api.v1.<op>")
             _out(f"  MongoDB (twins)          {mongo_url}   db {config.mongo.database}")
+            for name, ops in (("gateway", gw_ops), ("twin", twin_ops)):
+                if ops is not None:
+                    _out(f"  {name + ' operations':<24} {ops.url}   /metrics /healthz /readyz")
             _out(f"  data dir                 {data.root}")
             _out(f"first device token (owner {args.owner!r}, 24 h):")
             _out(token)
