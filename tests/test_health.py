@@ -26,6 +26,7 @@ from twinhub_cli import config as cfgmod
 from twinhub_cli import health, services
 from twinhub_cli.datadir import DataDir
 from twinhub_cli.main import main
+from twinhub_cli.observability import ObservabilityConfig
 
 pytestmark = pytest.mark.servers
 
@@ -276,6 +277,72 @@ async def test_twin_consumer_and_pending(
         got = await health_cmd(capsys, "twin", "--timeout", "0.5")
         assert got.code == 1
         assert "MongoDB" in got.line
+
+
+# -- a process's operations endpoint ---------------------------------------------------------
+
+
+async def test_endpoint_of_a_running_gateway(
+    nats_url: str, tmp_path: Path, env: pytest.MonkeyPatch, capsys: Capture
+) -> None:
+    config = cfgmod.load(
+        env={},
+        overrides={
+            "nats": {"url": nats_url},
+            "gateway": {"tcp": "127.0.0.1:0", "tls": "", "metrics_listen": "127.0.0.1:0"},
+        },
+    )
+    fast = ObservabilityConfig(heartbeat_interval=0.1, probe_interval=0.1)
+    async with (
+        services.event_store(config) as store,
+        services.run_gateway(config, DataDir(tmp_path), store) as gw,
+        services.gateway_observability(config, store, gw, fast) as ops,
+    ):
+        assert ops is not None
+        port = ops.address[1]
+        # the configured endpoint, with a wildcard bind address probed on loopback
+        env.setenv("TWINHUB_GATEWAY_METRICS_LISTEN", f"0.0.0.0:{port}")
+        got = await health_cmd(capsys, "endpoint", "gateway")
+        assert got.code == 0, got.line
+        assert f"http://127.0.0.1:{port}/healthz: 200" in got.line
+        assert '"status": "ok"' in got.line
+        async with asyncio.timeout(10):
+            while (got := await health_cmd(capsys, "endpoint", "gateway", "--ready")).code:
+                await asyncio.sleep(0.1)
+        assert '"jetstream": "ok"' in got.line
+    got = await health_cmd(capsys, "endpoint", "gateway")
+    assert got.code == 1
+    assert "cannot connect" in got.line
+
+    got = await health_cmd(capsys, "endpoint", "twin")
+    assert got.code == 1
+    assert "twin.metrics_listen is not set" in got.line
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (b'HTTP/1.0 503 Service Unavailable\r\n\r\n{"status": "not ready"}', '503 {"status"'),
+        (b"\xe1\x00", "not an HTTP answer"),
+    ],
+)
+async def test_endpoint_unhealthy_answers(
+    answer: bytes, expected: str, env: pytest.MonkeyPatch, capsys: Capture
+) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        got = await health_cmd(
+            capsys, "endpoint", "twin", "--ready", "--address", f"127.0.0.1:{port}"
+        )
+    assert got.code == 1
+    assert expected in got.line
 
 
 # -- the installed entry point -----------------------------------------------------------------

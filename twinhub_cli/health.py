@@ -16,6 +16,10 @@ then ``TWINHUB_*`` environment variables); ``--timeout`` bounds the whole check 
 * ``twin`` checks NATS and MongoDB as above, and that the projector's durable consumer
   (``twin.consumer``) exists; it reports the consumer's pending count (events not yet
   delivered plus delivered but unacknowledged), and fails when that exceeds ``--max-pending``.
+* ``endpoint gateway|twin`` asks the running process itself, at its operations endpoint
+  (``gateway.metrics_listen`` / ``twin.metrics_listen``, a wildcard address probed on loopback):
+  ``/healthz`` (its event loop runs; the twin's projector too), or ``/readyz`` with ``--ready``
+  (its servers answer). Healthy on HTTP 200; the line carries the endpoint's JSON answer.
 """
 
 from __future__ import annotations
@@ -380,6 +384,67 @@ async def check_twin(
     )
 
 
+# -- a process's operations endpoint -----------------------------------------------------------
+
+ENDPOINT_SERVICES: Final = ("gateway", "twin")
+
+
+def endpoint_target(config: Config, service: str, address: str | None) -> tuple[str, int]:
+    """The host and port of ``service``'s operations endpoint: ``address``, else its
+    ``metrics_listen`` (a wildcard bind address becomes loopback)."""
+    if address is not None:
+        parsed = parse_hostport(address, "--address")
+        if parsed is None:
+            raise ConfigError("--address: expected HOST:PORT")
+        return parsed
+    key = f"{service}.metrics_listen"
+    value = config.gateway.metrics_listen if service == "gateway" else config.twin.metrics_listen
+    parsed = parse_hostport(value, key)
+    if parsed is None:
+        raise ConfigError(f"{key} is not set: the {service} serves no endpoint (give --address)")
+    host, port = parsed
+    return _LOOPBACK.get(host, host), port
+
+
+async def check_endpoint(
+    host: str, port: int, path: str, *, limit: float = DEFAULT_TIMEOUT
+) -> Health:
+    """``GET path`` (HTTP/1.1, no TLS): healthy on 200."""
+    url = f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
+    stage = _Stage(f"connecting to {url}")
+
+    async def run() -> str:
+        start = time.monotonic()
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError as exc:
+            raise Unhealthy(f"{url}: cannot connect: {_why(exc)}") from None
+        try:
+            stage.what = f"waiting for the answer of {url}"
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            answer = await reader.read()  # until the server closes: a short JSON body
+        except OSError as exc:
+            raise Unhealthy(f"{url}: {_why(exc)}") from None
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise Unhealthy(f"{url}: not an HTTP answer: {status_line[:80]!r}")
+        text = " ".join(body.decode("utf-8", "replace").split())[:300]
+        if parts[1] != "200":
+            raise Unhealthy(f"{url}: {parts[1]} {text}")
+        return f"{url}: 200 {text} ({_ms(start)})"
+
+    return await _bounded(limit, stage, run())
+
+
 # -- the command -------------------------------------------------------------------------------
 
 
@@ -459,6 +524,23 @@ def register(subparsers: SubParsers, name: str, /) -> None:
     )
     p.set_defaults(handler=_twin_cmd)
 
+    p = checks.add_parser(
+        "endpoint",
+        help="ask a running gateway / twin at its /healthz (--ready: /readyz) endpoint",
+    )
+    _common(p)
+    p.add_argument("service", choices=ENDPOINT_SERVICES, help="whose endpoint")
+    p.add_argument(
+        "--address",
+        help="HOST:PORT (default: gateway.metrics_listen / twin.metrics_listen, on loopback)",
+    )
+    p.add_argument(
+        "--ready",
+        action="store_true",
+        help="/readyz (its servers answer) instead of /healthz (the process runs)",
+    )
+    p.set_defaults(handler=_endpoint_cmd)
+
 
 def _report(check: str, health: Health) -> int:
     if health.ok:
@@ -512,3 +594,12 @@ def _twin_cmd(args: argparse.Namespace) -> int:
         return check_twin(config, limit=args.timeout, max_pending=args.max_pending)
 
     return _execute("twin", args, make)
+
+
+def _endpoint_cmd(args: argparse.Namespace) -> int:
+    def make(config: Config) -> Check:
+        host, port = endpoint_target(config, args.service, args.address)
+        path = "/readyz" if args.ready else "/healthz"
+        return check_endpoint(host, port, path, limit=args.timeout)
+
+    return _execute(f"{args.service} endpoint", args, make)

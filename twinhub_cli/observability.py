@@ -5,7 +5,8 @@ neither waits for nor adds work to the event loop, and so that ``/healthz`` can 
 (503) when the loop is stuck. The loop and those threads share only plain values:
 
 * :class:`Heartbeat` -- a loop task stamps ``time.monotonic()`` every second; ``/healthz`` is 200
-  while the last stamp is recent (the loop runs callbacks), 503 once it is ``stall_after`` old.
+  while the last stamp is recent (the loop runs callbacks), 503 once it is ``stall_after`` old
+  or when a vital part of the process ended (the twin's projector).
 * :class:`Prober` -- a loop task runs the readiness checks (NATS connected, JetStream answers,
   MongoDB answers, the projector runs) every ``probe_interval`` with a timeout and publishes a
   frozen :class:`ProbeResult`; ``/readyz`` is 200 while the latest result is fresh and all ok.
@@ -107,35 +108,57 @@ class ObservabilityConfig:
 
 class Heartbeat:
     """The event loop's pulse: :meth:`run` (a loop task) stamps :attr:`last` every ``interval``
-    and records how late the stamp came (:attr:`lag`, the loop's scheduling delay)."""
+    and records how late the stamp came (:attr:`lag`, the loop's scheduling delay).
 
-    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    ``vital``: conditions of the process itself (not of the servers it depends on) without which
+    it is broken for good, e.g. the projector's loop ended; evaluated on the loop at each beat,
+    the names of those that fail kept in :attr:`failed` for ``/healthz``."""
+
+    def __init__(
+        self,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        vital: Mapping[str, Callable[[], bool]] | None = None,
+    ) -> None:
         self.interval = interval
         self._clock = clock
+        self._vital = dict(vital or {})
         self.last = clock()
         self.lag = 0.0
+        self.failed: tuple[str, ...] = ()
 
     def beat(self, now: float, expected: float) -> None:
+        self.failed = tuple(name for name, ok in self._vital.items() if not ok())
         self.lag = max(0.0, now - expected)
         self.last = now
 
     async def run(self) -> None:
+        self.beat(self._clock(), self._clock())
         while True:
             expected = self._clock() + self.interval
             await asyncio.sleep(self.interval)
             self.beat(self._clock(), expected)
 
 
-def liveness(last_beat: float, now: float, stall_after: float) -> tuple[int, dict[str, Any]]:
-    """``/healthz``: 200 while the loop's last heartbeat is younger than ``stall_after``."""
+def liveness(
+    last_beat: float, now: float, stall_after: float, failed: Sequence[str] = ()
+) -> tuple[int, dict[str, Any]]:
+    """``/healthz``: 200 while the loop's last heartbeat is younger than ``stall_after`` and no
+    vital condition failed."""
     age = max(0.0, now - last_beat)
-    if age < stall_after:
-        return 200, {"status": "ok", "heartbeat_age_s": round(age, 3)}
-    return 503, {
-        "status": "stalled",
-        "heartbeat_age_s": round(age, 3),
-        "detail": f"the event loop has not run for {age:.1f} s",
-    }
+    if age >= stall_after:
+        return 503, {
+            "status": "stalled",
+            "heartbeat_age_s": round(age, 3),
+            "detail": f"the event loop has not run for {age:.1f} s",
+        }
+    if failed:
+        return 503, {
+            "status": "failed",
+            "heartbeat_age_s": round(age, 3),
+            "detail": f"failed: {', '.join(failed)}",
+        }
+    return 200, {"status": "ok", "heartbeat_age_s": round(age, 3)}
 
 
 # -- readiness ---------------------------------------------------------------------------------
@@ -270,7 +293,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         now = time.monotonic()
         if path == "/healthz":
-            status, doc = liveness(owner.heartbeat.last, now, owner.config.stall_after)
+            hb = owner.heartbeat
+            status, doc = liveness(hb.last, now, owner.config.stall_after, hb.failed)
         elif path == "/readyz":
             status, doc = readiness(owner.prober.result, now, owner.config.probe_max_age)
         else:

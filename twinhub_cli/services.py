@@ -379,14 +379,16 @@ async def twin_observability(
     obs: ObservabilityConfig | None = None,
 ) -> AsyncIterator[ObservabilityServer | None]:
     """``/metrics``, ``/healthz``, ``/readyz`` of the twin service on ``twin.metrics_listen``
-    (None when it is empty). Ready: NATS connected, JetStream and MongoDB answering (the
-    projector's checkpoint is read), the projector running."""
+    (None when it is empty). Live: the loop runs and so does the projector. Ready: NATS
+    connected, JetStream and MongoDB answering (the projector's checkpoint is read), the
+    projector running."""
     bind = parse_hostport(config.twin.metrics_listen, "twin.metrics_listen")
     if bind is None:
         yield None
         return
     obs = obs or ObservabilityConfig()
-    heartbeat = Heartbeat(obs.heartbeat_interval)
+    # the projector retries failures of the log and the store forever: ended, it is a bug
+    heartbeat = Heartbeat(obs.heartbeat_interval, vital={"projector": lambda: projector.running})
     head = LogHead(store, projector.config.filter_subject)
 
     async def mongo() -> str:

@@ -62,6 +62,21 @@ def test_liveness_follows_the_heartbeat() -> None:
     assert "10.0 s" in doc["detail"]
 
 
+def test_liveness_fails_when_a_vital_part_ended() -> None:
+    status, doc = liveness(last_beat=100.0, now=101.0, stall_after=10.0, failed=("projector",))
+    assert (status, doc["status"], doc["detail"]) == (503, "failed", "failed: projector")
+
+
+def test_heartbeat_evaluates_vital_conditions_on_each_beat() -> None:
+    running = True
+    hb = Heartbeat(1.0, clock=lambda: 0.0, vital={"projector": lambda: running})
+    hb.beat(now=1.0, expected=1.0)
+    assert hb.failed == ()
+    running = False
+    hb.beat(now=2.0, expected=2.0)
+    assert hb.failed == ("projector",)
+
+
 def test_readiness() -> None:
     assert readiness(None, now=5.0, max_age=3.0) == (503, {"status": "starting", "checks": {}})
     good = ProbeResult(at=10.0, checks=(Check("nats", True, "x"), Check("mongo", True)))
