@@ -326,6 +326,10 @@ class _HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.owner = owner
         super().__init__((str(address[0]), int(address[1])), _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a scraper that hung up early: not worth socketserver's traceback on stderr
+        log.debug("operations request from %s failed", client_address, exc_info=True)
+
 
 class ObservabilityServer:
     """``/metrics`` (of ``registry``), ``/healthz`` and ``/readyz`` on ``bind``; while open it runs
