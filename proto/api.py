@@ -282,8 +282,19 @@ def decode_request(op: str, body: bytes) -> ApiRequest:
     return request
 
 
+def _plain(value: Any) -> Any:
+    # A store hands back int subclasses (pymongo's bson Int64 for integers beyond 32 bits, in
+    # twins' resource content): they are the integers they subclass.
+    if isinstance(value, int):
+        return int(value)
+    raise TypeError(f"Encoding objects of type {type(value).__name__} is unsupported")
+
+
+_reply_encoder = msgspec.json.Encoder(enc_hook=_plain)
+
+
 def encode_reply(reply: Reply) -> bytes:
-    return msgspec.json.encode(reply)
+    return _reply_encoder.encode(reply)
 
 
 def decode_reply(body: bytes) -> Reply:

@@ -308,6 +308,22 @@ async def test_list_pending_across_devices_and_list_devices(env: Env) -> None:
         assert devices.position >= 1
 
 
+async def test_twins_with_64_bit_integers_are_served(env: Env) -> None:
+    """A device's ``ts`` in nanoseconds comes back from the store as bson's Int64: the twin is
+    still served (get and list), not an encoding failure with no reply at all."""
+    device = env.dev("ns")
+    await env.register(device)
+    ts = time.time_ns()
+    await env.append(device, ev.ResourceChanged(href="/light/1", content={"ts": ts, "n": 2**40}))
+    await env.wait_twin(device, lambda t: t.resource("/light/1") is not None)
+    async with env.client(timeout=5.0) as c:
+        twin, _ = await c.get_twin(device)
+        (resource,) = twin["resources"]
+        assert resource["content"] == {"ts": ts, "n": 2**40}
+        devices = await c.list_devices()
+        assert devices.devices[0]["resources"][0]["content"]["ts"] == ts
+
+
 # -- subscriptions ---------------------------------------------------------------------------
 
 

@@ -104,7 +104,13 @@ class NatsApiServer:
             reply = error("internal", "internal error (logged)")
         self.handled += 1
         try:
-            await self._nc.publish(msg.reply, api.encode_reply(reply))
+            body = api.encode_reply(reply)
+        except (TypeError, ValueError):  # a bug; the caller still gets an answer, not silence
+            log.exception("API %s: reply not encodable", op)
+            reply = error("internal", "internal error (logged)")
+            body = api.encode_reply(reply)
+        try:
+            await self._nc.publish(msg.reply, body)
         except (nats.errors.Error, OSError) as e:
             log.warning("API %s: reply not sent: %r", op, e)
         if reply.error is not None:

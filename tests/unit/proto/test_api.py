@@ -64,3 +64,11 @@ def test_replies_and_tokens() -> None:
     assert api.token_of(api.bearer("abc")) == "abc"
     assert api.token_of({"Authorization": "Basic x"}) is None
     assert api.token_of(None) is None
+
+
+def test_replies_encode_int_subclasses_as_ints() -> None:
+    class Int64(int):  # what pymongo hands back for integers beyond 32 bits
+        pass
+
+    reply = api.Reply(ok=True, result={"ts": Int64(2**62)})
+    assert api.decode_reply(api.encode_reply(reply)).result == {"ts": 2**62}
