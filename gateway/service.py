@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -107,6 +108,29 @@ class GatewayConfig:
     command_retry_initial: float = 1.0
     command_retry_max: float = 30.0
     command_resync: float = 60.0  # re-read the device's commands at least this often
+    # The interpreter's youngest-generation GC threshold while the gateway runs (None: leave it).
+    # Every notification leaves a few objects in cycles (aiocoap's pipes and callbacks) and keeps
+    # others alive until its append is acknowledged; at CPython's default of 700 the young
+    # collections run so often that those in-flight objects are promoted and trigger full
+    # collections of the whole heap (~0.2 s each with 1,000 devices): ~16 % of the gateway's CPU at
+    # 4,000 notifications/s, against ~2 % at 10,000.
+    gc_young_threshold: int | None = 10_000
+
+
+@contextlib.contextmanager
+def young_gc_threshold(threshold: int) -> Iterator[None]:
+    """Run with the youngest generation's GC threshold at ``threshold``; restore the previous
+    thresholds on exit unless someone changed them meanwhile."""
+    if threshold < 1:
+        raise ValueError("the GC threshold must be >= 1")
+    before = gc.get_threshold()
+    ours = (threshold, *before[1:])
+    gc.set_threshold(*ours)
+    try:
+        yield
+    finally:
+        if gc.get_threshold() == ours:
+            gc.set_threshold(*before)
 
 
 @dataclass(eq=False)
@@ -163,6 +187,7 @@ class Gateway:
         self._server: CoapServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._gc_policy = contextlib.ExitStack()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -189,6 +214,8 @@ class Gateway:
             on_close=self._on_close,
         )
         await self._server.__aenter__()
+        if cfg.gc_young_threshold is not None:
+            self._gc_policy.enter_context(young_gc_threshold(cfg.gc_young_threshold))
         self._ticker = asyncio.create_task(self._tick_loop(), name="gateway-ticker")
         log.info(
             "gateway %s listening tcp=%s tls=%s",
@@ -216,6 +243,7 @@ class Gateway:
         pending = [t for t in self._background if not t.done()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        self._gc_policy.close()
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
