@@ -44,15 +44,34 @@ _MEDIA_TYPES: Final = {
 CBOR_FORMATS: Final = frozenset({ContentFormat.CBOR, ContentFormat.OCF_CBOR})
 
 
-def _check_depth(value: Any, depth: int = 0) -> None:
-    if depth > MAX_DEPTH:
-        raise CodecError(f"payload nested deeper than {MAX_DEPTH} levels")
-    if isinstance(value, Mapping):
-        for v in value.values():
-            _check_depth(v, depth + 1)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            _check_depth(v, depth + 1)
+_SCALARS: Final = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def _check_depth(value: Any) -> None:
+    """Refuse a value with anything more than ``MAX_DEPTH`` containers (maps, arrays, tags)
+    deep. Level by level and without recursion: this runs on every notification, and the
+    decoders' own limits (the interpreter's recursion limit) are far higher."""
+    level = [value]
+    for _ in range(MAX_DEPTH + 1):
+        inner: list[Any] = []
+        for v in level:
+            t = type(v)
+            if t in _SCALARS:
+                continue
+            if t is dict:
+                inner.extend(v.values())
+            elif t is list or t is tuple:
+                inner.extend(v)
+            elif isinstance(v, Mapping):
+                inner.extend(v.values())
+            elif isinstance(v, list | tuple):
+                inner.extend(v)
+            elif isinstance(v, cbor2.CBORTag):
+                inner.append(v.value)
+        if not inner:
+            return
+        level = inner
+    raise CodecError(f"payload nested deeper than {MAX_DEPTH} levels")
 
 
 def decode(payload: bytes, content_format: int | None) -> Any:

@@ -64,6 +64,73 @@ def test_deep_nesting_is_refused() -> None:
         codecs.decode(cbor2.dumps(deep), ContentFormat.OCF_CBOR)
 
 
+def _nested(depth: int, wrap: Any, inner: Any = 1) -> Any:
+    value = inner
+    for _ in range(depth):
+        value = wrap(value)
+    return value
+
+
+def _depth(value: Any) -> int:
+    """The reference: how many containers deep the deepest value of ``value`` sits."""
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=-1)
+    if isinstance(value, list | tuple):
+        return 1 + max(map(_depth, value), default=-1)
+    if isinstance(value, cbor2.CBORTag):
+        return 1 + _depth(value.value)
+    return 0
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda v: [v],
+        lambda v: {"k": v},
+        lambda v: [0, "x", v] if isinstance(v, dict) else {"a": None, "b": v},  # alternating
+        lambda v: cbor2.CBORTag(4000, v),
+    ],
+    ids=["array", "map", "alternating", "tag"],
+)
+@pytest.mark.parametrize("cf", [ContentFormat.OCF_CBOR, ContentFormat.JSON])
+def test_nesting_limit_is_exact(wrap: Any, cf: ContentFormat) -> None:
+    if cf == ContentFormat.JSON and isinstance(wrap(1), cbor2.CBORTag):
+        pytest.skip("JSON has no tags")
+    for inner in (1, [], {}):
+        at_limit = _nested(codecs.MAX_DEPTH, wrap, inner)
+        assert _depth(codecs.decode(codecs.encode(at_limit, cf), cf)) == codecs.MAX_DEPTH
+    for inner in (1, [], {}):
+        over = _nested(codecs.MAX_DEPTH, wrap, [inner])
+        with pytest.raises(CodecError, match="nested"):
+            codecs.decode(codecs.encode(over, cf), cf)
+
+
+def test_a_deep_value_beside_shallow_ones_is_refused() -> None:
+    value = {"a": 1, "b": [2, 3], "c": _nested(codecs.MAX_DEPTH + 1, lambda v: [v])}
+    with pytest.raises(CodecError, match="nested"):
+        codecs.decode(cbor2.dumps(value), ContentFormat.OCF_CBOR)
+
+
+@given(
+    st.recursive(
+        st.integers() | st.text(max_size=3) | st.none(),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(st.text(max_size=3), children, max_size=3)
+            | children.map(lambda v: _nested(16, lambda x: [x], v))
+        ),
+        max_leaves=40,
+    )
+)
+def test_nesting_check_agrees_with_the_reference(value: Any) -> None:
+    payload = cbor2.dumps(value)
+    if _depth(value) > codecs.MAX_DEPTH:
+        with pytest.raises(CodecError, match="nested"):
+            codecs.decode(payload, ContentFormat.OCF_CBOR)
+    else:
+        assert codecs.decode(payload, ContentFormat.OCF_CBOR) == value
+
+
 def test_lossy_mapping_is_flagged() -> None:
     value = {"b": b"\x00\x01", 1: "int-key", "t": cbor2.CBORTag(99, "x"), "n": math.nan}
     converted, lossy = codecs.to_json_value(value)
