@@ -42,6 +42,7 @@ NO_RESOURCE: Final = "_"
 WILDCARD: Final = "*"
 
 _SAFE: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_/:=@+,")
+_SAFE_TEXT: Final = re.compile(r"[A-Za-z0-9\-_/:=@+,]+")  # _SAFE as a str pattern (ASCII only)
 _ESCAPED_TOKEN: Final = re.compile(r"(?:[A-Za-z0-9\-_/:=@+,]|~[0-9A-F]{2})+|~")
 _KIND: Final = re.compile(r"[a-z][a-z0-9-]*")
 MAX_TOKEN_LEN: Final = 1024
@@ -49,11 +50,11 @@ MAX_TOKEN_LEN: Final = 1024
 
 def escape_token(value: str) -> str:
     """Escape any string into one valid NATS subject token (see module doc)."""
+    if _SAFE_TEXT.fullmatch(value):  # the common case, once per event: no bytes, no loop
+        return value
     if value == "":
         return "~"
     raw = value.encode("utf-8")
-    if all(b in _SAFE for b in raw):
-        return value
     return "".join(chr(b) if b in _SAFE else f"~{b:02X}" for b in raw)
 
 

@@ -28,6 +28,27 @@ def test_escape_is_injective(a: str, b: str) -> None:
         assert subjects.escape_token(a) != subjects.escape_token(b)
 
 
+_SAFE_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_/:=@+,"
+
+
+def _escape_bytewise(value: str) -> str:
+    """The definition (module doc): every byte outside the safe set becomes ``~XX``."""
+    if value == "":
+        return "~"
+    return "".join(chr(b) if b in _SAFE_BYTES else f"~{b:02X}" for b in value.encode("utf-8"))
+
+
+@given(st.text(max_size=40) | st.text(alphabet=_SAFE_BYTES.decode() + "~. é\n", max_size=40))
+def test_escape_is_the_bytewise_definition(value: str) -> None:
+    assert subjects.escape_token(value) == _escape_bytewise(value)
+
+
+@pytest.mark.parametrize("code_point", range(0x300))
+def test_escape_of_every_low_character(code_point: int) -> None:
+    for value in (chr(code_point), "a" + chr(code_point) + "b"):
+        assert subjects.escape_token(value) == _escape_bytewise(value)
+
+
 @given(any_text, any_text, kinds, st.one_of(st.none(), any_text))
 def test_event_subject_round_trips(owner: str, device: str, kind: str, res: str | None) -> None:
     subject = subjects.event_subject(owner, device, kind, res)
