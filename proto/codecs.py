@@ -116,12 +116,43 @@ def encode(value: Any, content_format: int) -> bytes:
     raise CodecError(f"unsupported content format: {content_format}")
 
 
+_JSON_SCALARS: Final = frozenset({str, int, bool, type(None)})
+
+
+def _is_json(value: Any) -> bool:
+    """Whether ``value`` is made of JSON's own types only (dicts with str keys, lists, str,
+    int, bool, None, finite floats): then it maps onto itself. The common case, checked
+    without recursion and without copying."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t in _JSON_SCALARS:
+            continue
+        if t is float:
+            if not math.isfinite(v):
+                return False
+        elif t is dict:
+            for k in v:
+                if type(k) is not str:
+                    return False
+            stack.extend(v.values())
+        elif t is list:
+            stack.extend(v)
+        else:
+            return False
+    return True
+
+
 def to_json_value(value: Any) -> tuple[Any, bool]:
     """Map a decoded payload onto JSON; the flag says whether that lost information.
 
     Byte strings become base64 text, tags their inner value, non-string keys
-    their ``str()``, non-finite floats ``None``.
+    their ``str()``, non-finite floats ``None``. A value that is JSON already is returned
+    as it is (not copied).
     """
+    if _is_json(value):
+        return value, False
     lossy = False
 
     def conv(v: Any) -> Any:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import math
 from typing import Any
 
@@ -129,6 +131,73 @@ def test_nesting_check_agrees_with_the_reference(value: Any) -> None:
             codecs.decode(payload, ContentFormat.OCF_CBOR)
     else:
         assert codecs.decode(payload, ContentFormat.OCF_CBOR) == value
+
+
+def _to_json_reference(value: Any) -> tuple[Any, bool]:
+    """The mapping by its definition: a converted copy of everything."""
+    lossy = False
+
+    def conv(v: Any) -> Any:
+        nonlocal lossy
+        if v is None or isinstance(v, bool | int | str):
+            return v
+        if isinstance(v, float):
+            if math.isfinite(v):
+                return v
+            lossy = True
+            return None
+        if isinstance(v, bytes):
+            lossy = True
+            return base64.b64encode(v).decode("ascii")
+        if isinstance(v, dict):
+            out = {}
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    lossy = True
+                out[k if isinstance(k, str) else str(k)] = conv(item)
+            return out
+        if isinstance(v, list | tuple):
+            return [conv(item) for item in v]
+        if isinstance(v, cbor2.CBORTag):
+            lossy = True
+            return conv(v.value)
+        lossy = True
+        return str(v)
+
+    return conv(value), lossy
+
+
+cbor_values: st.SearchStrategy[Any] = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=5)
+    | st.binary(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=4).map(tuple)
+        | st.dictionaries(st.text(max_size=4) | st.integers(), children, max_size=4)
+        | children.map(lambda v: cbor2.CBORTag(4000, v))
+    ),
+    max_leaves=20,
+)
+
+
+@given(cbor_values)
+def test_to_json_value_agrees_with_the_reference(value: Any) -> None:
+    converted, lossy = codecs.to_json_value(value)
+    expected, expected_lossy = _to_json_reference(value)
+    assert lossy == expected_lossy
+    assert json.dumps(converted, sort_keys=True) == json.dumps(expected, sort_keys=True)
+    assert type(converted) is type(expected)
+
+
+@given(json_values)
+def test_a_json_value_maps_onto_itself(value: Any) -> None:
+    converted, lossy = codecs.to_json_value(value)
+    assert converted is value
+    assert not lossy
 
 
 def test_lossy_mapping_is_flagged() -> None:
