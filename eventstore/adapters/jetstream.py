@@ -44,7 +44,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -234,6 +234,63 @@ def _status(msg: Msg) -> str | None:
     if msg.headers is None:
         return None
     return msg.headers.get(_STATUS)
+
+
+# -- publishing without nats-py's per-header work (pinned to nats-py 2.16) ----------------------
+#
+# ``Client.publish`` re-validates and rewrites every header of every message (a regex per name,
+# ``strip`` and a ``str.translate`` of CR/LF per value): ~20 µs for an event's ten CloudEvent
+# headers, the largest single cost of an append. ``check_append`` has already refused what that
+# work guards against (names outside the same token grammar, CR/LF or surrounding white space in
+# values, subjects with white space), so the command is built here, byte for byte what
+# ``publish`` would build, and handed to the client's own queue and flusher with the same
+# checks ``publish`` makes. Only when the client looks like the one this was written against;
+# otherwise ``publish`` (tests/unit/eventstore/test_publish.py compares the bytes).
+
+_CLIENT_INTERNALS: Final = ("_send_command", "_flush_pending", "_flush_queue", "_pending_data_size")
+
+
+def fast_publish_supported(nc: NatsClient) -> bool:
+    return all(hasattr(nc, name) for name in _CLIENT_INTERNALS) and hasattr(nc, "_max_pending_size")
+
+
+def hpub_command(subject: str, reply: str, headers: Mapping[str, str], payload: bytes) -> bytes:
+    """The ``HPUB`` command of one message with already valid headers (see above)."""
+    hdr = "".join(["NATS/1.0\r\n", *[f"{k}: {v}\r\n" for k, v in headers.items()], "\r\n"])
+    block = hdr.encode()
+    size = len(block)
+    return b"".join(
+        (
+            f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode(),
+            block,
+            payload,
+            b"\r\n",
+        )
+    )
+
+
+async def publish_prevalidated(
+    nc: NatsClient, subject: str, reply: str, headers: Mapping[str, str], payload: bytes
+) -> None:
+    """``nc.publish(subject, payload, reply, headers)`` for headers ``check_append`` accepted."""
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise nats.errors.ConnectionDrainingError
+    size = len(payload)
+    if not nc.is_connected:
+        limit = nc._max_pending_size
+        if limit <= 0 or size + nc._pending_data_size > limit:
+            raise nats.errors.OutboundBufferLimitError
+    if size > nc.max_payload:
+        raise nats.errors.MaxPayloadError
+    if not subject:
+        raise nats.errors.BadSubjectError
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += size
+    await nc._send_command(hpub_command(subject, reply, headers, payload))
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
 
 
 def _expire(futures: Iterable[asyncio.Future[Msg | None]]) -> None:
@@ -435,6 +492,7 @@ class JetStreamEventStore:
         self._atomic_slots = asyncio.Semaphore(max_atomic_inflight)
         self._mux: _ReplyMux | None = None
         self._notifiers: set[JetStreamNotifier] = set()
+        self._fast_publish = False
 
     @classmethod
     def from_url(
@@ -467,6 +525,9 @@ class JetStreamEventStore:
             except (OSError, nats.errors.Error) as exc:
                 raise UnavailableError(f"cannot connect to NATS at {self._url}: {exc!r}") from exc
             self._owns_nc = True
+        self._fast_publish = fast_publish_supported(self._nc)
+        if not self._fast_publish:
+            log.warning("nats-py internals changed: publishing through Client.publish (slower)")
         mux = _ReplyMux(self._nc)
         try:
             await mux.start()
@@ -577,6 +638,7 @@ class JetStreamEventStore:
         """Publish in order from this one coroutine (so the order on the wire is the order
         given); return the ack futures of the items that asked for one."""
         nc, mux = self._conn()
+        fast = self._fast_publish
         pending: list[tuple[str, asyncio.Future[Msg | None]]] = []
         try:
             for m, headers, want_ack in items:
@@ -584,7 +646,10 @@ class JetStreamEventStore:
                 if want_ack:
                     reply, token, fut = mux.expect()
                     pending.append((token, fut))
-                await nc.publish(m.subject, m.data, reply=reply, headers=headers)
+                if fast:
+                    await publish_prevalidated(nc, m.subject, reply, headers, m.data)
+                else:
+                    await nc.publish(m.subject, m.data, reply=reply, headers=headers)
         except (nats.errors.Error, OSError) as exc:
             mux.forget(pending)
             raise UnavailableError(f"publish failed: {exc!r}") from exc
