@@ -50,6 +50,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final, Self
 
+import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -119,6 +120,8 @@ H_BATCH_ID: Final = "Nats-Batch-Id"
 H_BATCH_SEQ: Final = "Nats-Batch-Sequence"
 H_BATCH_COMMIT: Final = "Nats-Batch-Commit"
 _STATUS: Final = "Status"
+
+_decode_ack: Final = msgspec.json.Decoder(dict[str, Any]).decode
 
 
 class JetStreamApiError(EventStoreError):
@@ -682,7 +685,10 @@ class JetStreamEventStore:
             raise UnavailableError("no JetStream stream answered (not ready?)")
         if not msg.data:
             raise EventStoreError("empty JetStream ack")
-        resp: dict[str, Any] = json.loads(msg.data)
+        try:
+            resp: dict[str, Any] = _decode_ack(msg.data)
+        except msgspec.DecodeError as exc:  # once per appended event: msgspec, not json
+            raise EventStoreError(f"malformed JetStream ack: {msg.data[:200]!r}") from exc
         return resp
 
     async def _append_pipelined(self, messages: Sequence[NatsMessage]) -> AppendResult:

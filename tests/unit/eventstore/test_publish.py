@@ -10,10 +10,12 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from eventstore.adapters.jetstream import (
+    JetStreamEventStore,
     fast_publish_supported,
     hpub_command,
     publish_prevalidated,
 )
+from eventstore.errors import EventStoreError
 
 CASES = [
     ("twinhub.ev.o.d.resource-changed./light/1", "_INBOX.x.7", {"ce-id": "1", "a": "b"}, b"{}"),
@@ -73,3 +75,19 @@ async def test_a_closed_client_refuses(nats_url: str) -> None:
     await nc.close()
     with pytest.raises(nats.errors.ConnectionClosedError):
         await publish_prevalidated(nc, "s", "", {"a": "b"}, b"")
+
+
+class _Ack:
+    headers = None
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+async def test_acks_are_decoded_and_a_malformed_one_is_an_event_store_error() -> None:
+    store = JetStreamEventStore(None)
+    ack = await store._pub_ack(_Ack(b'{"stream":"S","seq":7,"duplicate":true}'))  # type: ignore[arg-type]
+    assert ack == {"stream": "S", "seq": 7, "duplicate": True}
+    for bad in (b"{", b"[1]", b"\xff"):
+        with pytest.raises(EventStoreError, match="malformed JetStream ack"):
+            await store._pub_ack(_Ack(bad))  # type: ignore[arg-type]
