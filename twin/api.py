@@ -90,9 +90,17 @@ class ApiConfig:
     retry_initial: float = 0.05
 
 
-async def latest_twin(twins: TwinStore, events: EventStore, device_id: str) -> Twin | None:
-    """The stored twin of ``device_id`` with its newer events of the log folded onto it."""
-    twin = await twins.get(device_id)
+async def latest_twin(
+    twins: TwinStore, events: EventStore, device_id: str, *, command: str | None = None
+) -> Twin | None:
+    """The stored twin of ``device_id`` with its newer events of the log folded onto it.
+
+    With ``command`` (a correlation id, ``""`` for none) only what a command request needs:
+    the twin with at most that one of its stored open commands (plus those of the log tail),
+    so issuing a command costs the same whatever the device's queue holds."""
+    twin = await (
+        twins.get(device_id) if command is None else twins.get_for_command(device_id, command)
+    )
     after = 0 if twin is None else twin.position
     async for stored in events.read(subjects.device_scope(device_id), after=after):
         try:
@@ -190,7 +198,12 @@ class TwinApi:
         scope = commands.scope_for(request, owner)
         for _ in range(MAX_DECISIONS):
             expected = None if scope is None else await self._events.last_position(scope)
-            twin = await latest_twin(self._twins, self._events, request.device_id)
+            command = (
+                (request.correlation_id or "")
+                if isinstance(request, commands.CommandRequest)
+                else None
+            )
+            twin = await latest_twin(self._twins, self._events, request.device_id, command=command)
             decision = commands.decide(
                 request, owner, twin, now, caller=owner, expected_last=expected
             )

@@ -7,7 +7,8 @@ It keeps twins in their document form (:meth:`Twin.to_document`) and reads them 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -35,7 +36,17 @@ class InMemoryTwinStore:
             if i in self._docs
         }
 
-    async def write_many(self, twins: Iterable[Twin]) -> WriteResult:
+    async def get_for_command(self, device_id: str, correlation_id: str) -> Twin | None:
+        twin = await self.get(device_id)
+        if twin is None:
+            return None
+        return replace(
+            twin, pending=tuple(c for c in twin.pending if c.correlation_id == correlation_id)
+        )
+
+    async def write_many(
+        self, twins: Iterable[Twin], *, previous: Mapping[str, Twin | None] | None = None
+    ) -> WriteResult:
         newest, skipped = newest_per_device(twins)
         written: list[str] = []
         for device_id, t in newest.items():

@@ -18,11 +18,16 @@ Semantics (both adapters):
 * ``find`` pages by device id (keyset pagination): pass the last id seen as ``after_id``.
 * ``due`` finds twins with an open command whose deadline (:attr:`Twin.next_expiry`) passed:
   what the expiry sweeper works through.
+* **Open commands** are part of the twin (:attr:`Twin.pending`) but an adapter may keep them
+  apart (the Mongo adapter: one document per command), so that neither a write nor a command
+  request costs more as a device's queue grows: ``write_many`` takes the twins as the caller
+  read them (``previous``) to write only the commands that changed, and
+  :meth:`TwinStore.get_for_command` reads a twin with at most one of its commands.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -53,8 +58,20 @@ class TwinStore(Protocol):
         """The twins of those devices that have one, by device id."""
         ...
 
-    async def write_many(self, twins: Iterable[Twin]) -> WriteResult:
-        """Store the twins, each guarded by its position (see the module docstring)."""
+    async def get_for_command(self, device_id: str, correlation_id: str) -> Twin | None:
+        """The device's twin with ``pending`` holding only the open command with that
+        correlation id, if there is one (no other open command): what a command request
+        needs, at a cost that does not depend on how many commands are open."""
+        ...
+
+    async def write_many(
+        self, twins: Iterable[Twin], *, previous: Mapping[str, Twin | None] | None = None
+    ) -> WriteResult:
+        """Store the twins, each guarded by its position (see the module docstring).
+
+        ``previous``: for some of the devices, the twin as the caller read it from this store
+        before changing it (``None``: it had none). Only a hint for writing less; a device
+        left out is compared with what is stored."""
         ...
 
     async def find(

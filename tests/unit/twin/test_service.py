@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 
@@ -55,12 +55,14 @@ class FlakyStore(InMemoryTwinStore):
         self.failures = failures
         self.writes = 0
 
-    async def write_many(self, twins: Iterable[Twin]) -> WriteResult:
+    async def write_many(
+        self, twins: Iterable[Twin], *, previous: Mapping[str, Twin | None] | None = None
+    ) -> WriteResult:
         if self.failures > 0:
             self.failures -= 1
             raise StoreUnavailableError("store down (simulated)")
         self.writes += 1
-        return await super().write_many(twins)
+        return await super().write_many(twins, previous=previous)
 
 
 def make(data: EventData | UnknownData, device: str = "d1", i: int = 0) -> AnyEvent:
