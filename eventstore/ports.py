@@ -224,7 +224,10 @@ class Notifier(Protocol):
 
     It carries no data and no ordering: on a wake-up, read the log after the position you
     have. It also wakes after a reconnection to the server, when messages may have been
-    missed. Best effort by design — the log is the truth.
+    missed. Best effort by design — the log is the truth. A wake-up may come *before* a read
+    can see the message (JetStream hands a publish to subscribers just before the stream
+    stores it, and a duplicate publish wakes without being stored): a reader that finds
+    nothing new should read again shortly, a bounded number of times.
     """
 
     async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109

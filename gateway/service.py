@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 from eventstore.ports import EventStore
 from gateway import session as s
@@ -72,6 +72,10 @@ log = logging.getLogger(__name__)
 
 OCF_VERSION = 0x0800
 OCF_CBOR = 10000
+
+
+_RECHECKS: Final = (0.005, 0.02, 0.1, 0.5, 2.0)
+"""Delays of the re-reads of a device's commands after a wake-up that found nothing new."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,7 +480,10 @@ class Gateway:
                 except Exception as e:
                     log.warning("device %s: cannot watch its commands yet: %s", d.device_id, e)
                     await asyncio.sleep(self.config.command_retry_initial)
+            woken = False
+            rechecks = list(_RECHECKS)
             while True:
+                read_up_to = commands.after
                 try:
                     opened, closed = await commands.refresh(self.store)
                 except Exception as e:
@@ -488,7 +495,14 @@ class Gateway:
                     self._commands(c, d.cancel(corr, now))
                 if opened:
                     self._commands(c, d.add(opened, now))
-                await notifier.wait(self.config.command_resync)
+                if woken and commands.after == read_up_to and rechecks:
+                    # Woken for nothing readable: JetStream hands a message to subscribers
+                    # just before its stream stores it. Look again shortly (a duplicate
+                    # publish, never stored, wakes us too: hence a bounded number of times).
+                    await notifier.wait(rechecks.pop(0))
+                    continue
+                rechecks = list(_RECHECKS)
+                woken = await notifier.wait(self.config.command_resync)
         finally:
             if notifier is not None:
                 await notifier.close()
