@@ -590,22 +590,30 @@ async def cost_phase(args: argparse.Namespace, mongo_url: str) -> dict[str, Any]
                 "to_document": [],
                 "from_document": [],
                 "fold_one_event": [],
-                "store_write": [],
-                "store_get": [],
+                "store_write": [],  # as the projector writes: previous = the twin it read
+                "store_get": [],  # the twin with all its open commands
+                "store_get_for_command": [],  # what a command request reads
             }
-            for r in range(reps):
+            await store.write_many([twin])
+            stored = twin
+            for _ in range(reps):
                 a = time.perf_counter_ns()
                 twin.to_document()
                 b = time.perf_counter_ns()
                 Twin.from_document(doc)
                 c = time.perf_counter_ns()
-                fold(twin, sent)
+                folded = fold(stored, dataclasses.replace(sent, position=stored.position + 1))
                 d = time.perf_counter_ns()
-                await store.write_many([dataclasses.replace(twin, position=twin.position + r)])
+                assert folded is not None
+                await store.write_many([folded], previous={device: stored})
+                stored = folded
                 e = time.perf_counter_ns()
                 await store.get(twin.device_id)
                 f = time.perf_counter_ns()
-                for key, ns in zip(timings, (b - a, c - b, d - c, e - d, f - e), strict=True):
+                await store.get_for_command(twin.device_id, "c00000")
+                g = time.perf_counter_ns()
+                spans = (b - a, c - b, d - c, e - d, f - e, g - f)
+                for key, ns in zip(timings, spans, strict=True):
                     timings[key].append(ns)
             out["by_pending"][str(count)] = {
                 "document_bytes": len(bson.encode(doc)),
