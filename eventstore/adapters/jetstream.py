@@ -54,6 +54,7 @@ import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.client import __version__ as nats_client_version
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -253,8 +254,17 @@ def _status(msg: Msg) -> str | None:
 _CLIENT_INTERNALS: Final = ("_send_command", "_flush_pending", "_flush_queue", "_pending_data_size")
 
 
+_WRITTEN_AGAINST: Final = "2.16."  # the nats-py release whose internals this mirrors
+
+
 def fast_publish_supported(nc: NatsClient) -> bool:
-    return all(hasattr(nc, name) for name in _CLIENT_INTERNALS) and hasattr(nc, "_max_pending_size")
+    """Only on the nats-py release this was written against (the test compares the bytes);
+    any other release publishes through ``Client.publish``."""
+    return (
+        nats_client_version.startswith(_WRITTEN_AGAINST)
+        and all(hasattr(nc, name) for name in _CLIENT_INTERNALS)
+        and hasattr(nc, "_max_pending_size")
+    )
 
 
 def hpub_command(subject: str, reply: str, headers: Mapping[str, str], payload: bytes) -> bytes:
