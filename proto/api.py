@@ -22,6 +22,11 @@ from proto.events import CommandOp, CommandState
 
 API_PREFIX: Final = "twinhub.api.v1"
 AUTH_HEADER: Final = "Authorization"
+DEADLINE_HEADER: Final = "Twinhub-Deadline"
+"""When the caller stops waiting for the answer, in milliseconds since the Unix epoch
+(optional). The service drops a request it picks up later than that: the caller has already
+given up (and may retry), so a backlog left by callers that gave up is not worked off at the
+expense of those still waiting, and a command nobody waits for any more is not recorded."""
 DEFAULT_TTL: Final = 60.0
 MAX_TTL: Final = 30 * 24 * 3600.0
 
@@ -304,8 +309,20 @@ def decode_reply(body: bytes) -> Reply:
         raise ApiDecodeError(f"bad reply: {e}") from e
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {AUTH_HEADER: f"Bearer {token}"}
+def bearer(token: str, deadline: float | None = None) -> dict[str, str]:
+    """Request headers: the token, and the caller's deadline (Unix time, seconds) if given."""
+    headers = {AUTH_HEADER: f"Bearer {token}"}
+    if deadline is not None:
+        headers[DEADLINE_HEADER] = str(round(deadline * 1000))
+    return headers
+
+
+def deadline_of(headers: dict[str, str] | None) -> float | None:
+    """The caller's deadline (Unix time, seconds), or ``None`` (absent or not a number)."""
+    value = headers.get(DEADLINE_HEADER) if headers else None
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 15:
+        return None
+    return int(value) / 1000
 
 
 def token_of(headers: dict[str, str] | None) -> str | None:

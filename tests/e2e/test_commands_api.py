@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from nats.aio.client import Client as NatsClient
@@ -489,3 +490,25 @@ async def test_cli_commands_against_a_local_stack(
         assert code == 0, err
         kinds = [json.loads(line)["type"] for line in out.splitlines()]
         assert kinds == [ev.DeviceRegistered.TYPE, ev.CommandPending.TYPE, ev.CommandPending.TYPE]
+
+
+async def test_a_request_picked_up_after_its_callers_deadline_is_dropped(
+    env: Env, nats_client: NatsClient
+) -> None:
+    """The caller gave up (Twinhub-Deadline passed): the command is not recorded and no answer
+    comes, while a request whose caller still waits is served."""
+    await env.register(env.dev("d1"))
+    body = api.encode_request(
+        api.UpdateResource(
+            device_id=env.dev("d1"), href="/light", content={"v": 1}, correlation_id="late"
+        )
+    )
+    subject = f"{env.prefix}.update"
+    late = api.bearer(env.token(), deadline=time.time() - 1)
+    with pytest.raises(nats.errors.TimeoutError):
+        await nats_client.request(subject, body, 1.0, headers=late)
+    on_time = api.bearer(env.token(), deadline=time.time() + 5)
+    reply = api.decode_reply((await nats_client.request(subject, body, 5, headers=on_time)).data)
+    assert reply.ok, reply.error
+    (pending,) = await env.events(env.dev("d1"), "command-pending")  # only the one on time
+    assert pending.correlation_id == "late"

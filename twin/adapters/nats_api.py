@@ -4,7 +4,9 @@ Subscribes to ``<prefix>.>`` (``twinhub.api.v1.>``) in a queue group, so several
 share the requests, each request handled by one. Every request is answered on its reply subject
 (a request without one is dropped, logged): the op is the subject's last token, the token comes
 from the ``Authorization: Bearer`` header. Requests run concurrently up to ``max_concurrency``;
-one that takes longer than ``request_timeout`` is answered ``unavailable``.
+one that takes longer than ``request_timeout`` is answered ``unavailable``. A request picked up
+after the caller's deadline (``Twinhub-Deadline``, see :mod:`proto.api`) is dropped unanswered
+and counted in ``shed``: under overload the service works on what callers still wait for.
 
 Why NATS here and not behind the event-log port: the log port is about the stream (append,
 read, consumers); request/reply is a different conversation with clients, and the twin owns its
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from types import TracebackType
 from typing import Self
 
@@ -57,6 +60,7 @@ class NatsApiServer:
         self._sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.handled = 0
+        self.shed = 0  # requests dropped: picked up after their caller's deadline
 
     async def __aenter__(self) -> Self:
         self._sub = await self._nc.subscribe(f"{self.prefix}.>", queue=self._queue, cb=self._on_msg)
@@ -82,10 +86,23 @@ class NatsApiServer:
         if not msg.reply:
             log.warning("API request on %s without a reply subject: dropped", msg.subject)
             return
+        deadline = api.deadline_of(dict(msg.headers) if msg.headers else None)
+        if self._late(msg, deadline):
+            return
         await self._slots.acquire()  # back-pressure: the subscription's callbacks wait here
+        if self._late(msg, deadline):
+            self._slots.release()
+            return
         task = asyncio.create_task(self._serve(msg), name=f"api:{msg.subject}")
         self._tasks.add(task)
         task.add_done_callback(self._done)
+
+    def _late(self, msg: Msg, deadline: float | None) -> bool:
+        if deadline is None or time.time() <= deadline:
+            return False
+        self.shed += 1
+        log.debug("API request on %s past its caller's deadline: dropped", msg.subject)
+        return True
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

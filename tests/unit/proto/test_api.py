@@ -72,3 +72,14 @@ def test_replies_encode_int_subclasses_as_ints() -> None:
 
     reply = api.Reply(ok=True, result={"ts": Int64(2**62)})
     assert api.decode_reply(api.encode_reply(reply)).result == {"ts": 2**62}
+
+
+def test_deadline_header_round_trip_and_garbage() -> None:
+    headers = api.bearer("abc", deadline=1_800_000_000.25)
+    assert headers[api.DEADLINE_HEADER] == "1800000000250"
+    assert api.deadline_of(headers) == 1_800_000_000.25
+    assert api.token_of(headers) == "abc"
+    assert api.deadline_of(api.bearer("abc")) is None
+    assert api.deadline_of(None) is None
+    for bad in ("", "-5", "1e9", "12.5", "٣", "9" * 16):
+        assert api.deadline_of({api.DEADLINE_HEADER: bad}) is None, bad
