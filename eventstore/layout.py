@@ -204,6 +204,11 @@ def durable_consumer_config(spec: ConsumerSpec) -> dict[str, Any]:
         "replay_policy": "instant",
         **_start(spec.start_after),
         **_filters(spec.filter_subjects),
+        **(
+            {}
+            if spec.inactive_threshold is None
+            else {"inactive_threshold": _ns(spec.inactive_threshold)}
+        ),
     }
 
 

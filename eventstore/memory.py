@@ -269,6 +269,7 @@ class InMemoryEventStore:
                 start_after=state.spec.start_after,
                 ack_wait=spec.ack_wait,
                 max_ack_pending=spec.max_ack_pending,
+                inactive_threshold=spec.inactive_threshold,
             )
         return state
 
@@ -280,13 +281,16 @@ class InMemoryEventStore:
         start_after: int = 0,
         ack_wait: float = 30.0,
         max_ack_pending: int = 1000,
+        inactive_threshold: float | None = None,
     ) -> InMemoryConsumer:
+        # inactive_threshold is kept but never acted on: nothing here outlives its owner.
         spec = ConsumerSpec(
             name=name,
             filter_subjects=tuple(filter_subjects),
             start_after=start_after,
             ack_wait=ack_wait,
             max_ack_pending=max_ack_pending,
+            inactive_threshold=inactive_threshold,
         )
         self._check_provisioned()
         return InMemoryConsumer(self, self._ensure_consumer(spec))

@@ -129,7 +129,9 @@ class ConsumerSpec:
 
     ``start_after`` applies only when the consumer is created; re-opening an existing consumer
     continues where it was. ``ack_wait`` (seconds) and ``max_ack_pending`` may change between
-    openings; so may ``filter_subjects``.
+    openings; so may ``filter_subjects``. With ``inactive_threshold`` (seconds) the log may
+    delete the consumer once nobody has fetched from it for that long: for a temporary consumer
+    whose owner could not delete it (the log was unreachable when it closed).
     """
 
     name: str
@@ -137,6 +139,7 @@ class ConsumerSpec:
     start_after: int = 0
     ack_wait: float = 30.0
     max_ack_pending: int = 1000
+    inactive_threshold: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "filter_subjects", tuple(self.filter_subjects))
@@ -150,6 +153,8 @@ class ConsumerSpec:
             raise ValueError("ack_wait must be > 0")
         if self.max_ack_pending < 1:
             raise ValueError("max_ack_pending must be >= 1")
+        if self.inactive_threshold is not None and not self.inactive_threshold > 0:
+            raise ValueError("inactive_threshold must be > 0")
 
 
 class Settler(Protocol):
@@ -290,6 +295,7 @@ class EventStore(Protocol):
         start_after: int = 0,
         ack_wait: float = 30.0,
         max_ack_pending: int = 1000,
+        inactive_threshold: float | None = None,
     ) -> Consumer:
         """Open the durable consumer ``name``, creating it if needed (see :class:`ConsumerSpec`)."""
         ...

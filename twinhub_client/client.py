@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable
 from types import TracebackType
@@ -30,6 +31,7 @@ import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.errors import UnavailableError
@@ -173,7 +175,8 @@ class TwinhubClient:
             nc, self._nc = self._nc, None
             try:
                 await nc.close()
-            except nats.errors.Error as e:
+            except (nats.errors.Error, OSError) as e:
+                # e.g. flushing to a server that went away (ConnectionResetError)
                 log.debug("closing NATS: %r", e)
 
     @property
@@ -198,7 +201,7 @@ class TwinhubClient:
                 subject,
                 api.encode_request(request),
                 timeout=self.timeout,
-                headers=api.bearer(self.token),
+                headers=api.bearer(self.token, deadline=time.time() + self.timeout),
             )
         except nats.errors.NoRespondersError as e:
             raise ServiceUnavailableError(f"no twin service answers on {subject}") from e
@@ -442,15 +445,29 @@ class TwinhubClient:
 
     async def ack_floor(self, name: str) -> int | None:
         """The last position acknowledged by durable consumer ``name`` (``None``: none such)."""
-        return await ack_floor(self.nc, self._layout.name, name, self.timeout)
+        # Through the store: nc.request can lose a cancellation (see JetStreamEventStore.request).
+        subject = _consumer_info_subject(self._layout.name, name)
+        try:
+            msg = await self.store.request(subject, b"", self.timeout)
+        except (nats.errors.Error, OSError) as e:
+            raise UnavailableError(f"consumer info of {name}: {e!r}") from e
+        return _ack_floor_of(name, msg)
+
+
+def _consumer_info_subject(stream: str, name: str) -> str:
+    return f"$JS.API.CONSUMER.INFO.{stream}.{name}"
 
 
 async def ack_floor(nc: NatsClient, stream: str, name: str, timeout: float) -> int | None:  # noqa: ASYNC109
     """A JetStream consumer's ack floor (stream sequence), ``None`` if it does not exist."""
     try:
-        msg = await nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{name}", b"", timeout=timeout)
+        msg = await nc.request(_consumer_info_subject(stream, name), b"", timeout=timeout)
     except (nats.errors.Error, OSError) as e:
         raise UnavailableError(f"consumer info of {name}: {e!r}") from e
+    return _ack_floor_of(name, msg)
+
+
+def _ack_floor_of(name: str, msg: Msg) -> int | None:
     resp: dict[str, Any] = json.loads(msg.data) if msg.data else {}
     err = resp.get("error")
     if err is not None:

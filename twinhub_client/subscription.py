@@ -19,7 +19,14 @@ How "once, in order, no gap" is kept:
   (the consumer's ack floor; ``from_position`` only applies the first time). An event being
   processed when the subscriber died (handed out, not acknowledged) comes again: deduplicate by
   ``position`` if processing is not idempotent. One subscriber per durable name at a time.
-* Without a name the consumer is temporary, deleted on close.
+* Without a name the consumer is temporary, deleted on close. Should that fail (the log is
+  unreachable), the log deletes it itself once nobody fetched from it for
+  ``inactive_threshold`` seconds; a subscription that finds its consumer gone that way (left
+  unread that long) creates it again after the last position handed out.
+* **Closing is bounded.** Leaving the ``async with`` block, cancelling the task that iterates,
+  or a timeout around the iteration ends the subscription in at most ``close_timeout`` seconds
+  whatever the log does (milliseconds when it answers): what is cut short is an
+  acknowledgement (the event comes again to a durable subscription) or a deletion (see above).
 
 Without ``from_position`` a new subscription starts at the end of the log (new events only).
 """
@@ -66,6 +73,8 @@ class EventSubscription:
         ack_wait: float = 300.0,
         fetch_timeout: float = 1.0,
         retry_max: float = 2.0,
+        close_timeout: float = 1.0,
+        inactive_threshold: float = 60.0,
     ) -> None:
         if from_position is not None and from_position < 0:
             raise ValueError("from_position must be >= 0")
@@ -81,6 +90,8 @@ class EventSubscription:
         self._ack_wait = ack_wait
         self._fetch_timeout = fetch_timeout
         self._retry_max = retry_max
+        self._close_timeout = close_timeout
+        self._inactive_threshold = None if self.durable else inactive_threshold
         self._consumer: Consumer | None = None
         self._buffer: deque[Delivery] = deque()
         self._current: Delivery | None = None
@@ -130,21 +141,38 @@ class EventSubscription:
 
     async def close(self, *, ack: bool = True) -> None:
         """Stop; acknowledge the event handed out last unless ``ack`` is false. A durable
-        consumer stays (resume by its name); a temporary one is deleted."""
+        consumer stays (resume by its name); a temporary one is deleted. Returns within
+        ``close_timeout`` seconds even when the log does not answer."""
         if self._closed:
             return
         self._closed = True
-        if ack and self._current is not None:
-            with contextlib.suppress(EventStoreError):
-                await self._current.ack()
-        self._current = None
+        current, self._current = self._current, None
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            with contextlib.suppress(EventStoreError):
-                await consumer.close()
-        if not self.durable:
-            with contextlib.suppress(EventStoreError):
-                await self._store.delete_consumer(self.name)
+        self._buffer.clear()
+        step = "closing"
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                if consumer is not None:
+                    # First: its local part (the inbox, its task) is done before the first
+                    # wait on the server, so nothing is left behind when the rest is cut short.
+                    with contextlib.suppress(EventStoreError):
+                        await consumer.close()
+                if self.durable:
+                    if ack and current is not None:
+                        step = "acknowledging the last event"
+                        with contextlib.suppress(EventStoreError):
+                            await current.ack()
+                else:  # deleted, so an acknowledgement would be a wasted round trip
+                    step = "deleting the consumer"
+                    with contextlib.suppress(EventStoreError):
+                        await self._store.delete_consumer(self.name)
+        except TimeoutError:
+            log.warning(
+                "subscription %s: %s took over %gs; left to the log",
+                self.name,
+                step,
+                self._close_timeout,
+            )
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -216,6 +244,8 @@ class EventSubscription:
     async def _fill(self) -> None:
         delay = 0.05
         while True:
+            if self._closed:  # by another task: never open a consumer again
+                raise StopAsyncIteration
             try:
                 if self._broken or self._consumer is None:
                     await self._recreate()
@@ -245,6 +275,7 @@ class EventSubscription:
             start_after=self._last,
             ack_wait=self._ack_wait,
             max_ack_pending=max(4 * self._batch, 256),
+            inactive_threshold=self._inactive_threshold,
         )
 
     async def _recreate(self) -> None:

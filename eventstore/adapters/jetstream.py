@@ -360,8 +360,9 @@ class _ReplyMux:
 
     async def stop(self) -> None:
         sub, self._sub = self._sub, None
-        for fut in self._futures.values():
-            fut.cancel()
+        # Resolved as unanswered (None), not cancelled: a CancelledError would reach a task
+        # nobody cancelled.
+        _expire(self._futures.values())
         self._futures.clear()
         if sub is not None:
             with contextlib.suppress(nats.errors.Error):
@@ -401,6 +402,7 @@ class _PullInbox:
         self._wake = asyncio.Event()
         self._counter = 0
         self._sub: Subscription | None = None
+        self._stopped = False
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_msg)
@@ -408,6 +410,8 @@ class _PullInbox:
     async def stop(self) -> list[Msg]:
         """Unsubscribe; return deliveries that arrived but were never handed out."""
         sub, self._sub = self._sub, None
+        self._stopped = True
+        self._wake.set()  # a collect in progress returns
         if sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
@@ -453,8 +457,8 @@ class _PullInbox:
         self, token: str, want: int, deadline: float, *, quiet: float | None = None
     ) -> tuple[list[Msg], str | None]:
         """Deliveries until ``want`` arrived, the request ended (its status is returned), the
-        loop-time ``deadline`` passed, or -- with ``quiet`` -- nothing more came for ``quiet``
-        seconds after a first delivery (status ``None`` for the last three)."""
+        loop-time ``deadline`` passed, the inbox stopped, or -- with ``quiet`` -- nothing more
+        came for ``quiet`` seconds after a first delivery (status ``None`` for the last four)."""
         loop = asyncio.get_running_loop()
         out: list[Msg] = []
         try:
@@ -467,13 +471,17 @@ class _PullInbox:
                     out.extend(self.take(want - len(out)))
                     return out, status
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self._stopped:
                     return out, None
                 if out and quiet is not None:
                     remaining = min(remaining, quiet)
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), remaining)
+                    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that
+                    # arrives in the same loop turn as a wake-up, which under a steady stream
+                    # made a cancelled or timed-out subscription carry on for good.
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()
                 except TimeoutError:
                     if out and quiet is not None:
                         return out, None
@@ -584,17 +592,34 @@ class JetStreamEventStore:
 
     # -- JetStream API -----------------------------------------------------------------------
 
+    async def request(self, subject: str, payload: bytes, timeout: float) -> Msg:  # noqa: ASYNC109
+        """One request/reply on the shared reply inbox; raises nats' ``TimeoutError`` /
+        ``NoRespondersError`` like ``nc.request``, which is not used: its ``asyncio.wait_for``
+        (Python 3.11) drops a cancellation that arrives with the reply, so a subscription
+        cancelled or timed out while acknowledging an event went on running."""
+        nc, mux = self._conn()
+        reply, token, fut = mux.expect()
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, (fut,))
+        try:
+            await nc.publish(subject, payload, reply=reply)
+            msg = await fut
+        finally:
+            timer.cancel()
+            mux.forget([(token, fut)])
+        if msg is None:
+            raise nats.errors.TimeoutError
+        if _status(msg) == "503":
+            raise nats.errors.NoRespondersError
+        return msg
+
     async def _api(self, op: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        nc, _ = self._conn()
         payload = b"" if body is None else json.dumps(body).encode()
         try:
-            msg = await nc.request(f"{_API}.{op}", payload, timeout=self._timeout)
+            msg = await self.request(f"{_API}.{op}", payload, self._timeout)
         except nats.errors.NoRespondersError as exc:
             raise UnavailableError(f"JetStream not available ({op})") from exc
         except (nats.errors.Error, OSError) as exc:
             raise UnavailableError(f"JetStream request {op} failed: {exc!r}") from exc
-        if _status(msg) == "503":
-            raise UnavailableError(f"JetStream not available ({op})")
         resp: dict[str, Any] = json.loads(msg.data)
         err = resp.get("error")
         if err is not None:
@@ -988,6 +1013,7 @@ class JetStreamEventStore:
         start_after: int = 0,
         ack_wait: float = 30.0,
         max_ack_pending: int = 1000,
+        inactive_threshold: float | None = None,
     ) -> JetStreamConsumer:
         spec = ConsumerSpec(
             name=name,
@@ -995,6 +1021,7 @@ class JetStreamEventStore:
             start_after=start_after,
             ack_wait=ack_wait,
             max_ack_pending=max_ack_pending,
+            inactive_threshold=inactive_threshold,
         )
         await self._ensure_consumer(spec)
         nc, _ = self._conn()
@@ -1111,7 +1138,7 @@ class JetStreamConsumer:
     async def _settle(self, reply: object, payload: bytes) -> None:
         assert isinstance(reply, str)
         try:
-            await self._nc.request(reply, payload, timeout=self._store._timeout)
+            await self._store.request(reply, payload, self._store._timeout)
         except nats.errors.NoRespondersError as exc:
             raise ConsumerGoneError(f"consumer {self._spec.name!r} does not exist") from exc
         except (nats.errors.Error, OSError) as exc:

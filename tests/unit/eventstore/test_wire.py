@@ -124,6 +124,9 @@ def test_consumer_configs() -> None:
     assert durable["ack_wait"] == 1_500_000_000
     assert (durable["deliver_policy"], durable["opt_start_seq"]) == ("by_start_sequence", 11)
     assert durable["filter_subject"] == "twinhub.ev.>"
+    assert "inactive_threshold" not in durable  # a durable consumer never expires by default
+    temporary = durable_consumer_config(ConsumerSpec(name="sub-1", inactive_threshold=60))
+    assert temporary["inactive_threshold"] == 60 * 10**9
     multi = durable_consumer_config(ConsumerSpec(name="t", filter_subjects=("a.>", "b.>")))
     assert multi["filter_subjects"] == ["a.>", "b.>"]
     assert multi["deliver_policy"] == "all"
