@@ -345,8 +345,11 @@ class InMemoryNotifier:
         self.event = asyncio.Event()
 
     async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+        # arrives as the event is set (the gateway cancels a device's command loop this way).
         try:
-            await asyncio.wait_for(self.event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.event.wait()
         except TimeoutError:
             return False
         self.event.clear()
