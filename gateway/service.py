@@ -107,6 +107,7 @@ class GatewayConfig:
     # connections from one IPv4 address / IPv6 /64 at once, signed in or not (devices behind
     # one NAT share it: raise it for large fleets behind one address)
     max_connections_per_ip: int | None = 1024
+    max_connections: int | None = 50_000  # at once, from anywhere (~85 kB each over TLS)
     message_timeout: float | None = 30.0  # a message begun must be complete within this
     # command delivery (see gateway.commands)
     command_retry_initial: float = 1.0
@@ -211,6 +212,7 @@ class Gateway:
                 request_rate=cfg.request_rate,
                 request_burst=cfg.request_burst,
                 max_connections_per_ip=cfg.max_connections_per_ip,
+                max_connections=cfg.max_connections,
                 message_timeout=cfg.message_timeout,
             ),
             on_request=self._on_request,

@@ -80,6 +80,7 @@ class GatewaySettings:
     sign_in_timeout: float = 60.0  # seconds from accept (TLS handshake included) to sign-in
     max_unauthenticated: int = 10_000  # connections not signed in, at once
     max_connections_per_ip: int = 1024  # from one IPv4 address / IPv6 /64, signed in or not
+    max_connections: int = 50_000  # at once, from anywhere; 0: no limit
     request_rate: float = 20.0  # device requests a second, per connection
     request_burst: int = 100  # requests at once before request_rate applies
     message_timeout: float = 30.0  # seconds from a message's first byte to its last (slowloris)

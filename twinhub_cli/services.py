@@ -245,6 +245,7 @@ def gateway_config(config: Config, data: DataDir) -> GatewayConfig:
         sign_in_timeout=g.sign_in_timeout or None,
         max_unauthenticated=g.max_unauthenticated or None,
         max_connections_per_ip=g.max_connections_per_ip or None,
+        max_connections=g.max_connections or None,
         request_rate=g.request_rate or None,
         request_burst=max(1, g.request_burst),
         message_timeout=g.message_timeout or None,

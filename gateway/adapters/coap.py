@@ -116,6 +116,10 @@ class CoapServerConfig:
     Too Many Requests with Max-Age = seconds until the next one is accepted. None: no limit."""
     request_burst: int = 100
     """Requests a connection may send at once before ``request_rate`` applies."""
+    max_connections: int | None = None
+    """Connections at once, from anywhere, from accept to close, signed in or not: beyond that a
+    new connection is closed as soon as it is accepted (before any TLS handshake), logged at
+    most once a second. A bound on the memory and file descriptors a flood can take."""
     max_connections_per_ip: int | None = None
     """Connections from one remote address at once (an IPv4 address, or an IPv6 /64), from
     accept to close, signed in or not; beyond that a new connection is closed as soon as it is
@@ -141,7 +145,7 @@ class CoapServerConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"CoapServerConfig.{name} must be > 0 or None")
-        for name in ("max_unauthenticated", "max_connections_per_ip"):
+        for name in ("max_unauthenticated", "max_connections_per_ip", "max_connections"):
             limit = getattr(self, name)
             if limit is not None and limit < 1:
                 raise ValueError(f"CoapServerConfig.{name} must be >= 1 or None")
@@ -559,6 +563,11 @@ class CoapServer:
         return 0 if self._hub is None else self._hub.refused
 
     @property
+    def refused_total(self) -> int:
+        """Connections refused because of ``max_connections`` since the start."""
+        return 0 if self._hub is None else self._hub.refused_total
+
+    @property
     def refused_per_ip(self) -> int:
         """Connections refused because of ``max_connections_per_ip`` since the start."""
         return 0 if self._hub is None else self._hub.refused_per_ip
@@ -587,6 +596,7 @@ class CoapServer:
             request_burst=config.request_burst,
             max_connections_per_ip=config.max_connections_per_ip,
             message_timeout=config.message_timeout,
+            max_connections=config.max_connections,
         )
         self._hub = hub = wire.Hub(limits, self._connection_made)
         try:

@@ -156,6 +156,7 @@ class Limits:
     request_burst: int = 1
     max_connections_per_ip: int | None = None
     message_timeout: float | None = None
+    max_connections: int | None = None
 
 
 class LinkEvents(Protocol):
@@ -1061,6 +1062,11 @@ class Hub:
         """Live connections (handshaking ones included) by :func:`address_key`."""
         self.refused_per_ip = 0
         """Connections refused so far because of ``max_connections_per_ip``."""
+        self.connections = 0
+        """Live connections (handshaking ones included)."""
+        self.refused_total = 0
+        """Connections refused so far because of ``max_connections``."""
+        self._next_total_refusal_log = 0.0
         self._next_refusal_log = 0.0
         self._next_ip_refusal_log = 0.0
         self._endpoints: list[_Endpoint] = []
@@ -1070,6 +1076,20 @@ class Hub:
         return self._link_made(link)
 
     def admit(self, remote: str, address: str) -> bool:
+        total = self.limits.max_connections
+        if total is not None and self.connections >= total:
+            self.refused_total += 1
+            now = self.loop.time()
+            if now >= self._next_total_refusal_log:  # one line a second under a flood
+                log.warning(
+                    "refused a connection from %s: %d connections (limit %d); %d refused so far",
+                    remote,
+                    self.connections,
+                    total,
+                    self.refused_total,
+                )
+                self._next_total_refusal_log = now + 1.0
+            return False
         per_address = self.limits.max_connections_per_ip
         held = self.per_ip.get(address, 0)
         if per_address is not None and held >= per_address:
@@ -1104,12 +1124,14 @@ class Hub:
             return False
         self.unauthenticated += 1
         self.per_ip[address] = held + 1
+        self.connections += 1
         return True
 
     def release(self) -> None:
         self.unauthenticated -= 1
 
     def release_address(self, address: str) -> None:
+        self.connections -= 1
         held = self.per_ip.pop(address, 0) - 1
         if held > 0:
             self.per_ip[address] = held

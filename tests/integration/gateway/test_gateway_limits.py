@@ -105,6 +105,31 @@ async def test_connections_beyond_the_per_ip_limit_are_refused_before_the_tls_ha
         assert stack.server.unauthenticated == 0
 
 
+async def test_connections_beyond_the_total_limit_are_refused_from_any_address(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = pki.client_context(client_cert=False)
+    async with running_gateway(**tls_config(pki, max_connections=2)) as stack:
+        signed = await RawPeer.connect(stack.tls, client)
+        await sign_in(stack, signed)
+        silent = await RawPeer.connect(stack.tls, local_host="127.0.0.2")  # never handshakes
+        await wait_for(lambda: stack.server.connections_from("127.0.0.2") == 1)
+        with caplog.at_level(logging.WARNING, "gateway.adapters.coap"):
+            async with asyncio.timeout(5):
+                with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+                    await RawPeer.connect(stack.tls, client, local_host="127.0.0.3")
+        assert stack.server.refused_total == 1
+        assert "2 connections (limit 2)" in caplog.text
+        silent.writer.transport.abort()  # a connection that goes makes room
+        await wait_for(lambda: stack.server.connections_from("127.0.0.2") == 0)
+        again = await RawPeer.connect(stack.tls, client, local_host="127.0.0.3")
+        await sign_in(stack, again)
+        await alive(signed)
+        for peer in (signed, again):
+            await peer.close()
+        await wait_for(lambda: not stack.server.connections, DEADLINE)
+
+
 @pytest.mark.parametrize(
     ("host", "key"),
     [
