@@ -19,9 +19,22 @@ How each operation maps onto JetStream:
   atomic batch holding a known id. In both cases we look the ids up on the messages' own subjects
   (server-side filter, messages of the last two duplicate windows) and, when they are all there,
   answer with their positions as duplicates, as the in-memory store does.
-* **read** — a throw-away pull consumer (no acks, memory storage, ``inactive_threshold``) from
-  ``after + 1`` with the filter applied by the server, pulled in ``no_wait`` batches up to the last
-  position matching the filter when the read started.
+* **read** — a batched direct get (ADR-31, stream option ``allow_direct``): one request on
+  ``$JS.API.DIRECT.GET.<stream>`` with ``seq`` = ``after + 1``, ``next_by_subj`` (the filter,
+  applied by the server) and ``batch``; the server answers with up to ``batch`` (256) stored
+  messages, each carrying its subject, position, time and the number of matching messages after
+  it in ``Nats-*`` headers, then a ``204 EOB`` status (``404`` alone when nothing matches). The
+  replies come to the store's one reply inbox. The read ends with what the server counted when
+  it answered, so a small read (the hot paths) is that one request: no consumer, no
+  ``last_position``. A longer read goes on from the last position seen through a throw-away pull
+  consumer (no acks, memory storage, ``inactive_threshold``), cheaper for the server per message,
+  pulled in ``no_wait`` batches up to ``last_position`` taken then. Streams without
+  ``allow_direct`` are refused (``NotProvisionedError``: ``provision()`` turns it on). On a
+  replicated stream followers answer direct gets too and may lag the leader by the appends in
+  flight; not yet looked at on a cluster (the tests run one server).
+* **looking up recent ids** (a refused conditional append that may be a retry) — a throw-away
+  pull consumer (no acks, memory storage, ``inactive_threshold``) from a start time, filtered on
+  the messages' subjects.
 * **last_position** — ``STREAM.MSG.GET`` with ``last_by_subj`` (wildcards allowed), answered by
   the stream leader.
 * **durable consumers** — pull consumers with explicit acks; ``fetch`` is one pull request with
@@ -38,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -48,7 +62,7 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, NoReturn, Self
 
 import msgspec
 import nats
@@ -96,6 +110,8 @@ log = logging.getLogger("eventstore.jetstream")
 _NS: Final = 1_000_000_000
 _API: Final = "$JS.API"
 _READ_BATCH: Final = 256
+# Messages of a read's batched direct get; a longer read goes on through a consumer.
+_DIRECT_BATCH: Final = 256
 _READ_INACTIVE: Final = 30.0
 _LONG_POLL_GRACE: Final = 1.0
 # A fetch that got messages returns when no more arrive for this long: the server keeps a pull
@@ -120,6 +136,11 @@ H_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequenc
 H_BATCH_ID: Final = "Nats-Batch-Id"
 H_BATCH_SEQ: Final = "Nats-Batch-Sequence"
 H_BATCH_COMMIT: Final = "Nats-Batch-Commit"
+# What a direct get adds to a stored message's own headers.
+H_SUBJECT: Final = "Nats-Subject"
+H_SEQUENCE: Final = "Nats-Sequence"
+H_TIME_STAMP: Final = "Nats-Time-Stamp"
+H_NUM_PENDING: Final = "Nats-Num-Pending"
 _STATUS: Final = "Status"
 
 _decode_ack: Final = msgspec.json.Decoder(dict[str, Any]).decode
@@ -186,7 +207,7 @@ def parse_ack_reply(reply: str) -> AckMetadata:
         raise ValueError(f"bad JetStream ack subject: {reply!r}") from exc
 
 
-def _to_nats_message(msg: Msg) -> NatsMessage:
+def _to_nats_message(msg: Msg, subject: str | None = None) -> NatsMessage:
     headers = msg.headers or {}
     msg_id = headers.get(H_MSG_ID, "")
     kept = {
@@ -194,7 +215,8 @@ def _to_nats_message(msg: Msg) -> NatsMessage:
         for k, v in headers.items()
         if not str(k).lower().startswith(RESERVED_HEADER_PREFIX)
     }
-    return NatsMessage(subject=msg.subject, msg_id=msg_id, data=msg.data, headers=kept)
+    subject = msg.subject if subject is None else subject
+    return NatsMessage(subject=subject, msg_id=msg_id, data=msg.data, headers=kept)
 
 
 def _stored(msg: Msg) -> tuple[StoredMessage, AckMetadata]:
@@ -203,6 +225,17 @@ def _stored(msg: Msg) -> tuple[StoredMessage, AckMetadata]:
         position=meta.stream_seq, message=_to_nats_message(msg), time_ns=meta.timestamp_ns
     )
     return stored, meta
+
+
+def _stored_direct(msg: Msg) -> StoredMessage:
+    """A message as a direct get returns it: the stored headers plus its subject, position and
+    time in ``Nats-*`` headers (which, like every reserved header, are not returned)."""
+    headers = msg.headers or {}
+    return StoredMessage(
+        position=int(headers[H_SEQUENCE]),
+        message=_to_nats_message(msg, headers[H_SUBJECT]),
+        time_ns=_parse_rfc3339_ns(headers[H_TIME_STAMP]),
+    )
 
 
 def _stored_from_api(raw: dict[str, Any]) -> StoredMessage:
@@ -230,8 +263,13 @@ def _parse_rfc3339_ns(text: str) -> int:
     if not text:
         return 0
     base, _, frac = text.rstrip("Z").partition(".")
-    secs = int(datetime.fromisoformat(base).replace(tzinfo=UTC).timestamp())
-    return secs * _NS + int((frac or "0")[:9].ljust(9, "0"))
+    return _epoch_seconds(base) * _NS + int((frac or "0")[:9].ljust(9, "0"))
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch_seconds(base: str) -> int:
+    # Cached: the messages of a read mostly share a few seconds.
+    return int(datetime.fromisoformat(base).replace(tzinfo=UTC).timestamp())
 
 
 def _status(msg: Msg) -> str | None:
@@ -348,13 +386,26 @@ class JetStreamNotifier:
                 await sub.unsubscribe()
 
 
+class _BatchAnswer:
+    """The answer to one batched direct get: the stored messages, then what ended it."""
+
+    __slots__ = ("done", "end", "msgs")
+
+    def __init__(self) -> None:
+        self.msgs: list[Msg] = []
+        self.end: Msg | None = None  # None once done: the inbox stopped
+        self.done = asyncio.Event()
+
+
 class _ReplyMux:
-    """One wildcard inbox for publish acks: a publish registers a future under a token."""
+    """One wildcard inbox for publish acks and requests: a publish registers a future under a
+    token; a batched direct get registers a :class:`_BatchAnswer` collecting several replies."""
 
     def __init__(self, nc: NatsClient) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox()
         self._futures: dict[str, asyncio.Future[Msg | None]] = {}
+        self._batches: dict[str, _BatchAnswer] = {}
         self._counter = 0
         self._sub: Subscription | None = None
 
@@ -367,6 +418,9 @@ class _ReplyMux:
         # nobody cancelled.
         _expire(self._futures.values())
         self._futures.clear()
+        for answer in self._batches.values():
+            answer.done.set()
+        self._batches.clear()
         if sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
@@ -385,11 +439,36 @@ class _ReplyMux:
             if not fut.done():
                 fut.cancel()
 
+    def expect_batch(self) -> tuple[str, str, _BatchAnswer]:
+        """A reply subject, its token and the answer its replies fill."""
+        self._counter += 1
+        token = str(self._counter)
+        answer = _BatchAnswer()
+        self._batches[token] = answer
+        return f"{self._prefix}.{token}", token, answer
+
+    def forget_batch(self, token: str) -> None:
+        self._batches.pop(token, None)
+
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) + 1 :]
         fut = self._futures.pop(token, None)
-        if fut is not None and not fut.done():
-            fut.set_result(msg)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(msg)
+            return
+        answer = self._batches.get(token)
+        if answer is None or answer.done.is_set():
+            return
+        headers = msg.headers
+        if headers is not None and H_SEQUENCE in headers:
+            answer.msgs.append(msg)
+            if H_NUM_PENDING in headers:
+                return
+            # A stored message without the batch headers: a server that ignored "batch" (< 2.11)
+            # answered with this one message and will send nothing more.
+        answer.end = msg
+        answer.done.set()
 
 
 class _PullInbox:
@@ -899,17 +978,82 @@ class JetStreamEventStore:
             raise ValueError("limit must be >= 0")
         if limit == 0:
             return
-        end = await self.last_position(filter_subject)
-        if end <= after:
+        want = _DIRECT_BATCH if limit is None else min(_DIRECT_BATCH, limit)
+        msgs = await self._direct_batch(filter_subject, after + 1, want)
+        if not msgs:
             return
-        count = 0
-        scan = self._scan([filter_subject], start_time_ns=None, after=after, end=end, limit=limit)
+        # What matched when the read started: the first message and the number of matching
+        # messages after it, counted by the server before it sent anything.
+        total = int((msgs[0].headers or {})[H_NUM_PENDING]) + 1
+        left = total if limit is None else min(limit, total)
+        msgs = msgs[:left]  # the server may also send what was appended while it answered
+        for msg in msgs:
+            yield _stored_direct(msg)
+        left -= len(msgs)
+        if left <= 0:
+            return
+        # A long read goes on through a consumer: the server streams those at a third of the
+        # CPU direct gets cost per message (bench/read_bench.py, full replay). Unread messages
+        # removed by limits meanwhile leave room in the count for newer ones: the end of the
+        # log now bounds those.
+        cursor = int((msgs[-1].headers or {})[H_SEQUENCE])
+        end = await self.last_position(filter_subject)
+        if end <= cursor:
+            return
+        scan = self._scan([filter_subject], start_time_ns=None, after=cursor, end=end, limit=left)
         async with contextlib.aclosing(scan):
             async for stored in scan:
                 yield stored
-                count += 1
-                if limit is not None and count >= limit:
-                    return
+
+    async def _direct_batch(self, filter_subject: str, seq: int, batch: int) -> list[Msg]:
+        """Up to ``batch`` stored messages matching ``filter_subject`` from position ``seq`` on,
+        in one batched direct get (ADR-31, nats-server >= 2.11): the server sends them, each
+        with its subject, position, time and the number still matching after it, then an
+        end-of-batch status (or 404 when nothing matches)."""
+        nc, mux = self._conn()
+        name = self.layout.name
+        body = json.dumps({"seq": seq, "next_by_subj": filter_subject, "batch": batch}).encode()
+        reply, token, answer = mux.expect_batch()
+        try:
+            try:
+                await nc.publish(f"{_API}.DIRECT.GET.{name}", body, reply=reply)
+            except (nats.errors.Error, OSError) as exc:
+                raise UnavailableError(f"direct get failed: {exc!r}") from exc
+            try:
+                # asyncio.timeout, not wait_for (Python 3.11 drops a cancellation with it).
+                async with asyncio.timeout(self._timeout):
+                    await answer.done.wait()
+            except TimeoutError:
+                raise UnavailableError(
+                    f"no answer reading {filter_subject!r} within {self._timeout}s"
+                ) from None
+        finally:
+            mux.forget_batch(token)
+        end = answer.end
+        if end is None:
+            raise UnavailableError(f"store closed while reading {filter_subject!r}")
+        headers = end.headers or {}
+        if H_SEQUENCE in headers:
+            raise EventStoreError(
+                "nats-server answered a batched direct get with a single message: "
+                "it needs nats-server >= 2.11"
+            )
+        status = headers.get(_STATUS)
+        if status in ("204", "404"):
+            return answer.msgs
+        if status == "503":
+            await self._direct_get_refused()
+        description = headers.get("Description", "")
+        raise EventStoreError(f"direct get of {filter_subject!r} answered {status} {description}")
+
+    async def _direct_get_refused(self) -> NoReturn:
+        """Nobody answered a direct get (503, no responders): say why."""
+        info = await self._api(f"STREAM.INFO.{self.layout.name}")  # NotProvisionedError if gone
+        if not info.get("config", {}).get("allow_direct", False):
+            raise NotProvisionedError(
+                f"stream {self.layout.name!r} does not allow direct gets: run provision()"
+            )
+        raise UnavailableError("no server answered the direct get (stream not ready?)")
 
     async def _scan(
         self,

@@ -298,6 +298,25 @@ async def test_read_stops_at_the_end_of_the_log_when_it_started(h: Harness) -> N
     assert len(await h.read_all()) == 10
 
 
+async def test_read_of_several_pages_stops_at_the_end_of_the_log_when_it_started(
+    h: Harness,
+) -> None:
+    # More than the JetStream adapter's batched direct get (256): the rest comes via a consumer.
+    await h.store.append([h.msg("d1", f"r{i % 3}") for i in range(600)])
+    await h.store.append([h.msg("d2")])
+    seen = []
+    async for stored in h.store.read(h.device_scope("d1")):
+        seen.append(stored.position)
+        if stored.position in (1, 300):  # in the first page, then in a later one
+            await h.store.append([h.msg("d1") for _ in range(5)])
+    assert seen == list(range(1, 601))
+    assert len(await h.read_all(h.device_scope("d1"))) == 610
+    assert [s.position for s in await h.read_all(after=250, limit=300)] == list(range(251, 551))
+    r1 = [s.position for s in await h.read_all(f"{h.root}.*.d1.*.r1", after=10)]
+    assert r1 == [*range(11, 601, 3), *range(602, 612)]
+    assert [s.position for s in await h.read_all(h.device_scope("d2"))] == [601]
+
+
 async def test_last_position_per_scope(h: Harness) -> None:
     assert await h.store.last_position(h.everything) == 0
     await h.store.append([h.msg("d1", "r1"), h.msg("d2", "r1"), h.msg("d1", "r2")])
@@ -500,6 +519,8 @@ async def test_unprovisioned_store_says_so(backend: tuple[str, str | None]) -> N
             await h.store.append([h.msg("d1")])
         with pytest.raises(NotProvisionedError):
             await h.store.last_position(h.everything)
+        with pytest.raises(NotProvisionedError):
+            await h.read_all()
 
 
 # -- JetStream only ---------------------------------------------------------------------------
@@ -610,6 +631,83 @@ async def test_jetstream_stream_config_is_what_layout_says(nats_url: str) -> Non
             assert json.loads(msg.data)["config"]["max_msgs_per_subject"] == 10
         finally:
             await _delete_stream(store, layout.name)
+
+
+async def test_jetstream_read_returns_what_a_consumer_delivers(nats_url: str) -> None:
+    """Reads are batched direct gets, durable consumers deliver: the same stored messages."""
+    layout, root = unique_layout()
+    async for h in _open(("jetstream", nats_url), layout, root):
+        await h.store.append(
+            [
+                h.msg("d1", headers={"ce-type": "t", "X-Colon": "a: b", "ce-time": "2026"}),
+                h.msg("d1", data=b"", headers={}),
+                h.msg("d2", "r2", data=bytes(range(256)) * 4, headers={"Content-Type": "x/y"}),
+            ]
+        )
+        await h.store.append(
+            [h.msg("d1", "r3"), h.msg("d1", "r4")], expected_last=2, scope=h.device_scope("d1")
+        )
+        read = await h.read_all()
+        async with await h.store.consumer("same", [h.everything]) as c:
+            delivered = [d.stored for d in await c.fetch(10, timeout=2)]
+        assert len(read) == 5
+        for r, d in zip(read, delivered, strict=True):
+            assert r.position == d.position
+            assert r.time_ns == d.time_ns
+            assert r.message.subject == d.message.subject
+            assert r.message.msg_id == d.message.msg_id
+            assert r.message.data == d.message.data
+            assert dict(r.message.headers) == dict(d.message.headers)
+            assert r == d
+
+
+async def test_jetstream_read_of_a_stream_without_direct_get_says_so(nats_url: str) -> None:
+    """A stream made without ``allow_direct`` is refused clearly, and provision() turns it on."""
+    layout, root = unique_layout()
+    async with JetStreamEventStore.from_url(nats_url, layout) as store:
+        cfg = {"name": layout.name, "subjects": list(layout.subjects), "allow_direct": False}
+        await store.connection.request(
+            f"$JS.API.STREAM.CREATE.{layout.name}", json.dumps(cfg).encode(), timeout=5
+        )
+        try:
+            h = Harness("jetstream", store, layout, root)
+            await store.append([h.msg("d1")])
+            with pytest.raises(NotProvisionedError, match="direct"):
+                await h.read_all()
+            await store.provision()  # an existing stream is updated in place
+            assert [s.position for s in await h.read_all()] == [1]
+        finally:
+            await _delete_stream(store, layout.name)
+
+
+async def test_jetstream_read_while_limits_remove_unread_messages_ends(nats_url: str) -> None:
+    """Limits that remove unread messages meanwhile do not make a long read chase the log: it
+    ends, in order, by the end of the log after its first batch."""
+    layout, root = unique_layout(max_msgs_per_subject=300)
+    async for h in _open(("jetstream", nats_url), layout, root):
+        await h.store.append([h.msg("d1") for _ in range(300)])
+        seen = []
+        async for stored in h.store.read(h.everything):
+            seen.append(stored.position)
+            if stored.position == 1:  # removes 1-280, among them the unread 257-280
+                await h.store.append([h.msg("d1") for _ in range(280)])
+        assert seen[:256] == list(range(1, 257))
+        assert seen == sorted(set(seen))
+        assert all(not 257 <= p <= 280 for p in seen)
+        assert len(seen) <= 300
+        assert seen[-1] <= 580
+
+
+async def test_jetstream_small_read_is_one_request(nats_url: str) -> None:
+    layout, root = unique_layout()
+    async for h in _open(("jetstream", nats_url), layout, root):
+        await h.store.append([h.msg("d1") for _ in range(20)])
+        assert h.wire_messages is not None
+        for after, want in ((20, 0), (19, 1), (10, 10)):
+            before = h.wire_messages()
+            assert len(await h.read_all(after=after)) == want
+            # The messages and one end-of-batch status (or a 404 alone): no other round trip.
+            assert h.wire_messages() - before == max(want, 0) + 1
 
 
 def test_both_adapters_satisfy_the_port() -> None:

@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from eventstore.adapters.jetstream import _rfc3339_ns, _to_nats_message, parse_ack_reply
+from eventstore.adapters.jetstream import (
+    _parse_rfc3339_ns,
+    _ReplyMux,
+    _rfc3339_ns,
+    _stored_direct,
+    _to_nats_message,
+    parse_ack_reply,
+)
 from eventstore.errors import ConcurrencyError, EventStoreError, InvalidAppendError
 from eventstore.layout import (
     StreamLayout,
@@ -16,7 +23,7 @@ from eventstore.layout import (
     stream_config,
 )
 from eventstore.ports import AppendResult, ConsumerSpec, check_append
-from proto.message import NatsMessage
+from proto.message import NatsMessage, StoredMessage
 
 STREAM = ("twinhub.ev.>",)
 
@@ -62,6 +69,83 @@ def test_stored_headers_lose_the_logs_own() -> None:
 def test_rfc3339_ns() -> None:
     assert _rfc3339_ns(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456789Z"
     assert _rfc3339_ns(-5) == "1970-01-01T00:00:00.000000000Z"
+    # Go's RFC3339Nano (direct get's Nats-Time-Stamp) drops trailing zeros of the fraction.
+    for ns in (1_700_000_000_123_456_789, 1_700_000_000_120_000_000, 1_700_000_000_000_000_000):
+        go = _rfc3339_ns(ns).rstrip("Z").rstrip("0").rstrip(".") + "Z"
+        assert _parse_rfc3339_ns(go) == ns
+
+
+class FakeMsg:
+    def __init__(self, subject: str, headers: dict[str, str] | None, data: bytes = b"") -> None:
+        self.subject = subject
+        self.headers = headers
+        self.data = data
+
+
+def direct(seq: int, pending: int | None, **extra: str) -> FakeMsg:
+    headers = {
+        "ce-type": "t",
+        "Nats-Msg-Id": f"id{seq}",
+        "Nats-Stream": "S",
+        "Nats-Subject": "twinhub.ev.o.d.k.r",
+        "Nats-Sequence": str(seq),
+        "Nats-Time-Stamp": "2023-11-14T22:13:20.12Z",
+        "Nats-Last-Sequence": "0",
+        **extra,
+    }
+    if pending is not None:
+        headers["Nats-Num-Pending"] = str(pending)
+    return FakeMsg("_INBOX.reply", headers, b"body")
+
+
+def test_stored_direct_reads_position_subject_and_time_from_headers() -> None:
+    got = _stored_direct(direct(7, 0, Status="user header"))  # type: ignore[arg-type]
+    assert got == StoredMessage(
+        position=7,
+        message=NatsMessage(
+            subject="twinhub.ev.o.d.k.r",
+            msg_id="id7",
+            data=b"body",
+            headers={"ce-type": "t", "Status": "user header"},
+        ),
+        time_ns=1_700_000_000_120_000_000,
+    )
+
+
+async def test_reply_mux_collects_a_batch_until_its_end() -> None:
+    class FakeClient:
+        def new_inbox(self) -> str:
+            return "_INBOX.x"
+
+    mux = _ReplyMux(FakeClient())  # type: ignore[arg-type]
+    on = mux._on_reply
+    reply, token, answer = mux.expect_batch()
+    other = direct(9, 0)  # for another request: not collected
+    await on(other)  # type: ignore[arg-type]
+    first, second = direct(1, 1, Status="a user header"), direct(2, 0)
+    eob = FakeMsg("", {"Status": "204", "Description": "EOB", "Nats-Num-Pending": "0"})
+    late = direct(3, 0)
+    for msg in (first, second, eob, late):
+        msg.subject = reply
+    await on(first)  # type: ignore[arg-type]
+    await on(second)  # type: ignore[arg-type]
+    assert not answer.done.is_set()
+    await on(eob)  # type: ignore[arg-type]
+    await on(late)  # type: ignore[arg-type]
+    assert answer.done.is_set() and answer.end is eob and answer.msgs == [first, second]
+    mux.forget_batch(token)
+
+    # A server that ignores "batch" answers with one message without Nats-Num-Pending: the end.
+    reply, token, answer = mux.expect_batch()
+    single = FakeMsg(reply, direct(5, None).headers)
+    await on(single)  # type: ignore[arg-type]
+    assert answer.done.is_set() and answer.end is single and answer.msgs == [single]
+    mux.forget_batch(token)
+
+    # Stopping the inbox ends an open batch with no end message (read as "unavailable").
+    _, _, answer = mux.expect_batch()
+    await mux.stop()
+    assert answer.done.is_set() and answer.end is None
 
 
 def test_check_append_scope_rules() -> None:
