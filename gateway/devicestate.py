@@ -82,25 +82,37 @@ async def discover_owner_links(
 
 @dataclass
 class CommandLog:
-    """A device's open commands, read incrementally from the log (issue order)."""
+    """A device's open commands, read incrementally from the log (issue order).
+
+    One cursor per event kind: the kinds are read one after another, and a message of one kind
+    appended (or made visible) while another kind is read must not be skipped because that
+    other read went further. (With a single cursor, a ``command-pending`` appended between the
+    reads was passed over until the device's next sign-in.)"""
 
     owner: str
     device_id: str
     open: dict[str, Command] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
-    after: int = 0  # the log position read up to
+    after: dict[str, int] = field(default_factory=dict)  # kind -> the log position read up to
+
+    @property
+    def cursor(self) -> tuple[int, ...]:
+        """Where the reads are: it changes exactly when a refresh read something."""
+        return tuple(self.after.get(cls.KIND, 0) for cls in COMMAND_EVENTS)
 
     async def refresh(self, store: EventStore) -> tuple[list[Command], list[str]]:
         """Read what is new; returns (commands that became open, correlation ids now closed)."""
         stored: list[StoredMessage] = []
         for cls in COMMAND_EVENTS:
             f = subjects.event_filter(owner=self.owner, device=self.device_id, kind=cls.KIND)
-            stored += [m async for m in store.read(f, after=self.after)]
+            read = [m async for m in store.read(f, after=self.after.get(cls.KIND, 0))]
+            if read:
+                self.after[cls.KIND] = read[-1].position
+            stored += read
         stored.sort(key=lambda m: m.position)
         added: dict[str, Command] = {}
         closed: list[str] = []
         for m in stored:
-            self.after = max(self.after, m.position)
             ev = binding.from_stored(m)
             corr = ev.correlation_id
             if corr is None or corr in self.done:

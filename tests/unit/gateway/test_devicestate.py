@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from eventstore.memory import InMemoryEventStore
-from gateway.devicestate import discover_owner_links, load_device_state
+from gateway.devicestate import CommandLog, discover_owner_links, load_device_state
 from proto import binding
 from proto import events as ev
+from proto.message import StoredMessage
 
 
 def e(owner: str, device: str, data: ev.EventData) -> ev.AnyEvent:
@@ -40,3 +43,46 @@ async def test_links_and_last_contents_are_replayed_from_the_log() -> None:
         "d2": ["/x"],
     }
     assert list(await discover_owner_links(store, "o", ("d2",))) == ["d2"]
+
+
+class AppendsBetweenReads(InMemoryEventStore):
+    """Right after the first read of command-pending events, another command is issued and an
+    earlier one ends: both land while the other kinds are still to be read."""
+
+    def __init__(self, owner: str, device: str) -> None:
+        super().__init__()
+        self.owner, self.device = owner, device
+        self.armed = True
+
+    async def read(  # type: ignore[override]
+        self, filter_subject: str = ">", *, after: int = 0, limit: int | None = None
+    ) -> AsyncIterator[StoredMessage]:
+        async for m in super().read(filter_subject, after=after, limit=limit):
+            yield m
+        if self.armed and ".command-pending." in filter_subject:
+            self.armed = False
+            late = ev.CommandPending(href="/a", op="update", content={"v": 2})
+            done = ev.CommandSucceeded(href="/a", status="2.04")
+            await self.append(
+                [
+                    binding.to_nats(
+                        ev.Event(self.owner, self.device, late, "/t", correlation_id="late")
+                    ),
+                    binding.to_nats(
+                        ev.Event(self.owner, self.device, done, "/t", correlation_id="first")
+                    ),
+                ]
+            )
+
+
+async def test_a_command_issued_between_the_reads_of_one_refresh_is_read_by_the_next() -> None:
+    store = AppendsBetweenReads("o", "d")
+    await store.provision()
+    first = ev.CommandPending(href="/a", op="update", content={"v": 1})
+    await store.append([binding.to_nats(ev.Event("o", "d", first, "/t", correlation_id="first"))])
+    commands = CommandLog("o", "d")
+    opened, closed = await commands.refresh(store)
+    assert (opened, closed) == ([], [])  # "first" began and ended within this pass
+    opened, closed = await commands.refresh(store)
+    assert [c.correlation_id for c in opened] == ["late"], "the command issued between reads"
+    assert closed == []
