@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,10 +96,9 @@ class CommandLog:
     done: set[str] = field(default_factory=set)
     after: dict[str, int] = field(default_factory=dict)  # kind -> the log position read up to
 
-    @property
-    def cursor(self) -> tuple[int, ...]:
-        """Where the reads are: it changes exactly when a refresh read something."""
-        return tuple(self.after.get(cls.KIND, 0) for cls in COMMAND_EVENTS)
+    def cursor(self, kinds: Iterable[str]) -> tuple[int, ...]:
+        """Where the reads of these kinds are: it changes exactly when a refresh read one."""
+        return tuple(self.after.get(kind, 0) for kind in kinds)
 
     async def refresh(self, store: EventStore) -> tuple[list[Command], list[str]]:
         """Read what is new; returns (commands that became open, correlation ids now closed)."""

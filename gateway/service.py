@@ -485,7 +485,7 @@ class Gateway:
             woken = False
             rechecks = list(_RECHECKS)
             while True:
-                read_up_to = commands.cursor
+                read_up_to = commands.cursor(kinds)
                 try:
                     opened, closed = await commands.refresh(self.store)
                 except Exception as e:
@@ -497,10 +497,12 @@ class Gateway:
                     self._commands(c, d.cancel(corr, now))
                 if opened:
                     self._commands(c, d.add(opened, now))
-                if woken and commands.cursor == read_up_to and rechecks:
-                    # Woken for nothing readable: JetStream hands a message to subscribers
-                    # just before its stream stores it. Look again shortly (a duplicate
-                    # publish, never stored, wakes us too: hence a bounded number of times).
+                if woken and commands.cursor(kinds) == read_up_to and rechecks:
+                    # Woken for nothing readable of the kinds we are woken for (what else
+                    # was read, our own sent / outcome events, says nothing): JetStream hands
+                    # a message to subscribers just before its stream stores it. Look again
+                    # shortly (a duplicate publish, never stored, wakes us too: hence a bounded
+                    # number of times).
                     await notifier.wait(rechecks.pop(0))
                     continue
                 rechecks = list(_RECHECKS)
