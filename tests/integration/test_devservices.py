@@ -102,15 +102,16 @@ def test_missing_mongo_binary_says_how_to_fix(
         MongoServer(tmp_path)
 
 
-async def test_cli_dev_services_runs_until_sigterm(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
+async def _dev_services(data_dir: Path) -> asyncio.subprocess.Process:
+    """``twinhub dev services`` on free ports, its stdout and stderr piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "twinhub_cli.main",
         "dev",
         "services",
         "--data-dir",
-        str(tmp_path),
+        str(data_dir),
         "--nats-port",
         "0",
         "--mongo-port",
@@ -119,6 +120,10 @@ async def test_cli_dev_services_runs_until_sigterm(tmp_path: Path) -> None:
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+async def test_cli_dev_services_runs_until_sigterm(tmp_path: Path) -> None:
+    proc = await _dev_services(tmp_path)
     try:
         assert proc.stdout is not None
         urls: dict[str, str] = {}
@@ -153,22 +158,7 @@ async def test_cli_dev_services_runs_until_sigterm(tmp_path: Path) -> None:
 async def test_servers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
     """SIGKILL of ``twinhub dev services`` (no chance to clean up) still stops its servers:
     they get SIGTERM from the kernel (parent-death signal), so no orphan holds ports or data."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "twinhub_cli.main",
-        "dev",
-        "services",
-        "--data-dir",
-        str(tmp_path),
-        "--nats-port",
-        "0",
-        "--mongo-port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = await _dev_services(tmp_path)
     try:
         assert proc.stdout is not None
         async with asyncio.timeout(60):
