@@ -41,11 +41,9 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import AsyncIterator, Sequence
@@ -769,34 +767,7 @@ def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main() -> int:
-    import uvloop
-
-    if len(sys.argv) > 1 and sys.argv[1] == "sim-worker":
-        return uvloop.run(sim_worker(parse_worker_args(sys.argv[2:])))
-    args = parse_args(sys.argv[1:])
-    work = Path(tempfile.mkdtemp(prefix="twinhub-cmd-"))
-    say(f"work dir {work}")
-    code = 0
-    try:
-        result = uvloop.run(run_bench(args, work))
-        text = json.dumps(result, indent=2)
-        print(text, flush=True)
-        if args.output is not None:
-            args.output.write_text(text + "\n", encoding="utf-8")
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        say("interrupted")
-        code = 130
-    except Exception as e:
-        traceback.print_exc()
-        say(f"failed: {type(e).__name__}: {e}")
-        code = 1
-    finally:
-        e2e._kill_leftovers()
-        if args.keep_work_dir:
-            say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    return code
+    return e2e.run_main("twinhub-cmd-", parse_args, run_bench, say)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -1464,35 +1464,46 @@ def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main() -> int:
+def run_main(
+    prefix: str,
+    parse: Callable[[list[str]], argparse.Namespace],
+    bench: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, dict[str, Any]]],
+    log: Callable[[str], None] = say,
+) -> int:
+    """A benchmark's ``main``: a ``sim-worker`` child, or the run in a temporary work dir
+    (kept with ``--keep-work-dir``), its JSON on stdout (and ``--output``); the exit code."""
     import uvloop
 
     if len(sys.argv) > 1 and sys.argv[1] == "sim-worker":
         return uvloop.run(sim_worker(parse_worker_args(sys.argv[2:])))
-    args = parse_args(sys.argv[1:])
-    work = Path(tempfile.mkdtemp(prefix="twinhub-e2e-"))
-    say(f"work dir {work}")
+    args = parse(sys.argv[1:])
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    log(f"work dir {work}")
     code = 0
     try:
-        result = uvloop.run(run_bench(args, work))
+        result = uvloop.run(bench(args, work))
         text = json.dumps(result, indent=2)
         print(text, flush=True)
         if args.output is not None:
             args.output.write_text(text + "\n", encoding="utf-8")
     except (KeyboardInterrupt, asyncio.CancelledError):
-        say("interrupted")
+        log("interrupted")
         code = 130
     except Exception as e:
         traceback.print_exc()
-        say(f"failed: {type(e).__name__}: {e}")
+        log(f"failed: {type(e).__name__}: {e}")
         code = 1
     finally:
         _kill_leftovers()
         if args.keep_work_dir:
-            say(f"kept {work}")
+            log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
     return code
+
+
+def main() -> int:
+    return run_main("twinhub-e2e-", parse_args, run_bench)
 
 
 if __name__ == "__main__":
