@@ -1,6 +1,12 @@
-"""The exception tree of :mod:`gateway`, and the one table mapping errors to CoAP codes."""
+"""The exception tree of :mod:`gateway`, and the one table mapping errors to CoAP codes.
+
+Token validation is :mod:`auth`; its errors are translated here (:func:`from_auth`): a refused
+token is 4.01, a key source or provider that cannot be reached is 5.03.
+"""
 
 from __future__ import annotations
+
+from auth.errors import AuthError, KeySourceUnavailable
 
 
 class GatewayError(Exception):
@@ -39,21 +45,17 @@ class Unavailable(GatewayError, ConnectionError):
     code = "5.03"
 
 
-class TokenError(Unauthorized):
-    """A token failed validation (signature, expiry, issuer, audience, claims)."""
-
-
-class UnknownKey(TokenError):
-    """The token names a signing key (``kid``) the key set does not hold (yet): a key source
-    that can refresh (a JWKS URL) may know it after a refresh."""
-
-    def __init__(self, kid: str | None) -> None:
-        super().__init__(f"unknown signing key {kid!r}")
-        self.kid = kid
+def from_auth(error: AuthError) -> GatewayError:
+    """The gateway's error for an error of :mod:`auth`, message kept."""
+    if isinstance(error, KeySourceUnavailable):
+        return Unavailable(str(error))
+    return Unauthorized(str(error))
 
 
 def coap_code(error: BaseException) -> str:
     """The CoAP response code for an error (5.00 for anything unexpected)."""
+    if isinstance(error, AuthError):
+        error = from_auth(error)
     if isinstance(error, GatewayError):
         return error.code
     return "5.00"

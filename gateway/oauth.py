@@ -6,13 +6,14 @@ authorization code as its ``accesstoken``. The session emits ``ExchangeCode``; t
 (``grant_type=authorization_code``, ``code``, ``client_id``, ``client_secret``, ``redirect_uri``
 when configured; form-encoded), takes the JWT the provider returns (``access_token`` or
 ``id_token``, per configuration) and validates it against the provider's JWKS
-(:class:`gateway.jwks.JwksKeys`: an unknown ``kid`` refreshes it, at a bounded rate). With OIDC
+(:class:`auth.jwks.JwksKeys`: an unknown ``kid`` refreshes it, at a bounded rate). With OIDC
 discovery (``<issuer>/.well-known/openid-configuration``) the token endpoint, the JWKS URI and
 the issuer come from the discovery document, fetched once (again after a failure).
 
 Errors: a refused code (4xx from the token endpoint, no token, a token that does not validate)
 is :class:`CodeRefused` (4.01); a provider that cannot be reached or fails (5xx, timeout,
-garbage) is :class:`gateway.errors.Unavailable` (5.03: the code was not spent, retry).
+garbage) is :class:`gateway.errors.Unavailable` (5.03: the code was not spent, retry),
+translated here from :class:`auth.errors.KeySourceUnavailable`.
 
 Providers are configured as one string each (``auth.oauth_providers``)::
 
@@ -35,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from gateway.errors import TokenError, Unauthorized, Unavailable, UnknownKey
-from gateway.jwks import JwksKeys, check_url, get_json, http_request
-from gateway.tokens import Claims, JwtValidator
+from auth.errors import KeySourceUnavailable, TokenError, UnknownKey
+from auth.jwks import JwksKeys, check_url, get_json, http_request
+from auth.tokens import TOKEN_ALGORITHMS, Claims, JwtValidator
+from gateway.errors import Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ class OAuthProvider:
         *,
         owner_claim: str = "sub",
         device_claim: str | None = None,
-        algorithms: tuple[str, ...] = ("ES256", "ES384", "RS256", "PS256", "EdDSA"),
+        algorithms: tuple[str, ...] = TOKEN_ALGORITHMS,
         time_limit: float = 10.0,
         min_refresh: float = 30.0,
     ) -> None:
@@ -193,7 +195,14 @@ class OAuthProvider:
             return self._validator
 
     async def exchange(self, code: str, now: float) -> Claims:
-        """The claims of the token the provider gives for ``code``."""
+        """The claims of the token the provider gives for ``code``; :class:`CodeRefused`, or
+        :class:`~gateway.errors.Unavailable` when the provider cannot be reached."""
+        try:
+            return await self._exchange(code, now)
+        except KeySourceUnavailable as e:
+            raise Unavailable(str(e)) from None
+
+    async def _exchange(self, code: str, now: float) -> Claims:
         validator = await self._ready()
         cfg = self.config
         form = {

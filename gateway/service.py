@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Self
 
+from auth.tokens import TokenIssuer, TokenValidator
 from eventstore.ports import EventStore
 from gateway import session as s
 from gateway.adapters.coap import (
@@ -57,7 +58,6 @@ from gateway.devicestate import CommandLog, discover_owner_links, load_device_st
 from gateway.errors import Unavailable
 from gateway.identity import NO_IDENTITY, CertificateRejected, TlsAuthPolicy, check_peer
 from gateway.oauth import OAuthProvider
-from gateway.tokens import TokenIssuer, TokenValidator
 from gateway.writer import DeviceWriter, WriterConfig
 from proto import subjects
 from proto.events import (

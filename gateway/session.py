@@ -28,18 +28,18 @@ from typing import Any, Final
 
 import msgspec
 
+from auth.errors import AuthError, UnknownKey
+from auth.tokens import Claims, TokenIssuer, TokenValidator
 from gateway import ocf
 from gateway.errors import (
     BadRequest,
     GatewayError,
     MethodNotAllowed,
     NotFound,
-    TokenError,
     Unauthorized,
-    UnknownKey,
     coap_code,
+    from_auth,
 )
-from gateway.tokens import Claims, TokenIssuer, TokenValidator
 from proto import codecs, subjects
 from proto.codecs import ContentFormat
 from proto.errors import CodecError
@@ -555,10 +555,12 @@ class Session:
             return self._error(req, _not_found(req))
         except UnknownKey as e:
             if retried or not self.config.refreshable_keys:
-                return self._error(req, e)
+                return self._error(req, from_auth(e))
             ref = self._ref()
             self._key_waits[ref] = req
             return [RefreshKeys(ref, e.kid)]
+        except AuthError as e:  # the validator's: translated at this seam
+            return self._error(req, from_auth(e))
         except GatewayError as e:
             return self._error(req, e)
 
@@ -622,7 +624,7 @@ class Session:
             raise Unauthorized(f"unknown auth provider {su.auth_provider!r}")
         claims = self.validator.validate(su.access_token, now)
         if claims.token_type != "access":
-            raise TokenError("not an access token")
+            raise Unauthorized("not an access token")
         return self._sign_up_claims(req, su, claims)
 
     def _sign_up_claims(self, req: DeviceRequest, su: ocf.SignUp, claims: Claims) -> list[Effect]:
@@ -665,7 +667,7 @@ class Session:
         for req in reqs:
             try:
                 if res.claims.token_type != "access":
-                    raise TokenError("not an access token")
+                    raise Unauthorized("not an access token")
                 out += self._sign_up_claims(req, su, res.claims)
             except GatewayError as e:
                 out += self._error(req, e)
@@ -727,7 +729,7 @@ class Session:
             raise Unauthorized("already signed in as another device")
         claims = self.validator.validate(si.access_token, now)
         if claims.token_type != "access":
-            raise TokenError("not an access token")
+            raise Unauthorized("not an access token")
         if claims.owner != si.user_id:
             raise Unauthorized("uid does not match the token's owner")
         device_id = self._resolve_device(claims, si.device_id)
@@ -802,7 +804,7 @@ class Session:
     def _refresh(self, req: DeviceRequest, rf: ocf.Refresh, now: float) -> list[Effect]:
         claims = self.validator.validate(rf.refresh_token, now)
         if claims.token_type != "refresh":
-            raise TokenError("not a refresh token")
+            raise Unauthorized("not a refresh token")
         if rf.user_id and rf.user_id != claims.owner:
             raise Unauthorized("uid does not match the refresh token's owner")
         device_id = self._resolve_device(claims, rf.device_id)
@@ -841,7 +843,7 @@ class Session:
         if so.access_token:
             claims = self.validator.validate(so.access_token, now)
             if claims.token_type != "access":
-                raise TokenError("not an access token")
+                raise Unauthorized("not an access token")
             if so.user_id and so.user_id != claims.owner:
                 raise Unauthorized("uid does not match the token's owner")
             device_id = self._resolve_device(claims, so.device_id)

@@ -21,6 +21,9 @@ from proto.errors import ProtoError
 from proto.events import CommandOp, CommandState
 
 API_PREFIX: Final = "twinhub.api.v1"
+APP_JS_PREFIX: Final = "twinhub.js.API"
+"""Where an application reaches JetStream (its owner's consumers of the event stream only):
+the bus maps it to the JetStream API of twinhub's account (docs/architecture.md, "The bus")."""
 AUTH_HEADER: Final = "Authorization"
 DEADLINE_HEADER: Final = "Twinhub-Deadline"
 """When the caller stops waiting for the answer, in milliseconds since the Unix epoch
@@ -125,6 +128,13 @@ class ListDevices(_Request, frozen=True, kw_only=True):
     after_id: str | None = None
 
 
+class GetSession(_Request, frozen=True, kw_only=True):
+    """What the caller's token is on the bus (:class:`SessionInfo`): an application calls it
+    once after connecting, to name its subjects, inbox and consumers."""
+
+    OP: ClassVar[str] = "session"
+
+
 ApiRequest = (
     UpdateResource
     | CreateResource
@@ -136,6 +146,7 @@ ApiRequest = (
     | ListPending
     | GetTwin
     | ListDevices
+    | GetSession
 )
 REQUEST_TYPES: Final[dict[str, type[ApiRequest]]] = {
     cls.OP: cls
@@ -150,6 +161,7 @@ REQUEST_TYPES: Final[dict[str, type[ApiRequest]]] = {
         ListPending,
         GetTwin,
         ListDevices,
+        GetSession,
     )
 }
 COMMAND_REQUESTS: Final[dict[str, CommandOp]] = {
@@ -247,6 +259,24 @@ class DeviceList(msgspec.Struct, frozen=True, kw_only=True):
     next_after_id: str | None = None
 
 
+class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply to ``session``: the caller's owner and what it may use of the bus.
+
+    ``events``: the subject filter of the owner's events (live subscriptions and consumer
+    filters must lie under it); ``inbox_prefix``: the only prefix replies may come back on;
+    ``consumer_key`` (hex): the key that names the owner's durable consumers
+    (:func:`bus.permissions.consumer_name`), the same for every token of the owner;
+    ``position``: the log position of the owner's newest event (a subscription "from now"
+    starts after it); ``expires_at``: the token's ``exp`` (Unix seconds)."""
+
+    owner: str
+    events: str
+    inbox_prefix: str
+    consumer_key: str
+    position: int
+    expires_at: float | None = None
+
+
 class Reply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     ok: bool
     result: Any = None
@@ -284,6 +314,8 @@ def decode_request(op: str, body: bytes) -> ApiRequest:
         request: ApiRequest = decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise ApiDecodeError(f"bad {op} request: {e}") from e
+    except UnicodeDecodeError:  # msgspec's for a string that is not UTF-8, not a DecodeError
+        raise ApiDecodeError(f"bad {op} request: not valid UTF-8") from None
     return request
 
 
@@ -307,6 +339,8 @@ def decode_reply(body: bytes) -> Reply:
         return _reply_decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise ApiDecodeError(f"bad reply: {e}") from e
+    except UnicodeDecodeError:
+        raise ApiDecodeError("bad reply: not valid UTF-8") from None
 
 
 def bearer(token: str, deadline: float | None = None) -> dict[str, str]:

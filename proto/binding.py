@@ -147,6 +147,8 @@ def _decode_data(type_: str, body: bytes, content_type: str | None, href: str | 
         return _decoders[cls].decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise BindingError(f"bad data for {type_}: {e}") from e
+    except UnicodeDecodeError:  # msgspec's for a string that is not UTF-8
+        raise BindingError(f"bad data for {type_}: not valid UTF-8") from None
 
 
 def _unknown_kind(type_: str) -> str:

@@ -161,6 +161,12 @@ def event_filter(
     return ".".join((PREFIX, *tokens))
 
 
+def owner_inbox_prefix(owner: str) -> str:
+    """The reply-subject prefix of an application of ``owner`` (its NATS ``inbox_prefix``):
+    the only replies the bus delivers to it come there."""
+    return f"_INBOX.{_checked(owner, 'owner')}"
+
+
 def device_scope(device: str) -> str:
     """All events of one device, whoever owns it: the optimistic-concurrency scope."""
     return event_filter(device=device)

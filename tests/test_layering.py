@@ -9,14 +9,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = {"proto", "eventstore", "gateway", "twin", "twinhub_cli", "devicesim", "twinhub_client"}
+OURS = {
+    "proto",
+    "eventstore",
+    "auth",
+    "gateway",
+    "twin",
+    "twinhub_cli",
+    "devicesim",
+    "twinhub_client",
+}
 
 # package -> packages of ours it may import
 ALLOWED = {
     "proto": {"proto"},
     "eventstore": {"proto", "eventstore"},
-    "gateway": {"proto", "eventstore", "gateway"},
-    "twin": {"proto", "eventstore", "twin"},
+    # token validation, shared by the gateway, the command API and the NATS auth callout
+    "auth": {"auth"},
+    "gateway": {"proto", "eventstore", "auth", "gateway"},
+    # the command API's validator is injected; twin takes its types and errors from auth
+    "twin": {"proto", "eventstore", "auth", "twin"},
     "devicesim": {"proto", "devicesim", "twinhub_cli"},
     # the application-side client: the contracts, and the log's consumers for subscriptions
     "twinhub_client": {"proto", "eventstore", "twinhub_client"},
@@ -81,6 +93,10 @@ def test_the_packages_keep_their_layers() -> None:
         ("twin/api.py", "import nats\n"),
         ("twinhub_client/client.py", "from twin.model import Twin\n"),
         ("eventstore/ports.py", "import aiocoap\n"),
+        ("auth/tokens.py", "from gateway.errors import GatewayError\n"),
+        ("auth/jwks.py", "import proto.api\n"),
+        ("proto/api.py", "from auth.tokens import Claims\n"),
+        ("eventstore/ports.py", "import auth.errors\n"),
     ],
 )
 def test_the_checker_catches_a_violation(

@@ -9,9 +9,13 @@ JetStream + MongoDB in production. The transport (NATS request/reply) is
 Every request gets a reply: a typed error for anything that goes wrong (``unavailable`` while
 the log or the store cannot be reached, ``internal`` for a bug, logged), never an exception.
 
-Tokens signed by a key the validator does not know yet (a key rotated at a JWKS URL) are not
-refused at once: the injected :class:`KeyRefresh` refreshes the keys (at the key source's
-bounded rate) and the token is validated once more, as the gateway does for devices.
+The injected :class:`~auth.tokens.TokenValidator` decides which tokens may call: in production
+the application-token rules of :mod:`auth.application` (no device token, no refresh token, an
+``exp`` required, a bounded lifetime), which the NATS auth callout applies too. A refusal
+(:class:`~auth.errors.AuthError`) is ``unauthorized``. Tokens signed by a key the validator
+does not know yet (a key rotated at a JWKS URL) are not refused at once: the injected
+:class:`KeyRefresh` refreshes the keys (at the key source's bounded rate) and the token is
+validated once more, as the gateway does for devices.
 
 The latest twin of a device (:func:`latest_twin`) is the stored twin with the device's log tail
 folded onto it: the store lags the log by the projector's batch, and a duplicate correlation
@@ -22,6 +26,8 @@ id or a cancel must see the command accepted a moment ago. The tail read is one
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +35,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
+from auth.errors import AuthError
+from auth.tokens import Claims, TokenValidator
 from eventstore.errors import (
     ConcurrencyError,
     EventStoreError,
@@ -45,37 +53,18 @@ from twin.fold import fold
 from twin.model import Twin
 from twin.ports import TwinStore
 
-__all__ = ["ApiConfig", "Caller", "KeyRefresh", "TokenValidator", "TwinApi", "latest_twin"]
+__all__ = ["ApiConfig", "KeyRefresh", "TwinApi", "latest_twin"]
 
 log = logging.getLogger(__name__)
 
 MAX_DECISIONS: Final = 8  # conditional appends refused this often: give up with "unavailable"
 
 
-class Caller(Protocol):
-    """What the API needs of a validated token (``gateway.tokens.Claims`` is one)."""
-
-    @property
-    def owner(self) -> str: ...
-
-    @property
-    def token_type(self) -> str: ...
-
-
-class TokenValidator(Protocol):
-    """Validates a bearer token at ``now`` (seconds since the epoch); raises on a bad one.
-
-    The composition root injects the gateway's JWT validator: the twin does not import it.
-    """
-
-    def validate(self, token: str, now: float) -> Caller: ...
-
-
 class KeyRefresh(Protocol):
     """Called with the error of a refused token; refreshes the validator's keys (a JWKS) when
     the error says its signing key is unknown and returns True, so the token is validated once
-    more; False for any other error. Injected by the composition root, which knows both the
-    validator's errors and its key source; the source bounds how often it fetches."""
+    more; False for any other error. Injected by the composition root, which knows the
+    validator's key source; the source bounds how often it fetches."""
 
     async def __call__(self, error: Exception) -> bool: ...
 
@@ -88,6 +77,15 @@ class ApiConfig:
     projector: str = "twin-projector"
     append_timeout: float = 5.0
     retry_initial: float = 0.05
+    # the secret each owner's consumer-name key is derived from (``session``); None: the
+    # operation answers ``unavailable``
+    consumer_secret: bytes | None = None
+
+
+def owner_consumer_key(secret: bytes, owner: str) -> bytes:
+    """The key that names ``owner``'s durable consumers: a keyed hash of the owner, so every
+    token of that owner gets the same key and no other owner can compute it."""
+    return hmac.new(secret, b"twinhub consumer names\0" + owner.encode(), hashlib.sha256).digest()
 
 
 async def latest_twin(
@@ -135,20 +133,7 @@ class TwinApi:
     async def handle(self, op: str, body: bytes, token: str | None) -> api.Reply:
         """The reply to one request of operation ``op`` (the subject's last token)."""
         try:
-            request = api.decode_request(op, body)
-        except api.ApiDecodeError as e:
-            return error("bad_request", str(e))
-        if token is None:
-            return error("unauthorized", "missing bearer token (Authorization header)")
-        now = self._clock()
-        try:
-            caller = await self._caller(token, now)
-        except Exception as e:  # the validator's own error type is not ours to import
-            return error("unauthorized", f"invalid token: {e}")
-        if caller.token_type != "access":
-            return error("unauthorized", f"a {caller.token_type} token cannot call the API")
-        try:
-            return await self._handle(request, caller.owner, now)
+            return await self._answer(op, body, token)
         except (UnavailableError, StoreUnavailableError) as e:
             log.warning("%s: unavailable: %s", op, e)
             return error("unavailable", str(e))
@@ -159,10 +144,41 @@ class TwinApi:
             log.exception("%s: failed", op)
             return error("internal", "internal error (logged)")
 
-    async def _caller(self, token: str, now: float) -> Caller:
+    async def _answer(self, op: str, body: bytes, token: str | None) -> api.Reply:
+        try:
+            request = api.decode_request(op, body)
+        except api.ApiDecodeError as e:
+            return error("bad_request", str(e))
+        if token is None:
+            return error("unauthorized", "missing bearer token (Authorization header)")
+        now = self._clock()
+        try:
+            caller = await self._caller(token, now)
+        except AuthError as e:
+            return error("unauthorized", f"invalid token: {e}")
+        return await self._handle(request, caller, now)
+
+    async def _session(self, caller: Claims) -> api.Reply:
+        secret = self.config.consumer_secret
+        if secret is None:
+            return error("unavailable", "this twin service has no consumer key configured")
+        owner = caller.owner
+        events = subjects.event_filter(owner)
+        return commands.ok(
+            api.SessionInfo(
+                owner=owner,
+                events=events,
+                inbox_prefix=subjects.owner_inbox_prefix(owner),
+                consumer_key=owner_consumer_key(secret, owner).hex(),
+                position=await self._events.last_position(events),
+                expires_at=caller.expires_at,
+            )
+        )
+
+    async def _caller(self, token: str, now: float) -> Claims:
         try:
             return self._validator.validate(token, now)
-        except Exception as e:
+        except AuthError as e:
             if self._refresh_keys is None:
                 raise
             try:
@@ -174,9 +190,12 @@ class TwinApi:
                 raise
         return self._validator.validate(token, now)  # once: the gateway does the same
 
-    async def _handle(self, request: api.ApiRequest, owner: str, now_s: float) -> api.Reply:
+    async def _handle(self, request: api.ApiRequest, caller: Claims, now_s: float) -> api.Reply:
         now = datetime.fromtimestamp(now_s, UTC)
+        owner = caller.owner
         match request:
+            case api.GetSession():
+                return await self._session(caller)
             case api.ListDevices():
                 return await self._list_devices(request, owner)
             case api.ListPending() if request.device_id is None:

@@ -1,10 +1,11 @@
-"""Commands through the command API: ``cmd update|retrieve|create|delete|cancel``, ``pending``,
-``desired set|clear``.
+"""What an application does, from the command line: ``cmd update|retrieve|create|delete|cancel``,
+``pending``, ``desired set|clear`` through the command API, ``watch`` on the owner's events.
 
 They act as a caller of the API with ``--token T`` (or ``TWINHUB_TOKEN``), or, against a local
 stack, with ``--owner O``: a development token for O signed with the data dir's key (what
 ``twinhub up`` trusts). The NATS URL comes from ``--data-dir``'s ``stack.json`` when a stack runs
-there, else from the configuration (``TWINHUB_NATS_URL``).
+there, else from the configuration (``TWINHUB_NATS_URL``; ``TWINHUB_NATS_CA_FILE`` for TLS).
+The token is the NATS connection token too: these commands are applications of its owner.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from twinhub_cli.config import ConfigError
 from twinhub_cli.datadir import DataDir
-from twinhub_cli.stack_cmds import _common, _load_config, _out, _run, event_json
+from twinhub_cli.stack_cmds import _common, _load_config, _out, _run, _until_signal, event_json
 
 if TYPE_CHECKING:
     from twinhub_client import TwinhubClient
@@ -59,7 +60,12 @@ def _with_client(args: argparse.Namespace, body: Callable[[TwinhubClient], Await
             token = services.issuer_for(config, data).issue(args.owner, now=time.time(), ttl=3600)
         try:
             async with TwinhubClient(
-                config.nats.url, token, stream=config.nats.stream, timeout=args.timeout
+                config.nats.url,
+                token,
+                ca_file=config.nats.ca_file or None,
+                stream=config.nats.stream,
+                timeout=args.timeout,
+                owner_claim=config.auth.owner_claim,
             ) as client:
                 return await body(client)
         except ApiError as e:
@@ -68,6 +74,9 @@ def _with_client(args: argparse.Namespace, body: Callable[[TwinhubClient], Await
         except TwinhubError as e:
             sys.stderr.write(f"twinhub: {e}\n")
             return 1
+        except ValueError as e:  # a token that is not a JWT with an owner
+            sys.stderr.write(f"twinhub: bad token: {e}\n")
+            return 2
 
     return _run(main)
 
@@ -235,6 +244,62 @@ def run_desired(args: argparse.Namespace) -> int:
         _out(f"desired {args.href} of {args.device}: version {result.version}")
         for cid in result.superseded:
             _out(f"  superseded pending update {cid}")
+        return 0
+
+    return _with_client(args, body)
+
+
+# -- twinhub watch ---------------------------------------------------------------------------
+
+
+def register_watch(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(
+        name,
+        help="print the owner's events live (JSON lines), gap-free from a position",
+        description="Print the events of the token's owner (--owner O on a local stack) as "
+        "CloudEvents JSON lines, in log order. With --from POSITION every event after that "
+        "position comes once, with no gap (the resync contract: read a twin, note its "
+        "position, watch --from it). With --durable NAME the watch resumes after the last "
+        "event it printed when started again under that name.",
+    )
+    _caller(p)
+    p.add_argument("--device", help="only this device's events")
+    p.add_argument(
+        "--type",
+        dest="kinds",
+        action="append",
+        default=None,
+        help="only this kind, e.g. resource-changed (repeatable)",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_position",
+        type=int,
+        default=None,
+        help="start after this log position (default: from now on)",
+    )
+    p.add_argument("--durable", help="a durable subscription name (resumes where it stopped)")
+    p.add_argument("--count", type=int, default=None, help="stop after this many events")
+    p.set_defaults(handler=run_watch)
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    async def body(client: TwinhubClient) -> int:
+        owner = await client.owner()
+        sub = client.subscribe(
+            owner,
+            args.device,
+            args.kinds,
+            from_position=args.from_position,
+            durable=args.durable,
+        )
+        printed = 0
+        async with _until_signal() as stop, sub:
+            while not stop.is_set() and (args.count is None or printed < args.count):
+                e = await sub.next(timeout=0.5)
+                if e is not None:
+                    _out(event_json(e))
+                    printed += 1
         return 0
 
     return _with_client(args, body)

@@ -31,6 +31,19 @@ class NatsSettings:
     url: str = "nats://127.0.0.1:4222"
     stream: str = "TWINHUB_EVENTS"
     duplicate_window: float = 120.0
+    # directory of the bus credentials (twinhub init): a process reads only its own NKey seed
+    # (<role>.nk), the callout issuer.nk, the twin service consumer-key; "" = <data-dir>/bus
+    credentials: str = ""
+    ca_file: str = ""  # PEM CA that verifies the NATS server's TLS certificate ("" = none)
+
+
+@dataclass(frozen=True, slots=True)
+class CalloutSettings:
+    # the user JWT the callout grants lives until the token expires, at most this long (s);
+    # the server then disconnects the application, which reconnects with its token
+    max_lifetime: float = 24 * 3600.0
+    # HOST:PORT of /metrics, /healthz, /readyz (":9466" = every address); "" = off
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +69,8 @@ class AuthSettings:
     # token=access_token|id_token;issuer=ISS;audience=AUD]" (see gateway.oauth)
     oauth_providers: tuple[str, ...] = ()
     oauth_timeout: float = 10.0  # seconds per HTTP exchange with a provider
+    # seconds an application token (command API) may live, exp - iat; 0 = no maximum
+    app_token_max_lifetime: float = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +121,7 @@ class Config:
     auth: AuthSettings = field(default_factory=AuthSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     twin: TwinSettings = field(default_factory=TwinSettings)
+    callout: CalloutSettings = field(default_factory=CalloutSettings)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.tokens import TokenIssuer, load_or_create_signing_key
+from auth.tokens import TokenIssuer, load_or_create_signing_key
 from twinhub_cli import pki as devpki
 
 
@@ -34,6 +34,11 @@ class DataDir:
     @property
     def pki(self) -> Path:
         return self.root / "pki"
+
+    @property
+    def bus(self) -> Path:
+        """The bus credentials (:mod:`bus.credentials`): service NKeys, the callout's key."""
+        return self.root / "bus"
 
     @property
     def stack_file(self) -> Path:

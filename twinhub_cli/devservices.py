@@ -28,6 +28,12 @@ from typing import IO, Self
 import nats
 from nats.errors import Error as NatsError
 
+from bus.credentials import BusCredentials, ensure_credentials
+from bus.permissions import Role, inbox_prefix
+from bus.serverconf import ServerTls, render_server_config
+from eventstore.adapters.endpoint import NatsEndpoint
+from eventstore.layout import DEFAULT_STREAM
+
 __all__ = [
     "BinaryNotFoundError",
     "DevServiceError",
@@ -219,17 +225,57 @@ class _ServerProcess:
 
 
 class NatsServer(_ServerProcess):
-    """``nats-server`` with JetStream, its store and log under ``data_dir``."""
+    """``nats-server`` with JetStream and twinhub's bus security, its store and log under
+    ``data_dir``.
+
+    It always runs authenticated (PRODUCT.md section 10): the configuration written to
+    ``data_dir/nats.conf`` (:func:`bus.serverconf.render_server_config`) admits the service
+    users of ``credentials`` (default: created in ``data_dir/bus``) by NKey and everyone else
+    only through the auth callout, which must run for applications to get in.
+    :meth:`endpoint` is how a service role connects.
+    """
 
     name = "nats-server"
 
-    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        *,
+        credentials: BusCredentials | None = None,
+        stream: str = DEFAULT_STREAM,
+        projector: str = "twin-projector",
+        tls: ServerTls | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
         super().__init__(data_dir, port, host)
+        if (tls is None) != (ca_file is None):
+            raise ValueError("a TLS server needs the CA its clients verify it with (ca_file)")
         self.binary = find_nats_server_binary()
+        self.credentials = credentials or ensure_credentials(self.data_dir / "bus")
+        self.stream = stream
+        self.projector = projector
+        self.tls = tls
+        self.ca_file = ca_file
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        scheme = "tls" if self.tls is not None else "nats"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def endpoint(self, role: Role) -> NatsEndpoint:
+        """How twinhub's service ``role`` connects (its NKey seed, its inbox prefix, the CA)."""
+        return NatsEndpoint(
+            self.url,
+            seed_file=self.credentials.seed_file(role),
+            ca_file=self.ca_file,
+            inbox_prefix=inbox_prefix(role),
+        )
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "nats.conf"
 
     @property
     def store_dir(self) -> Path:
@@ -240,10 +286,23 @@ class NatsServer(_ServerProcess):
     def _ports_dir(self) -> Path:
         return self.data_dir / "ports"
 
+    def write_config(self) -> Path:
+        text = render_server_config(
+            issuer=self.credentials.issuer_public(),
+            users=self.credentials.users(),
+            stream=self.stream,
+            projector=self.projector,
+            tls=self.tls,
+        )
+        self.config_path.write_text(text, encoding="utf-8")
+        return self.config_path
+
     async def _spawn(self) -> asyncio.subprocess.Process:
         self._ports_dir.mkdir(exist_ok=True)
         port = self._listen_port()
         args = [
+            "-c",
+            str(self.write_config()),
             "-js",
             "-sd",
             str(self.data_dir),
@@ -288,7 +347,7 @@ class NatsServer(_ServerProcess):
             except (OSError, ValueError, KeyError, TypeError):
                 return None  # being written: read again on the next poll
             for url in urls:
-                host, _, port = str(url).removeprefix("nats://").rpartition(":")
+                host, _, port = str(url).split("://", 1)[-1].rpartition(":")
                 if host == self.host and port.isdigit():
                     return int(port)
         return None
@@ -297,9 +356,15 @@ class NatsServer(_ServerProcess):
         async def quiet(exc: Exception) -> None:
             log.debug("readiness probe: %r", exc)
 
+        scheme = "tls" if self.tls is not None else "nats"
+        probe = NatsEndpoint(
+            f"{scheme}://{self.host}:{port}",
+            seed_file=self.credentials.seed_file("admin"),
+            ca_file=self.ca_file,
+        )
         try:
             nc = await nats.connect(
-                f"nats://{self.host}:{port}",
+                **probe.connect_options(),
                 connect_timeout=1,
                 allow_reconnect=False,
                 max_reconnect_attempts=0,

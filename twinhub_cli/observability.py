@@ -52,6 +52,7 @@ from proto import api
 from twin.api import TwinApi
 
 if TYPE_CHECKING:
+    from bus.adapters.nats_callout import CalloutService
     from gateway.service import Gateway
     from twin.service import TwinProjector
     from twin.sweeper import ExpirySweeper
@@ -465,6 +466,43 @@ class GatewayCollector:
         )
         yield _gauge(f"{p}_connections", "open CoAP connections", len(gw.conns))
         yield _gauge(f"{p}_devices_online", "signed-in devices", len(gw.devices))
+        yield _gauge(
+            f"{p}_event_loop_lag_seconds",
+            "how late the event loop ran the last heartbeat",
+            self._heartbeat.lag,
+        )
+        yield from _checks(p, self._prober)
+
+
+# -- the auth callout's metrics ----------------------------------------------------------------
+
+
+class CalloutCollector:
+    """``twinhub_callout_*``, read from :class:`bus.adapters.nats_callout.CalloutService`."""
+
+    def __init__(self, callout: CalloutService, heartbeat: Heartbeat, prober: Prober) -> None:
+        self._callout = callout
+        self._heartbeat = heartbeat
+        self._prober = prober
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        p = "twinhub_callout"
+        st = self._callout.stats
+        yield _counter(f"{p}_requests_total", "authorization requests from NATS", st.requests)
+        yield _counter(f"{p}_granted_total", "applications admitted", st.granted)
+        yield _counter(f"{p}_denied_total", "connections refused (token missing or bad)", st.denied)
+        yield _counter(
+            f"{p}_malformed_total", "authorization requests that could not be read", st.malformed
+        )
+        yield _gauge(
+            f"{p}_ready", "1 while subscribed to authorization requests", self._callout.ready
+        )
+        yield _gauge(
+            f"{p}_last_latency_seconds", "time to answer the last request", st.last_latency
+        )
         yield _gauge(
             f"{p}_event_loop_lag_seconds",
             "how late the event loop ran the last heartbeat",

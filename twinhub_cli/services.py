@@ -13,27 +13,35 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pymongo import AsyncMongoClient
 
-from eventstore.adapters.jetstream import JetStreamEventStore
-from eventstore.layout import StreamLayout
-from gateway.errors import UnknownKey
-from gateway.identity import AuthMode, TlsAuthPolicy, parse_crls
-from gateway.jwks import JwksKeys
-from gateway.oauth import OAuthProvider, parse_provider
-from gateway.service import Gateway, GatewayConfig
-from gateway.tokens import (
+from auth.application import AppTokenValidator
+from auth.errors import UnknownKey
+from auth.jwks import JwksKeys
+from auth.tokens import (
+    TOKEN_ALGORITHMS,
     JwtValidator,
+    KeyLookup,
     KeySet,
     TokenIssuer,
     key_id,
     load_or_create_signing_key,
     load_public_keys,
 )
+from bus.adapters.nats_callout import CalloutService
+from bus.credentials import BusCredentials
+from bus.permissions import Role, inbox_prefix
+from eventstore.adapters.endpoint import NatsEndpoint
+from eventstore.adapters.jetstream import JetStreamEventStore
+from eventstore.layout import StreamLayout
+from gateway.identity import AuthMode, TlsAuthPolicy, parse_crls
+from gateway.oauth import OAuthProvider, parse_provider
+from gateway.service import Gateway, GatewayConfig
 from gateway.writer import WriterConfig
 from twin.adapters.mongo import MongoTwinStore
 from twin.adapters.nats_api import NatsApiServer
@@ -45,6 +53,7 @@ from twinhub_cli.config import Config, ConfigError, parse_hostport
 from twinhub_cli.datadir import DataDir
 from twinhub_cli.observability import (
     ApiMetrics,
+    CalloutCollector,
     CheckFn,
     CountingTwinApi,
     GatewayCollector,
@@ -83,7 +92,9 @@ def issuer_for(config: Config, data: DataDir) -> TokenIssuer:
     )
 
 
-def validator_for(config: Config, issuer: TokenIssuer) -> JwtValidator:
+def key_lookup_for(config: Config, issuer: TokenIssuer) -> KeyLookup:
+    """The keys tokens may be signed with: the issuer's, ``auth.public_keys`` and, with
+    ``auth.jwks_url``, those of the JWKS (fetched on an unknown ``kid``)."""
     keys = dict(issuer.public_keys.keys)
     extra: dict[str, Path] = {}
     for i, item in enumerate(config.auth.public_keys):
@@ -93,19 +104,23 @@ def validator_for(config: Config, issuer: TokenIssuer) -> JwtValidator:
         keys.update(load_public_keys(extra).keys)
     except (OSError, ValueError) as e:
         raise ConfigError(f"auth.public_keys: {e}") from None
-    lookup: KeySet | JwksKeys = KeySet(keys)
-    if config.auth.jwks_url:
-        try:
-            lookup = JwksKeys(
-                config.auth.jwks_url,
-                static=KeySet(keys),
-                min_refresh=config.auth.jwks_min_refresh,
-                algorithms=TOKEN_ALGORITHMS,
-            )
-        except ValueError as e:
-            raise ConfigError(f"auth.jwks_url: {e}") from None
+    if not config.auth.jwks_url:
+        return KeySet(keys)
+    try:
+        return JwksKeys(
+            config.auth.jwks_url,
+            static=KeySet(keys),
+            min_refresh=config.auth.jwks_min_refresh,
+            algorithms=TOKEN_ALGORITHMS,
+        )
+    except ValueError as e:
+        raise ConfigError(f"auth.jwks_url: {e}") from None
+
+
+def validator_for(config: Config, issuer: TokenIssuer) -> JwtValidator:
+    """The gateway's validator of device tokens (``auth.device_claim`` required if set)."""
     return JwtValidator(
-        lookup,
+        key_lookup_for(config, issuer),
         issuer=config.auth.issuer or None,
         audience=config.auth.audience or None,
         owner_claim=config.auth.owner_claim,
@@ -114,10 +129,22 @@ def validator_for(config: Config, issuer: TokenIssuer) -> JwtValidator:
     )
 
 
-TOKEN_ALGORITHMS = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+def app_validator_for(config: Config, issuer: TokenIssuer) -> AppTokenValidator:
+    """The validator of application tokens (the command API's): the same keys, issuer and
+    audience as the gateway's, the rules of :mod:`auth.application` (no device token, an
+    ``exp`` required, at most ``auth.app_token_max_lifetime``)."""
+    return AppTokenValidator(
+        key_lookup_for(config, issuer),
+        issuer=config.auth.issuer or None,
+        audience=config.auth.audience or None,
+        owner_claim=config.auth.owner_claim,
+        device_claim=config.auth.device_claim or None,
+        algorithms=TOKEN_ALGORITHMS,
+        max_lifetime=config.auth.app_token_max_lifetime or None,
+    )
 
 
-def key_refresh_for(validator: JwtValidator) -> KeyRefresh | None:
+def key_refresh_for(validator: JwtValidator | AppTokenValidator) -> KeyRefresh | None:
     """The command API's answer to a token signed by an unknown key: refresh the validator's
     JWKS (at its bounded rate) and validate again, as the gateway does; None without a JWKS."""
     if not validator.refreshable:
@@ -252,11 +279,81 @@ def gateway_config(config: Config, data: DataDir) -> GatewayConfig:
     )
 
 
+# -- the bus (PRODUCT.md section 10) ---------------------------------------------------------
+
+PROVISION_WAIT: Final = 120.0  # seconds a gateway waits for the twin service to create the stream
+
+
+def bus_credentials(config: Config, data: DataDir) -> BusCredentials:
+    """Where this process's bus credentials are: ``nats.credentials``, else ``<data-dir>/bus``."""
+    return BusCredentials(Path(config.nats.credentials) if config.nats.credentials else data.bus)
+
+
+def _secret_file(path: Path, what: str) -> Path:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(
+            f"nats.credentials: no {what} at {path} (create the bus credentials with"
+            " `twinhub init`, or point nats.credentials at them)"
+        ) from None
+    if mode & 0o077:
+        raise ConfigError(f"nats.credentials: {path} is readable by others: chmod 600 it")
+    return path
+
+
+def nats_endpoint(config: Config, data: DataDir, role: Role) -> NatsEndpoint:
+    """How service ``role`` connects: ``nats.url`` with its own NKey seed (mode 0600), its own
+    inbox prefix, and ``nats.ca_file`` to verify the server's certificate."""
+    seed = _secret_file(bus_credentials(config, data).seed_file(role), f"NKey seed of {role}")
+    ca = Path(config.nats.ca_file) if config.nats.ca_file else None
+    if ca is not None and not ca.is_file():
+        raise ConfigError(f"nats.ca_file: no such file: {ca}")
+    try:
+        return NatsEndpoint(
+            config.nats.url, seed_file=seed, ca_file=ca, inbox_prefix=inbox_prefix(role)
+        )
+    except ValueError as e:
+        raise ConfigError(f"nats.url: {e}") from None
+
+
 @contextlib.asynccontextmanager
-async def event_store(config: Config) -> AsyncIterator[JetStreamEventStore]:
-    async with JetStreamEventStore.from_url(config.nats.url, layout_for(config)) as store:
-        await store.provision()
+async def event_store(
+    config: Config, data: DataDir, role: Role
+) -> AsyncIterator[JetStreamEventStore]:
+    """The event log as service ``role`` sees it. Only the twin service (and the admin path)
+    create or update the stream; a gateway waits for it to exist."""
+    endpoint = nats_endpoint(config, data, role)
+    async with JetStreamEventStore.from_url(endpoint, layout_for(config)) as store:
+        if role in ("twin", "admin"):
+            await store.provision()
+        else:
+            await store.wait_provisioned(PROVISION_WAIT)
         yield store
+
+
+@contextlib.asynccontextmanager
+async def run_callout(config: Config, data: DataDir) -> AsyncIterator[CalloutService]:
+    """The auth callout: admits applications by their token (the command API's validator),
+    scoped to the token's owner (:func:`bus.permissions.application_permissions`)."""
+    creds = bus_credentials(config, data)
+    validator = app_validator_for(config, issuer_for(config, data))
+    async with CalloutService(
+        nats_endpoint(config, data, "callout"),
+        _secret_file(creds.issuer_file, "callout issuer key"),
+        validator,
+        stream=config.nats.stream,
+        reserved=(config.twin.consumer,),
+        max_lifetime=config.callout.max_lifetime or 24 * 3600.0,
+        refresh_keys=key_refresh_for(validator),
+    ) as callout:
+        yield callout
+
+
+def consumer_key(config: Config, data: DataDir) -> bytes:
+    """The twin service's secret from which each owner's consumer-name key is derived."""
+    path = _secret_file(bus_credentials(config, data).consumer_key_file, "consumer key")
+    return path.read_bytes()
 
 
 @contextlib.asynccontextmanager
@@ -310,11 +407,14 @@ async def run_api(
     *,
     metrics: ApiMetrics | None = None,
 ) -> AsyncIterator[NatsApiServer]:
-    """The command API on ``twinhub.api.v1.>`` (tokens checked by the gateway's validator) and
-    the expiry sweeper; several twin instances may run both. With ``metrics`` the requests'
+    """The command API on ``twinhub.api.v1.>`` (application tokens, :func:`app_validator_for`)
+    and the expiry sweeper; several twin instances may run both. With ``metrics`` the requests'
     outcomes and the sweeper's count are recorded there (for :func:`twin_observability`)."""
-    validator = validator_for(config, issuer_for(config, data))
-    api_args = (store, twins, validator, ApiConfig(projector=config.twin.consumer))
+    validator = app_validator_for(config, issuer_for(config, data))
+    api_config = ApiConfig(
+        projector=config.twin.consumer, consumer_secret=consumer_key(config, data)
+    )
+    api_args = (store, twins, validator, api_config)
     refresh = key_refresh_for(validator)
     twin_api = (
         TwinApi(*api_args, refresh_keys=refresh)
@@ -329,6 +429,33 @@ async def run_api(
 
 
 # -- operations endpoints (see twinhub_cli.observability) ------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def callout_observability(
+    config: Config, callout: CalloutService, obs: ObservabilityConfig | None = None
+) -> AsyncIterator[ObservabilityServer | None]:
+    """``/metrics``, ``/healthz``, ``/readyz`` of the auth callout on
+    ``callout.metrics_listen`` (None when empty). Ready: connected and subscribed."""
+    bind = parse_hostport(config.callout.metrics_listen, "callout.metrics_listen")
+    if bind is None:
+        yield None
+        return
+    obs = obs or ObservabilityConfig()
+    heartbeat = Heartbeat(obs.heartbeat_interval)
+
+    async def serving() -> str:
+        if not callout.ready:
+            raise ConnectionError("not connected to NATS / not subscribed")
+        return f"serving as issuer {callout.issuer}"
+
+    prober = Prober({"callout": serving}, interval=obs.probe_interval, timeout=obs.probe_timeout)
+    registry = standard_registry()
+    registry.register(CalloutCollector(callout, heartbeat, prober))
+    async with ObservabilityServer(
+        "auth callout", bind, registry, prober, heartbeat, obs
+    ) as server:
+        yield server
 
 
 def _nats_connected(store: JetStreamEventStore) -> CheckFn:

@@ -1,5 +1,5 @@
 """Run and inspect twinhub: ``init``, ``up``, ``gateway``, ``twin run|get|rebuild``,
-``devices``, ``watch``.
+``callout``, ``devices``.
 
 Every command reads the configuration the same way (``--config FILE``, then
 ``TWINHUB_*`` environment variables). Commands that inspect a local stack find
@@ -103,13 +103,17 @@ def register_init(subparsers: SubParsers, name: str, /) -> None:
 
 
 def run_init(args: argparse.Namespace) -> int:
+    from bus.credentials import ensure_credentials
+
     data = DataDir(args.data_dir.resolve())
     data.issuer()
     hosts = tuple(args.host) or ("127.0.0.1", "localhost", "::1")
     issued = data.ensure_tls(hosts)
+    creds = ensure_credentials(data.bus)
     _out(f"signing key  {data.keys / 'jwt-signing-key.pem'}")
     _out(f"CA           {data.pki / 'ca.crt'}")
     _out(f"server cert  {issued.cert_path}")
+    _out(f"bus keys     {creds.directory} (an NKey seed per service, the callout's key; 0600)")
     return 0
 
 
@@ -130,7 +134,7 @@ def run_gateway_cmd(args: argparse.Namespace) -> int:
         data = DataDir(args.data_dir.resolve())
         async with (
             _until_signal() as stop,
-            services.event_store(config) as store,
+            services.event_store(config, data, "gateway") as store,
             services.run_gateway(config, data, store) as gw,
             services.gateway_observability(config, store, gw) as ops,
         ):
@@ -161,7 +165,7 @@ def run_twin_cmd(args: argparse.Namespace) -> int:
         api_metrics = ApiMetrics()
         async with (
             _until_signal() as stop,
-            services.event_store(config) as store,
+            services.event_store(config, data, "twin") as store,
             services.twin_store(config) as twins,
             services.run_projector(config, store, twins) as projector,
             services.run_api(config, data, store, twins, metrics=api_metrics) as api_server,
@@ -177,6 +181,39 @@ def run_twin_cmd(args: argparse.Namespace) -> int:
     return _run(main)
 
 
+def register_callout(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(
+        name,
+        help="run the NATS auth callout (admits applications by their token) until SIGTERM",
+        description="Answer the NATS server's authorization requests: a connection whose "
+        "token is a valid application token is admitted to the APPS account with its owner's "
+        "permissions, anything else refused. Run one or more (a queue group): while none "
+        "runs, no application gets in.",
+    )
+    _common(p)
+    p.set_defaults(handler=run_callout_cmd)
+
+
+def run_callout_cmd(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        from twinhub_cli import services
+
+        config = _load_config(args)
+        data = DataDir(args.data_dir.resolve())
+        async with (
+            _until_signal() as stop,
+            services.run_callout(config, data) as callout,
+            services.callout_observability(config, callout) as ops,
+        ):
+            _out(f"auth callout: serving (issuer {callout.issuer})")
+            if ops is not None:
+                _out(f"auth callout: {ops.url}/metrics /healthz /readyz")
+            await stop.wait()
+        return 0
+
+    return _run(main)
+
+
 # -- twinhub up ----------------------------------------------------------------------------
 
 
@@ -185,8 +222,10 @@ def register_up(subparsers: SubParsers, name: str, /) -> None:
         name,
         help="run the whole stack locally (NATS, MongoDB-wire server, gateway, twin)",
         description="Start NATS with JetStream and the MongoDB-wire server (unless --nats-url "
-        "/ --mongo-url name existing ones), the gateway and the twin projector; print the "
-        "device endpoints and a token for a first device; stop everything on Ctrl-C.",
+        "/ --mongo-url name existing ones), the auth callout, the twin service and the "
+        "gateway; print the endpoints and a token for a first device or application; stop "
+        "everything on Ctrl-C. NATS runs authenticated: services with the data dir's NKeys "
+        "(bus/), applications with a token.",
     )
     _common(p)
     p.add_argument("--nats-url", help="use this NATS server instead of starting one")
@@ -214,6 +253,12 @@ def register_up(subparsers: SubParsers, name: str, /) -> None:
         metavar="HOST:PORT",
         help="the twin service's /metrics /healthz /readyz (default 127.0.0.1:9465, '' = off)",
     )
+    p.add_argument(
+        "--callout-metrics",
+        default="127.0.0.1:9466",
+        metavar="HOST:PORT",
+        help="the auth callout's /metrics /healthz /readyz (default 127.0.0.1:9466, '' = off)",
+    )
     p.add_argument("--owner", default="dev", help="owner of the printed first-device token")
     p.set_defaults(handler=run_up)
 
@@ -227,6 +272,7 @@ def _uri(scheme: str, addr: tuple[str, int] | None) -> str:
 
 def run_up(args: argparse.Namespace) -> int:
     async def main() -> int:
+        from bus.credentials import ensure_credentials
         from twinhub_cli import services
         from twinhub_cli.devservices import MongoServer, NatsServer
         from twinhub_cli.observability import ApiMetrics
@@ -238,7 +284,11 @@ def run_up(args: argparse.Namespace) -> int:
             nats_url = args.nats_url
             if not nats_url:
                 nats = await stack.enter_async_context(
-                    NatsServer(data.root / "nats", port=args.nats_port)
+                    NatsServer(
+                        data.root / "nats",
+                        port=args.nats_port,
+                        credentials=ensure_credentials(data.bus),
+                    )
                 )
                 nats_url = nats.url
             mongo_url = args.mongo_url
@@ -261,10 +311,16 @@ def run_up(args: argparse.Namespace) -> int:
                         "metrics_listen": args.gateway_metrics,
                     },
                     "twin": {"metrics_listen": args.twin_metrics},
+                    "callout": {"metrics_listen": args.callout_metrics},
                 },
             )
             api_metrics = ApiMetrics()
-            store = await stack.enter_async_context(services.event_store(config))
+            callout = await stack.enter_async_context(services.run_callout(config, data))
+            callout_ops = await stack.enter_async_context(
+                services.callout_observability(config, callout)
+            )
+            # each service with its own credentials, as when they run apart
+            store = await stack.enter_async_context(services.event_store(config, data, "twin"))
             twins = await stack.enter_async_context(services.twin_store(config))
             projector = await stack.enter_async_context(
                 services.run_projector(config, store, twins)
@@ -272,12 +328,15 @@ def run_up(args: argparse.Namespace) -> int:
             await stack.enter_async_context(
                 services.run_api(config, data, store, twins, metrics=api_metrics)
             )
-            gw = await stack.enter_async_context(services.run_gateway(config, data, store))
+            gw_store = await stack.enter_async_context(
+                services.event_store(config, data, "gateway")
+            )
+            gw = await stack.enter_async_context(services.run_gateway(config, data, gw_store))
             twin_ops = await stack.enter_async_context(
                 services.twin_observability(config, store, twins, projector, api_metrics)
             )
             gw_ops = await stack.enter_async_context(
-                services.gateway_observability(config, store, gw)
+                services.gateway_observability(config, gw_store, gw)
             )
             info = {
                 "pid": os.getpid(),
@@ -289,6 +348,7 @@ def run_up(args: argparse.Namespace) -> int:
                 "ca_file": str(data.pki / "ca.crt"),
                 "gateway_metrics": f"{gw_ops.url}/metrics" if gw_ops else "",
                 "twin_metrics": f"{twin_ops.url}/metrics" if twin_ops else "",
+                "callout_metrics": f"{callout_ops.url}/metrics" if callout_ops else "",
             }
             data.write_stack(info)
             stack.callback(lambda: data.stack_file.unlink(missing_ok=True))
@@ -296,14 +356,16 @@ def run_up(args: argparse.Namespace) -> int:
             _out("twinhub is up")
             _out(f"  devices (CoAP over TCP)  {info['coap_tcp']}")
             _out(f"  devices (CoAP over TLS)  {info['coaps_tcp']}   CA: {info['ca_file']}")
-            _out(f"  NATS (events)            {nats_url}   subjects twinhub.ev.<owner>.>")
-            _out(f"  command API (NATS)       {nats_url}   subjects twinhub.api.v1.<op>")
+            _out(f"  NATS (applications)      {nats_url}   connect with a token (below)")
+            _out("    events                 twinhub.ev.<owner>.>  (inbox prefix _INBOX.<owner>)")
+            _out("    command API            twinhub.api.v1.<op>")
             _out(f"  MongoDB (twins)          {mongo_url}   db {config.mongo.database}")
-            for name, ops in (("gateway", gw_ops), ("twin", twin_ops)):
+            for name, ops in (("gateway", gw_ops), ("twin", twin_ops), ("callout", callout_ops)):
                 if ops is not None:
                     _out(f"  {name + ' operations':<24} {ops.url}   /metrics /healthz /readyz")
             _out(f"  data dir                 {data.root}")
-            _out(f"first device token (owner {args.owner!r}, 24 h):")
+            _out(f"a token of owner {args.owner!r} (24 h; a device signs up with it, an")
+            _out("application connects to NATS and calls the API with it):")
             _out(token)
             await stop.wait()
             _out("stopping")
@@ -355,7 +417,11 @@ def run_twin_rebuild(args: argparse.Namespace) -> int:
 
         config = _load_config(args, from_stack=True)
         started = time.monotonic()
-        async with services.event_store(config) as store, services.twin_store(config) as twins:
+        data = DataDir(args.data_dir.resolve())
+        async with (
+            services.event_store(config, data, "admin") as store,
+            services.twin_store(config) as twins,
+        ):
             n = await rebuild(twins, store, name=config.twin.consumer)
         _out(f"rebuilt twins from {n} events in {time.monotonic() - started:.1f}s")
         return 0
@@ -411,40 +477,6 @@ def run_devices(args: argparse.Namespace) -> int:
     return _run(main)
 
 
-# -- twinhub watch ---------------------------------------------------------------------------
-
-
-def register_watch(subparsers: SubParsers, name: str, /) -> None:
-    p = subparsers.add_parser(
-        name,
-        help="print events live (JSON lines), gap-free from a position",
-        description="Print the events of the log as CloudEvents JSON lines, in log order. With "
-        "--from POSITION every event after that position comes once, with no gap (the resync "
-        "contract: read a twin, note its position, watch --from it). With --durable NAME the "
-        "watch resumes after the last event it printed when started again under that name.",
-    )
-    _common(p)
-    p.add_argument("--owner", help="only this owner's events")
-    p.add_argument("--device", help="only this device's events")
-    p.add_argument(
-        "--type",
-        dest="kinds",
-        action="append",
-        default=None,
-        help="only this kind, e.g. resource-changed (repeatable)",
-    )
-    p.add_argument(
-        "--from",
-        dest="from_position",
-        type=int,
-        default=None,
-        help="start after this log position (default: from now on)",
-    )
-    p.add_argument("--durable", help="a durable subscription name (resumes where it stopped)")
-    p.add_argument("--count", type=int, default=None, help="stop after this many events")
-    p.set_defaults(handler=run_watch)
-
-
 def event_json(e: Any) -> str:
     """An event as one CloudEvents JSON line (attributes + data, log position as ``sequence``)."""
     from proto import binding
@@ -454,35 +486,3 @@ def event_json(e: Any) -> str:
         k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in ce.get_attributes().items()
     }
     return json.dumps(attrs | {"data": ce.get_data()}, sort_keys=True)
-
-
-def run_watch(args: argparse.Namespace) -> int:
-    async def main() -> int:
-        from twinhub_cli import services
-        from twinhub_client.client import ack_floor, event_filters
-        from twinhub_client.subscription import EventSubscription
-
-        config = _load_config(args, from_stack=True)
-        filters = event_filters(args.owner, args.device, args.kinds)
-        async with _until_signal() as stop, services.event_store(config) as store:
-
-            async def cursor(name: str) -> int | None:
-                return await ack_floor(store.connection, store.layout.name, name, 5.0)
-
-            sub = EventSubscription(
-                store,
-                filters,
-                durable=args.durable,
-                from_position=args.from_position,
-                cursor=cursor,
-            )
-            printed = 0
-            async with sub:
-                while not stop.is_set() and (args.count is None or printed < args.count):
-                    e = await sub.next(timeout=0.5)
-                    if e is not None:
-                        _out(event_json(e))
-                        printed += 1
-        return 0
-
-    return _run(main)

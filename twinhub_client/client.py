@@ -11,6 +11,14 @@
             async for event in events:
                 ...
 
+The token is also the NATS connection token: the bus's auth callout admits the connection as
+an application of the token's owner (docs/architecture.md, "The bus"). Such a connection
+receives replies only under ``_INBOX.<owner>``, so the client reads the owner from the token
+(claim ``owner_claim``, unverified: the server verifies it) to name its inbox, and asks the
+command API (``session``) for the rest: the owner's consumer-name key and the log position
+subscriptions "from now" start after. It reaches JetStream only under
+:data:`proto.api.APP_JS_PREFIX`, for consumers of its owner's events.
+
 Every API call carries the token (``Authorization: Bearer``); errors come back as the typed
 exceptions of :mod:`twinhub_client.errors`. See :mod:`twinhub_client.subscription` for what a
 subscription guarantees.
@@ -19,20 +27,25 @@ subscription guarantees.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import time
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar, overload
 
+import jwt
 import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.errors import UnavailableError
 from eventstore.layout import DEFAULT_STREAM, StreamLayout
@@ -44,6 +57,7 @@ from proto.api import (
     DeviceList,
     PendingCommand,
     PendingList,
+    SessionInfo,
     TwinResult,
 )
 from proto.events import (
@@ -58,6 +72,7 @@ from proto.events import (
     EventData,
 )
 from twinhub_client.errors import (
+    ForbiddenError,
     OutcomeTimeoutError,
     ServiceUnavailableError,
     TwinhubError,
@@ -65,7 +80,7 @@ from twinhub_client.errors import (
 )
 from twinhub_client.subscription import EventSubscription
 
-__all__ = ["OUTCOME_KINDS", "TwinhubClient", "event_filters"]
+__all__ = ["OUTCOME_KINDS", "TwinhubClient", "consumer_name", "event_filters", "token_owner"]
 
 log = logging.getLogger("twinhub_client")
 
@@ -96,21 +111,52 @@ def event_filters(
     types: Iterable[EventKind] | None = None,
     href: str | None = None,
 ) -> tuple[str, ...]:
-    """The subject filters of a subscription: one per event kind (none: every kind)."""
+    """The subject filters of events: one per event kind (none: every kind)."""
     if types is None:
         return (subjects.event_filter(owner, device, None, href),)
-    kinds = list(dict.fromkeys(_kind(t) for t in types))
+    kinds = event_kinds(types)
+    return tuple(subjects.event_filter(owner, device, k, href) for k in kinds)
+
+
+def event_kinds(types: Iterable[EventKind]) -> tuple[str, ...]:
+    """The kinds ``types`` names (classes, kinds or CloudEvents types), without repeats."""
+    kinds = tuple(dict.fromkeys(_kind(t) for t in types))
     if not kinds:
         raise ValueError("types must name at least one event kind")
-    return tuple(subjects.event_filter(owner, device, k, href) for k in kinds)
+    return kinds
+
+
+def token_owner(token: str, owner_claim: str = "sub") -> str:
+    """The owner a token names (``owner_claim``), read without verifying it: the server does
+    that. Raises ``ValueError`` for something that is not a JWT with that claim."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as e:
+        raise ValueError(f"not a JWT: {e}") from None
+    owner = claims.get(owner_claim)
+    if not isinstance(owner, str) or not owner:
+        raise ValueError(f"the token has no {owner_claim!r} claim")
+    return owner
+
+
+def consumer_name(key: bytes, durable: str) -> str:
+    """The JetStream consumer name of durable subscription ``durable``: a keyed hash under the
+    owner's consumer key (``session``), so other owners cannot guess it, and the same for
+    every process of the owner, at every start."""
+    digest = hmac.new(key, durable.encode(), hashlib.sha256).hexdigest()
+    return f"app_{digest[:40]}"
 
 
 class TwinhubClient:
     """A connection to twinhub for one caller (its token). An async context manager.
 
-    ``nats``: a URL (the client connects, reconnecting forever, and closes on exit) or a
-    connected ``nats.aio.client.Client`` the caller owns. ``api_prefix`` and ``stream`` name
-    the service's API subjects and event stream (defaults: production).
+    ``nats_conn``: a URL (``nats://`` or ``tls://``, several comma-separated; the client
+    connects with the token, reconnecting forever, and closes on exit), or a connected
+    ``nats.aio.client.Client`` the caller owns (connected with ``token=`` and
+    ``inbox_prefix=`` :func:`proto.subjects.owner_inbox_prefix` of the owner). ``ca_file``:
+    the CA that verifies the server's TLS certificate. ``api_prefix``, ``js_prefix`` and
+    ``stream`` name the command API, JetStream and the event stream (defaults: production);
+    ``owner_claim`` the token's owner claim (the service's ``auth.owner_claim``).
     """
 
     def __init__(
@@ -118,36 +164,52 @@ class TwinhubClient:
         nats_conn: str | NatsClient,
         token: str,
         *,
+        ca_file: str | Path | None = None,
         api_prefix: str = api.API_PREFIX,
+        js_prefix: str = api.APP_JS_PREFIX,
         stream: str = DEFAULT_STREAM,
         timeout: float = 10.0,
+        owner_claim: str = "sub",
     ) -> None:
-        self._url = nats_conn if isinstance(nats_conn, str) else None
+        self._endpoint: NatsEndpoint | None = None
+        if isinstance(nats_conn, str):
+            self._endpoint = NatsEndpoint(
+                nats_conn,
+                token=token,
+                ca_file=None if ca_file is None else Path(ca_file),
+                inbox_prefix=subjects.owner_inbox_prefix(token_owner(token, owner_claim)),
+            )
         self._nc: NatsClient | None = None if isinstance(nats_conn, str) else nats_conn
         self.token = token
         self.api_prefix = api_prefix
+        self.js_prefix = js_prefix
         self._layout = StreamLayout(name=stream)
         self.timeout = timeout
         self._store: JetStreamEventStore | None = None
+        self._session: SessionInfo | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        if self._url is not None:
+        if self._endpoint is not None:
             try:
                 self._nc = await nats.connect(
-                    self._url,
+                    **self._endpoint.connect_options(),
                     name="twinhub-client",
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25,
                     connect_timeout=self.timeout,
+                    allow_reconnect=True,
                 )
             except (OSError, nats.errors.Error) as e:
+                # nats-py reports a refused authorization as a closed connection / timeout
                 raise ServiceUnavailableError(
-                    f"cannot connect to NATS at {self._url}: {e!r}"
+                    f"cannot connect to NATS at {self._endpoint} (is the token valid?): {e!r}"
                 ) from e
         assert self._nc is not None
-        store = JetStreamEventStore(self._nc, self._layout, timeout=self.timeout)
+        store = JetStreamEventStore(
+            self._nc, self._layout, timeout=self.timeout, api_prefix=self.js_prefix
+        )
         try:
             await store.__aenter__()
         except UnavailableError as e:
@@ -171,7 +233,7 @@ class TwinhubClient:
         await self._close_nc()
 
     async def _close_nc(self) -> None:
-        if self._url is not None and self._nc is not None:
+        if self._endpoint is not None and self._nc is not None:
             nc, self._nc = self._nc, None
             try:
                 await nc.close()
@@ -219,6 +281,23 @@ class TwinhubClient:
                 raise api_error("internal", "error reply without an error")
             raise api_error(err.code, err.message)
         return reply.result
+
+    async def session(self) -> SessionInfo:
+        """What the token is on the bus (owner, inbox, consumer key) and, fresh each call, the
+        position of the owner's newest event."""
+        info = await self._typed(api.GetSession(), SessionInfo)
+        self._session = info
+        return info
+
+    async def owner(self) -> str:
+        """The owner of the token (asked once)."""
+        return (self._session or await self.session()).owner
+
+    async def _log_head(self) -> int:
+        try:
+            return (await self.session()).position
+        except ServiceUnavailableError as e:
+            raise UnavailableError(str(e)) from e  # retried by the subscription
 
     async def _typed(self, request: api.ApiRequest, cls: type[R]) -> R:
         result = await self.call(request)
@@ -284,9 +363,10 @@ class TwinhubClient:
 
     async def wait_outcome(self, accepted: CommandAccepted, timeout: float) -> AnyEvent:  # noqa: ASYNC109
         """The event that ended an accepted command (read from the log after its position)."""
-        filters = event_filters(None, accepted.device_id, OUTCOME_KINDS, accepted.href)
+        owner = await self.owner()
+        filters = event_filters(owner, accepted.device_id, None, accepted.href)
         async with EventSubscription(
-            self.store, filters, from_position=accepted.position, batch=16
+            self.store, filters, kinds=OUTCOME_KINDS, from_position=accepted.position, batch=16
         ) as sub:
             try:
                 async with asyncio.timeout(timeout):
@@ -433,20 +513,37 @@ class TwinhubClient:
         """Events of ``owner`` (optionally one device, some kinds, one resource) after
         ``from_position`` (default: from now on), once, in log order; ``durable`` names a
         subscription that resumes after its last acknowledged event. Use it as
-        ``async with client.subscribe(...) as events: async for event in events: ...``."""
-        return EventSubscription(
+        ``async with client.subscribe(...) as events: async for event in events: ...``.
+
+        ``owner`` must be the token's (the bus delivers no other owner's events); a
+        :class:`~twinhub_client.errors.ForbiddenError` says so when the subscription opens.
+        The consumer selects the owner's device / resource on the server; ``types`` are
+        filtered here (one consumer, one filter subject: what the bus lets an application
+        create)."""
+        kinds = None if types is None else event_kinds(types)
+        (scope,) = event_filters(owner, device, None, href)
+        return _OwnedSubscription(
+            self,
+            owner,
+            durable,
             self.store,
-            event_filters(owner, device, types, href),
-            durable=durable,
+            (scope,),
+            kinds=kinds,
             from_position=from_position,
             cursor=self.ack_floor,
+            head=self._log_head,
             batch=batch,
         )
 
+    async def consumer_name(self, durable: str) -> str:
+        """The consumer name of the caller's durable subscription ``durable``."""
+        info = self._session or await self.session()
+        return consumer_name(bytes.fromhex(info.consumer_key), durable)
+
     async def ack_floor(self, name: str) -> int | None:
-        """The last position acknowledged by durable consumer ``name`` (``None``: none such)."""
+        """The last position acknowledged by consumer ``name`` (``None``: none such)."""
         # Through the store: nc.request can lose a cancellation (see JetStreamEventStore.request).
-        subject = _consumer_info_subject(self._layout.name, name)
+        subject = f"{self.js_prefix}.CONSUMER.INFO.{self._layout.name}.{name}"
         try:
             msg = await self.store.request(subject, b"", self.timeout)
         except (nats.errors.Error, OSError) as e:
@@ -454,17 +551,28 @@ class TwinhubClient:
         return _ack_floor_of(name, msg)
 
 
-def _consumer_info_subject(stream: str, name: str) -> str:
-    return f"$JS.API.CONSUMER.INFO.{stream}.{name}"
+class _OwnedSubscription(EventSubscription):
+    """A subscription of the client's owner: checks the owner and names a durable consumer
+    (:func:`consumer_name`) when it opens, as both need the command API."""
 
+    def __init__(
+        self, client: TwinhubClient, owner: str, durable: str | None, *args: Any, **kw: Any
+    ) -> None:
+        super().__init__(*args, durable=durable, **kw)
+        self._client = client
+        self._owner = owner
+        self.durable_name = durable
 
-async def ack_floor(nc: NatsClient, stream: str, name: str, timeout: float) -> int | None:  # noqa: ASYNC109
-    """A JetStream consumer's ack floor (stream sequence), ``None`` if it does not exist."""
-    try:
-        msg = await nc.request(_consumer_info_subject(stream, name), b"", timeout=timeout)
-    except (nats.errors.Error, OSError) as e:
-        raise UnavailableError(f"consumer info of {name}: {e!r}") from e
-    return _ack_floor_of(name, msg)
+    async def open(self) -> None:
+        if not self._opened:
+            mine = await self._client.owner()
+            if self._owner != mine:
+                raise ForbiddenError(
+                    f"the token is owner {mine!r}'s: it cannot subscribe to {self._owner!r}"
+                )
+            if self.durable_name is not None:
+                self.name = await self._client.consumer_name(self.durable_name)
+        await super().open()
 
 
 def _ack_floor_of(name: str, msg: Msg) -> int | None:

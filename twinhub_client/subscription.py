@@ -28,7 +28,13 @@ How "once, in order, no gap" is kept:
   whatever the log does (milliseconds when it answers): what is cut short is an
   acknowledgement (the event comes again to a durable subscription) or a deletion (see above).
 
-Without ``from_position`` a new subscription starts at the end of the log (new events only).
+Without ``from_position`` a new subscription starts at the end of the log (new events only):
+after ``head()`` when given (an application asks the command API, ``session``), else after the
+log's last position.
+
+The consumer has one filter subject: the bus lets an application create consumers only on the
+filtered create subject, which carries a single filter (its owner's subjects). ``kinds``
+narrows what is handed out on the client: events of other kinds are acknowledged and skipped.
 """
 
 from __future__ import annotations
@@ -38,22 +44,24 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from types import TracebackType
 from typing import Self, TypeVar
 
 from eventstore.errors import EventStoreError
 from eventstore.ports import ALL_EVENTS, Consumer, Delivery, EventStore
-from proto import binding
-from proto.errors import BindingError
+from proto import binding, subjects
+from proto.errors import BindingError, SubjectError
 from proto.events import AnyEvent
 
-__all__ = ["Cursor", "EventSubscription"]
+__all__ = ["Cursor", "EventSubscription", "Head"]
 
 log = logging.getLogger("twinhub_client.subscription")
 
 Cursor = Callable[[str], Awaitable[int | None]]
 """The ack floor of a durable consumer by name; ``None`` when there is no such consumer."""
+Head = Callable[[], Awaitable[int]]
+"""The position a subscription "from now" starts after."""
 
 T = TypeVar("T")
 
@@ -69,6 +77,8 @@ class EventSubscription:
         durable: str | None = None,
         from_position: int | None = None,
         cursor: Cursor | None = None,
+        head: Head | None = None,
+        kinds: Collection[str] | None = None,
         batch: int = 64,
         ack_wait: float = 300.0,
         fetch_timeout: float = 1.0,
@@ -86,6 +96,8 @@ class EventSubscription:
         self.name = durable if durable is not None else f"sub-{uuid.uuid4().hex[:20]}"
         self._from = from_position
         self._cursor = cursor
+        self._head = head
+        self.kinds = None if kinds is None else frozenset(kinds)
         self._batch = batch
         self._ack_wait = ack_wait
         self._fetch_timeout = fetch_timeout
@@ -119,7 +131,8 @@ class EventSubscription:
             if floor is not None:
                 start, resume = floor, True
         if start is None:
-            start = await self._retrying(lambda: self._store.last_position(ALL_EVENTS))
+            head = self._head or (lambda: self._store.last_position(ALL_EVENTS))
+            start = await self._retrying(head)
         self._last = start
         if self.durable and self._cursor is None:
             # No way to read the ack floor (in-memory log): reopen the consumer as it is.
@@ -210,6 +223,9 @@ class EventSubscription:
                 continue
             self._last = d.position
             self._current = d
+            if self.kinds is not None and not self._wanted(d):
+                await self._settle_current()
+                continue
             try:
                 return binding.from_stored(d.stored)
             except BindingError as e:
@@ -229,6 +245,13 @@ class EventSubscription:
                 return await self._next_event()
         except TimeoutError:
             return None
+
+    def _wanted(self, d: Delivery) -> bool:
+        assert self.kinds is not None
+        try:
+            return subjects.parse_event_subject(d.stored.message.subject).kind in self.kinds
+        except SubjectError:
+            return True  # not an event subject: decoding says what it is
 
     async def _settle_current(self) -> None:
         d, self._current = self._current, None

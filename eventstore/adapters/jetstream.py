@@ -72,6 +72,7 @@ from nats.aio.client import __version__ as nats_client_version
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.errors import (
     ConcurrencyError,
     ConsumerGoneError,
@@ -475,9 +476,9 @@ class _PullInbox:
     """The inbox of one pull consumer: deliveries go to a buffer, pull-request end statuses to
     the request they answer (one reply subject per request)."""
 
-    def __init__(self, nc: NatsClient, stream: str, consumer: str) -> None:
+    def __init__(self, nc: NatsClient, api: str, stream: str, consumer: str) -> None:
         self._nc = nc
-        self._next_subject = f"{_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._next_subject = f"{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._prefix = nc.new_inbox()
         self._buffer: deque[Msg] = deque()
         self._open: dict[str, str | None] = {}  # request token -> end status once known
@@ -571,12 +572,27 @@ class _PullInbox:
             self._open.pop(token, None)
 
 
+def _create_subject(stream: str, name: str, filters: Sequence[str]) -> str:
+    """The consumer create subject: the filtered form for a single filter (permissions can
+    then restrict the filter), the plain one for several."""
+    if len(filters) == 1:
+        return f"CONSUMER.CREATE.{stream}.{name}.{filters[0]}"
+    return f"CONSUMER.CREATE.{stream}.{name}"
+
+
 class JetStreamEventStore:
     """:class:`eventstore.ports.EventStore` on JetStream.
 
     ``JetStreamEventStore(nc, layout)`` uses a connection the caller owns;
     :meth:`from_url` makes a store that connects (reconnecting forever) on ``__aenter__`` and
     closes on ``__aexit__``. Use it as an async context manager either way.
+
+    ``api_prefix`` is where the JetStream API is reached: ``$JS.API`` for twinhub's services,
+    :data:`bus.permissions.APP_JS_PREFIX` for an application (its account imports only the
+    consumer operations of its own owner's subjects there; see docs/architecture.md).
+    A consumer with a single filter is created on the filtered create subject
+    (``CONSUMER.CREATE.<stream>.<name>.<filter>``), which is what lets the server check the
+    filter against a client's permissions.
     """
 
     def __init__(
@@ -586,10 +602,12 @@ class JetStreamEventStore:
         *,
         timeout: float = 5.0,
         max_atomic_inflight: int = 32,
+        api_prefix: str = _API,
     ) -> None:
         self.layout = layout or StreamLayout()
+        self.api_prefix = api_prefix
         self._nc = nc
-        self._url: str | None = None
+        self._endpoint: NatsEndpoint | None = None
         self._owns_nc = False
         self._timeout = timeout
         self._atomic_slots = asyncio.Semaphore(max_atomic_inflight)
@@ -600,24 +618,32 @@ class JetStreamEventStore:
     @classmethod
     def from_url(
         cls,
-        url: str,
+        endpoint: NatsEndpoint,
         layout: StreamLayout | None = None,
         *,
         timeout: float = 5.0,
         max_atomic_inflight: int = 32,
+        api_prefix: str = _API,
     ) -> JetStreamEventStore:
-        store = cls(None, layout, timeout=timeout, max_atomic_inflight=max_atomic_inflight)
-        store._url = url
+        """A store that connects to ``endpoint`` (URL and credentials) when entered."""
+        store = cls(
+            None,
+            layout,
+            timeout=timeout,
+            max_atomic_inflight=max_atomic_inflight,
+            api_prefix=api_prefix,
+        )
+        store._endpoint = endpoint
         return store
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         if self._nc is None:
-            assert self._url is not None
+            assert self._endpoint is not None
             try:
                 self._nc = await nats.connect(
-                    self._url,
+                    **self._endpoint.connect_options(),
                     name="twinhub-eventstore",
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25,
@@ -626,7 +652,9 @@ class JetStreamEventStore:
                     reconnected_cb=self._on_reconnected,
                 )
             except (OSError, nats.errors.Error) as exc:
-                raise UnavailableError(f"cannot connect to NATS at {self._url}: {exc!r}") from exc
+                raise UnavailableError(
+                    f"cannot connect to NATS at {self._endpoint}: {exc!r}"
+                ) from exc
             self._owns_nc = True
         self._fast_publish = fast_publish_supported(self._nc)
         if not self._fast_publish:
@@ -697,7 +725,7 @@ class JetStreamEventStore:
     async def _api(self, op: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         payload = b"" if body is None else json.dumps(body).encode()
         try:
-            msg = await self.request(f"{_API}.{op}", payload, self._timeout)
+            msg = await self.request(f"{self.api_prefix}.{op}", payload, self._timeout)
         except nats.errors.NoRespondersError as exc:
             raise UnavailableError(f"JetStream not available ({op})") from exc
         except (nats.errors.Error, OSError) as exc:
@@ -721,6 +749,23 @@ class JetStreamEventStore:
             log.info("stream %s updated", name)
         for spec in consumers:
             await self._ensure_consumer(spec)
+
+    async def wait_provisioned(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Return once the stream exists (created by whoever provisions it: twinhub's twin
+        service); :class:`NotProvisionedError` if it still does not after ``timeout`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.05
+        while await self._stream_missing():
+            if loop.time() + delay > deadline:
+                raise NotProvisionedError(
+                    f"stream {self.layout.name!r} does not exist after {timeout:g}s"
+                    " (it is created by the twin service)"
+                )
+            if delay >= 0.8:
+                log.info("waiting for stream %s to be provisioned", self.layout.name)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
     async def _stream_missing(self) -> bool:
         try:
@@ -1016,7 +1061,7 @@ class JetStreamEventStore:
         reply, token, answer = mux.expect_batch()
         try:
             try:
-                await nc.publish(f"{_API}.DIRECT.GET.{name}", body, reply=reply)
+                await nc.publish(f"{self.api_prefix}.DIRECT.GET.{name}", body, reply=reply)
             except (nats.errors.Error, OSError) as exc:
                 raise UnavailableError(f"direct get failed: {exc!r}") from exc
             try:
@@ -1076,10 +1121,10 @@ class JetStreamEventStore:
             cfg["opt_start_time"] = _rfc3339_ns(start_time_ns)
             cfg.pop("opt_start_seq", None)
         info = await self._api(
-            f"CONSUMER.CREATE.{stream}.{name}",
+            _create_subject(stream, name, filters),
             {"stream_name": stream, "config": cfg, "action": "create"},
         )
-        inbox = _PullInbox(nc, stream, name)
+        inbox = _PullInbox(nc, self.api_prefix, stream, name)
         try:
             if int(info.get("num_pending", 0)) == 0:
                 return
@@ -1128,7 +1173,7 @@ class JetStreamEventStore:
         if existing is None:
             try:
                 await self._api(
-                    f"CONSUMER.CREATE.{stream}.{spec.name}",
+                    _create_subject(stream, spec.name, spec.filter_subjects),
                     {"stream_name": stream, "config": cfg, "action": "create"},
                 )
                 log.info("consumer %s.%s created", stream, spec.name)
@@ -1147,7 +1192,7 @@ class JetStreamEventStore:
         ):
             return
         await self._api(
-            f"CONSUMER.CREATE.{stream}.{spec.name}",
+            _create_subject(stream, spec.name, spec.filter_subjects),
             {"stream_name": stream, "config": cfg, "action": "update"},
         )
         log.info("consumer %s.%s updated", stream, spec.name)
@@ -1202,7 +1247,7 @@ class JetStreamConsumer:
         self._store = store
         self._nc = nc
         self._spec = spec
-        self._inbox = _PullInbox(nc, store.layout.name, spec.name)
+        self._inbox = _PullInbox(nc, store.api_prefix, store.layout.name, spec.name)
         self._lock = asyncio.Lock()
         self._closed = False
 

@@ -19,11 +19,11 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from pymongo.asynchronous.database import AsyncDatabase
 
+from auth.tokens import JwtValidator, TokenIssuer
 from devicesim.config import DeviceConfig, GatewayAddress, TlsOptions
 from devicesim.device import SimDevice
 from eventstore.adapters.jetstream import JetStreamEventStore
 from gateway.service import Gateway, GatewayConfig
-from gateway.tokens import JwtValidator, TokenIssuer
 from proto import binding, subjects
 from proto.events import AnyEvent
 from twin.adapters.mongo import MongoTwinStore

@@ -19,9 +19,9 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 import devicesim.site
+from auth.tokens import JwtValidator
 from devicesim.device import SimDevice
 from gateway.service import Gateway, GatewayConfig
-from gateway.tokens import JwtValidator
 from proto import events as ev
 from twin.adapters.nats_api import NatsApiServer
 from twin.api import ApiConfig, TwinApi

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nats.aio.client import Client as NatsClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from auth.tokens import JwtValidator, TokenIssuer
 from eventstore.adapters.jetstream import JetStreamEventStore
-from gateway.tokens import JwtValidator, TokenIssuer
 from proto import api, binding, subjects
 from proto import events as ev
 from proto.events import AnyEvent, EventData

@@ -42,9 +42,9 @@ import pytest
 import pytest_asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
+from auth.tokens import TokenIssuer
 from eventstore.adapters.jetstream import JetStreamEventStore
 from gateway.service import Gateway
-from gateway.tokens import TokenIssuer
 from proto import binding, subjects
 from proto import events as ev
 from twinhub_cli import config as cfgmod

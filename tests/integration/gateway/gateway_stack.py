@@ -14,12 +14,12 @@ from typing import Any
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from auth.tokens import JwtValidator, TokenIssuer
 from devicesim.config import DeviceConfig, GatewayAddress
 from devicesim.device import DeviceState, SimDevice
 from eventstore.memory import InMemoryEventStore
 from gateway.adapters.coap import CoapServer
 from gateway.service import Gateway, GatewayConfig
-from gateway.tokens import JwtValidator, TokenIssuer
 
 from .coap_peers import CHANGED, CONTENT_FORMAT, POST, RawPeer, request, uint
 

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from auth.tokens import JwtValidator, TokenIssuer
 from gateway import session as s
-from gateway.tokens import JwtValidator, TokenIssuer
 from proto import events
 
 E = TypeVar("E")

@@ -8,8 +8,8 @@ import dataclasses
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from auth.tokens import Claims, JwtValidator, KeySet, TokenIssuer
 from gateway import session as s
-from gateway.tokens import Claims, JwtValidator, KeySet, TokenIssuer
 
 from .playbook import NOW, Play, of, one
 

@@ -56,6 +56,19 @@ def test_malformed_requests_raise_a_typed_error(op: str, body: bytes) -> None:
         api.decode_request(op, body)
 
 
+@pytest.mark.parametrize("op", sorted(api.REQUEST_TYPES))
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff", b'{"device_id": "\xff\xfe"}', b'{"device_id": "d", "href": "/\xed\xa0\x80"}'],
+)
+def test_a_body_that_is_not_utf8_is_a_typed_error(op: str, body: bytes) -> None:
+    # msgspec raises UnicodeDecodeError (not a DecodeError) for a string that is not UTF-8
+    with pytest.raises(api.ApiDecodeError, match=f"bad {op} request"):
+        api.decode_request(op, body)
+    with pytest.raises(api.ApiDecodeError, match="bad reply"):
+        api.decode_reply(b'{"ok": false, "error": {"code": "x", "message": "\xff"}}')
+
+
 def test_replies_and_tokens() -> None:
     reply = api.Reply(ok=False, error=api.ApiError(code="forbidden", message="not yours"))
     assert api.decode_reply(api.encode_reply(reply)) == reply

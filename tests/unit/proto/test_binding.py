@@ -84,7 +84,9 @@ def test_missing_attributes_are_rejected(drop: str) -> None:
         binding.from_nats(NatsMessage(msg.subject, msg.msg_id, msg.data, headers))
 
 
-@pytest.mark.parametrize("body", [b"{", b'{"gateway": 5}', b"[]"])
+@pytest.mark.parametrize(
+    "body", [b"{", b'{"gateway": 5}', b"[]", b"\xff", b'{"gateway": "\xff\xfe"}']
+)
 def test_bad_data_is_rejected(body: bytes) -> None:
     msg = binding.to_nats(_online())
     with pytest.raises(BindingError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -10,7 +11,11 @@ from typing import Any
 
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from auth.application import AppTokenValidator
+from auth.errors import TokenError, UnknownKey
+from auth.tokens import Claims, TokenIssuer
 from eventstore.memory import InMemoryEventStore
 from proto import api, binding, subjects
 from proto import events as ev
@@ -26,21 +31,20 @@ from .factory import T0
 NOW = T0.timestamp() + 1000
 
 
-@dataclass(frozen=True)
-class Claims:
-    owner: str
-    token_type: str = "access"
+def claims(owner: str) -> Claims:
+    return Claims(owner=owner, device_id=None, expires_at=None)
 
 
 class Validator:
-    """Tokens are "owner" or "refresh:owner"; anything else is refused."""
+    """Tokens are "owner"; anything else is refused (as auth's validators refuse: TokenError).
+
+    The application-token rules themselves (refresh and device tokens refused, ...) are
+    auth's, tested in tests/unit/auth/test_application.py."""
 
     def validate(self, token: str, now: float) -> Claims:
-        if token.startswith("refresh:"):
-            return Claims(token.split(":", 1)[1], "refresh")
         if not token.isalnum():
-            raise ValueError("bad token")
-        return Claims(token)
+            raise TokenError("bad token")
+        return claims(token)
 
 
 class Clock:
@@ -383,17 +387,17 @@ async def test_a_token_of_an_unknown_key_is_validated_again_after_a_key_refresh(
         def validate(self, token: str, now: float) -> Claims:
             kid, _, owner = token.partition(":")
             if kid not in self.known:
-                raise LookupError(kid)
+                raise UnknownKey(kid)
             if not owner.isalnum():
-                raise ValueError("bad token")
-            return Claims(owner)
+                raise TokenError("bad token")
+            return claims(owner)
 
     keys = Rotating()
     asked: list[Exception] = []
 
     async def refresh(e: Exception) -> bool:
         asked.append(e)
-        if not isinstance(e, LookupError):
+        if not isinstance(e, UnknownKey):
             return False
         keys.known = set(keys.published)
         return True
@@ -409,9 +413,61 @@ async def test_a_token_of_an_unknown_key_is_validated_again_after_a_key_refresh(
     assert (await call("k1:alice")).ok
     assert asked == []
     assert (await call("k2:alice")).ok
-    assert [type(e) for e in asked] == [LookupError]
+    assert [type(e) for e in asked] == [UnknownKey]
     refused = await call("k3:alice")  # refreshed, still unknown: refused after one more try
     assert refused.error is not None and refused.error.code == "unauthorized"
     bad = await call("k1:al ice")  # not a key problem: no refresh
     assert bad.error is not None and bad.error.code == "unauthorized"
-    assert [type(e) for e in asked] == [LookupError, LookupError, ValueError]
+    assert [type(e) for e in asked] == [UnknownKey, UnknownKey, TokenError]
+
+
+@pytest.mark.parametrize("op", sorted(api.REQUEST_TYPES))
+@pytest.mark.parametrize("body", [b'{"device_id": "\xff\xfe"}', b"\xff"])
+async def test_a_body_that_is_not_utf8_is_a_bad_request(
+    world: World, op: str, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    reply = await world.api.handle(op, body, "alice")
+    assert reply.error is not None and reply.error.code == "bad_request"
+    assert reply.error.message.startswith(f"bad {op} request")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "no traceback"
+
+
+async def test_a_validator_bug_is_internal_not_an_exception(world: World) -> None:
+    class Broken:
+        def validate(self, token: str, now: float) -> Claims:
+            raise RuntimeError("bug")
+
+    twin_api = TwinApi(world.log, world.twins, Broken())
+    reply = await twin_api.handle(api.ListDevices.OP, api.encode_request(api.ListDevices()), "a")
+    assert reply.error is not None and reply.error.code == "internal"
+
+
+async def test_application_token_rules_apply_through_the_injected_validator(
+    world: World,
+) -> None:
+    issuer = TokenIssuer(ec.generate_private_key(ec.SECP256R1()), kid="k1")
+    twin_api = TwinApi(
+        world.log, world.twins, AppTokenValidator(issuer.public_keys), clock=world.clock
+    )
+    body = api.encode_request(api.ListDevices())
+
+    async def error_of(token: str) -> str | None:
+        reply = await twin_api.handle(api.ListDevices.OP, body, token)
+        return None if reply.error is None else f"{reply.error.code}: {reply.error.message}"
+
+    now = world.clock()
+    assert await error_of(issuer.issue("alice", now=now, ttl=3600)) is None
+    refused = {
+        "device": issuer.issue("alice", now=now, ttl=3600, device_id="d1"),
+        "refresh": issuer.issue("alice", now=now, ttl=3600, token_type="refresh"),
+        "no exp": issuer.issue("alice", now=now, ttl=None),
+        "lifetime": issuer.issue("alice", now=now, ttl=30 * 24 * 3600),
+    }
+    errors = {name: await error_of(token) for name, token in refused.items()}
+    assert errors == {
+        "device": "unauthorized: invalid token: a device token is not an application token",
+        "refresh": "unauthorized: invalid token: a refresh token is not an application token",
+        "no exp": "unauthorized: invalid token: token has no exp claim",
+        "lifetime": "unauthorized: invalid token: token lifetime 2592000 s exceeds the maximum"
+        " of 604800 s for application tokens",
+    }

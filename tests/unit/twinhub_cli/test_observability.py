@@ -16,6 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from auth.errors import TokenError
+from auth.tokens import Claims
 from eventstore.memory import InMemoryEventStore
 from gateway.service import GatewayStats
 from proto import api
@@ -233,17 +235,11 @@ def test_twin_collector() -> None:
     assert got[("twinhub_twin_projector_lag", ())] == 5
 
 
-@dataclass(frozen=True)
-class Claims:
-    owner: str
-    token_type: str = "access"
-
-
 class Validator:
     def validate(self, token: str, now: float) -> Claims:
         if token != "alice":
-            raise ValueError("bad token")
-        return Claims(token)
+            raise TokenError("bad token")
+        return Claims(owner=token, device_id=None, expires_at=None)
 
 
 async def test_counting_api_records_op_and_outcome() -> None:

@@ -6,10 +6,11 @@ algorithms (never ``none``, never HS* with an asymmetric key), ``exp``, ``nbf``,
 ``iss``, ``aud`` with a small clock-skew allowance. The owner comes from a
 configurable claim (default ``sub``), the device ID from an optional one.
 
-Validation is pure CPU work with keys already loaded, so the sans-IO session core
-can call it. Key sources that need I/O (a JWKS URL, an OAuth2 exchange) refresh
+Validation is pure CPU work with keys already loaded, so the gateway's sans-IO session
+core can call it. Key sources that need I/O (a JWKS URL, an OAuth2 exchange) refresh
 a :class:`KeySet` from the driver and plug in behind the same
-:class:`TokenValidator` protocol.
+:class:`TokenValidator` protocol. Refusals are :class:`auth.errors.TokenError`.
+The stricter rules for application tokens are :mod:`auth.application`.
 
 :class:`TokenIssuer` signs ES256 tokens with a key from the data dir: the tokens
 ``twinhub token`` prints, and the access/refresh tokens the gateway hands out at
@@ -18,7 +19,6 @@ sign-up and refresh.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Mapping
@@ -30,7 +30,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.errors import TokenError, UnknownKey
+from auth.errors import TokenError, UnknownKey
 
 ASYMMETRIC_ALGORITHMS: Final = (
     "ES256",
@@ -42,6 +42,8 @@ ASYMMETRIC_ALGORITHMS: Final = (
     "PS256",
     "EdDSA",
 )
+TOKEN_ALGORITHMS: Final = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+"""What a deployment's validators accept (its own keys, ``auth.public_keys``, JWKS, OAuth2)."""
 REFRESH_TYPE: Final = "refresh"
 DEFAULT_ISSUER: Final = "twinhub"
 DEFAULT_AUDIENCE: Final = "twinhub"
@@ -62,6 +64,10 @@ class Claims:
 
 
 class TokenValidator(Protocol):
+    """Validates a token at ``now`` (seconds since the epoch); raises
+    :class:`~auth.errors.TokenError` (:class:`~auth.errors.UnknownKey` for an unknown ``kid``)
+    for a bad one."""
+
     def validate(self, token: str, now: float) -> Claims: ...
 
 
@@ -84,7 +90,7 @@ class KeySet:
 
 class KeyLookup(Protocol):
     """Where a validator finds a token's key: a :class:`KeySet`, or a refreshable source
-    (:class:`gateway.jwks.JwksKeys`) that raises :class:`UnknownKey` until it knows the key."""
+    (:class:`auth.jwks.JwksKeys`) that raises :class:`UnknownKey` until it knows the key."""
 
     def find(self, kid: str | None) -> PublicKey: ...
 
@@ -291,7 +297,3 @@ def load_public_keys(paths: Mapping[str, Path]) -> KeySet:
     for kid, p in paths.items():
         out[kid] = serialization.load_pem_public_key(p.read_bytes())
     return KeySet(out)
-
-
-def describe(claims: Claims) -> str:
-    return json.dumps({"owner": claims.owner, "device": claims.device_id})

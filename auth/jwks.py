@@ -1,20 +1,22 @@
-"""Signing keys from a JWKS URL, and the one HTTP seam of the gateway's authorization.
+"""Signing keys from a JWKS URL, and the HTTP helpers of token validation.
 
-:class:`JwksKeys` is a key lookup for :class:`gateway.tokens.JwtValidator`: ``find`` is pure
+:class:`JwksKeys` is a key lookup for :class:`auth.tokens.JwtValidator`: ``find`` is pure
 (it answers from the keys fetched so far, after any static keys) and raises
-:class:`gateway.errors.UnknownKey` for a ``kid`` it does not hold. The driver then awaits
-:meth:`JwksKeys.refresh` and retries (the session emits ``RefreshKeys`` and re-handles the
-request on ``KeysRefreshed``), so the session core stays sans-IO.
+:class:`auth.errors.UnknownKey` for a ``kid`` it does not hold. The driver then awaits
+:meth:`JwksKeys.refresh` and retries (the gateway's session emits ``RefreshKeys`` and
+re-handles the request on ``KeysRefreshed``; the command API refreshes and validates once
+more), so validation itself stays sans-IO.
 
 Refreshes are bounded: at most one fetch per ``min_refresh`` seconds whatever the tokens say
 (a flood of made-up ``kid`` values costs one fetch per interval), and concurrent refreshes
 share one fetch. Only asymmetric keys are taken from the document (no ``oct``: no HS*), and a
 key whose ``alg`` is outside the allow-list is skipped.
 
-HTTP is the standard library's ``urllib.request`` in a thread (:func:`http_request`), with a
-timeout, ``http``/``https`` only; errors are translated here to
-:class:`gateway.errors.Unavailable` (unreachable, 5xx, garbage) or returned as a status. A thread
-cannot be cancelled, so the limit is the socket's timeout, not ``asyncio.timeout``.
+HTTP is the standard library's ``urllib.request`` in a thread (:func:`http_request`, also the
+gateway's OAuth2 code exchange), with a timeout, ``http``/``https`` only; errors are
+translated here to :class:`auth.errors.KeySourceUnavailable` (unreachable, 5xx, garbage) or
+returned as a status. A thread cannot be cancelled, so the limit is the socket's timeout, not
+``asyncio.timeout``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from typing import Any, Final
 
 import jwt
 
-from gateway.errors import Unavailable, UnknownKey
-from gateway.tokens import ASYMMETRIC_ALGORITHMS, KeySet, PublicKey
+from auth.errors import KeySourceUnavailable, UnknownKey
+from auth.tokens import ASYMMETRIC_ALGORITHMS, KeySet, PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +70,17 @@ async def http_request(
     headers: Mapping[str, str] | None = None,
     time_limit: float = 10.0,
 ) -> tuple[int, bytes]:
-    """The status and body of one HTTP exchange; :class:`Unavailable` when there is none
-    (refused, timed out, TLS failure) or the server failed (5xx)."""
+    """The status and body of one HTTP exchange; :class:`KeySourceUnavailable` when there is
+    none (refused, timed out, TLS failure) or the server failed (5xx)."""
     check_url(url, "request")
     try:
         status, data = await asyncio.to_thread(_fetch, method, url, body, headers or {}, time_limit)
     except (OSError, ValueError) as e:  # URLError, timeouts and TLS errors are OSErrors
         log.warning("%s %s: %s", method, url, e)
-        raise Unavailable(f"{url} unreachable: {e}") from None
+        raise KeySourceUnavailable(f"{url} unreachable: {e}") from None
     log.info("%s %s -> %d", method, url, status)
     if status >= 500:
-        raise Unavailable(f"{url} answered {status}")
+        raise KeySourceUnavailable(f"{url} answered {status}")
     return status, data
 
 
@@ -87,13 +89,13 @@ async def get_json(url: str, time_limit: float) -> dict[str, Any]:
         "GET", url, headers={"Accept": "application/json"}, time_limit=time_limit
     )
     if status != 200:
-        raise Unavailable(f"{url} answered {status}")
+        raise KeySourceUnavailable(f"{url} answered {status}")
     try:
         doc = json.loads(data)
     except ValueError:
-        raise Unavailable(f"{url}: not JSON") from None
+        raise KeySourceUnavailable(f"{url}: not JSON") from None
     if not isinstance(doc, dict):
-        raise Unavailable(f"{url}: not a JSON object")
+        raise KeySourceUnavailable(f"{url}: not a JSON object")
     return doc
 
 
@@ -171,7 +173,7 @@ class JwksKeys:
             try:
                 doc = await get_json(self.url, self.timeout)
                 keys = parse_jwks(doc, self.algorithms)
-            except (Unavailable, ValueError) as e:
+            except (KeySourceUnavailable, ValueError) as e:
                 log.warning("JWKS %s: %s", self.url, e)
                 return False
             log.info("JWKS %s: %d key(s) %s", self.url, len(keys), sorted(keys))

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import jwt
 import pytest
 
-from gateway.errors import TokenError, UnknownKey
-from gateway.jwks import JwksKeys, parse_jwks
-from gateway.tokens import JwtValidator
+from auth.errors import TokenError, UnknownKey
+from auth.jwks import JwksKeys, parse_jwks
+from auth.tokens import JwtValidator
 
 from ...e2e.idp import Idp  # noqa: TID252
 

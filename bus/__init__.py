@@ -1,0 +1,1 @@
+"""The bus: NATS accounts, permissions, credentials and the auth callout (PRODUCT.md section 10)."""
