@@ -27,6 +27,7 @@ subscription guarantees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -192,16 +193,22 @@ class TwinhubClient:
 
     async def __aenter__(self) -> Self:
         if self._endpoint is not None:
+            nc = NatsClient()
             try:
-                self._nc = await nats.connect(
-                    **self._endpoint.connect_options(),
-                    name="twinhub-client",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,
-                    connect_timeout=self.timeout,
-                    allow_reconnect=True,
-                )
+                opts: dict[str, Any] = self._endpoint.connect_options() | {
+                    "name": "twinhub-client",
+                    "max_reconnect_attempts": -1,
+                    "reconnect_time_wait": 0.25,
+                    "connect_timeout": self.timeout,
+                    "allow_reconnect": True,
+                }
+                await nc.connect(**opts)
+                if not nc.is_connected:  # dropped in the handshake (no authorization answer)
+                    raise nats.errors.NoServersError
+                self._nc = nc
             except (OSError, nats.errors.Error) as e:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await nc.close()  # a refused connect leaves its socket open otherwise
                 # nats-py reports a refused authorization as a closed connection / timeout
                 raise ServiceUnavailableError(
                     f"cannot connect to NATS at {self._endpoint} (is the token valid?): {e!r}"
