@@ -516,3 +516,56 @@ async def test_everything_an_application_may_do(world: World) -> None:
         info = await bob.request(f"{JS}.CONSUMER.INFO.{S}.{name}")
         assert info["ack_floor"]["stream_seq"] >= 1, info
         assert (await bob.request(f"{JS}.CONSUMER.DELETE.{S}.{name}"))["success"] is True
+
+
+# -- the callout's health --------------------------------------------------------------------
+
+
+async def _http(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    def get() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=WAIT) as r:
+                return int(r.status), r.read().decode()
+        except urllib.error.HTTPError as e:
+            return int(e.code), e.read().decode()
+
+    return await asyncio.to_thread(get)
+
+
+async def _until_status(url: str, status: int) -> str:
+    async with asyncio.timeout(WAIT):
+        while True:
+            code, body = await _http(url)
+            if code == status:
+                return body
+            await asyncio.sleep(0.05)
+
+
+async def test_the_callouts_readiness_and_metrics(bus: Bus) -> None:
+    from twinhub_cli import config as cfgmod
+    from twinhub_cli.observability import ObservabilityConfig
+    from twinhub_cli.services import callout_observability
+
+    config = cfgmod.load(None, env={}, overrides={"callout": {"metrics_listen": "127.0.0.1:0"}})
+    obs = ObservabilityConfig(probe_interval=0.05, probe_timeout=1.0)
+    async with callout_observability(config, bus.callout, obs) as ops:
+        assert ops is not None
+        await _until_status(f"{ops.url}/readyz", 200)
+        await refused(bus.url, token="not-a-token")
+        metrics = (await _http(f"{ops.url}/metrics"))[1]
+        assert "twinhub_callout_ready 1.0" in metrics
+        denied = [
+            ln for ln in metrics.splitlines() if ln.startswith("twinhub_callout_denied_total")
+        ]
+        assert denied and float(denied[0].split()[-1]) >= 1
+        await bus.callout.__aexit__(None, None, None)
+        try:
+            body = await _until_status(f"{ops.url}/readyz", 503)
+            assert "callout" in body
+            assert "twinhub_callout_ready 0.0" in (await _http(f"{ops.url}/metrics"))[1]
+        finally:
+            await bus.callout.__aenter__()
+        await _until_status(f"{ops.url}/readyz", 200)
