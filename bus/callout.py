@@ -96,7 +96,7 @@ def _claims_of(token: bytes) -> dict[str, Any]:
             raise CalloutError("not a JWT")
         header = json.loads(_unb64(parts[0]))
         claims = json.loads(_unb64(parts[1]))
-    except (UnicodeDecodeError, ValueError, binascii.Error) as e:
+    except (UnicodeDecodeError, ValueError, binascii.Error, RecursionError) as e:
         raise CalloutError(f"unreadable authorization request: {e}") from e
     if not isinstance(header, dict) or header.get("alg") != JWT_HEADER["alg"]:
         raise CalloutError("authorization request is not an NKey-signed JWT")
@@ -124,13 +124,14 @@ def decode_request(data: bytes) -> AuthRequest:
     opts = nats.get("connect_opts") or {}
     info = nats.get("client_info") or {}
     token = opts.get("auth_token") if isinstance(opts, dict) else None
+    client_id = info.get("id", 0) if isinstance(info, dict) else 0
     return AuthRequest(
         user_nkey=user,
         server_id=server["id"],
         token=token if isinstance(token, str) and token else None,
         client_host=str(info.get("host", "")) if isinstance(info, dict) else "",
         client_name=str(info.get("name", "")) if isinstance(info, dict) else "",
-        client_id=int(info.get("id", 0)) if isinstance(info, dict) else 0,
+        client_id=client_id if type(client_id) is int else 0,  # informational, like host
     )
 
 

@@ -31,7 +31,9 @@ def write_secret(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600 from the start (never readable by others)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # a fresh file: a stale temporary file (or a symlink) there keeps its mode (or target)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
@@ -81,6 +83,7 @@ def ensure_credentials(directory: Path) -> BusCredentials:
     """The bus's keys under ``directory``, created where missing (kept where present)."""
     creds = BusCredentials(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.chmod(0o700)  # also when it existed: nobody else lists the keys
     for role in ROLES:
         path = creds.seed_file(role)
         if not path.exists():

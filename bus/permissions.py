@@ -103,6 +103,8 @@ def _deny_consumers(prefix: str, stream: str, names: Sequence[str]) -> tuple[str
             f"{prefix}.CONSUMER.CREATE.{stream}.{name}.>",
             f"{prefix}.CONSUMER.DURABLE.CREATE.{stream}.{name}",
             f"{prefix}.CONSUMER.DELETE.{stream}.{name}",
+            f"{prefix}.CONSUMER.MSG.NEXT.{stream}.{name}",  # a pull takes events from it
+            f"$JS.ACK.{stream}.{name}.>",
         ]
     return tuple(out)
 

@@ -1,9 +1,13 @@
 """Shared fixtures: real servers on loopback, started once per session.
 
-* ``nats_server`` (session): :class:`NatsServer` with JetStream; tests may ``stop()`` / ``start()``
-  it (same port, same store). Any test that uses it, directly or through ``nats_url`` /
-  ``nats_client``, gets it running again first.
-* ``nats_url`` / ``nats_client`` (function): URL and a connected nats-py client, closed afterwards.
+* ``nats_server`` (session): :class:`NatsServer` with JetStream and twinhub's bus security, as
+  users run it (no anonymous client; services by NKey, applications through the auth callout);
+  tests may ``stop()`` / ``start()`` it (same port, same store). Any test that uses it,
+  directly or through ``bus`` / ``nats_admin`` / ``nats_client``, gets it running again first.
+* ``bus`` (function): the running server with the session's auth callout and the issuer of
+  the application tokens it admits (:class:`Bus`: ``bus.endpoint(role)``, ``bus.token(owner)``).
+* ``nats_admin`` / ``nats_client`` (function): the admin role's endpoint and a connected
+  nats-py client of it, closed afterwards.
 * ``mongo_server`` (session): :class:`MongoServer` (FerretDB), or the MongoDB at
   ``$TWINHUB_TEST_MONGO_URL`` when that is set.
 * ``mongo_client`` (session): ``AsyncMongoClient``; ``mongo_db`` (function): a fresh database with a
@@ -15,6 +19,7 @@ Server fixtures never skip: a missing binary fails the test with the fix in the 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,10 +28,18 @@ from typing import Any, Protocol
 import nats
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric import ec
 from nats.aio.client import Client as NatsClient
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from auth.application import AppTokenValidator
+from auth.tokens import TokenIssuer
+from bus.adapters.nats_callout import CalloutService
+from bus.credentials import ensure_credentials
+from bus.permissions import Role
+from eventstore.adapters.endpoint import NatsEndpoint
+from eventstore.layout import DEFAULT_STREAM
 from twinhub_cli.devservices import DevServiceError, MongoServer, NatsServer
 
 TEST_MONGO_URL_ENV = "TWINHUB_TEST_MONGO_URL"
@@ -46,8 +59,9 @@ class ExternalServer:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
+    root = tmp_path_factory.mktemp("nats")
     try:
-        server = NatsServer(tmp_path_factory.mktemp("nats"))
+        server = NatsServer(root, credentials=ensure_credentials(root / "bus"))
         await server.start()
     except DevServiceError as exc:
         pytest.fail(f"cannot start nats-server: {exc}", pytrace=False)
@@ -71,14 +85,63 @@ def _restart_stopped_nats(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("_nats_running")
 
 
+APP_ISSUER_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+@dataclass(frozen=True)
+class Bus:
+    """The session's NATS server as users get it, with the auth callout running."""
+
+    server: NatsServer
+    issuer: TokenIssuer  # signs the application tokens the callout (and test APIs) accept
+    callout: CalloutService
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def admin(self) -> NatsEndpoint:
+        return self.server.endpoint("admin")
+
+    def endpoint(self, role: Role) -> NatsEndpoint:
+        return self.server.endpoint(role)
+
+    def token(self, owner: str, *, ttl: float = 600.0, **kw: Any) -> str:
+        return self.issuer.issue(owner, now=time.time(), ttl=ttl, **kw)
+
+    def validator(self) -> AppTokenValidator:
+        """The application-token rules, over this bus's issuer (what the callout uses)."""
+        return AppTokenValidator(self.issuer.public_keys)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def _bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    issuer = TokenIssuer(APP_ISSUER_KEY, kid="tests")
+    callout = CalloutService(
+        nats_server.endpoint("callout"),
+        nats_server.credentials.issuer_file,
+        AppTokenValidator(issuer.public_keys),
+        stream=DEFAULT_STREAM,
+        reserved=("twin-projector",),
+    )
+    async with callout:
+        yield Bus(nats_server, issuer, callout)
+
+
 @pytest.fixture
-def nats_url(_nats_running: NatsServer) -> str:
-    return _nats_running.url
+def bus(_nats_running: NatsServer, _bus: Bus) -> Bus:
+    return _bus
+
+
+@pytest.fixture
+def nats_admin(_nats_running: NatsServer) -> NatsEndpoint:
+    return _nats_running.endpoint("admin")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def nats_client(nats_url: str) -> AsyncIterator[NatsClient]:
-    nc = await nats.connect(nats_url)
+async def nats_client(nats_admin: NatsEndpoint) -> AsyncIterator[NatsClient]:
+    nc = await nats.connect(**nats_admin.connect_options())
     try:
         yield nc
     finally:

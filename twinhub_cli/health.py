@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from eventstore.adapters.endpoint import NatsEndpoint
 from twinhub_cli import config as cfgmod
 from twinhub_cli.config import Config, ConfigError, parse_hostport
 
@@ -203,8 +204,9 @@ def gateway_target(config: Config, address: str | None, *, tls: bool) -> tuple[s
 class _Nats:
     """A NATS connection for one check: no reconnects, JetStream API requests as JSON."""
 
-    def __init__(self, url: str, limit: float) -> None:
-        self.url = url
+    def __init__(self, endpoint: NatsEndpoint, limit: float) -> None:
+        self.endpoint = endpoint
+        self.url = endpoint.url
         self.limit = limit
         self._nc: NatsClient | None = None
 
@@ -218,12 +220,11 @@ class _Nats:
         async def record(exc: Exception) -> None:
             errors.append(exc)
 
-        servers = [s.strip() for s in self.url.split(",") if s.strip()]
         try:
             # nats-py retries the initial connection forever with max_reconnect_attempts=0 (it
             # only gives up for a value > 0): one retry per server, then NoServersError.
             self._nc = await nats.connect(
-                servers,
+                **self.endpoint.connect_options(),
                 name="twinhub-health",
                 connect_timeout=self.limit,
                 allow_reconnect=False,
@@ -282,21 +283,24 @@ async def _nats_probe(nc: _Nats, stream: str, stage: _Stage) -> str:
     if (err := _api_error(info)) is not None:
         if err[0] == _ERR_STREAM_NOT_FOUND:
             raise Unhealthy(
-                f"NATS {redact(nc.url)}: stream {stream} does not exist (the gateway or the twin "
-                "projector creates it when it starts)"
+                f"NATS {redact(nc.url)}: stream {stream} does not exist (the twin service "
+                "creates it when it starts)"
             )
         raise Unhealthy(f"NATS {redact(nc.url)}: stream {stream}: {err[1]}")
     state = info.get("state") or {}
     return f"stream {stream} {state.get('messages', '?')} msgs, last seq {state.get('last_seq')}"
 
 
-async def check_nats(url: str, stream: str, *, limit: float = DEFAULT_TIMEOUT) -> Health:
-    """Connect, JetStream account info, the stream exists."""
+async def check_nats(
+    endpoint: NatsEndpoint, stream: str, *, limit: float = DEFAULT_TIMEOUT
+) -> Health:
+    """Connect (with the endpoint's credentials), JetStream account info, the stream exists."""
+    url = endpoint.url
     stage = _Stage(f"connecting to NATS {redact(url)}")
 
     async def run() -> str:
         start = time.monotonic()
-        async with _Nats(url, limit).connected() as nc:
+        async with _Nats(endpoint, limit).connected() as nc:
             detail = await _nats_probe(nc, stream, stage)
         return f"NATS {redact(url)}: JetStream ok, {detail} ({_ms(start)})"
 
@@ -342,12 +346,14 @@ async def check_mongo(url: str, *, limit: float = DEFAULT_TIMEOUT) -> Health:
 # -- twin --------------------------------------------------------------------------------------
 
 
-async def _twin_nats(config: Config, limit: float, max_pending: int | None) -> Health:
-    url, stream, consumer = config.nats.url, config.nats.stream, config.twin.consumer
+async def _twin_nats(
+    config: Config, endpoint: NatsEndpoint, limit: float, max_pending: int | None
+) -> Health:
+    url, stream, consumer = endpoint.url, config.nats.stream, config.twin.consumer
     stage = _Stage(f"connecting to NATS {redact(url)}")
 
     async def run() -> str:
-        async with _Nats(url, limit).connected() as nc:
+        async with _Nats(endpoint, limit).connected() as nc:
             await _nats_probe(nc, stream, stage)
             stage.what = f"asking NATS {redact(url)} for consumer {stream}.{consumer}"
             info = await nc.api(f"CONSUMER.INFO.{stream}.{consumer}")
@@ -373,11 +379,16 @@ async def _twin_nats(config: Config, limit: float, max_pending: int | None) -> H
 
 
 async def check_twin(
-    config: Config, *, limit: float = DEFAULT_TIMEOUT, max_pending: int | None = None
+    config: Config,
+    endpoint: NatsEndpoint,
+    *,
+    limit: float = DEFAULT_TIMEOUT,
+    max_pending: int | None = None,
 ) -> Health:
     """NATS (JetStream, stream, the projector's consumer and its pending count) and MongoDB."""
     nats_health, mongo_health = await asyncio.gather(
-        _twin_nats(config, limit, max_pending), check_mongo(config.mongo.url, limit=limit)
+        _twin_nats(config, endpoint, limit, max_pending),
+        check_mongo(config.mongo.url, limit=limit),
     )
     return Health(
         nats_health.ok and mongo_health.ok, f"{nats_health.detail}; {mongo_health.detail}"
@@ -478,6 +489,32 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _bus(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="where the bus credentials are when nats.credentials is not set (DIR/bus)",
+    )
+    p.add_argument(
+        "--role",
+        choices=["gateway", "twin", "admin"],
+        default=role,
+        help=f"whose NKey to connect with (default {role}: a container has only its own)",
+    )
+
+
+def _endpoint(config: Config, args: argparse.Namespace) -> NatsEndpoint:
+    from dataclasses import replace
+
+    from twinhub_cli.busconfig import nats_endpoint
+    from twinhub_cli.datadir import DataDir
+
+    endpoint = nats_endpoint(config, DataDir(args.data_dir.resolve()), args.role)
+    url = getattr(args, "url", None)
+    return replace(endpoint, url=url) if url else endpoint
+
+
 def register(subparsers: SubParsers, name: str, /) -> None:
     group = subparsers.add_parser(
         name,
@@ -504,6 +541,7 @@ def register(subparsers: SubParsers, name: str, /) -> None:
 
     p = checks.add_parser("nats", help="connect, JetStream account info, the event stream exists")
     _common(p)
+    _bus(p, "gateway")
     p.add_argument("--url", help="NATS URL (default: nats.url)")
     p.set_defaults(handler=_nats_cmd)
 
@@ -522,6 +560,7 @@ def register(subparsers: SubParsers, name: str, /) -> None:
         default=None,
         help="unhealthy when the consumer has more pending events (default: no limit)",
     )
+    _bus(p, "twin")
     p.set_defaults(handler=_twin_cmd)
 
     p = checks.add_parser(
@@ -577,7 +616,7 @@ def _gateway_cmd(args: argparse.Namespace) -> int:
 
 def _nats_cmd(args: argparse.Namespace) -> int:
     def make(config: Config) -> Check:
-        return check_nats(args.url or config.nats.url, config.nats.stream, limit=args.timeout)
+        return check_nats(_endpoint(config, args), config.nats.stream, limit=args.timeout)
 
     return _execute("nats", args, make)
 
@@ -591,7 +630,9 @@ def _mongo_cmd(args: argparse.Namespace) -> int:
 
 def _twin_cmd(args: argparse.Namespace) -> int:
     def make(config: Config) -> Check:
-        return check_twin(config, limit=args.timeout, max_pending=args.max_pending)
+        return check_twin(
+            config, _endpoint(config, args), limit=args.timeout, max_pending=args.max_pending
+        )
 
     return _execute("twin", args, make)
 

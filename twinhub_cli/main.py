@@ -114,7 +114,9 @@ def register_dev_services(subparsers: SubParsers, name: str, /) -> None:
         name,
         help="run NATS (JetStream) and the MongoDB-wire server until SIGINT/SIGTERM",
         description="Start NATS with JetStream and FerretDB on loopback, print their URLs, "
-        "and run until SIGINT or SIGTERM.",
+        "and run until SIGINT or SIGTERM. NATS is authenticated as in production: twinhub's "
+        "services connect with the NKeys in DATA_DIR/bus (created here, as by `twinhub init`), "
+        "applications with a token once an auth callout runs (`twinhub callout`).",
     )
     parser.add_argument(
         "--data-dir",
@@ -135,6 +137,7 @@ def _run_dev_services(args: argparse.Namespace) -> int:
 
 
 async def _dev_services(data_dir: Path, nats_port: int, mongo_port: int) -> int:
+    from bus.credentials import ensure_credentials
     from twinhub_cli.devservices import DevServiceError, MongoServer, NatsServer
 
     stop = asyncio.Event()
@@ -144,7 +147,11 @@ async def _dev_services(data_dir: Path, nats_port: int, mongo_port: int) -> int:
     try:
         async with contextlib.AsyncExitStack() as stack:
             nats_server = await stack.enter_async_context(
-                NatsServer(data_dir / "nats", port=nats_port)
+                NatsServer(
+                    data_dir / "nats",
+                    port=nats_port,
+                    credentials=ensure_credentials(data_dir / "bus"),
+                )
             )
             mongo_server = await stack.enter_async_context(
                 MongoServer(data_dir / "mongo", port=mongo_port)
@@ -152,6 +159,7 @@ async def _dev_services(data_dir: Path, nats_port: int, mongo_port: int) -> int:
             print(f"NATS     {nats_server.url}", flush=True)
             print(f"MongoDB  {mongo_server.url}", flush=True)
             print(f"data     {data_dir}", flush=True)
+            print(f"bus keys {nats_server.credentials.directory}", flush=True)
             await stop.wait()
             log.info("stopping")
     except DevServiceError as exc:

@@ -34,9 +34,7 @@ from auth.tokens import (
     load_public_keys,
 )
 from bus.adapters.nats_callout import CalloutService
-from bus.credentials import BusCredentials
-from bus.permissions import Role, inbox_prefix
-from eventstore.adapters.endpoint import NatsEndpoint
+from bus.permissions import Role
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.layout import StreamLayout
 from gateway.identity import AuthMode, TlsAuthPolicy, parse_crls
@@ -49,6 +47,7 @@ from twin.api import ApiConfig, KeyRefresh, TwinApi
 from twin.service import ProjectorConfig, TwinProjector
 from twin.sweeper import ExpirySweeper
 from twinhub_cli import pki as devpki
+from twinhub_cli.busconfig import bus_credentials, nats_endpoint, secret_file
 from twinhub_cli.config import Config, ConfigError, parse_hostport
 from twinhub_cli.datadir import DataDir
 from twinhub_cli.observability import (
@@ -284,39 +283,6 @@ def gateway_config(config: Config, data: DataDir) -> GatewayConfig:
 PROVISION_WAIT: Final = 120.0  # seconds a gateway waits for the twin service to create the stream
 
 
-def bus_credentials(config: Config, data: DataDir) -> BusCredentials:
-    """Where this process's bus credentials are: ``nats.credentials``, else ``<data-dir>/bus``."""
-    return BusCredentials(Path(config.nats.credentials) if config.nats.credentials else data.bus)
-
-
-def _secret_file(path: Path, what: str) -> Path:
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise ConfigError(
-            f"nats.credentials: no {what} at {path} (create the bus credentials with"
-            " `twinhub init`, or point nats.credentials at them)"
-        ) from None
-    if mode & 0o077:
-        raise ConfigError(f"nats.credentials: {path} is readable by others: chmod 600 it")
-    return path
-
-
-def nats_endpoint(config: Config, data: DataDir, role: Role) -> NatsEndpoint:
-    """How service ``role`` connects: ``nats.url`` with its own NKey seed (mode 0600), its own
-    inbox prefix, and ``nats.ca_file`` to verify the server's certificate."""
-    seed = _secret_file(bus_credentials(config, data).seed_file(role), f"NKey seed of {role}")
-    ca = Path(config.nats.ca_file) if config.nats.ca_file else None
-    if ca is not None and not ca.is_file():
-        raise ConfigError(f"nats.ca_file: no such file: {ca}")
-    try:
-        return NatsEndpoint(
-            config.nats.url, seed_file=seed, ca_file=ca, inbox_prefix=inbox_prefix(role)
-        )
-    except ValueError as e:
-        raise ConfigError(f"nats.url: {e}") from None
-
-
 @contextlib.asynccontextmanager
 async def event_store(
     config: Config, data: DataDir, role: Role
@@ -340,7 +306,7 @@ async def run_callout(config: Config, data: DataDir) -> AsyncIterator[CalloutSer
     validator = app_validator_for(config, issuer_for(config, data))
     async with CalloutService(
         nats_endpoint(config, data, "callout"),
-        _secret_file(creds.issuer_file, "callout issuer key"),
+        secret_file(creds.issuer_file, "callout issuer key"),
         validator,
         stream=config.nats.stream,
         reserved=(config.twin.consumer,),
@@ -352,7 +318,7 @@ async def run_callout(config: Config, data: DataDir) -> AsyncIterator[CalloutSer
 
 def consumer_key(config: Config, data: DataDir) -> bytes:
     """The twin service's secret from which each owner's consumer-name key is derived."""
-    path = _secret_file(bus_credentials(config, data).consumer_key_file, "consumer key")
+    path = secret_file(bus_credentials(config, data).consumer_key_file, "consumer key")
     return path.read_bytes()
 
 

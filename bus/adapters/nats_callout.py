@@ -140,22 +140,28 @@ class CalloutService:
                 self.stats.denied += 1
                 log.info("auth callout: refused %s: %s", request.client_host, e)
             else:
-                body, exp = grant(
-                    request,
-                    caller,
-                    self._signer,
-                    now,
-                    stream=self._stream,
-                    reserved=self._reserved,
-                    max_lifetime=self._max_lifetime,
-                )
-                self.stats.granted += 1
-                log.debug(
-                    "auth callout: %s admitted as owner %r until %d",
-                    request.client_host,
-                    caller.owner,
-                    exp,
-                )
+                try:
+                    body, exp = grant(
+                        request,
+                        caller,
+                        self._signer,
+                        now,
+                        stream=self._stream,
+                        reserved=self._reserved,
+                        max_lifetime=self._max_lifetime,
+                    )
+                except ValueError as e:  # an owner no subject can hold (proto SubjectError)
+                    body = deny(request, self._signer, now, f"token refused: {e}")
+                    self.stats.denied += 1
+                    log.info("auth callout: refused %s: %s", request.client_host, e)
+                else:
+                    self.stats.granted += 1
+                    log.debug(
+                        "auth callout: %s admitted as owner %r until %d",
+                        request.client_host,
+                        caller.owner,
+                        exp,
+                    )
         try:
             await msg.respond(body)
         except (nats.errors.Error, OSError) as e:

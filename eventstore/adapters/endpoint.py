@@ -31,7 +31,7 @@ class NatsEndpoint:
     def __post_init__(self) -> None:
         if self.seed_file is not None and self.token is not None:
             raise ValueError("a NATS endpoint has a seed file or a token, not both")
-        if "@" in self.url.split("//", 1)[-1].split("/", 1)[0]:
+        if any("@" in u.split("//", 1)[-1].split("/", 1)[0] for u in self.servers):
             raise ValueError("credentials do not belong in the NATS URL (use a seed or a token)")
 
     def __str__(self) -> str:
