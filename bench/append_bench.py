@@ -1,6 +1,6 @@
 """Append throughput of the JetStream event store, against a local nats-server (file storage).
 
-    .venv/bin/python bench/append_bench.py [--scale 1.0] [--uvloop] [--subject-memory N]
+    .venv/bin/python bench/append_bench.py [--scale 1.0 | --quick] [--uvloop] [--subject-memory N]
 
 Prints one JSON document: the machine, then per scenario the messages and appends per second
 and append-call latency percentiles. Scenarios:
@@ -18,7 +18,13 @@ For scale, two baselines use nats-py directly with the same payload and headers 
 
 ``--subject-memory N`` also measures the server's resident memory after storing N messages on N
 distinct subjects, on one subject with N distinct msg ids (duplicate window), and on one subject
-without ids -- the numbers behind the sizing notes in ``eventstore/layout.py``.
+without ids -- the numbers behind the sizing notes in ``eventstore/layout.py``. ``--quick``: a
+smoke test (``--scale 0.02``).
+
+The server runs as users run it, authenticated (:class:`twinhub_cli.devservices.NatsServer`).
+Every scenario appends to a throw-away stream of its own (``BENCH_<hex>``, deleted afterwards),
+which only the bus's admin role may use, so the store connects as admin (NKey); the gateway's
+own role on the product stream is measured by ``bus_bench.py``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.layout import StreamLayout
 from proto.message import NatsMessage
@@ -52,6 +59,7 @@ HEADERS = {
     "Content-Type": "application/json",
 }
 PAYLOAD = b'{"href":"/light/1","content":{"state":true,"power":42},"status":"2.05"}'
+QUICK_SCALE = 0.02
 
 
 def machine() -> dict[str, Any]:
@@ -141,12 +149,12 @@ def scenarios(scale: float) -> dict[str, tuple[int, int, int, bool]]:
 
 
 async def measure(
-    url: str, name: str, devices: int, per_device: int, size: int, conditional: bool
+    endpoint: NatsEndpoint, name: str, devices: int, per_device: int, size: int, conditional: bool
 ) -> dict[str, Any]:
     hexid = uuid.uuid4().hex[:10]
     root = f"bench{hexid}.ev"
     layout = StreamLayout(name=f"BENCH_{hexid}", subjects=(f"{root}.>",))
-    async with JetStreamEventStore.from_url(url, layout, timeout=30.0) as store:
+    async with JetStreamEventStore.from_url(endpoint, layout, timeout=30.0) as store:
         await store.provision()
         run = Run(store, root)
         start = time.perf_counter()
@@ -173,10 +181,12 @@ async def measure(
     }
 
 
-async def raw_baselines(url: str, sequential: int, pipelined: int) -> list[dict[str, Any]]:
+async def raw_baselines(
+    endpoint: NatsEndpoint, sequential: int, pipelined: int
+) -> list[dict[str, Any]]:
     import nats  # the bench compares with the bare client; library code keeps nats in the adapter
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(**endpoint.connect_options())
     js = nc.jetstream()
     name = f"RAW_{uuid.uuid4().hex[:10]}"
     await js.add_stream(name=name, subjects=[f"{name}.>"])
@@ -226,10 +236,10 @@ def rss_bytes(pid: int) -> int:
 
 
 async def _fill(
-    url: str, count: int, make: Callable[[int], NatsMessage], duplicate_window: float
+    endpoint: NatsEndpoint, count: int, make: Callable[[int], NatsMessage], duplicate_window: float
 ) -> None:
     layout = StreamLayout(name="MEM", subjects=("mem.>",), duplicate_window=duplicate_window)
-    async with JetStreamEventStore.from_url(url, layout, timeout=60.0) as store:
+    async with JetStreamEventStore.from_url(endpoint, layout, timeout=60.0) as store:
         await store.provision()
         chunk = 1000
         sem = asyncio.Semaphore(64)
@@ -262,7 +272,7 @@ async def subject_memory(count: int) -> dict[str, Any]:
             async with NatsServer(Path(tmp)) as server:
                 assert server.pid is not None
                 before = rss_bytes(server.pid)
-                await _fill(server.url, count, make, window)
+                await _fill(server.endpoint("admin"), count, make, window)
                 await asyncio.sleep(5)  # let the server settle (not a synchronisation point)
                 after = rss_bytes(server.pid)
         out[name] = {
@@ -285,12 +295,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         async with NatsServer(Path(tmp)) as server:
             result["machine"]["nats_server"] = server_version(server.binary)
             result["event_loop"] = "uvloop" if args.uvloop else "asyncio"
+            result["scale"] = args.scale
+            admin = server.endpoint("admin")
+            result["nats_role"] = "admin"
             runs = []
             for name, (devices, per, size, cond) in scenarios(args.scale).items():
-                runs.append(await measure(server.url, name, devices, per, size, cond))
+                runs.append(await measure(admin, name, devices, per, size, cond))
             result["scenarios"] = runs
             result["baselines"] = await raw_baselines(
-                server.url, max(1, round(5000 * args.scale)), max(1, round(20000 * args.scale))
+                admin, max(1, round(5000 * args.scale)), max(1, round(20000 * args.scale))
             )
     if args.subject_memory:
         result["server_memory"] = await subject_memory(args.subject_memory)
@@ -299,10 +312,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply the append counts")
+    parser.add_argument("--scale", type=float, default=None, help="multiply the append counts")
+    parser.add_argument("--quick", action="store_true", help="smoke test: --scale 0.02")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     parser.add_argument("--subject-memory", type=int, default=0, metavar="N")
     args = parser.parse_args()
+    if args.scale is None:
+        args.scale = QUICK_SCALE if args.quick else 1.0
     if args.uvloop:
         import uvloop
 

@@ -1,7 +1,7 @@
 """Command benchmark: client → twin command API → log → gateway → device → outcome → client.
 
     .venv/bin/python bench/command_bench.py [--devices 100] [--rates 100,1000] [--duration 10]
-        [--pending 1000] [--phases roundtrip,pending,cost] [--profile-twin FILE]
+        [--pending 1000] [--phases roundtrip,pending,cost] [--quick] [--profile-twin FILE]
         [--output FILE] [--keep-work-dir]
 
 Everything runs on this machine, on loopback, in a temporary directory removed on exit, the way
@@ -10,6 +10,13 @@ MongoDB-wire server (FerretDB) from :mod:`twinhub_cli.devservices`, ``twinhub ga
 ``twinhub twin run`` (projector, command API, expiry sweeper) as processes of their own, the
 simulated devices in ``sim-worker`` processes (this script), and the client
 (:class:`twinhub_client.TwinhubClient`) in this process.
+
+The bus is authenticated as users run it: the gateway and the twin service connect with the
+NKeys of their roles (``TWINHUB_NATS_CREDENTIALS``: the server's credentials directory), the
+auth callout runs in this process (:func:`twinhub_cli.services.run_callout`, the command API's
+application-token rules over the data dir's signing key) and the client connects with an
+application token of the benchmark's owner (no device binding, 24 h), which the callout admits
+to the APPS account; the benchmark's own reads of the log use the admin role.
 
 * ``roundtrip``: ``--devices`` online simulated devices (one light each). At each offered rate
   (commands/s, all devices together, round-robin, open loop: a request is sent when it is due
@@ -27,6 +34,8 @@ simulated devices in ``sim-worker`` processes (this script), and the client
   (a twin document carries its open commands): document size, ``to_document`` /
   ``from_document``, folding one more command event, a store ``get`` and ``write_many`` of the
   twin (FerretDB), medians of repeated runs.
+
+``--quick``: a smoke test (10 devices, 20 commands/s for 3 s, 20 pending, 3 cost repetitions).
 
 All timestamps are this host's wall clock. CPU per process (% of one core) is reported per
 phase; ``others_pct_of_one_core`` is what the rest of the machine used meanwhile.
@@ -46,7 +55,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,6 +68,7 @@ SCRIPT = Path(__file__).resolve()
 OWNER = "bench"
 HREF = "/light/1"
 PENDING_TTL = 3600.0  # queueing 1,000 takes minutes: none may expire before the device is back
+APP_TOKEN_TTL = 24 * 3600.0  # the client's application token (at most 7 days are accepted)
 
 
 def say(text: str) -> None:
@@ -188,9 +198,10 @@ async def receipts(sim: e2e.SimProc) -> dict[int, int]:
 
 @contextlib.asynccontextmanager
 async def twin_process(
-    work: Path, data_dir: Path, nats_url: str, mongo_url: str, profile_to: Path | None
+    work: Path, data_dir: Path, config: Any, profile_to: Path | None
 ) -> AsyncIterator[e2e.Child]:
-    env = e2e._clean_env() | {"TWINHUB_NATS_URL": nats_url, "TWINHUB_MONGO_URL": mongo_url}
+    """``twinhub twin run`` (projector, command API, sweeper), the twin role's NKey."""
+    env = e2e._clean_env() | e2e.bus_env(config) | {"TWINHUB_MONGO_URL": config.mongo.url}
     argv = [e2e._venv_bin("twinhub"), "--log-level", "WARNING", "twin", "run"]
     argv += ["--data-dir", str(data_dir)]
     if profile_to is not None:
@@ -629,7 +640,6 @@ async def cost_phase(args: argparse.Namespace, mongo_url: str) -> dict[str, Any]
 
 
 async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from twinhub_cli import config as cfgmod
     from twinhub_cli import services
     from twinhub_cli.datadir import DataDir
     from twinhub_cli.devservices import MongoServer, NatsServer
@@ -675,6 +685,8 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "transport": "coaps+tcp",
             "command": f"update {HREF} {{power: <unique>}}, ttl 120 s ({PENDING_TTL:g} s queued)",
             "twin_profiled": args.profile_twin is not None,
+            "bus": "authenticated NATS: gateway and twin service by NKey, the client by its "
+            "application token through the auth callout (in the benchmark process)",
         }
         data_dir = work / "data"
         init = await e2e.Child.spawn(
@@ -686,22 +698,23 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if await asyncio.wait_for(init.proc.wait(), 60) != 0:
             raise init.failure("failed")
         e2e._CHILDREN.pop(init.pid, None)
-        config = cfgmod.load(
-            None, env={}, overrides={"nats": {"url": nats.url}, "mongo": {"url": mongo.url}}
+        config = e2e.bench_config(nats, mongo.url)
+        data = DataDir(data_dir)
+        token = services.first_device_token(config, data, OWNER)  # the devices' sign-up token
+        app_token = services.issuer_for(config, data).issue(
+            OWNER, now=time.time(), ttl=APP_TOKEN_TTL
         )
-        token = services.first_device_token(config, DataDir(data_dir), OWNER)
-        store = await stack.enter_async_context(services.event_store(config))
+        store = await stack.enter_async_context(services.event_store(config, data, "admin"))
         if "cost" in args.phases:
             result["cost"] = await cost_phase(args, mongo.url)
         if not {"roundtrip", "pending"} & set(args.phases):
             return result
-        gw = await stack.enter_async_context(
-            e2e.gateway_process(work, "gw-cmd", data_dir, nats.url)
-        )
+        gw = await stack.enter_async_context(e2e.gateway_process(work, "gw-cmd", data_dir, config))
         twin = await stack.enter_async_context(
-            twin_process(work, data_dir, nats.url, mongo.url, args.profile_twin)
+            twin_process(work, data_dir, config, args.profile_twin)
         )
-        client = await stack.enter_async_context(TwinhubClient(nats.url, token, timeout=30.0))
+        callout = await stack.enter_async_context(services.run_callout(config, data))
+        client = await stack.enter_async_context(TwinhubClient(nats.url, app_token, timeout=30.0))
         meter = benchutil.CpuMeter(
             {
                 "gateway": [gw.pid],
@@ -717,6 +730,7 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             result["roundtrip"] = await _phase(roundtrip_phase(rig))
         if "pending" in args.phases:
             result["pending"] = await _phase(pending_phase(rig))
+        result["callout"] = dataclasses.asdict(callout.stats)
     return result
 
 
@@ -730,15 +744,38 @@ async def _phase(run: Any) -> dict[str, Any]:
         return {"failed": f"{type(e).__name__}: {e}"}
 
 
+FULL: dict[str, Any] = {
+    "devices": 100,
+    "rates": [100.0, 1000.0],
+    "duration": 10.0,
+    "pending": 1000,
+    "cost_reps": 20,
+    "cost_twins": 100,
+}
+QUICK: dict[str, Any] = {
+    "devices": 10,
+    "rates": [20.0],
+    "duration": 3.0,
+    "pending": 20,
+    "cost_reps": 3,
+    "cost_twins": 10,
+}
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="command_bench.py", description=__doc__.split("\n")[0])
-    p.add_argument("--devices", type=int, default=100, help="online devices (roundtrip)")
-    p.add_argument("--rates", type=lambda t: [float(x) for x in t.split(",") if x], default=[])
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per offered rate")
-    p.add_argument("--pending", type=int, default=1000, help="commands queued (pending)")
+    p.add_argument("--devices", type=int, help="online devices (roundtrip; 100)")
+    p.add_argument(
+        "--rates",
+        type=lambda t: [float(x) for x in t.split(",") if x],
+        help="offered commands/s, comma-separated (100,1000)",
+    )
+    p.add_argument("--duration", type=float, help="seconds per offered rate (10)")
+    p.add_argument("--pending", type=int, help="commands queued (pending; 1000)")
     p.add_argument("--drain-timeout", type=float, default=600.0)
-    p.add_argument("--cost-reps", type=int, default=20)
-    p.add_argument("--cost-twins", type=int, default=100, help="other twins in the collection")
+    p.add_argument("--cost-reps", type=int, help="repetitions of each cost (20)")
+    p.add_argument("--cost-twins", type=int, help="other twins in the collection (100)")
+    p.add_argument("--quick", action="store_true", help="smoke test: see QUICK")
     p.add_argument(
         "--phases",
         type=lambda t: [x for x in t.split(",") if x],
@@ -748,8 +785,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--output", type=Path)
     p.add_argument("--keep-work-dir", action="store_true")
     args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if not args.rates:
-        args.rates = [100.0, 1000.0]
+        p.error("--rates: at least one rate")
     unknown = set(args.phases) - {"roundtrip", "pending", "cost"}
     if unknown:
         p.error(f"unknown phases {sorted(unknown)}")
@@ -766,8 +806,12 @@ def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _worker(argv: list[str]) -> Coroutine[Any, Any, int]:
+    return sim_worker(parse_worker_args(argv))
+
+
 def main() -> int:
-    return e2e.run_main("twinhub-cmd-", parse_args, run_bench, say)
+    return e2e.run_main("twinhub-cmd-", parse_args, run_bench, say, _worker)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,19 @@
 Everything runs on this machine, on loopback, in a temporary directory removed on exit:
 
 * ``nats-server`` (JetStream) and the MongoDB-wire server (FerretDB), from
-  :mod:`twinhub_cli.devservices`;
+  :mod:`twinhub_cli.devservices`; NATS authenticated as users run it (services by NKey, the
+  credentials in the server's ``bus/`` directory);
 * the gateway as its own process: ``twinhub gateway`` configured through ``TWINHUB_*``
-  variables (NATS URL, TLS listener only, the server certificate of a data dir made with
-  ``twinhub init``);
+  variables (NATS URL and ``TWINHUB_NATS_CREDENTIALS``: it connects with the gateway role's
+  NKey; TLS listener only, the server certificate of a data dir made with ``twinhub init``);
 * the simulator as its own process(es): this script in ``sim-worker`` mode, which runs
   :func:`devicesim.fleet.run_fleet` with ``rate=0`` (devices sign up, sign in, publish and are
   observed over ``coaps+tcp``) and drives the value changes itself, so the offered rate can be
   stepped without reconnecting the fleet: a 10 ms ticker calls ``SimDevice.change()`` round-robin
   over the signed-in devices at the total rate asked for. ``change()`` is what a device's own
   change loop does: it stamps ``ts`` (epoch ns) and notifies;
-* the twin projector in this process (:class:`twin.service.TwinProjector`, Mongo twin store).
+* the twin projector in this process (:class:`twin.service.TwinProjector`, Mongo twin store),
+  connected as the twin service's role; the benchmark's own reads of the log use the admin role.
 
 The throughput phases connect ``--devices`` TLS devices (one light each) once, then step the
 offered total rate: warm-up, a measured window of ``--duration`` seconds, rate 0, drain.
@@ -196,6 +198,17 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("TWINHUB_")}
 
 
+def bus_env(config: Any) -> dict[str, str]:
+    """How a child service reaches the authenticated bus (``TWINHUB_NATS_*``): the URL and the
+    directory of the bus credentials (``<role>.nk``; it reads only its own role's seed)."""
+    env = {"TWINHUB_NATS_URL": config.nats.url}
+    if config.nats.credentials:
+        env["TWINHUB_NATS_CREDENTIALS"] = config.nats.credentials
+    if config.nats.ca_file:
+        env["TWINHUB_NATS_CA_FILE"] = config.nats.ca_file
+    return env
+
+
 # -- the gateway process ---------------------------------------------------------------------
 
 
@@ -219,20 +232,24 @@ _TLS_LINE = re.compile(r"tls=\('([^']+)', (\d+)\)")
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    work: Path, name: str, data_dir: Path, nats_url: str, *, profile_to: Path | None = None
+    work: Path, name: str, data_dir: Path, config: Any, *, profile_to: Path | None = None
 ) -> AsyncIterator[GatewayProc]:
-    """``twinhub gateway`` on a free TLS port (TCP listener off), stopped with SIGTERM."""
+    """``twinhub gateway`` on a free TLS port (TCP listener off), stopped with SIGTERM; it
+    connects to NATS as ``config`` says (:func:`bus_env`: the gateway role's NKey)."""
     pki = data_dir / "pki"
-    env = _clean_env() | {
-        "TWINHUB_NATS_URL": nats_url,
-        "TWINHUB_GATEWAY_ID": name,
-        "TWINHUB_GATEWAY_TCP": "",
-        "TWINHUB_GATEWAY_TLS": f"{GATEWAY_HOST}:0",
-        "TWINHUB_GATEWAY_TLS_CERT": str(pki / "server.crt"),
-        "TWINHUB_GATEWAY_TLS_KEY": str(pki / "server.key"),
-        # every simulated device connects from 127.0.0.1: no per-address connection limit
-        "TWINHUB_GATEWAY_MAX_CONNECTIONS_PER_IP": "0",
-    }
+    env = (
+        _clean_env()
+        | bus_env(config)
+        | {
+            "TWINHUB_GATEWAY_ID": name,
+            "TWINHUB_GATEWAY_TCP": "",
+            "TWINHUB_GATEWAY_TLS": f"{GATEWAY_HOST}:0",
+            "TWINHUB_GATEWAY_TLS_CERT": str(pki / "server.crt"),
+            "TWINHUB_GATEWAY_TLS_KEY": str(pki / "server.key"),
+            # every simulated device connects from 127.0.0.1: no per-address connection limit
+            "TWINHUB_GATEWAY_MAX_CONNECTIONS_PER_IP": "0",
+        }
+    )
     argv = [_venv_bin("twinhub"), "--log-level", "WARNING", "gateway", "--data-dir", str(data_dir)]
     if profile_to is not None:
         argv = [_venv_bin("pyinstrument"), "-r", "text", "-o", str(profile_to), *argv]
@@ -997,6 +1014,7 @@ def saturation(steps: list[dict[str, Any]], sim_procs: int) -> dict[str, Any]:
 async def throughput_phase(env: Env) -> dict[str, Any]:
     from twin.service import ProjectorConfig, ProjectorHooks, TwinProjector
     from twinhub_cli import services
+    from twinhub_cli.datadir import DataDir
 
     args = env.args
     config = env.config
@@ -1005,7 +1023,7 @@ async def throughput_phase(env: Env) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         gw = await stack.enter_async_context(
             gateway_process(
-                env.work, "gw-e2e", env.data_dir, config.nats.url, profile_to=args.profile_gateway
+                env.work, "gw-e2e", env.data_dir, config, profile_to=args.profile_gateway
             )
         )
         lag = await stack.enter_async_context(LoopLag())
@@ -1014,8 +1032,9 @@ async def throughput_phase(env: Env) -> dict[str, Any]:
         clock: WriteTimes | None = None
         if with_twin:
             twins = await projector_stack.enter_async_context(services.twin_store(config))
+            # the projector is the twin service's: its role (it owns the projector consumer)
             projector_store = await projector_stack.enter_async_context(
-                services.event_store(config)
+                services.event_store(config, DataDir(env.data_dir), "twin")
             )
             clock = WriteTimes()
             projector = await projector_stack.enter_async_context(
@@ -1122,7 +1141,7 @@ async def rss_phase(env: Env) -> dict[str, Any]:
         async with contextlib.AsyncExitStack() as stack:
             name = f"gw-rss{n}"
             gw = await stack.enter_async_context(
-                gateway_process(env.work, name, env.data_dir, env.config.nats.url)
+                gateway_process(env.work, name, env.data_dir, env.config)
             )
             await asyncio.sleep(args.settle)
             idle = await _rss_median(gw.pid, 3, 0.5)
@@ -1213,8 +1232,17 @@ def _ferretdb_version() -> str:
     return "FerretDB (unknown version)"
 
 
-async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def bench_config(nats: Any, mongo_url: str) -> Any:
+    """The configuration of the benchmark's services: the started servers, and the bus
+    credentials of the NATS server (``nats.credentials``: its ``<role>.nk`` seeds, the callout's
+    issuer key, the consumer key), which the child processes get through :func:`bus_env`."""
     from twinhub_cli import config as cfgmod
+
+    nats_settings = {"url": nats.url, "credentials": str(nats.credentials.directory)}
+    return cfgmod.load(None, env={}, overrides={"nats": nats_settings, "mongo": {"url": mongo_url}})
+
+
+async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from twinhub_cli import services
     from twinhub_cli.datadir import DataDir
     from twinhub_cli.devservices import MongoServer, NatsServer
@@ -1263,11 +1291,12 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if await asyncio.wait_for(init.proc.wait(), 60) != 0:
             raise init.failure("failed")
         _CHILDREN.pop(init.pid, None)
-        config = cfgmod.load(
-            None, env={}, overrides={"nats": {"url": nats.url}, "mongo": {"url": mongo.url}}
-        )
+        config = bench_config(nats, mongo.url)
         token = services.first_device_token(config, DataDir(data_dir), OWNER)
-        store = await stack.enter_async_context(services.event_store(config))
+        # the benchmark's own reads of the log (measurements, waits): the admin role
+        store = await stack.enter_async_context(
+            services.event_store(config, DataDir(data_dir), "admin")
+        )
         env = Env(
             args=args,
             work=work,
@@ -1287,6 +1316,7 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "duration_s": args.duration,
             "rss_devices": args.rss_devices,
             "transport": "coaps+tcp (TLS 1.2+, server certificate from `twinhub init`)",
+            "bus": "authenticated NATS: gateway and projector by the NKeys of their roles",
             "resources_per_device": 1,
             "device_mode": "batch observe of /oic/res (the simulator's default)",
             "devices_per_sim_process": args.devices_per_sim,
@@ -1464,18 +1494,24 @@ def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _e2e_worker(argv: list[str]) -> Coroutine[Any, Any, int]:
+    return sim_worker(parse_worker_args(argv))
+
+
 def run_main(
     prefix: str,
     parse: Callable[[list[str]], argparse.Namespace],
     bench: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, dict[str, Any]]],
     log: Callable[[str], None] = say,
+    worker: Callable[[list[str]], Coroutine[Any, Any, int]] = _e2e_worker,
 ) -> int:
-    """A benchmark's ``main``: a ``sim-worker`` child, or the run in a temporary work dir
-    (kept with ``--keep-work-dir``), its JSON on stdout (and ``--output``); the exit code."""
+    """A benchmark's ``main``: its ``sim-worker`` child (``worker``), or the run in a temporary
+    work dir (kept with ``--keep-work-dir``), its JSON on stdout (and ``--output``); the exit
+    code (1 also when a phase of the result says ``failed``)."""
     import uvloop
 
     if len(sys.argv) > 1 and sys.argv[1] == "sim-worker":
-        return uvloop.run(sim_worker(parse_worker_args(sys.argv[2:])))
+        return uvloop.run(worker(sys.argv[2:]))
     args = parse(sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix=prefix))
     log(f"work dir {work}")
@@ -1486,6 +1522,10 @@ def run_main(
         print(text, flush=True)
         if args.output is not None:
             args.output.write_text(text + "\n", encoding="utf-8")
+        failed = [k for k, v in result.items() if isinstance(v, dict) and "failed" in v]
+        if failed:
+            log(f"failed phases: {', '.join(failed)}")
+            code = 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         log("interrupted")
         code = 130

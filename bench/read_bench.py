@@ -1,6 +1,7 @@
 """Cost of small reads of the JetStream event store, against a local nats-server (file storage).
 
     .venv/bin/python bench/read_bench.py [--reads 10000] [--messages 100000] [--subjects 1000]
+        [--quick]
 
 Fills a fresh stream with ``--messages`` events spread round-robin over ``--subjects`` subjects
 (``twinhub.ev.o.d<n>.resource-changed.r<m>``, ten per device), then times ``--reads`` sequential
@@ -8,6 +9,11 @@ Fills a fresh stream with ``--messages`` events spread round-robin over ``--subj
 API's tail read and the gateway's command re-reads), a device-filter read (wildcard) returning 10,
 and one full replay of the stream. Prints one JSON document: per case the client's wall time per
 read and the nats-server's CPU time per read (from ``/proc/<pid>/stat``), in microseconds.
+``--quick``: a smoke test (200 reads, 5,000 messages over 100 subjects).
+
+The server runs authenticated (:class:`twinhub_cli.devservices.NatsServer`); the store reads a
+stream of its own (``READS``) as the bus's admin role (NKey), the only role allowed on a stream
+other than the product's.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ HEADERS = {
 }
 PAYLOAD = b'{"href":"/light/1","content":{"state":true,"power":42},"status":"2.05"}'
 _TICK = os.sysconf("SC_CLK_TCK")
+FULL = {"reads": 10_000, "messages": 100_000, "subjects": 1_000}
+QUICK = {"reads": 200, "messages": 5_000, "subjects": 100}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -86,7 +94,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         async with NatsServer(Path(tmp)) as server:
             assert server.pid is not None
             layout = StreamLayout(name="READS")
-            async with JetStreamEventStore.from_url(server.url, layout, timeout=60.0) as store:
+            admin = server.endpoint("admin")
+            async with JetStreamEventStore.from_url(admin, layout, timeout=60.0) as store:
                 await store.provision()
                 await fill(store, args.messages, args.subjects)
                 subj = subject(0, args.subjects)
@@ -117,10 +126,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--reads", type=int, default=10_000)
-    parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--subjects", type=int, default=1_000)
-    print(json.dumps(asyncio.run(main_async(parser.parse_args())), indent=2))
+    parser.add_argument("--reads", type=int)
+    parser.add_argument("--messages", type=int)
+    parser.add_argument("--subjects", type=int)
+    parser.add_argument("--quick", action="store_true", help="smoke test: small stream, few reads")
+    args = parser.parse_args()
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.messages < 11 * args.subjects:
+        parser.error("--messages must be at least 11 x --subjects (reads of 10 messages)")
+    print(json.dumps(asyncio.run(main_async(args)), indent=2))
 
 
 if __name__ == "__main__":
