@@ -37,9 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import benchutil
 
-from bench.benchutil import machine
 from eventstore.adapters.jetstream import JetStreamEventStore
 from proto import binding, subjects
 from proto import events as ev
@@ -159,7 +158,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 cases[case] = out
     return {
         "bench": "kinds",
-        "machine": machine(),
+        "machine": benchutil.machine(),
         "events": args.events,
         "devices": args.devices,
         "repeat": args.repeat,

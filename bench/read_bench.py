@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchutil
+
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.layout import StreamLayout
 from proto.message import NatsMessage
@@ -89,10 +91,13 @@ async def case(
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"benchmark": "eventstore.read", "args": vars(args)}
+    out: dict[str, Any] = {"benchmark": "eventstore.read", "machine": {}, "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="twinhub-bench-") as tmp:
         async with NatsServer(Path(tmp)) as server:
             assert server.pid is not None
+            out["machine"] = benchutil.machine(
+                {"nats_server": benchutil.binary_version(server.binary, "--version")}
+            )
             layout = StreamLayout(name="READS")
             admin = server.endpoint("admin")
             async with JetStreamEventStore.from_url(admin, layout, timeout=60.0) as store:
