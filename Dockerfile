@@ -21,20 +21,28 @@ RUN /opt/twinhub/bin/pip install . \
 
 # -- runtime -----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
-# /data belongs to the twinhub user: a new named volume mounted there takes its owner, so the
-# `init` service can write keys and certificates into it.
+# The directories compose mounts volumes on belong to the twinhub user: a new named volume
+# mounted there takes their owner and mode, so the `init` service can write into it. /data:
+# keys and certificates; /bus: the full bus credential set (init only); /export/<process>: the
+# secrets of one process each (twinhub init --bus-export; the two mongo ones group-readable:
+# the mongo container reads them as mongodb:twinhub); /run/twinhub/bus: where a service
+# finds its own (TWINHUB_NATS_CREDENTIALS).
 RUN groupadd --system --gid 10001 twinhub \
  && useradd --system --uid 10001 --gid twinhub --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin twinhub \
- && install -d -o twinhub -g twinhub -m 0750 /data
+ && install -d -o twinhub -g twinhub -m 0750 /data \
+ && install -d -o twinhub -g twinhub -m 0700 /bus /run/twinhub/bus \
+      /export/gateway /export/twin /export/callout /export/admin /export/nats \
+ && install -d -o twinhub -g twinhub -m 0750 /export/mongo /export/mongo-initdb
 COPY --from=build /opt/twinhub /opt/twinhub
 ENV PATH=/opt/twinhub/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /data
 USER twinhub:twinhub
-# CoAP over TCP and over TLS (RFC 8323); the gateway's and the twin's operations endpoints
-# (/metrics, /healthz, /readyz) when gateway.metrics_listen / twin.metrics_listen are set
-EXPOSE 5683/tcp 5684/tcp 9464/tcp 9465/tcp
+# CoAP over TCP and over TLS (RFC 8323); the operations endpoints (/metrics, /healthz,
+# /readyz) of the gateway, the twin service and the auth callout when gateway.metrics_listen /
+# twin.metrics_listen / callout.metrics_listen are set
+EXPOSE 5683/tcp 5684/tcp 9464/tcp 9465/tcp 9466/tcp
 ENTRYPOINT ["twinhub"]
 CMD ["--help"]

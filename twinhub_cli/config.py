@@ -50,6 +50,42 @@ class CalloutSettings:
 class MongoSettings:
     url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
     database: str = "twinhub"
+    # a MongoDB with authentication (compose: the twin service's own user, from `twinhub
+    # init`): the user, and a file (mode 0600) holding its password, which is read when
+    # connecting and never kept in the configuration nor logged; "" = no credentials
+    username: str = ""
+    password_file: str = ""
+    auth_source: str = ""  # the database the user is defined in; "" = mongo.database
+
+    def __post_init__(self) -> None:
+        if self.password_file and not self.username:
+            raise ConfigError("mongo.password_file: set, but mongo.username is not")
+
+    def password(self) -> str:
+        """The user's password, read from ``password_file`` now (mode 0600, UTF-8, a final
+        newline ignored); raises :class:`ConfigError` when it cannot be had."""
+        if not self.password_file:
+            raise ConfigError(f"mongo.username {self.username!r}: mongo.password_file is not set")
+        path = Path(self.password_file)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ConfigError(f"mongo.password_file: no such file: {path}") from None
+        except OSError as e:
+            raise ConfigError(f"mongo.password_file: {path}: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                raise ConfigError(
+                    f"mongo.password_file: {path} is readable by others: chmod 600 it"
+                )
+            raw = f.read()
+        try:
+            password = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise ConfigError(f"mongo.password_file: {path} is not UTF-8 text") from None
+        if not password:
+            raise ConfigError(f"mongo.password_file: {path} is empty")
+        return password
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,9 @@ then ``TWINHUB_*`` environment variables); ``--timeout`` bounds the whole check 
 * ``twin`` checks NATS and MongoDB as above, and that the projector's durable consumer
   (``twin.consumer``) exists; it reports the consumer's pending count (events not yet
   delivered plus delivered but unacknowledged), and fails when that exceeds ``--max-pending``.
-* ``endpoint gateway|twin`` asks the running process itself, at its operations endpoint
-  (``gateway.metrics_listen`` / ``twin.metrics_listen``, a wildcard address probed on loopback):
+* ``endpoint gateway|twin|callout`` asks the running process itself, at its operations
+  endpoint (``gateway.metrics_listen`` / ``twin.metrics_listen`` / ``callout.metrics_listen``,
+  a wildcard address probed on loopback):
   ``/healthz`` (its event loop runs; the twin's projector too), or ``/readyz`` with ``--ready``
   (its servers answer). Healthy on HTTP 200; the line carries the endpoint's JSON answer.
 """
@@ -397,7 +398,7 @@ async def check_twin(
 
 # -- a process's operations endpoint -----------------------------------------------------------
 
-ENDPOINT_SERVICES: Final = ("gateway", "twin")
+ENDPOINT_SERVICES: Final = ("gateway", "twin", "callout")
 
 
 def endpoint_target(config: Config, service: str, address: str | None) -> tuple[str, int]:
@@ -409,8 +410,14 @@ def endpoint_target(config: Config, service: str, address: str | None) -> tuple[
             raise ConfigError("--address: expected HOST:PORT")
         return parsed
     key = f"{service}.metrics_listen"
-    value = config.gateway.metrics_listen if service == "gateway" else config.twin.metrics_listen
-    parsed = parse_hostport(value, key)
+    listen = {
+        "gateway": config.gateway.metrics_listen,
+        "twin": config.twin.metrics_listen,
+        "callout": config.callout.metrics_listen,
+    }
+    if service not in listen:
+        raise ConfigError(f"no operations endpoint of {service!r}: one of {', '.join(listen)}")
+    parsed = parse_hostport(listen[service], key)
     if parsed is None:
         raise ConfigError(f"{key} is not set: the {service} serves no endpoint (give --address)")
     host, port = parsed
@@ -571,7 +578,8 @@ def register(subparsers: SubParsers, name: str, /) -> None:
     p.add_argument("service", choices=ENDPOINT_SERVICES, help="whose endpoint")
     p.add_argument(
         "--address",
-        help="HOST:PORT (default: gateway.metrics_listen / twin.metrics_listen, on loopback)",
+        help="HOST:PORT (default: gateway.metrics_listen / twin.metrics_listen / "
+        "callout.metrics_listen, on loopback)",
     )
     p.add_argument(
         "--ready",

@@ -340,9 +340,22 @@ async def run_gateway(
 
 @contextlib.asynccontextmanager
 async def twin_store(config: Config) -> AsyncIterator[MongoTwinStore]:
-    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
-        config.mongo.url, serverSelectionTimeoutMS=5000, tz_aware=True
-    )
+    """The twins in ``mongo.database``; with ``mongo.username`` the client authenticates as
+    that user (password from ``mongo.password_file``, in ``mongo.auth_source``, by default the
+    database itself)."""
+    mongo = config.mongo
+    client: AsyncMongoClient[dict[str, object]]
+    if mongo.username:
+        client = AsyncMongoClient(
+            mongo.url,
+            serverSelectionTimeoutMS=5000,
+            tz_aware=True,
+            username=mongo.username,
+            password=mongo.password(),
+            authSource=mongo.auth_source or mongo.database,
+        )
+    else:
+        client = AsyncMongoClient(mongo.url, serverSelectionTimeoutMS=5000, tz_aware=True)
     try:
         store = MongoTwinStore(client[config.mongo.database], config.twin.collection)
         await store.ensure_indexes()

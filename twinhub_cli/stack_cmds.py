@@ -91,7 +91,18 @@ def _out(text: str) -> None:
 
 
 def register_init(subparsers: SubParsers, name: str, /) -> None:
-    p = subparsers.add_parser(name, help="create development keys and certificates in a data dir")
+    p = subparsers.add_parser(
+        name,
+        help="create development keys and certificates in a data dir",
+        description="Create what is missing of the signing key, the CA and the gateway's "
+        "certificate (DATA), and the bus credentials (--bus-dir). With --bus-export, also "
+        "copy each process's own secrets into a directory of its own, with the NATS server's "
+        "configuration (TLS with --nats-host), MongoDB's passwords and the script that creates "
+        "the twin service's MongoDB user, mongo.username (default twinhub) of mongo.database "
+        "(compose.yaml; see twinhub_cli.initbus). Keys, passwords and certificates are kept "
+        "on later runs.",
+    )
+    p.add_argument("--config", type=Path, help="TOML configuration file (TWINHUB_* env wins)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     p.add_argument(
         "--host",
@@ -99,21 +110,111 @@ def register_init(subparsers: SubParsers, name: str, /) -> None:
         default=[],
         help="a name or address for the gateway certificate (repeatable)",
     )
+    p.add_argument(
+        "--bus-dir",
+        type=Path,
+        help="where the full bus credential set is kept (default DATA/bus)",
+    )
+    p.add_argument(
+        "--bus-export",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/<process>/ with only that process's secrets: gateway, twin, callout, "
+        "admin, nats (nats.conf), mongo, mongo-initdb",
+    )
+    p.add_argument(
+        "--nats-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name or address of the NATS server: TLS on its client port, with a "
+        "certificate from the data dir's CA for these names (repeatable; needs --bus-export)",
+    )
+    p.add_argument(
+        "--nats-conf-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the NATS server sees DIR/nats of the export (the paths in nats.conf; "
+        "default: that directory itself)",
+    )
+    p.add_argument(
+        "--mongo-conf-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the mongo container sees DIR/mongo of the export (the password file the "
+        "initdb script reads; default: that directory itself)",
+    )
     p.set_defaults(handler=run_init)
+
+
+def _init_usage_error(args: argparse.Namespace) -> str:
+    """What is wrong with the export options of ``twinhub init`` ("" = nothing)."""
+    for given, option in (
+        (args.nats_host, "--nats-host"),
+        (args.nats_conf_dir, "--nats-conf-dir"),
+        (args.mongo_conf_dir, "--mongo-conf-dir"),
+    ):
+        if given and args.bus_export is None:
+            return f"{option} needs --bus-export"
+    for path, option in (
+        (args.nats_conf_dir, "--nats-conf-dir"),
+        (args.mongo_conf_dir, "--mongo-conf-dir"),
+    ):
+        if path is not None and not path.is_absolute():
+            return f"{option} must be an absolute path (as the server's container sees it)"
+    return ""
 
 
 def run_init(args: argparse.Namespace) -> int:
     from bus.credentials import ensure_credentials
+    from twinhub_cli import initbus
+    from twinhub_cli import pki as devpki
 
+    usage = _init_usage_error(args)
+    if usage:
+        sys.stderr.write(f"twinhub init: {usage}\n")
+        return 2
+    try:
+        config = cfgmod.load(args.config)
+    except ConfigError as e:
+        sys.stderr.write(f"twinhub: configuration error: {e}\n")
+        return 2
     data = DataDir(args.data_dir.resolve())
     data.issuer()
     hosts = tuple(args.host) or ("127.0.0.1", "localhost", "::1")
     issued = data.ensure_tls(hosts)
-    creds = ensure_credentials(data.bus)
+    bus_dir = args.bus_dir.resolve() if args.bus_dir is not None else data.bus
+    creds = ensure_credentials(bus_dir)
     _out(f"signing key  {data.keys / 'jwt-signing-key.pem'}")
     _out(f"CA           {data.pki / 'ca.crt'}")
     _out(f"server cert  {issued.cert_path}")
     _out(f"bus keys     {creds.directory} (an NKey seed per service, the callout's key; 0600)")
+    if args.bus_export is None:
+        return 0
+    mongo = initbus.ensure_mongo_secrets(bus_dir)
+    options = initbus.ExportOptions(
+        stream=config.nats.stream,
+        projector=config.twin.consumer,
+        mongo_user=config.mongo.username or initbus.DEFAULT_MONGO_USER,
+        mongo_database=config.mongo.database,
+        nats_hosts=tuple(args.nats_host),
+        nats_conf_dir=args.nats_conf_dir,
+        mongo_conf_dir=args.mongo_conf_dir,
+    )
+    try:
+        exported = initbus.export_bus(
+            creds, mongo, devpki.load_ca(data.pki), args.bus_export.resolve(), options
+        )
+    except (initbus.ExportError, OSError) as e:
+        sys.stderr.write(f"twinhub init: --bus-export: {e}\n")
+        return 1
+    tls = f"TLS for {', '.join(options.nats_hosts)}" if exported.nats_cert else "no TLS"
+    _out(f"bus export   {exported.directory}: " + ", ".join(initbus.EXPORTS) + " (0600)")
+    _out(f"NATS conf    {exported.nats_conf} ({tls})")
+    _out(
+        f"MongoDB      {exported.directory / initbus.MONGO_DIR} (passwords), "
+        f"{exported.initdb_script} (user {options.mongo_user} of {options.mongo_database})"
+    )
     return 0
 
 
