@@ -3,6 +3,11 @@
 The gateway publishes on ``twinhub.ev.>`` (the production subjects), so every e2e
 test shares one stream on the session's NATS server and isolates itself by owner:
 its projector consumes ``twinhub.ev.<owner>.>`` only.
+
+Every process connects as it does in production (the bus is authenticated): the gateway
+with the gateway role's NKey, the projector and the command API with the twin role's (which
+provisions the stream), applications with a token of the bus's issuer through the session's
+auth callout (:class:`tests.conftest.Bus`).
 """
 
 from __future__ import annotations
@@ -10,16 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
 from pymongo.asynchronous.database import AsyncDatabase
 
 from auth.tokens import JwtValidator, TokenIssuer
+from bus.adapters.nats_callout import CalloutService
 from devicesim.config import DeviceConfig, GatewayAddress, TlsOptions
 from devicesim.device import SimDevice
 from eventstore.adapters.jetstream import JetStreamEventStore
@@ -29,7 +35,15 @@ from proto.events import AnyEvent
 from twin.adapters.mongo import MongoTwinStore
 from twin.model import Twin
 from twin.service import ProjectorConfig, TwinProjector
+from twinhub_cli import config as cfgmod
 from twinhub_cli import pki
+from twinhub_cli import services as svc
+from twinhub_cli.config import Config
+from twinhub_cli.datadir import DataDir
+from twinhub_client import TwinhubClient
+
+if TYPE_CHECKING:
+    from tests.conftest import Bus
 
 WAIT = 30.0
 
@@ -37,17 +51,30 @@ WAIT = 30.0
 @dataclass
 class Stack:
     owner: str
-    store: JetStreamEventStore
+    store: JetStreamEventStore  # the twin role's: the projector's, the API's, the test's reads
+    gateway_store: JetStreamEventStore  # the gateway role's (what the gateway got, unwrapped)
     gateway: Gateway
-    issuer: TokenIssuer
+    bus: Bus
     twins: MongoTwinStore
     ca_file: Path
     projector: TwinProjector | None = None
 
-    def token(self, device: str | None = None) -> str:
-        import time
+    @property
+    def issuer(self) -> TokenIssuer:
+        """Signs the devices' tokens (the gateway's) and the applications' (the callout's)."""
+        return self.bus.issuer
 
+    def token(self, device: str | None = None) -> str:
+        """A device's token for the gateway (bound to ``device`` when given)."""
         return self.issuer.issue(self.owner, now=time.time(), ttl=600, device_id=device)
+
+    def app_token(self, owner: str | None = None) -> str:
+        """An application token (no device binding) the bus admits."""
+        return self.bus.token(owner or self.owner)
+
+    def client(self, owner: str | None = None, **kw: Any) -> TwinhubClient:
+        """An application of ``owner`` (default: the stack's) on the bus."""
+        return TwinhubClient(self.bus.url, self.app_token(owner), **kw)
 
     def device(self, n: int = 0, *, tls: bool = False, **kw: Any) -> SimDevice:
         addr = self.gateway.tls_address if tls else self.gateway.tcp_address
@@ -101,7 +128,7 @@ def server_tls(tmp: Path) -> tuple[ssl.SSLContext, Path]:
 
 @contextlib.asynccontextmanager
 async def open_stack(
-    nats_url: str,
+    bus: Bus,
     db: AsyncDatabase[Any],
     tmp: Path,
     *,
@@ -112,10 +139,12 @@ async def open_stack(
     """``store_timeout``: the event store's request timeout; ``gateway_store`` wraps the store
     the gateway is given (a fault-injecting proxy); the rest goes to :class:`GatewayConfig`."""
     owner = "o" + uuid.uuid4().hex[:10]
-    issuer = TokenIssuer(ec.generate_private_key(ec.SECP256R1()), kid="e2e")
     ctx, ca_file = server_tls(tmp)
-    async with JetStreamEventStore.from_url(nats_url, timeout=store_timeout) as store:
-        await store.provision()
+    async with (
+        JetStreamEventStore.from_url(bus.endpoint("twin"), timeout=store_timeout) as store,
+        JetStreamEventStore.from_url(bus.endpoint("gateway"), timeout=store_timeout) as gw_store,
+    ):
+        await store.provision()  # the twin service's job: the gateway may not
         cfg = GatewayConfig(
             gateway_id="gw-e2e",
             tcp_bind=("127.0.0.1", 0),
@@ -125,6 +154,28 @@ async def open_stack(
         )
         twins = MongoTwinStore(db)
         await twins.ensure_indexes()
-        gw_store = store if gateway_store is None else gateway_store(store)
-        async with Gateway(cfg, gw_store, JwtValidator(issuer.public_keys), issuer) as gw:
-            yield Stack(owner, store, gw, issuer, twins, ca_file)
+        given = gw_store if gateway_store is None else gateway_store(gw_store)
+        async with Gateway(cfg, given, JwtValidator(bus.issuer.public_keys), bus.issuer) as gw:
+            yield Stack(owner, store, gw_store, gw, bus, twins, ca_file)
+
+
+def bus_config(bus: Bus, **sections: dict[str, Any]) -> Config:
+    """A configuration of the session's bus (its URL and credentials), plus ``sections``."""
+    nats = {"url": bus.url, "credentials": str(bus.server.credentials.directory)}
+    overrides = {"nats": nats | sections.pop("nats", {}), **sections}
+    return cfgmod.load(None, env={}, overrides=overrides)
+
+
+@contextlib.asynccontextmanager
+async def production_callout(
+    bus: Bus, config: Config, data: DataDir
+) -> AsyncIterator[CalloutService]:
+    """The auth callout as ``twinhub up`` / ``twinhub callout`` runs it from ``config`` and
+    ``data`` (its token issuer, JWKS, ...), in place of the session's for the block: the
+    server asks one callout, and it must be this one. The session's is back afterwards."""
+    await bus.callout.__aexit__(None, None, None)
+    try:
+        async with svc.run_callout(config, data) as callout:
+            yield callout
+    finally:
+        await bus.callout.__aenter__()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 import pytest
@@ -40,28 +41,30 @@ from ..integration.gateway.coap_peers import (  # noqa: TID252
 )
 from .stack import WAIT, Stack, open_stack, server_tls
 
+if TYPE_CHECKING:
+    from tests.conftest import Bus
+
 pytestmark = pytest.mark.servers
 
 
 @contextlib.asynccontextmanager
 async def api_for(stack: Stack) -> AsyncIterator[TwinhubClient]:
-    prefix = f"t{uuid.uuid4().hex[:8]}.api.v1"
+    """The twin's command API on the production subjects (the only ones an application may
+    reach) and a client of the stack's owner, admitted by the bus with an application token."""
     twin_api = TwinApi(
         stack.store,
         stack.twins,
-        JwtValidator(stack.issuer.public_keys),
-        ApiConfig(projector=f"p-{stack.owner}"),
+        stack.bus.validator(),
+        ApiConfig(projector=f"p-{stack.owner}", consumer_secret=os.urandom(32)),
     )
-    async with NatsApiServer(stack.store.connection, twin_api, prefix=prefix):
-        token = stack.issuer.issue(stack.owner, now=time.time(), ttl=600)
-        async with TwinhubClient(stack.store.connection, token, api_prefix=prefix) as client:
-            yield client
+    async with NatsApiServer(stack.store.connection, twin_api), stack.client() as client:
+        yield client
 
 
 @pytest.fixture
-async def stack(nats_url: str, mongo_db: AsyncDatabase[Any], tmp_path: Path) -> Any:
+async def stack(bus: Bus, mongo_db: AsyncDatabase[Any], tmp_path: Path) -> Any:
     async with open_stack(
-        nats_url,
+        bus,
         mongo_db,
         tmp_path,
         request_timeout=2.0,
@@ -179,7 +182,7 @@ async def test_device_that_does_not_answer_is_retried_then_failed(
 
 
 async def test_gateway_killed_between_sent_and_answer(
-    stack: Stack, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The command is sent again by the next gateway; an answered one is never sent again."""
     hold = asyncio.Event()
@@ -221,7 +224,7 @@ async def test_gateway_killed_between_sent_and_answer(
                 request_timeout=2.0,
             )
             async with Gateway(
-                cfg, stack.store, JwtValidator(stack.issuer.public_keys), stack.issuer
+                cfg, stack.gateway_store, JwtValidator(stack.issuer.public_keys), stack.issuer
             ):
                 outcome = await client.wait_outcome(accepted, WAIT)
                 assert isinstance(outcome.data, ev.CommandSucceeded)

@@ -3,8 +3,10 @@ request/reply, the client, the projector into MongoDB (FerretDB), the expiry swe
 JetStream subscriptions across the subscriber's restart and a NATS restart.
 
 The gateway's side (delivering commands to devices) is not here: where a device's answer is
-needed, the test appends it to the log as the gateway would. Each test has its own owner (the
-stream is shared), its own API subject prefix and its own database.
+needed, the test appends it to the log as the gateway would (with the gateway's role). Each
+test has its own owner (the stream is shared) and its own database; the API is served on the
+production subjects (the only ones an application may reach on the authenticated bus), by
+one test at a time. Clients are applications with a token the bus admits.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import pytest
@@ -27,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nats.aio.client import Client as NatsClient
 from pymongo.asynchronous.database import AsyncDatabase
 
-from auth.tokens import JwtValidator, TokenIssuer
+from auth.application import AppTokenValidator
+from auth.tokens import TokenIssuer
 from eventstore.adapters.jetstream import JetStreamEventStore
 from proto import api, binding, subjects
 from proto import events as ev
@@ -46,8 +49,14 @@ from twinhub_client import (
     ForbiddenError,
     NotFoundError,
     TwinhubClient,
+    ServiceUnavailableError,
     UnauthorizedError,
 )
+
+from .stack import bus_config, production_callout
+
+if TYPE_CHECKING:
+    from tests.conftest import Bus
 
 pytestmark = pytest.mark.servers
 
@@ -58,22 +67,24 @@ WAIT = 30.0
 class Env:
     owner: str
     other: str
-    nats_url: str
-    store: JetStreamEventStore
+    bus: Bus
+    store: JetStreamEventStore  # the twin service's: the API's, the projector's, the sweeper's
+    gateway_store: JetStreamEventStore  # the gateway's: what devices' events come through
     twins: MongoTwinStore
-    issuer: TokenIssuer
-    prefix: str
+    issuer: TokenIssuer  # of the application tokens (the bus's, unless the test runs a callout)
     projector: TwinProjector
+    prefix: str = api.API_PREFIX
 
     def dev(self, name: str) -> str:
         """A device id of this test's own (device ids are global in the shared stream)."""
         return f"{self.owner}-{name}"
 
     def token(self, owner: str | None = None) -> str:
+        """An application token of ``owner`` (default: the test's)."""
         return self.issuer.issue(owner or self.owner, now=time.time(), ttl=600)
 
     def client(self, owner: str | None = None, **kw: Any) -> TwinhubClient:
-        return TwinhubClient(self.nats_url, self.token(owner), api_prefix=self.prefix, **kw)
+        return TwinhubClient(self.bus.url, self.token(owner), **kw)
 
     async def append(
         self, device: str, data: EventData, *, owner: str | None = None, cid: str | None = None
@@ -85,7 +96,7 @@ class Env:
             source="/test/gateway",
             correlation_id=cid,
         )
-        return (await self.store.append([binding.to_nats(e)])).last_position
+        return (await self.gateway_store.append([binding.to_nats(e)])).last_position
 
     async def register(self, device: str, owner: str | None = None) -> int:
         return await self.append(device, ev.DeviceRegistered(), owner=owner)
@@ -105,40 +116,38 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def open_env(
-    nats_url: str, db: AsyncDatabase[Any], *, issuer: TokenIssuer | None = None, prefix: str = ""
+    bus: Bus, db: AsyncDatabase[Any], *, issuer: TokenIssuer | None = None
 ) -> AsyncIterator[Env]:
+    """``issuer``: of the tokens the API accepts (default: the bus's, which the session's
+    callout admits; another one needs a callout that admits its tokens too)."""
     owner = "o" + uuid.uuid4().hex[:10]
-    issuer = issuer or TokenIssuer(ec.generate_private_key(ec.SECP256R1()), kid="e2e")
-    prefix = prefix or f"t{uuid.uuid4().hex[:8]}.api.v1"
+    issuer = issuer or bus.issuer
     projector_name = f"p-{owner}"
-    async with JetStreamEventStore.from_url(nats_url) as store:
+    async with (
+        JetStreamEventStore.from_url(bus.endpoint("twin")) as store,
+        JetStreamEventStore.from_url(bus.endpoint("gateway")) as gateway_store,
+    ):
         await store.provision()
         twins = MongoTwinStore(db)
         await twins.ensure_indexes()
         cfg = ProjectorConfig(name=projector_name, filter_subject=subjects.event_filter(owner))
         twin_api = TwinApi(
-            store, twins, JwtValidator(issuer.public_keys), ApiConfig(projector=projector_name)
+            store,
+            twins,
+            AppTokenValidator(issuer.public_keys),
+            ApiConfig(projector=projector_name, consumer_secret=os.urandom(32)),
         )
         async with (
             TwinProjector(twins, store, cfg) as projector,
-            NatsApiServer(store.connection, twin_api, prefix=prefix),
+            NatsApiServer(store.connection, twin_api),
             ExpirySweeper(twins, store, SweeperConfig(interval=0.2)),
         ):
-            yield Env(
-                owner,
-                "x" + owner,
-                nats_url,
-                store,
-                twins,
-                issuer,
-                prefix,
-                projector,
-            )
+            yield Env(owner, "x" + owner, bus, store, gateway_store, twins, issuer, projector)
 
 
 @pytest.fixture
-async def env(nats_url: str, mongo_db: AsyncDatabase[Any]) -> AsyncIterator[Env]:
-    async with open_env(nats_url, mongo_db) as e:
+async def env(bus: Bus, mongo_db: AsyncDatabase[Any]) -> AsyncIterator[Env]:
+    async with open_env(bus, mongo_db) as e:
         yield e
 
 
@@ -160,9 +169,18 @@ async def test_authorization(env: Env, nats_client: NatsClient) -> None:
             [],
             [env.dev("d1")],
         )
-    async with TwinhubClient(env.nats_url, "garbage", api_prefix=env.prefix) as bad:
-        with pytest.raises(UnauthorizedError):
-            await bad.get_twin(env.dev("d1"))
+        # an admitted connection does not vouch for a request: each one's token is checked
+        async with TwinhubClient(mine.nc, "garbage") as bad:
+            with pytest.raises(UnauthorizedError):
+                await bad.get_twin(env.dev("d1"))
+    # a client with a token the bus does not take gets no connection, let alone an answer
+    with pytest.raises(ValueError, match="not a JWT"):
+        TwinhubClient(env.bus.url, "garbage")
+    stranger = TokenIssuer(ec.generate_private_key(ec.SECP256R1()), kid=env.issuer.kid)
+    forged = stranger.issue(env.owner, now=time.time(), ttl=600)
+    with pytest.raises(ServiceUnavailableError):
+        async with TwinhubClient(env.bus.url, forged, timeout=2.0):
+            pass
     # without a token, and with a body that is not a request: typed errors, never silence
     no_token = await nats_client.request(f"{env.prefix}.twin-get", b'{"device_id":"d1"}', 5)
     assert api.decode_reply(no_token.data).error == api.ApiError(
@@ -440,13 +458,18 @@ async def _twinhub(*args: str, env_vars: dict[str, str] | None = None) -> tuple[
 
 
 async def test_cli_commands_against_a_local_stack(
-    nats_url: str, mongo_db: AsyncDatabase[Any], mongo_server: Any, tmp_path: Path
+    bus: Bus, mongo_db: AsyncDatabase[Any], mongo_server: Any, tmp_path: Path
 ) -> None:
+    """The app commands against a stack of ``twinhub up``: its data dir's key signs the
+    ``--owner`` development tokens, which its auth callout admits and its API accepts."""
     data = DataDir(tmp_path / "data")
     data.write_stack(
-        {"nats_url": nats_url, "mongo_url": mongo_server.url, "database": mongo_db.name}
+        {"nats_url": bus.url, "mongo_url": mongo_server.url, "database": mongo_db.name}
     )
-    async with open_env(nats_url, mongo_db, issuer=data.issuer(), prefix=api.API_PREFIX) as env:
+    async with (
+        production_callout(bus, bus_config(bus), data),
+        open_env(bus, mongo_db, issuer=data.issuer()) as env,
+    ):
         await env.register(env.dev("d1"))
         dd = ("--data-dir", str(data.root), "--owner", env.owner)
         code, out, err = await _twinhub(

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
@@ -30,6 +30,9 @@ from twinhub_cli.devservices import NatsServer
 
 from .stack import WAIT, Stack, open_stack
 
+if TYPE_CHECKING:
+    from tests.conftest import Bus
+
 pytestmark = pytest.mark.servers
 
 # Devices that must not reconnect on their own during a test (15..30 s with jitter).
@@ -39,8 +42,8 @@ FAST_RECONNECT = BackoffPolicy(initial=0.2, maximum=1.0)
 
 
 @pytest.fixture
-async def stack(nats_url: str, mongo_db: AsyncDatabase[Any], tmp_path: Path) -> Any:
-    async with open_stack(nats_url, mongo_db, tmp_path) as st:
+async def stack(bus: Bus, mongo_db: AsyncDatabase[Any], tmp_path: Path) -> Any:
+    async with open_stack(bus, mongo_db, tmp_path) as st:
         yield st
 
 
@@ -325,13 +328,13 @@ async def test_nats_outage_loses_and_duplicates_no_accepted_notification(
 
 
 async def test_writer_overflow_closes_only_that_device_which_resynchronises(
-    nats_url: str, mongo_db: AsyncDatabase[Any], tmp_path: Path, nats_server: NatsServer
+    bus: Bus, mongo_db: AsyncDatabase[Any], tmp_path: Path, nats_server: NatsServer
 ) -> None:
     # Short timeouts, so that the outage below sees several failed appends and sign-ins
     # quickly; a slow retry, so that the closed connection's writer is likely asleep when the
     # log comes back, while the device signs in again and reports its current values.
     small = WriterConfig(max_buffered=8, critical_timeout=0.5, retry_initial=1.0, retry_max=1.0)
-    async with open_stack(nats_url, mongo_db, tmp_path, store_timeout=0.5, writer=small) as stack:
+    async with open_stack(bus, mongo_db, tmp_path, store_timeout=0.5, writer=small) as stack:
         noisy = stack.device(0, resources=2, ping_interval=None, backoff=FAST_RECONNECT)
         calm = stack.device(1, resources=2, ping_interval=None, backoff=NO_RECONNECT)
         async with (
@@ -407,7 +410,7 @@ class AcksLost:
 
 
 async def test_sign_in_with_an_unknown_outcome_leaves_no_ghost_online(
-    nats_url: str, mongo_db: AsyncDatabase[Any], tmp_path: Path
+    bus: Bus, mongo_db: AsyncDatabase[Any], tmp_path: Path
 ) -> None:
     """A sign-in whose append the gateway gave up on (the device got 5.03) may be in the log
     all the same: the end of its connection must then be recorded too, or the twin shows the
@@ -420,7 +423,7 @@ async def test_sign_in_with_an_unknown_outcome_leaves_no_ghost_online(
 
     quick = WriterConfig(critical_timeout=0.3, retry_initial=0.05, retry_max=0.1)
     async with (
-        open_stack(nats_url, mongo_db, tmp_path, gateway_store=lossy, writer=quick) as stack,
+        open_stack(bus, mongo_db, tmp_path, gateway_store=lossy, writer=quick) as stack,
         stack.running_projector(),
     ):
         acks = proxies[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
@@ -14,12 +14,15 @@ from proto import events as ev
 
 from .stack import WAIT, Stack, open_stack
 
+if TYPE_CHECKING:
+    from tests.conftest import Bus
+
 pytestmark = pytest.mark.servers
 
 
 @pytest.fixture
-async def stack(nats_url: str, mongo_db: AsyncDatabase[Any], tmp_path: Path) -> Any:
-    async with open_stack(nats_url, mongo_db, tmp_path) as st:
+async def stack(bus: Bus, mongo_db: AsyncDatabase[Any], tmp_path: Path) -> Any:
+    async with open_stack(bus, mongo_db, tmp_path) as st:
         yield st
 
 
