@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.errors import (
     ConcurrencyError,
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.servers
 @pytest.fixture(params=["memory", "jetstream"])
 def backend(request: pytest.FixtureRequest) -> tuple[str, str | None]:
     if request.param == "jetstream":
-        return "jetstream", request.getfixturevalue("nats_url")
+        return "jetstream", request.getfixturevalue("nats_admin")
     return "memory", None
 
 
@@ -526,12 +527,12 @@ async def test_unprovisioned_store_says_so(backend: tuple[str, str | None]) -> N
 # -- JetStream only ---------------------------------------------------------------------------
 
 
-async def test_jetstream_open_batch_cap_is_absorbed(nats_url: str) -> None:
+async def test_jetstream_open_batch_cap_is_absorbed(nats_admin: NatsEndpoint) -> None:
     """Two adapters with 40 open batches each exceed the server's 50 per stream."""
     layout, root = unique_layout()
     async with (
-        JetStreamEventStore.from_url(nats_url, layout, max_atomic_inflight=40) as a,
-        JetStreamEventStore.from_url(nats_url, layout, max_atomic_inflight=40) as b,
+        JetStreamEventStore.from_url(nats_admin, layout, max_atomic_inflight=40) as a,
+        JetStreamEventStore.from_url(nats_admin, layout, max_atomic_inflight=40) as b,
     ):
         await a.provision()
         try:
@@ -551,10 +552,10 @@ async def test_jetstream_open_batch_cap_is_absorbed(nats_url: str) -> None:
 
 
 async def test_jetstream_restart_keeps_acked_appends_and_reconnects(
-    nats_server: NatsServer, nats_url: str
+    nats_server: NatsServer, nats_admin: NatsEndpoint
 ) -> None:
     layout, root = unique_layout()
-    store = JetStreamEventStore.from_url(nats_url, layout, timeout=1.0)
+    store = JetStreamEventStore.from_url(nats_admin, layout, timeout=1.0)
     async with store:
         await store.provision()
         h = Harness("jetstream", store, layout, root)
@@ -609,9 +610,9 @@ async def test_jetstream_restart_keeps_acked_appends_and_reconnects(
         await _delete_stream(store, layout.name)
 
 
-async def test_jetstream_stream_config_is_what_layout_says(nats_url: str) -> None:
+async def test_jetstream_stream_config_is_what_layout_says(nats_admin: NatsEndpoint) -> None:
     layout, root = unique_layout(max_age=3600.0, max_msgs_per_subject=5)
-    async with JetStreamEventStore.from_url(nats_url, layout) as store:
+    async with JetStreamEventStore.from_url(nats_admin, layout) as store:
         await store.provision()
         try:
             msg = await store.connection.request(f"$JS.API.STREAM.INFO.{layout.name}", b"")
@@ -633,10 +634,10 @@ async def test_jetstream_stream_config_is_what_layout_says(nats_url: str) -> Non
             await _delete_stream(store, layout.name)
 
 
-async def test_jetstream_read_returns_what_a_consumer_delivers(nats_url: str) -> None:
+async def test_jetstream_read_returns_what_a_consumer_delivers(nats_admin: NatsEndpoint) -> None:
     """Reads are batched direct gets, durable consumers deliver: the same stored messages."""
     layout, root = unique_layout()
-    async for h in _open(("jetstream", nats_url), layout, root):
+    async for h in _open(("jetstream", nats_admin), layout, root):
         await h.store.append(
             [
                 h.msg("d1", headers={"ce-type": "t", "X-Colon": "a: b", "ce-time": "2026"}),
@@ -661,10 +662,12 @@ async def test_jetstream_read_returns_what_a_consumer_delivers(nats_url: str) ->
             assert r == d
 
 
-async def test_jetstream_read_of_a_stream_without_direct_get_says_so(nats_url: str) -> None:
+async def test_jetstream_read_of_a_stream_without_direct_get_says_so(
+    nats_admin: NatsEndpoint,
+) -> None:
     """A stream made without ``allow_direct`` is refused clearly, and provision() turns it on."""
     layout, root = unique_layout()
-    async with JetStreamEventStore.from_url(nats_url, layout) as store:
+    async with JetStreamEventStore.from_url(nats_admin, layout) as store:
         cfg = {"name": layout.name, "subjects": list(layout.subjects), "allow_direct": False}
         await store.connection.request(
             f"$JS.API.STREAM.CREATE.{layout.name}", json.dumps(cfg).encode(), timeout=5
@@ -680,11 +683,13 @@ async def test_jetstream_read_of_a_stream_without_direct_get_says_so(nats_url: s
             await _delete_stream(store, layout.name)
 
 
-async def test_jetstream_read_while_limits_remove_unread_messages_ends(nats_url: str) -> None:
+async def test_jetstream_read_while_limits_remove_unread_messages_ends(
+    nats_admin: NatsEndpoint,
+) -> None:
     """Limits that remove unread messages meanwhile do not make a long read chase the log: it
     ends, in order, by the end of the log after its first batch."""
     layout, root = unique_layout(max_msgs_per_subject=300)
-    async for h in _open(("jetstream", nats_url), layout, root):
+    async for h in _open(("jetstream", nats_admin), layout, root):
         await h.store.append([h.msg("d1") for _ in range(300)])
         seen = []
         async for stored in h.store.read(h.everything):
@@ -698,9 +703,9 @@ async def test_jetstream_read_while_limits_remove_unread_messages_ends(nats_url:
         assert seen[-1] <= 580
 
 
-async def test_jetstream_small_read_is_one_request(nats_url: str) -> None:
+async def test_jetstream_small_read_is_one_request(nats_admin: NatsEndpoint) -> None:
     layout, root = unique_layout()
-    async for h in _open(("jetstream", nats_url), layout, root):
+    async for h in _open(("jetstream", nats_admin), layout, root):
         await h.store.append([h.msg("d1") for _ in range(20)])
         assert h.wire_messages is not None
         for after, want in ((20, 0), (19, 1), (10, 10)):

@@ -20,6 +20,7 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.layout import StreamLayout
 from proto import binding, subjects
@@ -71,11 +72,11 @@ class Log:
 
 
 @pytest.fixture
-async def log(nats_url: str) -> AsyncIterator[Log]:
+async def log(nats_admin: NatsEndpoint) -> AsyncIterator[Log]:
     hexid = uuid.uuid4().hex[:12]
     root = f"tw{hexid}.ev"
     layout = StreamLayout(name=f"TWIN_{hexid}", subjects=(f"{root}.>",))
-    async with JetStreamEventStore.from_url(nats_url, layout) as js:
+    async with JetStreamEventStore.from_url(nats_admin, layout) as js:
         await js.provision()
         try:
             yield Log(js, root)

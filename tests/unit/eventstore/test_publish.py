@@ -9,6 +9,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.adapters.jetstream import (
     JetStreamEventStore,
     fast_publish_supported,
@@ -70,8 +71,8 @@ async def test_refusals_are_those_of_client_publish(nats_client: NatsClient) -> 
         await publish_prevalidated(nats_client, "", "", {"a": "b"}, b"")
 
 
-async def test_a_closed_client_refuses(nats_url: str) -> None:
-    nc = await nats.connect(nats_url)
+async def test_a_closed_client_refuses(nats_admin: NatsEndpoint) -> None:
+    nc = await nats.connect(**nats_admin.connect_options())
     await nc.close()
     with pytest.raises(nats.errors.ConnectionClosedError):
         await publish_prevalidated(nc, "s", "", {"a": "b"}, b"")
