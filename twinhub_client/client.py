@@ -45,6 +45,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.protocol.parser import AUTHORIZATION_VIOLATION
 
 from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.adapters.jetstream import JetStreamEventStore
@@ -140,6 +141,41 @@ def token_owner(token: str, owner_claim: str = "sub") -> str:
     return owner
 
 
+def _token_expiry(token: str) -> float | None:
+    """The token's ``exp`` (unverified), None when it has none or is no JWT."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return None
+    return float(exp) if isinstance(exp, int | float) else None
+
+
+class _AppConnection(NatsClient):
+    """nats-py's client, but an authorization refused on a connection that was admitted
+    before is a reason to reconnect while the token is still valid, not to close for good.
+
+    After a NATS restart the client may reconnect before the auth callout is back: the
+    server then holds the CONNECT until its authorization timeout, pings meanwhile, and
+    nats-py takes that ping for the end of the handshake; the refusal then arrives on a
+    "connected" connection, which nats-py closes (no more reconnects). A valid token gets
+    in as soon as a callout answers again; an expired one is refused as before."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self._token_expiry = _token_expiry(token)
+        self.refusals = 0  # refusals of the token after it had been admitted (each reconnected)
+
+    async def _process_err(self, err_msg: str) -> None:
+        refused = AUTHORIZATION_VIOLATION in err_msg.lower()
+        valid = self._token_expiry is None or time.time() < self._token_expiry
+        if refused and valid and self.is_connected:
+            self.refusals += 1
+            log.warning("NATS refused the token after a reconnect (no auth callout yet?): again")
+            await self._process_op_err(nats.errors.AuthorizationError())
+            return
+        await super()._process_err(err_msg)
+
+
 def consumer_name(key: bytes, durable: str) -> str:
     """The JetStream consumer name of durable subscription ``durable``: a keyed hash under the
     owner's consumer key (``session``), so other owners cannot guess it, and the same for
@@ -193,7 +229,7 @@ class TwinhubClient:
 
     async def __aenter__(self) -> Self:
         if self._endpoint is not None:
-            nc = NatsClient()
+            nc = _AppConnection(self.token)
             try:
                 opts: dict[str, Any] = self._endpoint.connect_options() | {
                     "name": "twinhub-client",
@@ -202,7 +238,10 @@ class TwinhubClient:
                     "connect_timeout": self.timeout,
                     "allow_reconnect": True,
                 }
-                await nc.connect(**opts)
+                # nats-py retries a refused first connect forever with reconnects on: bounded
+                # here (a refused token would hang the caller), reconnects stay unbounded
+                async with asyncio.timeout(self.timeout):
+                    await nc.connect(**opts)
                 if not nc.is_connected:  # dropped in the handshake (no authorization answer)
                     raise nats.errors.NoServersError
                 self._nc = nc

@@ -48,8 +48,8 @@ from twinhub_client import (
     ConflictError,
     ForbiddenError,
     NotFoundError,
-    TwinhubClient,
     ServiceUnavailableError,
+    TwinhubClient,
     UnauthorizedError,
 )
 
@@ -437,6 +437,34 @@ async def test_subscription_and_api_survive_a_nats_restart(
                 except Exception:
                     await asyncio.sleep(0.1)
         assert accepted.position > after[-1]
+
+
+async def test_an_application_that_reconnects_before_the_callout_gets_in_once_it_is_back(
+    env: Env, nats_server: NatsServer
+) -> None:
+    """NATS restarts while the auth callout is away: the application's reconnect is refused
+    (no callout answers), and it does not give up: once a callout answers again, the same
+    client is back, its subscription included."""
+    await env.register(env.dev("d1"))
+    start = await env.store.last_position()
+    before = await _changes(env, env.dev("d1"), range(2))
+    async with env.client() as c:
+        async with c.subscribe(env.owner, env.dev("d1"), from_position=start) as s:
+            got = [e.position for e in await _take(s, 2)]
+            await env.bus.callout.__aexit__(None, None, None)
+            try:
+                await nats_server.stop()
+                await nats_server.start()
+                async with asyncio.timeout(WAIT):  # the server's authorization timeout (5 s)
+                    while getattr(c.nc, "refusals", 0) == 0:
+                        await asyncio.sleep(0.05)
+                assert not c.nc.is_closed
+            finally:
+                await env.bus.callout.__aenter__()
+            after = await _changes(env, env.dev("d1"), range(2, 4))
+            got += [e.position for e in await _take(s, 2)]
+        assert got == before + after
+        assert (await c.retrieve(env.dev("d1"), "/oic/d")).position > after[-1]
 
 
 # -- the CLI -------------------------------------------------------------------------------------

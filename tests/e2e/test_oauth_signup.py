@@ -13,16 +13,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 import jwt
+import nats
+import nats.errors
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from nats.aio.client import Client as NatsClient
 from pymongo.asynchronous.database import AsyncDatabase
 
-from eventstore.adapters.jetstream import JetStreamEventStore
+from eventstore.adapters.endpoint import NatsEndpoint
 from gateway.service import Gateway
+from proto import subjects
 from twin.adapters.mongo import MongoTwinStore
 from twinhub_cli import config as cfgmod
 from twinhub_cli import services
@@ -31,23 +35,25 @@ from twinhub_client import TwinhubClient, UnauthorizedError
 
 from ..integration.gateway.coap_peers import CONTENT_FORMAT, POST, RawPeer, request, uint  # noqa: TID252
 from .idp import Idp
+from .stack import WAIT, bus_config, production_callout
 from .test_security_matrix import closed, connect
+
+if TYPE_CHECKING:
+    from tests.conftest import Bus
 
 pytestmark = pytest.mark.servers
 
 
 @contextlib.asynccontextmanager
-async def gateway(nats_url: str, tmp: Path, **auth: Any) -> AsyncIterator[Gateway]:
-    config = cfgmod.load(
-        None,
-        env={},
-        overrides={"gateway": {"tcp": "127.0.0.1:0", "tls": ""}, "auth": auth},
-    )
+async def gateway(bus: Bus, tmp: Path, **auth: Any) -> AsyncIterator[Gateway]:
+    config = bus_config(bus, gateway={"tcp": "127.0.0.1:0", "tls": ""}, auth=auth)
     data = DataDir(tmp / "data")
     issuer = services.issuer_for(config, data)
     cfg = dataclasses.replace(services.gateway_config(config, data), gateway_id="gw-oauth")
+    async with services.event_store(config, data, "twin"):
+        pass  # the twin service provisions the stream; the gateway's role may not
     async with (
-        JetStreamEventStore.from_url(nats_url) as store,
+        services.event_store(config, data, "gateway") as store,
         Gateway(
             cfg,
             store,
@@ -56,7 +62,6 @@ async def gateway(nats_url: str, tmp: Path, **auth: Any) -> AsyncIterator[Gatewa
             oauth=services.oauth_providers_for(config),
         ) as gw,
     ):
-        await store.provision()
         yield gw
 
 
@@ -97,12 +102,12 @@ async def sign_up(peer: RawPeer, device: str, code: str, provider: str = "idp") 
             return code_s, frame.payload
 
 
-async def test_sign_up_with_an_authorization_code(nats_url: str, tmp_path: Path) -> None:
+async def test_sign_up_with_an_authorization_code(bus: Bus, tmp_path: Path) -> None:
     idp = Idp().start()
     owner = "o" + uuid.uuid4().hex[:10]
     try:
         spec = provider_spec(idp, tmp_path)
-        async with gateway(nats_url, tmp_path, oauth_providers=[spec]) as gw:
+        async with gateway(bus, tmp_path, oauth_providers=[spec]) as gw:
             device = str(uuid.uuid4())
             code = idp.code(owner)
             peer = await peer_of(gw)
@@ -164,7 +169,7 @@ async def test_sign_up_with_an_authorization_code(nats_url: str, tmp_path: Path)
         idp.stop()
 
 
-async def test_tokens_signed_by_a_jwks_key_and_its_rotation(nats_url: str, tmp_path: Path) -> None:
+async def test_tokens_signed_by_a_jwks_key_and_its_rotation(bus: Bus, tmp_path: Path) -> None:
     idp = Idp().start()
     owner = "o" + uuid.uuid4().hex[:10]
     try:
@@ -174,7 +179,7 @@ async def test_tokens_signed_by_a_jwks_key_and_its_rotation(nats_url: str, tmp_p
             "issuer": idp.url,
             "audience": idp.client_id,
         }
-        async with gateway(nats_url, tmp_path, **auth) as gw:
+        async with gateway(bus, tmp_path, **auth) as gw:
             peer = await peer_of(gw)
             status, _ = await sign_up(peer, str(uuid.uuid4()), idp.sign({"sub": owner}), "")
             assert status == "2.04"
@@ -189,7 +194,7 @@ async def test_tokens_signed_by_a_jwks_key_and_its_rotation(nats_url: str, tmp_p
         idp.stop()
 
 
-async def test_a_rotated_jwks_key_is_fetched_on_first_sight(nats_url: str, tmp_path: Path) -> None:
+async def test_a_rotated_jwks_key_is_fetched_on_first_sight(bus: Bus, tmp_path: Path) -> None:
     idp = Idp().start()
     owner = "o" + uuid.uuid4().hex[:10]
     try:
@@ -199,7 +204,7 @@ async def test_a_rotated_jwks_key_is_fetched_on_first_sight(nats_url: str, tmp_p
             "issuer": idp.url,
             "audience": idp.client_id,
         }
-        async with gateway(nats_url, tmp_path, **auth) as gw:
+        async with gateway(bus, tmp_path, **auth) as gw:
             peer = await peer_of(gw)
             for _ in range(2):
                 status, _ = await sign_up(peer, str(uuid.uuid4()), idp.sign({"sub": owner}), "")
@@ -212,10 +217,14 @@ async def test_a_rotated_jwks_key_is_fetched_on_first_sight(nats_url: str, tmp_p
 
 
 async def test_the_command_api_takes_a_rotated_jwks_key_without_a_restart(
-    nats_url: str, mongo_db: AsyncDatabase[Any], tmp_path: Path
+    bus: Bus, mongo_db: AsyncDatabase[Any], tmp_path: Path
 ) -> None:
     """The twin's command API, built as ``twinhub twin run`` builds it, refreshes the JWKS on
-    an unknown kid like the gateway: a key rotated at the URL works at once."""
+    an unknown kid like the gateway: a key rotated at the URL works at once.
+
+    The requests go over an application connection of the owner that the session's callout
+    admitted; each carries the provider's token, which the API alone validates here (the
+    callout's own JWKS refresh: the next test)."""
     idp = Idp().start()
     owner = "o" + uuid.uuid4().hex[:10]
     auth = {
@@ -224,32 +233,86 @@ async def test_the_command_api_takes_a_rotated_jwks_key_without_a_restart(
         "issuer": idp.url,
         "audience": idp.client_id,
     }
-    config = cfgmod.load(None, env={}, overrides={"auth": auth})
+    config = bus_config(bus, auth=auth)
+    data = DataDir(tmp_path / "data")
+    app = NatsEndpoint(
+        bus.url, token=bus.token(owner), inbox_prefix=subjects.owner_inbox_prefix(owner)
+    )
 
     async def devices(token: str) -> list[Any]:  # on the production subjects, as configured
-        async with TwinhubClient(nats_url, token) as client:
+        async with TwinhubClient(nc, token) as client:
             return (await client.list_devices()).devices
 
+    nc = await nats.connect(**app.connect_options())
     try:
-        async with JetStreamEventStore.from_url(nats_url) as store:
-            await store.provision()
+        async with services.event_store(config, data, "twin") as store:
             twins = MongoTwinStore(mongo_db)
             await twins.ensure_indexes()
-            async with services.run_api(config, DataDir(tmp_path / "data"), store, twins):
+            async with services.run_api(config, data, store, twins):
                 assert await devices(idp.sign({"sub": owner})) == []
                 assert idp.jwks_fetches == 1
                 idp.rotate()
                 assert await devices(idp.sign({"sub": owner})) == []
                 assert idp.jwks_fetches == 2, "fetched on the new kid's first sight"
                 # a key the JWKS does not publish: looked up once more, then refused
-                stranger = ec.generate_private_key(ec.SECP256R1())
-                claims = {"sub": owner, "iss": idp.url, "aud": idp.client_id}
-                forged = jwt.encode(claims, stranger, algorithm="ES256", headers={"kid": "k-x"})
                 with pytest.raises(UnauthorizedError):
-                    await devices(forged)
+                    await devices(_forged(idp, owner))
                 assert idp.jwks_fetches == 3
     finally:
         idp.stop()
+        await nc.close()
+
+
+async def test_the_callout_takes_a_rotated_jwks_key_without_a_restart(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """The auth callout, built as ``twinhub callout`` builds it, admits applications whose
+    tokens the provider signed, and refreshes the JWKS on an unknown kid like the API."""
+    idp = Idp().start()
+    owner = "o" + uuid.uuid4().hex[:10]
+    auth = {
+        "jwks_url": idp.url + "/jwks",
+        "jwks_min_refresh": 0,
+        "issuer": idp.url,
+        "audience": idp.client_id,
+    }
+    config = bus_config(bus, auth=auth)
+
+    async def admitted(token: str) -> bool:
+        opts = NatsEndpoint(
+            bus.url, token=token, inbox_prefix=subjects.owner_inbox_prefix(owner)
+        ).connect_options()
+        nc = NatsClient()  # not nats.connect: a refused connect would leak its socket
+        try:
+            await nc.connect(**opts, allow_reconnect=False, connect_timeout=WAIT)
+        except (nats.errors.Error, OSError):
+            return False
+        finally:
+            connected = nc.is_connected
+            await nc.close()
+        return connected
+
+    try:
+        async with production_callout(bus, config, DataDir(tmp_path / "data")) as callout:
+            assert await admitted(idp.sign({"sub": owner}))
+            assert idp.jwks_fetches == 1
+            idp.rotate()
+            assert await admitted(idp.sign({"sub": owner}))
+            assert idp.jwks_fetches == 2, "fetched on the new kid's first sight"
+            assert not await admitted(_forged(idp, owner))
+            assert idp.jwks_fetches == 3
+            assert not await admitted(bus.token(owner)), "another issuer's token"
+            assert (callout.stats.granted, callout.stats.denied) == (2, 2)
+    finally:
+        idp.stop()
+
+
+def _forged(idp: Idp, owner: str) -> str:
+    """A token with the provider's claims, signed by a key its JWKS does not publish."""
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    now = int(time.time())
+    claims = {"sub": owner, "iss": idp.url, "aud": idp.client_id, "iat": now, "exp": now + 600}
+    return jwt.encode(claims, stranger, algorithm="ES256", headers={"kid": "k-x"})
 
 
 def test_provider_configuration_errors_name_the_problem(tmp_path: Path) -> None:

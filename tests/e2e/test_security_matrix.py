@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import cbor2
 import pytest
@@ -65,6 +65,9 @@ from ..integration.gateway.coap_peers import (  # noqa: TID252
     uint,
 )
 from .stack import Stack, open_stack
+
+if TYPE_CHECKING:
+    from tests.conftest import Bus
 
 pytestmark = pytest.mark.servers
 
@@ -230,10 +233,12 @@ def material(tmp_path_factory: pytest.TempPathFactory) -> Material:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def log_store(nats_server: NatsServer) -> AsyncIterator[JetStreamEventStore]:
+    """The gateways' store (their role), with DEVICE registered to OWNER."""
     if not nats_server.running:
         await nats_server.start()
-    async with JetStreamEventStore.from_url(nats_server.url) as store:
-        await store.provision()
+    async with JetStreamEventStore.from_url(nats_server.endpoint("twin")) as twin:
+        await twin.provision()  # the twin service's job: the gateways' role may not
+    async with JetStreamEventStore.from_url(nats_server.endpoint("gateway")) as store:
         registered = ev.Event(
             owner=OWNER, device_id=DEVICE, data=ev.DeviceRegistered(), source="/test"
         )
@@ -449,8 +454,8 @@ async def _events(store: JetStreamEventStore, device: str) -> AsyncIterator[ev.A
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def stack(nats_url: str, mongo_db: AsyncDatabase[Any], tmp_path: Path) -> Any:
-    async with open_stack(nats_url, mongo_db, tmp_path, tick_interval=0.1) as st:
+async def stack(bus: Bus, mongo_db: AsyncDatabase[Any], tmp_path: Path) -> Any:
+    async with open_stack(bus, mongo_db, tmp_path, tick_interval=0.1) as st:
         yield st
 
 
