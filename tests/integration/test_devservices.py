@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -11,10 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 from pymongo import AsyncMongoClient
 
+from bus.credentials import BusCredentials
+from bus.permissions import ROLES
+from eventstore.adapters.endpoint import NatsEndpoint
 from twinhub_cli.devservices import (
     BinaryNotFoundError,
     MongoServer,
@@ -25,8 +30,8 @@ from twinhub_cli.devservices import (
 pytestmark = pytest.mark.servers
 
 
-async def _publish(url: str, stream: str, subject: str, payload: bytes) -> int:
-    nc = await nats.connect(url)
+async def _publish(endpoint: NatsEndpoint, stream: str, subject: str, payload: bytes) -> int:
+    nc = await nats.connect(**endpoint.connect_options())
     try:
         js = nc.jetstream()
         await js.add_stream(name=stream, subjects=[subject])
@@ -40,13 +45,13 @@ async def test_nats_restart_keeps_port_and_jetstream_data(tmp_path: Path) -> Non
     async with NatsServer(tmp_path) as server:
         url, port = server.url, server.port
         assert port > 0
-        seq = await _publish(url, "RESTART", "restart.x", b"kept")
-        assert (server.store_dir / "$G" / "streams" / "RESTART").is_dir()
+        seq = await _publish(server.endpoint("admin"), "RESTART", "restart.x", b"kept")
+        assert (server.store_dir / "TWINHUB" / "streams" / "RESTART").is_dir()
         await server.stop()
         assert not server.running
         await server.start()
         assert (server.url, server.port) == (url, port)
-        nc = await nats.connect(server.url)
+        nc = await nats.connect(**server.endpoint("admin").connect_options())
         try:
             msg = await nc.jetstream().get_msg("RESTART", seq)
             assert msg.data == b"kept"
@@ -54,6 +59,29 @@ async def test_nats_restart_keeps_port_and_jetstream_data(tmp_path: Path) -> Non
             await nc.close()
     assert not server.running
     assert "Server is ready" in server.log_path.read_text()
+
+
+async def test_nats_refuses_anonymous_clients_and_admits_each_role(tmp_path: Path) -> None:
+    async with NatsServer(tmp_path) as server:
+        anonymous = NatsClient()
+        try:
+            await anonymous.connect(
+                server.url, allow_reconnect=False, max_reconnect_attempts=1, connect_timeout=5
+            )
+        except (nats.errors.Error, OSError, TimeoutError):
+            pass  # refused
+        finally:
+            admitted = anonymous.is_connected  # nats-py may return unconnected: refused too
+            await anonymous.close()
+        assert not admitted
+        for role in ROLES:
+            nc = await nats.connect(**server.endpoint(role).connect_options())
+            try:
+                await nc.flush()
+            finally:
+                await nc.close()
+    conf = json.loads(server.config_path.read_text())
+    assert "no_auth_user" not in conf and "users" not in conf.get("authorization", {})
 
 
 async def test_nats_start_failure_names_the_log(tmp_path: Path) -> None:
@@ -134,7 +162,9 @@ async def test_cli_dev_services_runs_until_sigterm(tmp_path: Path) -> None:
                 kind, _, url = line.partition(" ")
                 if kind in ("NATS", "MongoDB"):
                     urls[kind] = url.strip()
-        nc = await nats.connect(urls["NATS"])
+        creds = BusCredentials(tmp_path / "bus")  # where `twinhub gateway --data-dir` looks
+        endpoint = NatsEndpoint(urls["NATS"], seed_file=creds.seed_file("admin"))
+        nc = await nats.connect(**endpoint.connect_options())
         try:
             await nc.jetstream().account_info()
         finally:

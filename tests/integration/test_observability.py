@@ -118,13 +118,15 @@ async def test_gateway_endpoints(own_nats: NatsServer, tmp_path: Path) -> None:
     config = cfgmod.load(
         env={},
         overrides={
-            "nats": {"url": own_nats.url},
+            "nats": {"url": own_nats.url, "credentials": str(own_nats.credentials.directory)},
             "gateway": {"tcp": "127.0.0.1:0", "tls": "", "metrics_listen": "127.0.0.1:0"},
         },
     )
     data = DataDir(tmp_path / "data")
+    async with services.event_store(config, data, "twin"):
+        pass  # the twin service provisions the stream, the gateway waits for it
     async with (
-        services.event_store(config) as store,
+        services.event_store(config, data, "gateway") as store,
         services.run_gateway(config, data, store) as gw,
         services.gateway_observability(config, store, gw, FAST) as server,
     ):
@@ -173,7 +175,7 @@ async def test_twin_endpoints(
     config = cfgmod.load(
         env={},
         overrides={
-            "nats": {"url": own_nats.url},
+            "nats": {"url": own_nats.url, "credentials": str(own_nats.credentials.directory)},
             "mongo": {"url": mongo_server.url, "database": mongo_db.name},
             "twin": {"metrics_listen": "127.0.0.1:0"},
         },
@@ -181,7 +183,7 @@ async def test_twin_endpoints(
     data = DataDir(tmp_path / "data")
     api_metrics = ApiMetrics()
     async with (
-        services.event_store(config) as store,
+        services.event_store(config, data, "twin") as store,
         services.twin_store(config) as twins,
         services.run_projector(config, store, twins) as projector,
         services.run_api(config, data, store, twins, metrics=api_metrics),
@@ -210,7 +212,7 @@ async def test_twin_endpoints(
         assert got[("twinhub_twin_projector_running", ())] == 1
 
         # a command API request without a token: counted by op and outcome
-        nc = await nats.connect(own_nats.url)
+        nc = await nats.connect(**own_nats.endpoint("admin").connect_options())
         try:
             await nc.request(f"{api.API_PREFIX}.devices-list", b"{}", timeout=10)
         finally:
