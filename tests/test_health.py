@@ -15,16 +15,18 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 
+from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.layout import StreamLayout
 from proto.message import NatsMessage
 from twinhub_cli import config as cfgmod
 from twinhub_cli import health, services
 from twinhub_cli.datadir import DataDir
+from twinhub_cli.devservices import NatsServer
 from twinhub_cli.main import main
 from twinhub_cli.observability import ObservabilityConfig
 
@@ -69,13 +71,37 @@ def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+@pytest.fixture
+def bus_env(env: pytest.MonkeyPatch, nats_server: NatsServer) -> pytest.MonkeyPatch:
+    """The session's NATS and its service credentials, as a container gets them."""
+    env.setenv("TWINHUB_NATS_URL", nats_server.url)
+    env.setenv("TWINHUB_NATS_CREDENTIALS", str(nats_server.credentials.directory))
+    return env
+
+
+def bus_config(nats_server: NatsServer, **sections: dict[str, Any]) -> cfgmod.Config:
+    nats = {"url": nats_server.url, "credentials": str(nats_server.credentials.directory)}
+    return cfgmod.load(env={}, overrides={"nats": nats, **sections})
+
+
 @contextlib.asynccontextmanager
-async def isolated_stream(nats_url: str) -> AsyncIterator[tuple[JetStreamEventStore, str]]:
-    """A stream of its own (name and subjects), deleted afterwards."""
+async def gateway_store(config: cfgmod.Config, data: DataDir) -> AsyncIterator[JetStreamEventStore]:
+    async with services.event_store(config, data, "twin"):
+        pass  # the twin service provisions the stream; the gateway waits for it
+    async with services.event_store(config, data, "gateway") as store:
+        yield store
+
+
+@contextlib.asynccontextmanager
+async def isolated_stream(
+    admin: NatsEndpoint,
+) -> AsyncIterator[tuple[JetStreamEventStore, str]]:
+    """A stream of its own (name and subjects), deleted afterwards (admin role: the services'
+    permissions name the production stream only)."""
     hexid = uuid.uuid4().hex[:12]
     root = f"hc{hexid}"
     layout = StreamLayout(name=f"HEALTH_{hexid}", subjects=(f"{root}.>",))
-    async with JetStreamEventStore.from_url(nats_url, layout) as store:
+    async with JetStreamEventStore.from_url(admin, layout) as store:
         await store.provision()
         try:
             yield store, root
@@ -87,31 +113,60 @@ async def isolated_stream(nats_url: str) -> AsyncIterator[tuple[JetStreamEventSt
 
 
 async def test_nats_healthy_when_stream_exists(
-    nats_url: str, env: pytest.MonkeyPatch, capsys: Capture
+    nats_admin: NatsEndpoint, bus_env: pytest.MonkeyPatch, capsys: Capture
 ) -> None:
-    async with isolated_stream(nats_url) as (store, _):
-        env.setenv("TWINHUB_NATS_URL", nats_url)
-        env.setenv("TWINHUB_NATS_STREAM", store.layout.name)
-        got = await health_cmd(capsys, "nats")
+    async with isolated_stream(nats_admin) as (store, _):
+        bus_env.setenv("TWINHUB_NATS_STREAM", store.layout.name)
+        got = await health_cmd(capsys, "nats", "--role", "admin")
     assert got.code == 0
     assert got.line.startswith("healthy: ")
     assert store.layout.name in got.line
 
 
-async def test_nats_unhealthy_without_stream(
-    nats_url: str, env: pytest.MonkeyPatch, capsys: Capture
+async def test_nats_healthy_as_the_gateway_on_the_production_stream(
+    bus_env: pytest.MonkeyPatch, capsys: Capture, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    env.setenv("TWINHUB_NATS_STREAM", f"MISSING_{uuid.uuid4().hex[:8]}")
-    got = await health_cmd(capsys, "nats", "--url", nats_url)
+    async with services.event_store(bus_config(nats_server), DataDir(tmp_path), "twin"):
+        pass  # provisioned
+    got = await health_cmd(capsys, "nats")  # the gateway's own NKey, the default role
+    assert got.code == 0, got.line
+    assert "TWINHUB_EVENTS" in got.line
+
+
+async def test_nats_unhealthy_without_stream(
+    nats_server: NatsServer, bus_env: pytest.MonkeyPatch, capsys: Capture
+) -> None:
+    bus_env.setenv("TWINHUB_NATS_STREAM", f"MISSING_{uuid.uuid4().hex[:8]}")
+    got = await health_cmd(capsys, "nats", "--url", nats_server.url, "--role", "admin")
     assert got.code == 1
     assert "does not exist" in got.line
 
 
-async def test_nats_unhealthy_when_unreachable(env: pytest.MonkeyPatch, capsys: Capture) -> None:
-    url = f"nats://user:secret@127.0.0.1:{closed_port()}"
+async def test_nats_unhealthy_without_credentials(
+    nats_server: NatsServer, env: pytest.MonkeyPatch, capsys: Capture, tmp_path: Path
+) -> None:
+    env.setenv("TWINHUB_NATS_URL", nats_server.url)
+    got = await health_cmd(capsys, "nats", "--data-dir", str(tmp_path))
+    assert got.code == 1
+    assert "NKey seed of gateway" in got.line and "twinhub init" in got.line
+
+
+async def test_nats_unhealthy_when_unreachable(
+    bus_env: pytest.MonkeyPatch, capsys: Capture
+) -> None:
+    url = f"nats://127.0.0.1:{closed_port()}"
     got = await health_cmd(capsys, "nats", "--url", url, "--timeout", "2")
     assert got.code == 1
     assert "cannot connect" in got.line
+
+
+async def test_nats_url_with_credentials_is_refused_unprinted(
+    bus_env: pytest.MonkeyPatch, capsys: Capture
+) -> None:
+    url = f"nats://user:secret@127.0.0.1:{closed_port()}"
+    got = await health_cmd(capsys, "nats", "--url", url, "--timeout", "2")
+    assert got.code == 1
+    assert "credentials do not belong in the NATS URL" in got.line
     assert "secret" not in got.line  # credentials are not printed
 
 
@@ -141,17 +196,13 @@ async def test_mongo_unhealthy_within_timeout(env: pytest.MonkeyPatch, capsys: C
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(nats_url: str, data_dir: Path) -> AsyncIterator[tuple[int, int]]:
-    config = cfgmod.load(
-        env={},
-        overrides={
-            "nats": {"url": nats_url},
-            "gateway": {"tcp": "127.0.0.1:0", "tls": "127.0.0.1:0"},
-        },
-    )
+async def running_gateway(
+    nats_server: NatsServer, data_dir: Path
+) -> AsyncIterator[tuple[int, int]]:
+    config = bus_config(nats_server, gateway={"tcp": "127.0.0.1:0", "tls": "127.0.0.1:0"})
     data = DataDir(data_dir)
     async with (
-        services.event_store(config) as store,
+        gateway_store(config, data) as store,
         services.run_gateway(config, data, store) as gw,
     ):
         assert gw.tcp_address is not None and gw.tls_address is not None
@@ -159,9 +210,9 @@ async def running_gateway(nats_url: str, data_dir: Path) -> AsyncIterator[tuple[
 
 
 async def test_gateway_tcp_and_tls(
-    nats_url: str, tmp_path: Path, env: pytest.MonkeyPatch, capsys: Capture
+    nats_server: NatsServer, tmp_path: Path, env: pytest.MonkeyPatch, capsys: Capture
 ) -> None:
-    async with running_gateway(nats_url, tmp_path) as (tcp, tls):
+    async with running_gateway(nats_server, tmp_path) as (tcp, tls):
         ca = str(tmp_path / "pki" / "ca.crt")
         # the configured listener, with a wildcard bind address probed on loopback
         env.setenv("TWINHUB_GATEWAY_TCP", f"0.0.0.0:{tcp}")
@@ -241,16 +292,16 @@ async def test_gateway_needs_a_csm(
 
 
 async def test_twin_consumer_and_pending(
-    nats_url: str, mongo_server: HasUrl, env: pytest.MonkeyPatch, capsys: Capture
+    nats_admin: NatsEndpoint, mongo_server: HasUrl, bus_env: pytest.MonkeyPatch, capsys: Capture
 ) -> None:
+    env = bus_env
     consumer = f"health-{uuid.uuid4().hex[:8]}"
-    async with isolated_stream(nats_url) as (store, root):
-        env.setenv("TWINHUB_NATS_URL", nats_url)
+    async with isolated_stream(nats_admin) as (store, root):
         env.setenv("TWINHUB_NATS_STREAM", store.layout.name)
         env.setenv("TWINHUB_MONGO_URL", mongo_server.url)
         env.setenv("TWINHUB_TWIN_CONSUMER", consumer)
 
-        got = await health_cmd(capsys, "twin")
+        got = await health_cmd(capsys, "twin", "--role", "admin")
         assert got.code == 1
         assert f"{consumer} does not exist" in got.line
 
@@ -263,18 +314,18 @@ async def test_twin_consumer_and_pending(
         for m in messages:
             await store.append([m])
 
-        got = await health_cmd(capsys, "twin")
+        got = await health_cmd(capsys, "twin", "--role", "admin")
         assert got.code == 0, got.line
         assert "3 pending" in got.line
         assert "ping ok" in got.line
 
-        got = await health_cmd(capsys, "twin", "--max-pending", "2")
+        got = await health_cmd(capsys, "twin", "--role", "admin", "--max-pending", "2")
         assert got.code == 1
         assert "more than --max-pending 2" in got.line
 
         # MongoDB down makes the twin unhealthy even with the consumer in place
         env.setenv("TWINHUB_MONGO_URL", f"mongodb://127.0.0.1:{closed_port()}/")
-        got = await health_cmd(capsys, "twin", "--timeout", "0.5")
+        got = await health_cmd(capsys, "twin", "--role", "admin", "--timeout", "0.5")
         assert got.code == 1
         assert "MongoDB" in got.line
 
@@ -283,18 +334,14 @@ async def test_twin_consumer_and_pending(
 
 
 async def test_endpoint_of_a_running_gateway(
-    nats_url: str, tmp_path: Path, env: pytest.MonkeyPatch, capsys: Capture
+    nats_server: NatsServer, tmp_path: Path, env: pytest.MonkeyPatch, capsys: Capture
 ) -> None:
-    config = cfgmod.load(
-        env={},
-        overrides={
-            "nats": {"url": nats_url},
-            "gateway": {"tcp": "127.0.0.1:0", "tls": "", "metrics_listen": "127.0.0.1:0"},
-        },
+    config = bus_config(
+        nats_server, gateway={"tcp": "127.0.0.1:0", "tls": "", "metrics_listen": "127.0.0.1:0"}
     )
     fast = ObservabilityConfig(heartbeat_interval=0.1, probe_interval=0.1)
     async with (
-        services.event_store(config) as store,
+        gateway_store(config, DataDir(tmp_path)) as store,
         services.run_gateway(config, DataDir(tmp_path), store) as gw,
         services.gateway_observability(config, store, gw, fast) as ops,
     ):

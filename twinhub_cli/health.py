@@ -519,7 +519,10 @@ def _endpoint(config: Config, args: argparse.Namespace) -> NatsEndpoint:
 
     endpoint = nats_endpoint(config, DataDir(args.data_dir.resolve()), args.role)
     url = getattr(args, "url", None)
-    return replace(endpoint, url=url) if url else endpoint
+    try:
+        return replace(endpoint, url=url) if url else endpoint
+    except ValueError as e:  # the URL holds credentials: refused, never printed
+        raise ConfigError(f"--url: {e}") from None
 
 
 def register(subparsers: SubParsers, name: str, /) -> None:
