@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -27,6 +28,10 @@ from eventstore.adapters.jetstream import JetStreamEventStore
 from proto import api, binding
 from proto import events as ev
 from proto.events import EventData
+from tests.conftest import Bus
+from twin.adapters.nats_api import NatsApiServer
+from twin.api import ApiConfig, TwinApi
+from twin.memory import InMemoryTwinStore
 from twinhub_cli.devservices import NatsServer
 from twinhub_client import OutcomeTimeoutError, TwinhubClient
 from twinhub_client.subscription import EventSubscription
@@ -84,8 +89,9 @@ async def _reap(tasks: Iterable[asyncio.Task[Any]]) -> None:
             await asyncio.wait([t], timeout=0.5)
 
 
-def _client(nats_url: str) -> TwinhubClient:
-    return TwinhubClient(nats_url, "unused-token")
+def _client(bus: Bus, owner: str) -> TwinhubClient:
+    """An application of ``owner``, admitted by the session's auth callout."""
+    return TwinhubClient(bus.url, bus.token(owner))
 
 
 async def _consumer_info(nc: NatsClient, name: str) -> dict[str, Any] | None:
@@ -95,10 +101,19 @@ async def _consumer_info(nc: NatsClient, name: str) -> dict[str, Any] | None:
 
 
 @pytest.fixture
-async def store(nats_url: str) -> AsyncIterator[JetStreamEventStore]:
-    async with JetStreamEventStore.from_url(nats_url) as s:
-        await s.provision()
-        yield s
+async def store(bus: Bus) -> AsyncIterator[JetStreamEventStore]:
+    """The log (admin: the test appends as a gateway would), and the command API on its
+    production subjects (the client asks it who it is: ``session``)."""
+    async with (
+        JetStreamEventStore.from_url(bus.admin) as s,
+        JetStreamEventStore.from_url(bus.endpoint("twin")) as twin,
+    ):
+        await twin.provision()
+        twin_api = TwinApi(
+            twin, InMemoryTwinStore(), bus.validator(), ApiConfig(consumer_secret=os.urandom(32))
+        )
+        async with NatsApiServer(twin.connection, twin_api):
+            yield s
 
 
 async def _cancel_mid_stream(c: TwinhubClient, owner: str, start: int, names: list[str]) -> float:
@@ -132,13 +147,13 @@ async def _cancel_mid_stream(c: TwinhubClient, owner: str, start: int, names: li
 
 
 async def test_cancelling_subscriptions_mid_stream_ends_them_promptly(
-    store: JetStreamEventStore, nats_url: str, nats_client: NatsClient
+    store: JetStreamEventStore, bus: Bus, nats_client: NatsClient
 ) -> None:
     owner, device = _new_owner(), "dev-" + uuid.uuid4().hex[:8]
     start = await store.last_position()
     changed = lambda: ev.ResourceChanged(href="/n", content={"v": 1})  # noqa: E731
     names: list[str] = []
-    async with _client(nats_url) as c, _steady_stream(store, owner, device, changed):
+    async with _client(bus, owner) as c, _steady_stream(store, owner, device, changed):
         slowest = max([await _cancel_mid_stream(c, owner, start, names) for _ in range(ROUNDS)])
     assert slowest < CLOSE_BOUND, f"slowest close after cancel: {slowest:.2f}s"
     for name in names:  # temporary consumers are gone
@@ -146,13 +161,13 @@ async def test_cancelling_subscriptions_mid_stream_ends_them_promptly(
 
 
 async def test_wait_outcome_times_out_promptly_while_other_outcomes_stream(
-    store: JetStreamEventStore, nats_url: str
+    store: JetStreamEventStore, bus: Bus
 ) -> None:
     owner, device = _new_owner(), "dev-" + uuid.uuid4().hex[:8]
     start = await store.last_position()
     other = lambda: ev.CommandSucceeded(href="/light", status="2.04")  # noqa: E731
     timeout = 0.5
-    async with _client(nats_url) as c, _steady_stream(store, owner, device, other):
+    async with _client(bus, owner) as c, _steady_stream(store, owner, device, other):
         for _ in range(ROUNDS):
             accepted = [
                 api.CommandAccepted(
@@ -188,7 +203,7 @@ async def _opened_with_one_event(sub: EventSubscription) -> EventSubscription:
 
 
 async def test_closing_while_nats_is_down_is_bounded_and_leaks_nothing(
-    store: JetStreamEventStore, nats_url: str, nats_server: NatsServer, nats_client: NatsClient
+    store: JetStreamEventStore, bus: Bus, nats_server: NatsServer, nats_client: NatsClient
 ) -> None:
     owner, device = _new_owner(), "dev-" + uuid.uuid4().hex[:8]
     start = await store.last_position()
@@ -198,13 +213,14 @@ async def test_closing_while_nats_is_down_is_bounded_and_leaks_nothing(
     )
     durable = f"keep-{owner}"
     tasks_before = len(asyncio.all_tasks())
-    c = _client(nats_url)
+    c = _client(bus, owner)
     await c.__aenter__()
     try:
         subs = [c.subscribe(owner, from_position=start) for _ in range(5)]
         subs.append(c.subscribe(owner, from_position=start, durable=durable))
         await asyncio.gather(*(_opened_with_one_event(s) for s in subs))
         temporary = [s.name for s in subs if not s.durable]
+        (durable,) = [s.name for s in subs if s.durable]  # its consumer name (app_<hmac>)
 
         await nats_server.stop()
         try:
