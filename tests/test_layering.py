@@ -13,6 +13,7 @@ OURS = {
     "proto",
     "eventstore",
     "auth",
+    "bus",
     "gateway",
     "twin",
     "twinhub_cli",
@@ -26,6 +27,9 @@ ALLOWED = {
     "eventstore": {"proto", "eventstore"},
     # token validation, shared by the gateway, the command API and the NATS auth callout
     "auth": {"auth"},
+    # who may do what on NATS, the server configuration, the auth callout (which validates
+    # application tokens with auth and speaks to the server through an eventstore endpoint)
+    "bus": {"proto", "eventstore", "auth", "bus"},
     "gateway": {"proto", "eventstore", "auth", "gateway"},
     # the command API's validator is injected; twin takes its types and errors from auth
     "twin": {"proto", "eventstore", "auth", "twin"},
@@ -36,13 +40,18 @@ ALLOWED = {
 # third-party library -> the only places (path prefixes) that may import it
 CONFINED = {
     # The twin's command API is NATS request/reply (not the event log): its transport adapter
-    # speaks NATS itself. The client talks to that API and to JetStream.
+    # speaks NATS itself. The client talks to that API and to JetStream. The auth callout's
+    # adapter answers the server's authorization requests.
     "nats": (
         "eventstore/adapters/",
         "twinhub_cli/",
         "twin/adapters/nats_api.py",
         "twinhub_client/",
+        "bus/adapters/",
     ),
+    # NKeys: the callout's adapter signs with the issuer's; bus/credentials.py makes the seeds.
+    # The sans-IO callout core signs through its Signer protocol, without importing nkeys.
+    "nkeys": ("bus/adapters/", "bus/credentials.py"),
     "aiocoap": ("gateway/adapters/", "devicesim/"),
     "pymongo": ("twin/adapters/", "twinhub_cli/"),
     "motor": (),
@@ -97,6 +106,19 @@ def test_the_packages_keep_their_layers() -> None:
         ("auth/jwks.py", "import proto.api\n"),
         ("proto/api.py", "from auth.tokens import Claims\n"),
         ("eventstore/ports.py", "import auth.errors\n"),
+        ("bus/permissions.py", "from twin.model import Twin\n"),
+        ("bus/callout.py", "import gateway.session\n"),
+        ("bus/callout.py", "import nats\n"),
+        ("bus/callout.py", "import nkeys\n"),
+        ("bus/serverconf.py", "from twinhub_cli.devservices import NatsServer\n"),
+        ("auth/application.py", "from bus.permissions import Role\n"),
+        ("eventstore/adapters/endpoint.py", "import bus.permissions\n"),
+        ("eventstore/adapters/jetstream.py", "import nkeys\n"),
+        ("gateway/session.py", "from bus.callout import grant\n"),
+        ("twin/api.py", "import bus.permissions\n"),
+        ("twinhub_client/client.py", "from bus.permissions import inbox_prefix\n"),
+        ("twinhub_client/client.py", "import gateway.errors\n"),
+        ("twinhub_client/client.py", "import nkeys\n"),
     ],
 )
 def test_the_checker_catches_a_violation(
@@ -107,3 +129,27 @@ def test_the_checker_catches_a_violation(
     target.write_text(code, encoding="utf-8")
     monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
     assert len(violations([target])) == 1
+
+
+@pytest.mark.parametrize(
+    ("where", "code"),
+    [
+        ("bus/callout.py", "from auth.application import AppTokenValidator\n"),
+        ("bus/permissions.py", "from proto import api, subjects\n"),
+        (
+            "bus/adapters/nats_callout.py",
+            "import nats\nimport nkeys\nfrom eventstore.adapters.endpoint import NatsEndpoint\n",
+        ),
+        ("bus/credentials.py", "import nkeys\n"),
+        ("twinhub_cli/services.py", "from bus.adapters.nats_callout import CalloutService\n"),
+        ("twinhub_client/client.py", "import nats\nfrom eventstore.layout import DEFAULT_STREAM\n"),
+    ],
+)
+def test_the_checker_admits_what_the_layers_allow(
+    tmp_path: Path, where: str, code: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / where
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(code, encoding="utf-8")
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    assert violations([target]) == []
