@@ -35,8 +35,6 @@ from urllib.parse import urlsplit
 import nats
 import pytest
 import yaml
-from nats.aio.client import Client as NatsClient
-from nats.errors import Error as NatsError
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -44,6 +42,7 @@ from packaging.version import Version
 from bus.credentials import BusCredentials
 from bus.serverconf import ServerTls
 from eventstore.adapters.endpoint import NatsEndpoint
+from tests.natsprobe import refused
 from twinhub_cli import config as cfgmod
 from twinhub_cli import initbus, services
 from twinhub_cli import pki as devpki
@@ -1591,33 +1590,6 @@ class ExportedNats(NatsServer):
 PATH_SETTINGS = ("TWINHUB_NATS_CREDENTIALS", "TWINHUB_NATS_CA_FILE", "TWINHUB_MONGO_PASSWORD_FILE")
 
 
-async def _refused(url: str, **opts: Any) -> str:
-    """Connect as told; the error the server refused the connection with."""
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = NatsClient()  # not nats.connect: a refused connect would leak its socket
-    try:
-        await nc.connect(
-            url,
-            error_cb=on_error,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,
-            connect_timeout=10,
-            **opts,
-        )
-    except (NatsError, OSError, TimeoutError) as e:
-        errors.append(repr(e))
-        await nc.close()
-    else:
-        admitted = nc.is_connected
-        await nc.close()
-        assert not admitted, "the server admitted the connection"
-    return " ".join(errors)
-
-
 async def _plaintext_connect(port: int) -> tuple[dict[str, Any], bytes]:
     """The server's INFO, and its answer to a CONNECT and PING sent without TLS."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -1738,7 +1710,7 @@ async def test_the_compose_bus_runs(
                 await nc.flush()
             finally:
                 await nc.close()
-            why = await _refused(url, tls=NatsEndpoint(url, ca_file=ca).ssl_context())
+            why = await refused(url, tls=NatsEndpoint(url, ca_file=ca).ssl_context())
             assert "authorization" in why.lower()
 
         # TLS is required (a plaintext CONNECT is dropped), with the certificate init issued

@@ -128,14 +128,20 @@ def event_kinds(types: Iterable[EventKind]) -> tuple[str, ...]:
     return kinds
 
 
+def _claims(token: str) -> dict[str, Any]:
+    """A token's claims, read without verifying it (the server does that); ``ValueError`` for
+    something that is not a JWT."""
+    try:
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as e:
+        raise ValueError(f"not a JWT: {e}") from None
+    return claims
+
+
 def token_owner(token: str, owner_claim: str = "sub") -> str:
     """The owner a token names (``owner_claim``), read without verifying it: the server does
     that. Raises ``ValueError`` for something that is not a JWT with that claim."""
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError as e:
-        raise ValueError(f"not a JWT: {e}") from None
-    owner = claims.get(owner_claim)
+    owner = _claims(token).get(owner_claim)
     if not isinstance(owner, str) or not owner:
         raise ValueError(f"the token has no {owner_claim!r} claim")
     return owner
@@ -144,8 +150,8 @@ def token_owner(token: str, owner_claim: str = "sub") -> str:
 def _token_expiry(token: str) -> float | None:
     """The token's ``exp`` (unverified), None when it has none or is no JWT."""
     try:
-        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
-    except jwt.PyJWTError:
+        exp = _claims(token).get("exp")
+    except ValueError:
         return None
     return float(exp) if isinstance(exp, int | float) else None
 

@@ -37,6 +37,7 @@ from eventstore.layout import DEFAULT_STREAM
 from proto import api, binding, subjects
 from proto import events as ev
 from tests.conftest import Bus
+from tests.natsprobe import refused
 from twin.adapters.mongo import MongoTwinStore
 from twin.adapters.nats_api import NatsApiServer
 from twin.api import ApiConfig, TwinApi
@@ -112,36 +113,6 @@ async def app(bus: Bus, owner: str, token: str | None = None) -> AsyncIterator[A
         yield App(nc, owner, errors)
     finally:
         await nc.close()
-
-
-async def refused(url: str, **opts: Any) -> str:
-    """Connect as told; the error the server refused the connection with."""
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = NatsClient()  # not nats.connect: a refused connect would leak its socket
-    try:
-        await nc.connect(
-            url,
-            error_cb=on_error,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0.05,
-            connect_timeout=WAIT,
-            **opts,
-        )
-    except (nats.errors.Error, OSError, TimeoutError) as e:
-        errors.append(repr(e))
-        await nc.close()
-    else:
-        # nats-py returns an unconnected client when the server drops the connection during
-        # the handshake (no answer from the callout: the server's authorization timeout)
-        admitted = nc.is_connected
-        await nc.close()
-        assert not admitted, "the server admitted the connection"
-    return " ".join(errors)
 
 
 @dataclass

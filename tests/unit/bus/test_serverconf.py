@@ -5,7 +5,6 @@ server started), so a configuration the server would refuse fails here."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import subprocess
 from collections.abc import Iterator
@@ -13,10 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from bus.credentials import BusCredentials, ensure_credentials
 from bus.permissions import (
@@ -32,6 +27,7 @@ from bus.permissions import (
     service_permissions,
 )
 from bus.serverconf import ServerTls, render_server_config
+from twinhub_cli import pki
 from twinhub_cli.devservices import find_nats_server_binary
 
 from .matching import covers
@@ -82,30 +78,9 @@ def nats_server_accepts(tmp_path: Path, text: str) -> subprocess.CompletedProces
 
 
 def self_signed(tmp_path: Path) -> ServerTls:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "server.crt", tmp_path / "server.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return ServerTls(cert_file, key_file)
+    """A server certificate for localhost from a fresh development CA."""
+    server = pki.issue_server(pki.create_ca(tmp_path / "pki"), tmp_path / "pki", ["localhost"])
+    return ServerTls(server.cert_path, server.key_path)
 
 
 def test_the_rendered_text_is_json_nats_server_accepts(

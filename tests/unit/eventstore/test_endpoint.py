@@ -3,20 +3,16 @@ never in a log line, and connect options nats-py understands."""
 
 from __future__ import annotations
 
-import datetime as dt
 import inspect
 import ssl
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from nats.aio.client import Client as NatsClient
 
 from bus.credentials import ensure_credentials
 from eventstore.adapters.endpoint import NatsEndpoint
+from twinhub_cli import pki
 
 TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2VjcmV0LXNpZ25hdHVyZQ"
 
@@ -27,23 +23,7 @@ def seed_file(tmp_path: Path) -> Path:
 
 
 def ca_file(tmp_path: Path) -> Path:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    path = tmp_path / "ca.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
+    return pki.create_ca(tmp_path / "pki", common_name="test CA").cert_path
 
 
 def test_a_seed_and_a_token_together_are_refused(seed_file: Path) -> None:
