@@ -64,6 +64,9 @@ class NatsApiServer:
 
     async def __aenter__(self) -> Self:
         self._sub = await self._nc.subscribe(f"{self.prefix}.>", queue=self._queue, cb=self._on_msg)
+        # serving once the server has the subscription: a request another connection sends
+        # right after this returns must find a responder (else it gets "no responders")
+        await self._nc.flush()
         log.info("command API on %s.> (queue %s)", self.prefix, self._queue)
         return self
 
