@@ -232,10 +232,18 @@ _TLS_LINE = re.compile(r"tls=\('([^']+)', (\d+)\)")
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    work: Path, name: str, data_dir: Path, config: Any, *, profile_to: Path | None = None
+    work: Path,
+    name: str,
+    data_dir: Path,
+    config: Any,
+    *,
+    profile_to: Path | None = None,
+    port: int = 0,
+    extra_env: dict[str, str] | None = None,
 ) -> AsyncIterator[GatewayProc]:
-    """``twinhub gateway`` on a free TLS port (TCP listener off), stopped with SIGTERM; it
-    connects to NATS as ``config`` says (:func:`bus_env`: the gateway role's NKey)."""
+    """``twinhub gateway`` on TLS port ``port`` (0: a free one; TCP listener off), stopped with
+    SIGTERM; it connects to NATS as ``config`` says (:func:`bus_env`: the gateway role's NKey).
+    ``extra_env``: more ``TWINHUB_*`` settings."""
     pki = data_dir / "pki"
     env = (
         _clean_env()
@@ -243,12 +251,13 @@ async def gateway_process(
         | {
             "TWINHUB_GATEWAY_ID": name,
             "TWINHUB_GATEWAY_TCP": "",
-            "TWINHUB_GATEWAY_TLS": f"{GATEWAY_HOST}:0",
+            "TWINHUB_GATEWAY_TLS": f"{GATEWAY_HOST}:{port}",
             "TWINHUB_GATEWAY_TLS_CERT": str(pki / "server.crt"),
             "TWINHUB_GATEWAY_TLS_KEY": str(pki / "server.key"),
             # every simulated device connects from 127.0.0.1: no per-address connection limit
             "TWINHUB_GATEWAY_MAX_CONNECTIONS_PER_IP": "0",
         }
+        | (extra_env or {})
     )
     argv = [_venv_bin("twinhub"), "--log-level", "WARNING", "gateway", "--data-dir", str(data_dir)]
     if profile_to is not None:
@@ -424,15 +433,19 @@ async def sim_fleet(
     per_proc: int,
     prefix: str,
     connect_concurrency: int,
+    script: Path = SCRIPT,
+    worker_args: Sequence[str] = (),
 ) -> AsyncIterator[SimFleet]:
-    """Start the ``sim-worker`` processes (``devices`` in all) and stop them on the way out."""
+    """Start the ``sim-worker`` processes (``devices`` in all) and stop them on the way out;
+    ``script`` is the benchmark whose ``sim-worker`` mode they run (our arguments, then
+    ``worker_args``)."""
     procs: list[SimProc] = []
     try:
         for i, n in enumerate(_split(devices, per_proc)):
             name = f"sim-{prefix}-{i}"
             argv = [
                 sys.executable,
-                str(SCRIPT),
+                str(script),
                 "sim-worker",
                 "--gateway",
                 gw.uri,
@@ -446,6 +459,7 @@ async def sim_fleet(
                 f"{prefix}{i}",
                 "--connect-concurrency",
                 str(connect_concurrency),
+                *worker_args,
             ]
             child = await Child.spawn(
                 name, argv, work / f"{name}.log", env=_clean_env(), stdin=True

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from proto import api, subjects
+from proto import api, leases, subjects
 
 __all__ = [
     "ACCOUNT_APPS",
@@ -51,6 +51,9 @@ APP_JS_PREFIX: Final = api.APP_JS_PREFIX
 
 API_SUBJECTS: Final = "twinhub.api.v1.>"
 EVENTS: Final = "twinhub.ev.>"
+LEASE_STREAM: Final = leases.LEASE_STREAM
+GATEWAY_LEASES: Final = leases.GATEWAY_SUBJECTS  # what a gateway writes of its lease
+TWIN_LEASES: Final = leases.TWIN_SUBJECTS  # the twin service's claims of lost instances
 CALLOUT_SUBJECT: Final = "$SYS.REQ.USER.AUTH"
 
 Role = Literal["gateway", "twin", "callout", "admin"]
@@ -87,7 +90,6 @@ def _consumers_api(stream: str) -> tuple[str, ...]:
 
 def _reads(stream: str) -> tuple[str, ...]:
     return (
-        "$JS.API.INFO",
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.STREAM.MSG.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}",
@@ -109,34 +111,50 @@ def _deny_consumers(prefix: str, stream: str, names: Sequence[str]) -> tuple[str
     return tuple(out)
 
 
-def service_permissions(role: Role, stream: str, projector: str) -> Permissions:
+def service_permissions(
+    role: Role, stream: str, projector: str, lease_stream: str = LEASE_STREAM
+) -> Permissions:
     """What each of twinhub's processes may do in the TWINHUB (``callout``: AUTH) account.
 
     * gateway: append events, read the log (direct gets, throw-away consumers), hear the
-      command events of its devices; never create, change or delete the stream, never touch
-      the projector's consumer.
-    * twin: the same, plus provisioning the stream (create / update, never delete or purge),
-      its durable projector consumer, and answering the command API.
+      command events of its devices; write its lease (``twinhub.lease.gw.>`` only) and read
+      the lease stream; never create, change or delete a stream, never touch the projector's
+      consumer.
+    * twin: the same for the log, plus provisioning both streams (create / update, never
+      delete or purge), its durable projector consumer, and answering the command API; of the
+      leases it reads them all and writes only its claims (``twinhub.lease.twin.>``).
     * callout: answer the server's authorization requests, nothing else.
     * admin: everything (the explicit admin path of the CLI: rebuild, maintenance, tests).
+
+    Applications get nothing of the leases: APPS imports none of it.
     """
     if role == "admin":
         return Permissions(unrestricted=True)
     if role == "callout":
         return Permissions(sub_allow=(CALLOUT_SUBJECT,), responses=True)
-    common_pub = (EVENTS, *_reads(stream), *_consumers_api(stream))
+    common_pub = (
+        EVENTS,
+        "$JS.API.INFO",
+        *_reads(stream),
+        *_consumers_api(stream),
+        *_reads(lease_stream),
+        *_consumers_api(lease_stream),
+    )
     common_sub = (EVENTS, f"{inbox_prefix(role)}.>")
     if role == "gateway":
         return Permissions(
-            pub_allow=common_pub,
+            pub_allow=(*common_pub, GATEWAY_LEASES),
             pub_deny=_deny_consumers("$JS.API", stream, [projector]),
             sub_allow=common_sub,
         )
     return Permissions(
         pub_allow=(
             *common_pub,
+            TWIN_LEASES,
             f"$JS.API.STREAM.CREATE.{stream}",
             f"$JS.API.STREAM.UPDATE.{stream}",
+            f"$JS.API.STREAM.CREATE.{lease_stream}",
+            f"$JS.API.STREAM.UPDATE.{lease_stream}",
         ),
         sub_allow=(*common_sub, API_SUBJECTS),
         responses=True,

@@ -146,6 +146,9 @@ class DeviceConfig:
     rate: float = 0.0
     batch: BatchSupport | bool = BatchSupport.OBSERVE  # True = OBSERVE, False = GET_ONLY
     reference_stack: bool = False
+    # Serve /oc/wk/introspection as the reference stack does: discovered, never published, and a
+    # GET answered 4.00.
+    introspection: bool = False
     content_format: int = ContentFormat.OCF_CBOR
     auth_provider: str = "twinhub"
     ping_interval: float | None = 20.0

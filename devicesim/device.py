@@ -105,6 +105,7 @@ class SimDevice:
             batch=BatchSupport.of(config.batch),
             now_ns=self._clock.now_ns(),
             eps=config.eps,
+            introspection=config.introspection,
         )
         self._site = DeviceSite(
             self.model,

@@ -20,6 +20,7 @@ RD_PUBLISH_QUERY: Final = "rt=oic.wk.rdpub"
 RES: Final = "/oic/res"
 DEVICE: Final = "/oic/d"
 PLATFORM: Final = "/oic/p"
+INTROSPECTION: Final = "/oc/wk/introspection"
 
 IF_BASELINE: Final = "oic.if.baseline"
 IF_LL: Final = "oic.if.ll"

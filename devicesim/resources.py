@@ -36,6 +36,7 @@ class ResourceInfo:
     interfaces: tuple[str, ...]
     observable: bool
     discoverable: bool = True
+    published: bool = True  # in the links of POST /oic/rd
 
     @property
     def bm(self) -> int:
@@ -56,6 +57,7 @@ class DeviceModel:
         batch: BatchSupport = BatchSupport.OBSERVE,
         now_ns: int = 0,
         eps: tuple[str, ...] = (),
+        introspection: bool = False,
     ) -> None:
         self.device_id = device_id
         self.name = name
@@ -75,6 +77,14 @@ class DeviceModel:
                 ocf.PLATFORM, ("oic.wk.p",), (ocf.IF_R, ocf.IF_BASELINE), observable=False
             ),
         }
+        if introspection:  # discovered, never published, answers 4.00 (see devicesim.site)
+            self._info[ocf.INTROSPECTION] = ResourceInfo(
+                ocf.INTROSPECTION,
+                ("oic.wk.introspection",),
+                (ocf.IF_R, ocf.IF_BASELINE),
+                observable=False,
+                published=False,
+            )
         self._lights: dict[str, dict[str, Any]] = {}
         for i in range(1, resources + 1):
             href = f"/light/{i}"
@@ -144,8 +154,9 @@ class DeviceModel:
         return out
 
     def publish_links(self) -> list[dict[str, Any]]:
-        """The links of ``POST /oic/rd``: the discovery links with instance numbers 1..n."""
-        links = self.links()
+        """The links of ``POST /oic/rd``: the discovery links of the published resources, with
+        instance numbers 1..n."""
+        links = [link for link in self.links() if self._info[link["href"]].published]
         for ins, link in enumerate(links, start=1):
             link["ins"] = ins
         return links
@@ -153,9 +164,13 @@ class DeviceModel:
     def batch(self, hrefs: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """The batch representation (``oic.if.b``): ``[{"href": "ocf://<di>/<path>", "rep"}]``.
 
-        ``None`` means every resource but ``/oic/res`` itself; reps are baseline (with rt/if).
+        ``None`` means every resource with a representation but ``/oic/res`` itself; reps are
+        baseline (with rt/if).
         """
-        selected = [h for h in self._info if h != ocf.RES] if hrefs is None else list(hrefs)
+        if hrefs is None:
+            selected = [h for h in self._info if h not in (ocf.RES, ocf.INTROSPECTION)]
+        else:
+            selected = list(hrefs)
         return [
             {
                 "href": f"ocf://{self.device_id}{h}",

@@ -5,6 +5,8 @@
   under :attr:`BatchSupport.OBSERVE`: its first response holds every resource, each notification
   the ones that changed since the previous one.
 * ``/oic/d``, ``/oic/p`` — device and platform info (GET only, not observable).
+* ``/oc/wk/introspection`` (when configured) — listed, never published, a GET is answered 4.00,
+  as the reference stack does.
 * ``/light/N`` — GET, Observe, and POST (applies the given properties, answers 2.04 with the new
   representation and notifies observers).
 
@@ -92,6 +94,20 @@ class _InfoResource(resource.Resource):  # type: ignore[misc]  # aiocoap is unty
     async def render_get(self, request: Any) -> Any:
         baseline = ocf.IF_BASELINE in _interfaces(request)
         return self._codec.reply(request, self._model.representation(self._href, baseline=baseline))
+
+
+class _RefusedResource(resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
+    """A resource the device lists but does not serve (the reference stack's introspection)."""
+
+    def __init__(self, codec: _Codec) -> None:
+        super().__init__()
+        self._codec = codec
+
+    async def needs_blockwise_assembly(self, request: Any) -> bool:
+        return False
+
+    async def render_get(self, request: Any) -> Any:
+        return self._codec.error(Code.BAD_REQUEST, "no introspection data")
 
 
 class _LightResource(resource.ObservableResource):  # type: ignore[misc]  # aiocoap is untyped
@@ -215,6 +231,8 @@ class DeviceSite:
         self.site.add_resource(
             ocf.uri_path(ocf.PLATFORM), _InfoResource(model, ocf.PLATFORM, codec)
         )
+        if model.has(ocf.INTROSPECTION):
+            self.site.add_resource(ocf.uri_path(ocf.INTROSPECTION), _RefusedResource(codec))
         self._lights: dict[str, _LightResource] = {}
         for href in model.user_hrefs:
             light = _LightResource(model, href, codec, stats, now_ns, self.changed)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eventstore.ports import EventStore
+from gateway import ocf
 from gateway.commands import Command
 from gateway.session import DeviceState
 from proto import binding, subjects
@@ -25,23 +26,26 @@ from proto.message import StoredMessage
 
 
 async def load_device_state(store: EventStore, owner: str, device_id: str) -> DeviceState:
-    """Replay the device's link and registration events (server-side filtered, small)."""
+    """Replay the device's link and registration events (server-side filtered, small), and read
+    the last content the log holds of every resource a synchronisation may read: the published
+    ones and the device information (:func:`gateway.ocf.is_synced`), so that a re-sync finding
+    them unchanged appends nothing (one direct get per resource)."""
     found = await discover_owner_links(store, owner, (device_id,))
     links = {link.href: link for link in found.get(device_id, ())}
     last: dict[str, tuple[int | None, Any]] = {}
-    last_message = getattr(store, "last_message", None)
-    if last_message is not None:
-        for href in links:
-            subject = subjects.event_subject(owner, device_id, ResourceChanged.KIND, href)
-            msg = await last_message(subject)
-            if msg is None:
-                continue
-            ev = binding.from_stored(msg).data
-            if isinstance(ev, ResourceChanged):
-                if ev.status.startswith("2."):
-                    last[href] = (ev.content_format, ev.content)
-                else:
-                    last[href] = (None, ("status", ev.status))
+    for href in sorted({*links, *ocf.DEVICE_INFO}):
+        if not ocf.is_synced(href, published=href in links):
+            continue
+        subject = subjects.event_subject(owner, device_id, ResourceChanged.KIND, href)
+        msg = await store.last_message(subject)
+        if msg is None:
+            continue
+        ev = binding.from_stored(msg).data
+        if isinstance(ev, ResourceChanged):
+            if ev.status.startswith("2."):
+                last[href] = (ev.content_format, ev.content)
+            else:
+                last[href] = (None, ("status", ev.status))
     return DeviceState(links=tuple(links.values()), last_content=last)
 
 
@@ -88,12 +92,19 @@ class CommandLog:
     One cursor per event kind: the kinds are read one after another, and a message of one kind
     appended (or made visible) while another kind is read must not be skipped because that
     other read went further. (With a single cursor, a ``command-pending`` appended between the
-    reads was passed over until the device's next sign-in.)"""
+    reads was passed over until the device's next sign-in.)
+
+    A correlation id may name a new command once the one before ended (the twin accepts the id
+    again when it has forgotten that one, see :mod:`twin.commands`), so ``done`` maps an id to
+    the position of the outcome that ended it: events before it are the ended command's (read
+    after its outcome), a ``command-pending`` after it is a new command, delivered like any
+    other. While a command is open a second ``command-pending`` of its id is ignored (the first
+    wins, as in the twin's fold)."""
 
     owner: str
     device_id: str
     open: dict[str, Command] = field(default_factory=dict)
-    done: set[str] = field(default_factory=set)
+    done: dict[str, int] = field(default_factory=dict)  # id -> position of its last outcome
     after: dict[str, int] = field(default_factory=dict)  # kind -> the log position read up to
 
     def cursor(self, kinds: Iterable[str]) -> tuple[int, ...]:
@@ -115,18 +126,22 @@ class CommandLog:
         for m in stored:
             ev = binding.from_stored(m)
             corr = ev.correlation_id
-            if corr is None or corr in self.done:
+            if corr is None or m.position < self.done.get(corr, 0):
                 continue
+            current = self.open.get(corr)
+            if current is not None and m.position < current.position:
+                continue  # an older command's under the same id
             data = ev.data
             if isinstance(data, CommandPending):
                 cmd = command_from_event(ev, m.position)
-                if cmd is not None:
+                if cmd is not None and current is None:
+                    self.done.pop(corr, None)
                     self.open[corr] = added[corr] = cmd
             elif isinstance(data, CommandSent):
                 if corr in self.open:
                     self.open[corr].attempts = max(self.open[corr].attempts, data.attempt)
             else:  # an outcome: succeeded, failed, expired, canceled
-                self.done.add(corr)
+                self.done[corr] = m.position
                 self.open.pop(corr, None)
                 if added.pop(corr, None) is None:
                     closed.append(corr)

@@ -23,6 +23,11 @@ RES: Final = "/oic/res"
 SECURITY_PATHS: Final = frozenset({ACCOUNT, SESSION, TOKEN_REFRESH})
 # Resources the gateway never observes: the device's security and cloud-config machinery.
 EXCLUDED_PREFIXES: Final = ("/oic/sec/", "/oic/rd", "/oic/res", "/CoapCloudConfResURI")
+DEVICE: Final = "/oic/d"
+PLATFORM: Final = "/oic/p"
+DEVICE_INFO: Final = frozenset({DEVICE, PLATFORM})
+"""Synchronised when discovered, published or not: every OCF device serves them, and they say
+what the device is (its name, model, platform)."""
 BATCH_INTERFACE: Final = "oic.if.b"
 OBSERVABLE_BIT: Final = 2
 
@@ -261,6 +266,15 @@ def parse_batch(payload: Any, device_id: str) -> list[tuple[str, Any]]:
 
 def is_syncable(href: str) -> bool:
     return not any(href == p.rstrip("/") or href.startswith(p) for p in EXCLUDED_PREFIXES)
+
+
+def is_synced(href: str, *, published: bool) -> bool:
+    """Whether the twin synchronisation reads (and observes) ``href``: what the device published
+    (in this connection or before, per the log), plus the device and platform information
+    (:data:`DEVICE_INFO`) when discovered, never the security and cloud machinery. A resource
+    that is only discovered (``/oc/wk/introspection``, ``/oic/con``…) is left alone: the twin holds
+    what the device chose to publish."""
+    return is_syncable(href) and (published or href in DEVICE_INFO)
 
 
 BASELINE_ONLY: Final = ("rt", "if")

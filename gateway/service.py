@@ -67,6 +67,7 @@ from proto.events import (
     CommandPending,
     DeviceUnregistered,
 )
+from proto.leases import connection_id
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +177,11 @@ class Gateway:
         *,
         oauth: Mapping[str, OAuthProvider] | None = None,
         clock: Callable[[], float] = time.time,
+        instance: str | None = None,
     ) -> None:
         self.config = config
+        # the run holding the lease (gateway.leasing); connection ids carry it
+        self.instance = instance
         self.store = store
         self.validator = validator
         self.issuer = issuer
@@ -251,6 +255,14 @@ class Gateway:
             await asyncio.gather(*pending, return_exceptions=True)
         self._gc_policy.close()
 
+    def adopt_instance(self, instance: str) -> None:
+        """Serve as ``instance`` from now on (the lease of the current one was lost, so the
+        twin service may have marked its devices offline) and close every connection: the
+        devices reconnect and sign in again as connections of the new instance."""
+        self.instance = instance
+        for c in list(self.conns.values()):
+            self._close_now(c, "gateway lease lost: reconnect")
+
     @property
     def tcp_address(self) -> tuple[str, int] | None:
         return self._server.tcp_address if self._server else None
@@ -290,7 +302,9 @@ class Gateway:
         session = s.Session(
             s.SessionConfig(
                 gateway_id=cfg.gateway_id,
-                connection_id=conn.id,
+                connection_id=conn.id
+                if self.instance is None
+                else connection_id(self.instance, conn.id),
                 remote_address=conn.remote,
                 protocol=conn.scheme,
                 access_ttl=cfg.access_ttl,
@@ -448,7 +462,10 @@ class Gateway:
         cfg = self.config
         c.dispatcher = Dispatcher(
             DispatcherConfig(
-                cfg.gateway_id, c.conn.id, cfg.command_retry_initial, cfg.command_retry_max
+                cfg.gateway_id,
+                c.session.config.connection_id,
+                cfg.command_retry_initial,
+                cfg.command_retry_max,
             ),
             owner,
             device_id,
@@ -620,6 +637,8 @@ class Gateway:
         timeout = self.config.request_timeout
         try:
             if eff.observe:
+                # Notifications are fed as they come, possibly before the first response (which
+                # reaches us through the await): the session appends them after it.
 
                 def notify(resp: CoapResponse) -> None:
                     if c.closed:

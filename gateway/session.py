@@ -12,6 +12,10 @@ Guarantees the driver relies on:
 
 * Effects are returned in the order they must happen. ``Append`` effects of one
   session must be carried out in order (they hold one device's events).
+* A device's messages of one exchange may be fed out of their wire order in one way only: the
+  notifications of an observation before its first response (the adapter hands notifications
+  over at once, the first response through an await). The session appends them after the
+  response, so a resource's events enter the log in the order the device produced them.
 * A reply that depends on the log (sign-up, sign-in, publish…) is only emitted
   after the driver reported the append as acknowledged (``AppendResult``).
 * After a ``Close`` effect the session accepts nothing but ``ConnectionLost``.
@@ -392,11 +396,19 @@ class _OwnerCheck:
     attempt: int = 1  # a sign-up whose registration lost a race checks again, a few times
 
 
+MAX_EARLY_NOTIFICATIONS: Final = 256
+"""Notifications kept per observation while its first response has not been handled (the
+oldest go first beyond it: the window is a loop turn or two, this bounds a hostile peer)."""
+
+
 @dataclass(slots=True)
 class _Resource:
     link: ResourceLink
     ref: int | None = None  # observation / GET in flight
     reported: bool = False
+    # A one-shot read is in flight and the batch observation reported the resource meanwhile:
+    # the read's answer may be older than that report (it is dropped, see _on_first).
+    superseded: bool = False
 
 
 class Session:
@@ -417,6 +429,8 @@ class Session:
         self._pending: dict[int, _Pending] = {}
         self._resources: dict[str, _Resource] = {}
         self._by_ref: dict[int, str] = {}  # ref -> href ("" = batch)
+        # observations whose first response was not handled yet -> notifications fed meanwhile
+        self._early: dict[int, list[Reply]] = {}
         self._batch_ref: int | None = None
         self._discovery_ref: int | None = None
         self._state_ref: int | None = None
@@ -516,7 +530,7 @@ class Session:
             case DeviceResponse():
                 return self._on_response(inp)
             case Notification():
-                return self._on_report(inp.ref, inp.reply)
+                return self._on_notification(inp)
             case Tick():
                 return self._on_tick(now)
             case ConnectionLost():
@@ -782,6 +796,7 @@ class Session:
     def _go_offline(self, reason: str) -> list[Effect]:
         out: list[Effect] = [CancelObservation(ref) for ref in sorted(self._by_ref)]
         self._by_ref.clear()
+        self._early.clear()
         self._resources.clear()
         self._batch_ref = self._discovery_ref = None
         self._sync_started = False
@@ -912,6 +927,7 @@ class Session:
             res = self._resources.pop(h, None)
             if res is not None and res.ref is not None:
                 self._by_ref.pop(res.ref, None)
+                self._early.pop(res.ref, None)
                 out.append(CancelObservation(res.ref))
         ev = self._event(ResourceLinksUnpublished(hrefs=hrefs, instance_ids=up.instance_ids))
         out.append(
@@ -1000,17 +1016,40 @@ class Session:
 
     # -- synchronisation ----------------------------------------------------------------------
 
+    def _on_notification(self, n: Notification) -> list[Effect]:
+        early = self._early.get(n.ref)
+        if early is None:
+            return self._on_report(n.ref, n.reply)
+        # The first response came before it on the wire and is on its way: it goes first.
+        early.append(n.reply)
+        if len(early) > MAX_EARLY_NOTIFICATIONS:
+            del early[0]
+        return []
+
     def _on_response(self, resp: DeviceResponse) -> list[Effect]:
+        early = self._early.pop(resp.ref, ())
+        out = self._on_first(resp)
+        for reply in early:
+            out += self._on_report(resp.ref, reply)
+        return out
+
+    def _on_first(self, resp: DeviceResponse) -> list[Effect]:
         if resp.ref == self._discovery_ref:
             return self._on_discovery(resp)
         if resp.ref not in self._by_ref:
             return []
         href = self._by_ref[resp.ref]
+        res = self._resources.get(href)
+        if res is not None and res.superseded and resp.ref != self._batch_ref:
+            # A one-shot read answered after the batch observation reported the resource: the
+            # device sent that report before or after this answer, so the answer is not newer.
+            self._by_ref.pop(resp.ref, None)
+            res.ref, res.superseded, res.reported = None, False, True
+            return self._maybe_in_sync()
         if resp.reply is None:
             return self._failed(resp.ref, href, resp.error or "no answer")
         if resp.ref == self._batch_ref:
             return self._on_batch_first(resp.ref, resp.reply)
-        res = self._resources.get(href)
         out = self._on_report(resp.ref, resp.reply)
         if res is not None and res.link.observable and resp.reply.observe is None:
             self._by_ref.pop(resp.ref, None)  # the device answered without observing
@@ -1037,12 +1076,13 @@ class Session:
         for link in discovered:
             links.setdefault(link.href, link)
         for href, link in links.items():
-            if ocf.is_syncable(href):
+            if ocf.is_synced(href, published=href in self._published):
                 self._resources.setdefault(href, _Resource(link))
         known: list[Effect] = [ResourcesKnown(tuple(sorted(links)))]
         if batch and self._resources:
             self._batch_ref = self._ref()
             self._by_ref[self._batch_ref] = ""
+            self._early[self._batch_ref] = []
             return [
                 *known,
                 SendRequest(
@@ -1059,6 +1099,8 @@ class Session:
                 continue
             res.ref = self._ref()
             self._by_ref[res.ref] = href
+            if res.link.observable:
+                self._early[res.ref] = []
             out.append(SendRequest(res.ref, "GET", href, observe=res.link.observable))
         return out
 
@@ -1114,6 +1156,7 @@ class Session:
 
     def _batch_fallback(self, ref: int) -> list[Effect]:
         self._by_ref.pop(ref, None)
+        self._early.pop(ref, None)
         self._batch_ref = None
         out: list[Effect] = [CancelObservation(ref)]
         return out + self._observe_each() + self._maybe_in_sync()
@@ -1140,12 +1183,14 @@ class Session:
                 return []
             out: list[Effect] = []
             for item_href, rep in items:
-                if item_href not in self._resources and ocf.is_syncable(item_href):
-                    self._resources[item_href] = _Resource(ResourceLink(href=item_href))
-                if item_href in self._resources:
-                    content, lossy = codecs.to_json_value(ocf.strip_baseline(rep))
-                    raw = codecs.encode(rep, OCF_CBOR) if lossy else None
-                    out += self._report_value(item_href, reply, content, OCF_CBOR, raw)
+                res = self._resources.get(item_href)
+                if res is None:
+                    continue  # not synced (see ocf.is_synced): the twin holds what is published
+                if res.ref is not None and reply.observe is not None:
+                    res.superseded = True  # reported by the established batch observation
+                content, lossy = codecs.to_json_value(ocf.strip_baseline(rep))
+                raw = codecs.encode(rep, OCF_CBOR) if lossy else None
+                out += self._report_value(item_href, reply, content, OCF_CBOR, raw)
             return out + self._maybe_in_sync()
         return self._report(href, reply) + self._maybe_in_sync()
 

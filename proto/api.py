@@ -9,6 +9,13 @@ Commands (update / retrieve / create / delete) are answered once the command is
 **recorded in the log** as pending, with its correlation id; the outcome follows
 as events (``command-sent``, then ``command-succeeded`` / ``-failed`` /
 ``-expired`` / ``-canceled``) on the device's subjects.
+
+A command request is idempotent by its correlation id: a request that repeats one the device
+already has (open, or ended within the twin's memory, 24 h by default) is not recorded again.
+The same request gets the original :class:`CommandAccepted` (``repeated``, with the command's
+``state`` and ``outcome``), a different one ``conflict`` (what "the same" means:
+:mod:`twin.commands`). So a caller that got no answer sends the same request again, with the
+same correlation id, as the client library does.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ class _CommandRequest(_Request, frozen=True, kw_only=True):
     device_id: str
     href: str
     ttl: float = DEFAULT_TTL  # seconds the command may wait for the device
-    correlation_id: str | None = None  # the caller's, unique while pending; else generated
+    # the caller's: names one command per device (a repeat gets the original answer); else generated
+    correlation_id: str | None = None
     interface: str | None = None
     max_attempts: int | None = None
 
@@ -187,14 +195,36 @@ class ApiError(msgspec.Struct, frozen=True, kw_only=True):
     message: str
 
 
-class CommandAccepted(msgspec.Struct, frozen=True, kw_only=True):
-    """The reply to a command: recorded as pending at ``position`` in the log."""
+FinalState = Literal["succeeded", "failed", "expired", "canceled"]
+
+
+class OutcomeSummary(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How a command ended: ``position`` is the event that ended it (its ``content``, if any,
+    is there), ``at`` when (RFC 3339), ``status`` the device's CoAP code when it answered."""
+
+    state: FinalState
+    position: int
+    at: str
+    status: str | None = None
+    attempts: int = 0
+    reason: str = ""
+
+
+class CommandAccepted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The reply to a command: recorded as pending at ``position`` in the log.
+
+    ``repeated``: the request repeated one already recorded under its correlation id; this is
+    that command's acceptance (its position and deadline), with its ``state`` now and, once it
+    ended, its ``outcome``. A first acceptance is ``pending``, without outcome."""
 
     correlation_id: str
     device_id: str
     href: str
     position: int
     expires_at: str  # RFC 3339
+    repeated: bool = False
+    state: CommandState = "pending"
+    outcome: OutcomeSummary | None = None
 
 
 class PendingCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -17,3 +17,7 @@ class SubjectError(ProtoError, ValueError):
 
 class BindingError(ProtoError, ValueError):
     """A NATS message is not a valid CloudEvent under twinhub's binding."""
+
+
+class LeaseError(ProtoError, ValueError):
+    """A gateway lease subject, instance id or record is not valid (see :mod:`proto.leases`)."""

@@ -42,3 +42,36 @@ def test_bench_runs_quick(bench: str, tmp_path: Path) -> None:
     result = json.loads(proc.stdout)
     assert isinstance(result, dict)
     assert "machine" in result, sorted(result)
+
+
+@pytest.mark.timeout(400)
+def test_fault_suite_quick_finds_no_violation() -> None:
+    """``bench/faults.py --quick``: every component killed under load, the gateway left down
+    past its lease, commands across the twin and gateway kills; it must find nothing (no
+    acknowledged value lost, no duplicate, no reordering, converged twins, a gap-free live
+    subscription, offline within the lease, every command ended once). A violation fails this
+    test: the suite is a real test."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "faults.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=380,
+        check=False,
+    )
+    assert proc.stdout.strip(), proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert "machine" in result, sorted(result)
+    summary = result.get("summary", {})
+    assert summary.get("ok") is True, json.dumps(
+        {
+            "summary": summary,
+            "violated": {
+                name: {c: v for c, v in exp.get("checks", {}).items() if not v["ok"]}
+                or exp.get("failed")
+                for name, exp in result.get("experiments", {}).items()
+            },
+        },
+        indent=1,
+    )[:6000]
+    assert proc.returncode == 0, proc.stderr[-4000:]

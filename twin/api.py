@@ -21,6 +21,15 @@ The latest twin of a device (:func:`latest_twin`) is the stored twin with the de
 folded onto it: the store lags the log by the projector's batch, and a duplicate correlation
 id or a cancel must see the command accepted a moment ago. The tail read is one
 ``last_position`` on the device's subjects when the store is up to date.
+
+A command request reads what the device knows of its correlation id
+(:func:`latest_command`): the stored twin with at most that open command, the ended command of
+that id the store remembers, and the log tail folded onto both, so a command recorded a moment
+ago (the twin that recorded it may have died before it replied), or ended a moment ago, is
+found; :func:`twin.commands.decide` then answers a repeat with the original acceptance. An
+append that the log reports as a
+duplicate of an append this driver did not retry itself was another request's (the same
+request, racing): it is decided again, and answered as that command's repeat.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
@@ -46,14 +55,15 @@ from eventstore.errors import (
 from eventstore.ports import AppendResult, EventStore
 from proto import api, binding, subjects
 from proto.errors import BindingError
+from proto.events import AnyEvent
 from twin import commands
 from twin.commands import Answer, Record, error
 from twin.errors import StoreUnavailableError, TwinStoreError
 from twin.fold import fold
-from twin.model import Twin
+from twin.model import EndedCommand, Twin
 from twin.ports import TwinStore
 
-__all__ = ["ApiConfig", "KeyRefresh", "TwinApi", "latest_twin"]
+__all__ = ["ApiConfig", "KeyRefresh", "TwinApi", "latest_command", "latest_twin"]
 
 log = logging.getLogger(__name__)
 
@@ -88,26 +98,40 @@ def owner_consumer_key(secret: bytes, owner: str) -> bytes:
     return hmac.new(secret, b"twinhub consumer names\0" + owner.encode(), hashlib.sha256).digest()
 
 
-async def latest_twin(
-    twins: TwinStore, events: EventStore, device_id: str, *, command: str | None = None
-) -> Twin | None:
-    """The stored twin of ``device_id`` with its newer events of the log folded onto it.
-
-    With ``command`` (a correlation id, ``""`` for none) only what a command request needs:
-    the twin with at most that one of its stored open commands (plus those of the log tail),
-    so issuing a command costs the same whatever the device's queue holds."""
-    twin = await (
-        twins.get(device_id) if command is None else twins.get_for_command(device_id, command)
-    )
-    after = 0 if twin is None else twin.position
-    async for stored in events.read(subjects.device_scope(device_id), after=after):
-        try:
-            event = binding.from_stored(stored)
-        except BindingError as e:
-            log.warning("skipping undecodable event at %d: %s", stored.position, e)
-            continue
+async def latest_twin(twins: TwinStore, events: EventStore, device_id: str) -> Twin | None:
+    """The stored twin of ``device_id`` with its newer events of the log folded onto it."""
+    twin = await twins.get(device_id)
+    async for event in _tail(events, device_id, 0 if twin is None else twin.position):
         twin = fold(twin, event)
     return twin
+
+
+async def latest_command(
+    twins: TwinStore, events: EventStore, device_id: str, correlation_id: str
+) -> tuple[Twin | None, EndedCommand | None]:
+    """What a command request needs, whatever the device's queue holds: the latest twin with
+    at most the open command ``correlation_id`` (``""``: none), and the newest command of that
+    id that ended, if the store remembers one or the log tail ended it."""
+    if correlation_id:
+        twin, ended = await asyncio.gather(
+            twins.get_for_command(device_id, correlation_id),
+            twins.ended_command(device_id, correlation_id),
+        )
+    else:
+        twin, ended = await twins.get_for_command(device_id, correlation_id), None
+    async for event in _tail(events, device_id, 0 if twin is None else twin.position):
+        before, twin = twin, fold(twin, event)
+        if event.correlation_id == correlation_id:
+            ended = EndedCommand.between(before, twin, correlation_id) or ended
+    return twin, ended
+
+
+async def _tail(events: EventStore, device_id: str, after: int) -> AsyncIterator[AnyEvent]:
+    async for stored in events.read(subjects.device_scope(device_id), after=after):
+        try:
+            yield binding.from_stored(stored)
+        except BindingError as e:
+            log.warning("skipping undecodable event at %d: %s", stored.position, e)
 
 
 class TwinApi:
@@ -217,41 +241,51 @@ class TwinApi:
         scope = commands.scope_for(request, owner)
         for _ in range(MAX_DECISIONS):
             expected = None if scope is None else await self._events.last_position(scope)
-            command = (
-                (request.correlation_id or "")
-                if isinstance(request, commands.CommandRequest)
-                else None
-            )
-            twin = await latest_twin(self._twins, self._events, request.device_id, command=command)
+            ended: EndedCommand | None = None
+            if isinstance(request, commands.CommandRequest):
+                twin, ended = await latest_command(
+                    self._twins, self._events, request.device_id, request.correlation_id or ""
+                )
+            else:
+                twin = await latest_twin(self._twins, self._events, request.device_id)
             decision = commands.decide(
-                request, owner, twin, now, caller=owner, expected_last=expected
+                request, owner, twin, now, caller=owner, expected_last=expected, ended=ended
             )
             if isinstance(decision, Answer):
                 return decision.reply
             try:
-                result = await self._append(decision)
+                result, retried = await self._append(decision)
             except ConcurrencyError:
                 log.debug("%s on %s: state moved, deciding again", request.OP, request.device_id)
+                continue
+            if result.all_duplicates and not retried:
+                # Another request recorded these very events first (the same request, sent
+                # again while this one was under way): answer as its repeat.
+                log.debug("%s on %s: recorded by another request", request.OP, request.device_id)
                 continue
             return decision.reply(result.positions)
         return error("unavailable", "too many concurrent changes to this device; retry")
 
-    async def _append(self, record: Record) -> AppendResult:
-        """Append, retrying with the same ids (deduplicated) while the log is unavailable."""
+    async def _append(self, record: Record) -> tuple[AppendResult, bool]:
+        """Append, retrying with the same ids (deduplicated) while the log is unavailable;
+        whether it retried (a duplicate may then be its own first attempt)."""
         messages = [binding.to_nats(e) for e in record.events]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.append_timeout
         delay = self.config.retry_initial
+        retried = False
         while True:
             try:
                 if record.scope is None:
-                    return await self._events.append(messages)
-                return await self._events.append(
+                    return await self._events.append(messages), retried
+                result = await self._events.append(
                     messages, expected_last=record.expected_last or 0, scope=record.scope
                 )
+                return result, retried
             except UnavailableError:
                 if loop.time() + delay > deadline:
                     raise
+                retried = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             except InvalidAppendError as e:

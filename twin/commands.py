@@ -16,12 +16,28 @@ read the same state. Scopes are as narrow as the check: a command's is the devic
 ``command-pending``), desired state's the resource's subjects (``*.<href>``: its versions).
 Device reports on other resources never make a command request retry.
 
-Message ids are derived, never random: a command's from (device, correlation id, the expected
-last position), so a retried append of the same decision is deduplicated by the log, while the
-same correlation id reused after the command ended gets a new id. Cancel and expiry ids come
-from (device, correlation id, the command's position): two instances canceling or expiring the
-same command write it once (within the log's duplicate window; beyond it the fold ignores an
-end of a command that already ended).
+Idempotent commands. A correlation id names one command per device (and owner) for as long as
+the twin remembers it: while the command is open, and for the store's ``command_memory`` after
+it ended (:data:`~twin.model.COMMAND_MEMORY`, 24 h by default). A request that repeats a known
+id is never recorded again: if it is the **same request** (:func:`differences` finds nothing)
+it is answered with the original acceptance (position, deadline), flagged ``repeated``, with the
+command's state and, once it ended, its outcome; otherwise it is ``conflict``. The same request
+means: the same device, operation and href; the same content (the same JSON value: same types,
+so ``1`` is not ``1.0`` nor ``true``; key order aside), or the same bytes of ``content_b64`` in
+the same ``content_format``; the same ``interface``; the same ``max_attempts`` (absent is 3);
+the same ``ttl`` in milliseconds. The owner comes from the token: a command of another owner
+under that id (a device that changed owners) is never shown; while it is open the id is a
+``conflict`` without details, once it ended it is not remembered for the new owner. After the
+window a known id names a new command (the gateway tells the two apart by their positions).
+Ids on different devices are independent.
+
+Message ids are derived, never random: a command's from (owner, device, correlation id, what it
+asks for, the expected last position: each owner's scope has its own positions), so a retried append of the same decision is deduplicated by
+the log, two instances recording the same request at once record it once (and answer the same
+position), and a different request racing under the same id cannot be taken for it. Cancel
+and expiry ids come from (device, correlation id, the command's position): two instances
+canceling or expiring the same command write it once (within the log's duplicate window;
+beyond it the fold ignores an end of a command that already ended).
 
 Also here, pure as well: :func:`expiry_events` (what the sweeper appends), and what the
 projector appends: :func:`reached_events` (a resource's delta became empty),
@@ -33,11 +49,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, get_args
+
+import msgspec
 
 from proto import api, subjects
 from proto.errors import SubjectError
@@ -46,12 +66,13 @@ from proto.events import (
     CommandCanceled,
     CommandExpired,
     CommandPending,
+    CommandState,
     DesiredCleared,
     DesiredReached,
     DesiredSet,
     Event,
 )
-from twin.model import Twin, TwinCommand
+from twin.model import EndedCommand, Twin, TwinCommand, utc_ms
 
 __all__ = [
     "API_SOURCE",
@@ -61,8 +82,10 @@ __all__ = [
     "Answer",
     "Decision",
     "Record",
+    "accepted",
     "decide",
     "device_list",
+    "differences",
     "error",
     "expiry_events",
     "pending_list",
@@ -249,11 +272,15 @@ def decide(
     caller: str = "",
     expected_last: int | None = None,
     new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ended: EndedCommand | None = None,
 ) -> Decision:
     """Decide a request about one device (``twin``: its latest state, ``None``: unknown).
 
     ``caller`` names the token's subject in the events (``issued_by``); ``expected_last`` is
-    the last position in :func:`scope_for` read *before* ``twin`` was loaded.
+    the last position in :func:`scope_for` read *before* ``twin`` was loaded. For a command
+    request with a correlation id, ``ended`` is the newest command of that id that ended on the
+    device, as the store remembers it with the log tail after the twin applied (``None``:
+    none known).
     """
     problem = validate(request)
     if problem is not None:
@@ -271,7 +298,7 @@ def decide(
             | api.RetrieveResource()
             | api.DeleteResource()
         ):
-            return _command(request, owner, twin, now, caller, expected_last, new_id)
+            return _command(request, owner, twin, now, caller, expected_last, new_id, ended)
         case api.CancelCommands():
             return _cancel(request, owner, twin, now)
         case api.SetDesired() | api.ClearDesired():
@@ -286,11 +313,22 @@ def _command(
     caller: str,
     expected_last: int | None,
     new_id: Callable[[], str],
+    ended: EndedCommand | None,
 ) -> Decision:
     cid = request.correlation_id or new_id()
-    if twin.command(cid) is not None:
-        return Answer(error("conflict", f"command {cid!r} is still pending on {twin.device_id}"))
-    expires_at = now + timedelta(seconds=request.ttl)
+    known = twin.command(cid)
+    if known is not None:  # open: newer than any that ended
+        return Answer(_repeated(request, owner, twin.device_id, known, None))
+    if (
+        ended is not None
+        and ended.command.correlation_id == cid
+        and ended.command.owner == owner  # another owner's: not shown, not in the way
+        and not ended.forgotten(now)
+    ):
+        return Answer(_repeated(request, owner, twin.device_id, ended.command, ended))
+    # Milliseconds, as the twin keeps times: the recorded ttl is then exactly the request's.
+    now = utc_ms(now)
+    expires_at = now + timedelta(milliseconds=_ttl_ms(request.ttl))
     content: Any = None
     content_b64 = None
     content_format = None
@@ -313,7 +351,7 @@ def _command(
         device_id=twin.device_id,
         data=data,
         source=API_SOURCE,
-        id=_derived_id("command", twin.device_id, cid, expected_last),
+        id=_derived_id("command", owner, twin.device_id, cid, _fingerprint(request), expected_last),
         time=now,
         correlation_id=cid,
     )
@@ -331,6 +369,151 @@ def _command(
 
     scope = subjects.event_filter(owner, twin.device_id, CommandPending.KIND)
     return Record((event,), reply, scope=scope, expected_last=expected_last)
+
+
+_FINAL_STATES: Final[dict[str, api.FinalState]] = {s: s for s in get_args(api.FinalState)}
+
+
+def _ttl_ms(ttl: float) -> int:
+    return max(1, round(ttl * 1000))
+
+
+def _asked(request: CommandRequest) -> dict[str, Any]:
+    """What a command request asks for, as :func:`differences` compares it."""
+    content = content_b64 = content_format = None
+    if isinstance(request, api.UpdateResource):
+        content, content_b64 = request.content, request.content_b64
+        content_format = request.content_format
+    return {
+        "op": api.COMMAND_REQUESTS[request.OP],
+        "href": request.href,
+        "content": content,
+        "content_b64": content_b64,
+        "content_format": content_format,
+        "interface": request.interface,
+        "max_attempts": request.max_attempts or 3,
+        "ttl": _ttl_ms(request.ttl),
+    }
+
+
+def _fingerprint(request: CommandRequest) -> str:
+    """A digest of :func:`_asked`: the same for the same request, whatever its key order."""
+    asked = _asked(request)
+    if asked["content_b64"] is not None:
+        asked["content_b64"] = base64.b64decode(asked["content_b64"]).hex()
+    body = msgspec.json.encode(asked, order="sorted")
+    return hashlib.sha256(body).hexdigest()
+
+
+def _identical(a: Any, b: Any) -> bool:
+    """The same JSON value, types included (``1`` is neither ``1.0`` nor ``true``: the device
+    gets them as different CBOR); dict key order does not matter."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int) or isinstance(b, int):  # a store's Int64 is an int
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(_identical(v, b[k]) for k, v in a.items())
+        )
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(_identical, a, b))
+    if isinstance(a, float) and isinstance(b, float):  # -0.0 is not 0.0 either
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    return type(a) is type(b) and a == b
+
+
+def _same_bytes(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    try:
+        return base64.b64decode(a) == base64.b64decode(b)
+    except (binascii.Error, ValueError):
+        return a == b
+
+
+def differences(request: CommandRequest, command: TwinCommand) -> tuple[str, ...]:
+    """What ``request`` asks for that the recorded ``command`` does not (nothing: the same
+    request; see the module docstring). The device and owner are the caller's to check."""
+    asked = _asked(request)
+    recorded_ttl = (
+        None
+        if command.expires_at is None
+        else round((command.expires_at - command.issued_at) / timedelta(milliseconds=1))
+    )
+    recorded = {
+        "op": command.op,
+        "href": command.href,
+        "content": command.content,
+        "content_b64": command.content_b64,
+        "content_format": command.content_format,
+        "interface": command.interface,
+        "max_attempts": command.max_attempts,
+        "ttl": recorded_ttl,
+    }
+    out: list[str] = []
+    for name, value in asked.items():
+        if name == "content_b64":
+            same = _same_bytes(value, recorded[name])
+        else:
+            same = _identical(value, recorded[name])
+        if not same:
+            out.append(name)
+    return tuple(out)
+
+
+def _repeated(
+    request: CommandRequest,
+    owner: str,
+    device_id: str,
+    command: TwinCommand,
+    ended: EndedCommand | None,
+) -> api.Reply:
+    """The answer to a request naming a known command: the original acceptance, or conflict."""
+    cid = command.correlation_id
+    if command.owner != owner:
+        return error("conflict", f"correlation id {cid!r} is in use on device {device_id!r}")
+    differ = differences(request, command)
+    if differ:
+        return error(
+            "conflict",
+            f"correlation id {cid!r} names another command on device {device_id!r}"
+            f" (it differs in {', '.join(differ)})",
+        )
+    return ok(accepted(device_id, command, ended))
+
+
+def accepted(
+    device_id: str, command: TwinCommand, ended: EndedCommand | None = None
+) -> api.CommandAccepted:
+    """The acceptance of a recorded command, as a repeated request gets it: where it was
+    recorded, its deadline, its state and, once it ended, how."""
+    state: CommandState = command.state
+    summary = None
+    outcome = None if ended is None else ended.outcome
+    final = None if outcome is None else _FINAL_STATES.get(outcome.state)
+    if outcome is not None and final is not None:
+        state = final
+        summary = api.OutcomeSummary(
+            state=final,
+            position=outcome.position,
+            at=_iso(outcome.at),
+            status=outcome.status,
+            attempts=outcome.attempts,
+            reason=outcome.reason,
+        )
+    return api.CommandAccepted(
+        correlation_id=command.correlation_id,
+        device_id=device_id,
+        href=command.href,
+        position=command.position,
+        expires_at="" if command.expires_at is None else _iso(command.expires_at),
+        repeated=True,
+        state=state,
+        outcome=summary,
+    )
 
 
 def _cancel_events(

@@ -8,6 +8,13 @@ folding it all at once. Every event of a known type that is newer than the twin 
 the rest unchanged (a late offline of a replaced connection). Events of unknown types
 (:class:`~proto.events.UnknownData`) change nothing at all.
 
+Resource content. ``resource-changed`` replaces a resource's content unless it is older than
+what the twin holds (:mod:`twin.freshness`: per connection, RFC 7641's freshness rule on the
+observe numbers; a newer connection's report wins over an older one's, a late report of a
+replaced connection changes nothing). The twin holds whatever content the log has for a
+resource; which resources those are is the gateway's rule (:func:`gateway.ocf.is_synced`: the
+published ones and the device information).
+
 Commands. ``command-pending`` adds a command (its correlation id is the envelope's
 ``correlation_id``; a second pending event with an id that is still open is ignored: the first
 one wins), ``command-sent`` marks it sent, and the first final event (succeeded / failed /
@@ -27,7 +34,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from proto.events import (
@@ -53,11 +60,13 @@ from proto.events import (
     UnknownData,
 )
 from twin.errors import FoldError
+from twin.freshness import content_replaces
 from twin.model import (
     RECENT_OUTCOMES,
     CommandOutcome,
     Connection,
     DesiredState,
+    EndedCommand,
     ResourceState,
     Twin,
     TwinCommand,
@@ -139,23 +148,28 @@ def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
         case ResourceLinksUnpublished():
             new = _unpublish(base, data)
         case ResourceChanged():
-            new = replace(
-                base,
-                resources=_put_resource(
-                    base.resources,
-                    ResourceState(
-                        href=data.href,
-                        content=data.content,
-                        content_format=data.content_format,
-                        raw=data.raw,
-                        status=data.status,
-                        etag=data.etag,
-                        observe_seq=data.observe_seq,
-                        updated_at=t,
-                        position=position,
+            stored = base.resource(data.href)
+            if content_replaces(stored, data, t, base.connection.connection_id):
+                new = replace(
+                    base,
+                    resources=_put_resource(
+                        base.resources,
+                        ResourceState(
+                            href=data.href,
+                            content=data.content,
+                            content_format=data.content_format,
+                            raw=data.raw,
+                            status=data.status,
+                            etag=data.etag,
+                            observe_seq=data.observe_seq,
+                            connection_id=data.connection_id,
+                            updated_at=t,
+                            position=position,
+                        ),
                     ),
-                ),
-            )
+                )
+            else:
+                new = base  # older than what the twin holds (see twin.freshness)
         case CommandPending():
             new = _command_pending(base, event, data, position, t)
         case CommandSent():
@@ -221,13 +235,16 @@ class BatchFold:
 
     ``twins``: the twins the batch changed (to be written), by device id. ``applied``: per
     device, how many events advanced its twin. ``stale``: events at or below their twin's
-    position (redeliveries, replays). ``unknown``: events of unknown types.
+    position (redeliveries, replays). ``unknown``: events of unknown types. ``ended``: per
+    device, the commands the batch ended, in log order (the store remembers them by their
+    correlation ids, see :class:`~twin.model.EndedCommand`).
     """
 
     twins: dict[str, Twin]
     applied: dict[str, int]
     stale: int
     unknown: int
+    ended: dict[str, list[EndedCommand]] = field(default_factory=dict)
 
     @property
     def applied_total(self) -> int:
@@ -244,6 +261,7 @@ def fold_batch(current: Mapping[str, Twin | None], events: Iterable[AnyEvent]) -
     state: dict[str, Twin | None] = {}
     twins: dict[str, Twin] = {}
     applied: dict[str, int] = {}
+    ended: dict[str, list[EndedCommand]] = {}
     stale = unknown = 0
     for event in sorted(events, key=_position):
         device = event.device_id
@@ -258,7 +276,9 @@ def fold_batch(current: Mapping[str, Twin | None], events: Iterable[AnyEvent]) -
             assert after is not None
             twins[device] = after
             applied[device] = applied.get(device, 0) + 1
-    return BatchFold(twins=twins, applied=applied, stale=stale, unknown=unknown)
+            if (done := EndedCommand.between(before, after, event.correlation_id)) is not None:
+                ended.setdefault(device, []).append(done)
+    return BatchFold(twins=twins, applied=applied, stale=stale, unknown=unknown, ended=ended)
 
 
 def _position(event: AnyEvent) -> int:

@@ -9,11 +9,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from twin.model import Twin
-from twin.ports import DEFAULT_FIND_LIMIT, WriteResult, check_find_limit, newest_per_device
+from twin.model import COMMAND_MEMORY, EndedCommand, Twin
+from twin.ports import (
+    DEFAULT_FIND_LIMIT,
+    Ended,
+    WriteResult,
+    check_find_limit,
+    newest_per_device,
+    to_remember,
+)
 
 __all__ = ["InMemoryTwinStore"]
 
@@ -21,9 +28,11 @@ __all__ = ["InMemoryTwinStore"]
 class InMemoryTwinStore:
     """Twins in a dict. Not shared between processes; for tests and tools."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, command_memory: timedelta = COMMAND_MEMORY) -> None:
         self._docs: dict[str, dict[str, Any]] = {}
         self._checkpoints: dict[str, int] = {}
+        self._ended: dict[tuple[str, str], dict[str, Any]] = {}
+        self.command_memory = command_memory
 
     async def get(self, device_id: str) -> Twin | None:
         doc = self._docs.get(device_id)
@@ -44,8 +53,22 @@ class InMemoryTwinStore:
             twin, pending=tuple(c for c in twin.pending if c.correlation_id == correlation_id)
         )
 
+    async def ended_command(self, device_id: str, correlation_id: str) -> EndedCommand | None:
+        doc = self._ended.get((device_id, correlation_id))
+        return None if doc is None else EndedCommand.from_document(copy.deepcopy(doc))
+
+    async def forget_ended(self, now: datetime) -> int:
+        gone = [k for k, d in self._ended.items() if d["forget_at"] <= now]
+        for k in gone:
+            del self._ended[k]
+        return len(gone)
+
     async def write_many(
-        self, twins: Iterable[Twin], *, previous: Mapping[str, Twin | None] | None = None
+        self,
+        twins: Iterable[Twin],
+        *,
+        previous: Mapping[str, Twin | None] | None = None,
+        ended: Ended | None = None,
     ) -> WriteResult:
         newest, skipped = newest_per_device(twins)
         written: list[str] = []
@@ -54,6 +77,9 @@ class InMemoryTwinStore:
             if held is not None and held["position"] >= t.position:
                 skipped.append(device_id)
                 continue
+            for e in to_remember((ended or {}).get(device_id, ()), self.command_memory):
+                key = (device_id, e.command.correlation_id)
+                self._ended[key] = copy.deepcopy(e.to_document())
             self._docs[device_id] = copy.deepcopy(t.to_document())
             written.append(device_id)
         return WriteResult(written=tuple(written), skipped=tuple(skipped))
@@ -110,6 +136,7 @@ class InMemoryTwinStore:
     async def drop(self) -> None:
         self._docs.clear()
         self._checkpoints.clear()
+        self._ended.clear()
 
     async def ensure_indexes(self) -> None:
         return None

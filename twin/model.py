@@ -15,7 +15,7 @@ as one document per device (:meth:`Twin.to_document`)::
       "resource_types": ["oic.r.switch.binary", ...],  # union of the links' rt, for the index
       "resources": [{"href": "/light/1", "content": {...}, "content_format": 10000,
                      "raw": null, "status": "2.05", "etag": "ab01", "observe_seq": 12,
-                     "updated_at": <datetime>, "position": 41}],
+                     "connection_id": "c-7", "updated_at": <datetime>, "position": 41}],
       "pending": [{"correlation_id": "c-1", "owner": "alice", "op": "update",
                    "href": "/light/1", "state": "pending", "issued_at": <datetime>,
                    "position": 40, "expires_at": <datetime>, "attempts": 0, "max_attempts": 3,
@@ -37,7 +37,10 @@ as one document per device (:meth:`Twin.to_document`)::
     }
 
 Commands are removed from ``pending`` when they end (succeeded / failed / expired / canceled)
-and their outcome is kept in ``recent_outcomes`` (the last :data:`RECENT_OUTCOMES`). The
+and their outcome is kept in ``recent_outcomes`` (the last :data:`RECENT_OUTCOMES`). The store
+also remembers each ended command by its correlation id for a while (:class:`EndedCommand`,
+:data:`COMMAND_MEMORY`), so that a request repeating the id is answered with the original
+acceptance and outcome (:mod:`twin.commands`). The
 **delta** of a resource is the desired keys whose reported value differs (or is missing); it is
 computed from ``desired`` and ``resources``, never stored on its own (the stored copy is for
 readers of the collection).
@@ -61,12 +64,14 @@ from proto.events import COMMAND_OPS, FINAL_COMMAND_STATES, CommandOp, ResourceL
 from twin.errors import CorruptTwinError
 
 __all__ = [
+    "COMMAND_MEMORY",
     "RECENT_OUTCOMES",
     "SENT_GRACE",
     "SYNC_STATES",
     "CommandOutcome",
     "Connection",
     "DesiredState",
+    "EndedCommand",
     "ResourceState",
     "Twin",
     "TwinCommand",
@@ -79,6 +84,12 @@ RECENT_OUTCOMES: Final = 20
 SENT_GRACE: Final = timedelta(seconds=30)
 """How long past its deadline a command already *sent* may still get the device's answer before
 the sweeper expires it (longer than the gateway's request timeout)."""
+
+COMMAND_MEMORY: Final = timedelta(hours=24)
+"""How long after a command ended the store remembers it by its correlation id, by default (the
+store's ``command_memory``, ``twin.command_memory`` in the configuration). Within it a request
+repeating the id on the same device gets the original acceptance and outcome (or ``conflict``
+when it asks for something else); after it the id is free again and names a new command."""
 
 OpenState = Literal["pending", "sent"]
 
@@ -144,6 +155,7 @@ class ResourceState:
     status: str = "2.05"
     etag: str | None = None
     observe_seq: int | None = None
+    connection_id: str = ""  # the connection it was reported on ("": not known)
 
     def to_document(self) -> dict[str, Any]:
         return {
@@ -154,6 +166,7 @@ class ResourceState:
             "status": self.status,
             "etag": self.etag,
             "observe_seq": self.observe_seq,
+            "connection_id": self.connection_id,
             "updated_at": self.updated_at,
             "position": self.position,
         }
@@ -168,6 +181,7 @@ class ResourceState:
             status=_str(doc.get("status", "2.05")),
             etag=_opt_str(doc.get("etag")),
             observe_seq=_opt_int(doc.get("observe_seq")),
+            connection_id=_str(doc.get("connection_id", "")),
             updated_at=_time(doc["updated_at"]),
             position=_int(doc["position"]),
         )
@@ -321,6 +335,58 @@ class CommandOutcome:
         out = self.to_document()
         out["at"] = _iso(self.at)
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class EndedCommand:
+    """A command that ended, as the store remembers it until ``forget_at`` (see
+    :data:`COMMAND_MEMORY`): the command as it was last open, and how it ended. ``forget_at``
+    is ``None`` until it is stored (the store sets it: the end plus its ``command_memory``)."""
+
+    command: TwinCommand
+    outcome: CommandOutcome
+    forget_at: datetime | None = None
+
+    @classmethod
+    def between(
+        cls, before: Twin | None, after: Twin | None, cid: str | None
+    ) -> EndedCommand | None:
+        """The command ``cid`` that was open in ``before`` and ended in ``after``, one fold
+        step later (by the event of that correlation id), else ``None``."""
+        if before is None or after is None or not cid or after is before:
+            return None
+        command = before.command(cid)
+        if command is None:
+            return None
+        now = after.command(cid)
+        if now is not None and now.position == command.position:
+            return None  # still open
+        outcome = after.recent_outcomes[-1] if after.recent_outcomes else None
+        if outcome is None or outcome.correlation_id != cid:
+            return None
+        return cls(command, outcome)
+
+    def forgotten(self, now: datetime) -> bool:
+        return self.forget_at is not None and now >= self.forget_at
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "command": self.command.to_document(),
+            "outcome": self.outcome.to_document(),
+            "forget_at": self.forget_at,
+        }
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> EndedCommand:
+        """Read a stored record back; :class:`CorruptTwinError` if it is not one."""
+        try:
+            return cls(
+                command=TwinCommand.from_document(doc["command"]),
+                outcome=CommandOutcome.from_document(doc["outcome"]),
+                forget_at=_opt_time(doc.get("forget_at")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptTwinError(f"not an ended command (_id={doc.get('_id')!r}): {e}") from e
 
 
 @dataclass(frozen=True, slots=True)

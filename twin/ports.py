@@ -23,18 +23,28 @@ Semantics (both adapters):
   request costs more as a device's queue grows: ``write_many`` takes the twins as the caller
   read them (``previous``) to write only the commands that changed, and
   :meth:`TwinStore.get_for_command` reads a twin with at most one of its commands.
+* **Ended commands** are remembered by (device, correlation id) after they leave ``pending``:
+  ``write_many`` stores those it is given for the twins it writes (what the fold of the batch
+  ended, :attr:`twin.fold.BatchFold.ended`; the newest per id wins), each until ``forget_at``
+  (its end plus the store's ``command_memory``);
+  :meth:`TwinStore.ended_command` reads one back, :meth:`TwinStore.forget_ended` deletes those
+  whose time is up. That is what lets the command API answer a repeated request with the
+  original acceptance and outcome (:mod:`twin.commands`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Protocol
 
-from twin.model import Twin
+from twin.model import EndedCommand, Twin, utc_ms
 
-__all__ = ["DEFAULT_FIND_LIMIT", "TwinStore", "WriteResult"]
+__all__ = ["DEFAULT_FIND_LIMIT", "Ended", "TwinStore", "WriteResult", "to_remember"]
+
+Ended = Mapping[str, Sequence[EndedCommand]]
+"""Per device id, the commands a batch ended, in log order."""
 
 DEFAULT_FIND_LIMIT = 100
 
@@ -64,10 +74,25 @@ class TwinStore(Protocol):
         needs, at a cost that does not depend on how many commands are open."""
         ...
 
+    async def ended_command(self, device_id: str, correlation_id: str) -> EndedCommand | None:
+        """The newest command with this correlation id that ended on the device, while it is
+        remembered (not yet deleted by :meth:`forget_ended`; the caller compares
+        ``forget_at`` with its clock)."""
+        ...
+
+    async def forget_ended(self, now: datetime) -> int:
+        """Delete the ended commands whose ``forget_at`` is at or before ``now``; how many."""
+        ...
+
     async def write_many(
-        self, twins: Iterable[Twin], *, previous: Mapping[str, Twin | None] | None = None
+        self,
+        twins: Iterable[Twin],
+        *,
+        previous: Mapping[str, Twin | None] | None = None,
+        ended: Ended | None = None,
     ) -> WriteResult:
-        """Store the twins, each guarded by its position (see the module docstring).
+        """Store the twins, each guarded by its position (see the module docstring), and with
+        each twin written the commands ``ended`` holds for it.
 
         ``previous``: for some of the devices, the twin as the caller read it from this store
         before changing it (``None``: it had none). Only a hint for writing less; a device
@@ -108,7 +133,7 @@ class TwinStore(Protocol):
         ...
 
     async def drop(self) -> None:
-        """Delete every twin and every checkpoint."""
+        """Delete every twin, every checkpoint and every ended command."""
         ...
 
     async def ensure_indexes(self) -> None:
@@ -135,3 +160,9 @@ def newest_per_device(twins: Iterable[Twin]) -> tuple[dict[str, Twin], list[str]
         else:
             superseded.append(t.device_id)
     return newest, superseded
+
+
+def to_remember(ended: Sequence[EndedCommand], memory: timedelta) -> list[EndedCommand]:
+    """The newest of each correlation id, with its ``forget_at``: its end plus ``memory``."""
+    newest = {e.command.correlation_id: e for e in ended}
+    return [replace(e, forget_at=utc_ms(e.outcome.at + memory)) for e in newest.values()]

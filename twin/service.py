@@ -239,7 +239,9 @@ class _Projection:
             if self.hooks.before_write is not None:
                 await self.hooks.before_write(positions)
             result = (
-                await self.store.write_many(folded.twins.values(), previous=current)
+                await self.store.write_many(
+                    folded.twins.values(), previous=current, ended=folded.ended
+                )
                 if folded.twins
                 else WriteResult()
             )

@@ -11,6 +11,10 @@ Several sweepers (one per twin instance) may run: the events' ids are derived fr
 so the log writes each expiry once within its duplicate window, and the fold ignores a second
 end of a command anyway. The twin in the store reflects an expiry once the projector folded it;
 until then the sweeper finds the twin again and its tail read shows the command ended.
+
+Every ``forget_interval`` seconds a sweep also deletes the ended commands the store no longer
+needs to remember (:meth:`~twin.ports.TwinStore.forget_ended`: past the store's
+``command_memory``; the command API ignores them from then on anyway).
 """
 
 from __future__ import annotations
@@ -42,12 +46,15 @@ log = logging.getLogger(__name__)
 class SweeperConfig:
     interval: float = 1.0  # seconds between sweeps
     batch: int = 200  # twins looked at per query
+    forget_interval: float = 60.0  # seconds between deletions of ended commands past memory
 
     def __post_init__(self) -> None:
         if not self.interval > 0:
             raise ValueError("interval must be > 0")
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
+        if not self.forget_interval > 0:
+            raise ValueError("forget_interval must be > 0")
 
 
 class ExpirySweeper:
@@ -67,6 +74,8 @@ class ExpirySweeper:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self.expired_total = 0
+        self.forgotten_total = 0
+        self._forget_at = 0.0  # when the next sweep deletes ended commands (clock seconds)
 
     async def sweep(self) -> int:
         """One pass over the due twins; returns how many commands it expired."""
@@ -89,6 +98,12 @@ class ExpirySweeper:
                 len(events) - fresh,
             )
         self.expired_total += expired
+        if self._clock() >= self._forget_at:
+            self._forget_at = self._clock() + self.config.forget_interval
+            forgotten = await self._twins.forget_ended(now)
+            self.forgotten_total += forgotten
+            if forgotten:
+                log.info("forgot %d ended command(s) past the store's memory", forgotten)
         return expired
 
     async def run(self) -> None:

@@ -135,6 +135,9 @@ class GatewaySettings:
     request_rate: float = 20.0  # device requests a second, per connection
     request_burst: int = 100  # requests at once before request_rate applies
     message_timeout: float = 30.0  # seconds from a message's first byte to its last (slowloris)
+    # seconds without a lease renewal after which the twin service declares this gateway
+    # instance lost and marks its devices offline (renewed every third of it)
+    lease: float = 15.0
     # HOST:PORT of /metrics, /healthz, /readyz (":9464" = every address); "" = off
     metrics_listen: str = ""
 
@@ -146,6 +149,9 @@ class TwinSettings:
     # Events per projector batch at most. A batch writes each device's twin once, so under
     # load bigger batches fold more events into one write (FerretDB: ~2 ms per twin write).
     batch: int = 2000
+    # seconds between two reads of the gateway leases (a lost gateway's devices go offline
+    # within its lease plus this)
+    lease_poll_interval: float = 1.0
     # HOST:PORT of /metrics, /healthz, /readyz (":9465" = every address); "" = off
     metrics_listen: str = ""
 

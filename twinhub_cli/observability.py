@@ -54,6 +54,7 @@ from twin.api import TwinApi
 if TYPE_CHECKING:
     from bus.adapters.nats_callout import CalloutService
     from gateway.service import Gateway
+    from twin.reaper import GatewayReaper
     from twin.service import TwinProjector
     from twin.sweeper import ExpirySweeper
 
@@ -521,6 +522,7 @@ class ApiMetrics:
 
     _requests: dict[tuple[str, str], int] = field(default_factory=dict)
     sweeper: ExpirySweeper | None = None  # set by services.run_api
+    reaper: GatewayReaper | None = None  # set by services.run_reaper
 
     def record(self, op: str, outcome: str) -> None:
         # the op is the request subject's last token, chosen by the client: bounded here
@@ -529,6 +531,29 @@ class ApiMetrics:
 
     def requests(self) -> dict[tuple[str, str], int]:
         return self._requests.copy()  # one C call: atomic with respect to record()
+
+
+def _reaper_metrics(p: str, reaper: GatewayReaper) -> Iterator[Metric]:
+    st = reaper.stats
+    instances = GaugeMetricFamily(
+        f"{p}_gateway_instances",
+        "gateway instances in the lease stream by lease state (held: alive), last poll",
+        labels=["state"],
+    )
+    for state, n in sorted(st.instances.items()):
+        instances.add_metric([state.value], n)
+    yield instances
+    yield _counter(
+        f"{p}_gateways_lost_total", "gateway instances this reaper declared lost", st.lost_total
+    )
+    yield _counter(
+        f"{p}_gateway_lost_offline_total",
+        "devices marked offline because their gateway instance was lost",
+        st.devices_offline_total,
+    )
+    yield _counter(
+        f"{p}_lease_poll_failures_total", "failed reads of the lease stream", st.poll_failures_total
+    )
 
 
 class CountingTwinApi(TwinApi):
@@ -625,6 +650,8 @@ class TwinCollector:
                     "commands the expiry sweeper ended",
                     sweeper.expired_total,
                 )
+            if self._api.reaper is not None:
+                yield from _reaper_metrics(p, self._api.reaper)
         yield _gauge(
             f"{p}_event_loop_lag_seconds",
             "how late the event loop ran the last heartbeat",

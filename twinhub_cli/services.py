@@ -13,12 +13,13 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 
 from auth.application import AppTokenValidator
 from auth.errors import UnknownKey
@@ -38,12 +39,17 @@ from bus.permissions import Role
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.layout import StreamLayout
 from gateway.identity import AuthMode, TlsAuthPolicy, parse_crls
+from gateway.lease import LeaseConfig
+from gateway.leasing import GatewayLease
 from gateway.oauth import OAuthProvider, parse_provider
 from gateway.service import Gateway, GatewayConfig
 from gateway.writer import WriterConfig
+from proto.leases import ALL_LEASES, LEASE_STREAM
 from twin.adapters.mongo import MongoTwinStore
+from twin.adapters.mongo_held import MongoHeldConnections
 from twin.adapters.nats_api import NatsApiServer
 from twin.api import ApiConfig, KeyRefresh, TwinApi
+from twin.reaper import GatewayReaper, ReaperConfig
 from twin.service import ProjectorConfig, TwinProjector
 from twin.sweeper import ExpirySweeper
 from twinhub_cli import pki as devpki
@@ -235,6 +241,25 @@ def layout_for(config: Config) -> StreamLayout:
     return StreamLayout(name=config.nats.stream, duplicate_window=config.nats.duplicate_window)
 
 
+LEASE_RETENTION: Final = 24 * 3600.0
+"""How long a lease stream record outlives its last write: a dead instance must be reaped
+(a twin service running) within this time, after which its records are gone."""
+
+LEASE_LAYOUT: Final = StreamLayout(
+    name=LEASE_STREAM,
+    subjects=(ALL_LEASES,),
+    max_msgs_per_subject=1,  # the last record of each instance: a read is the lease table
+    max_age=LEASE_RETENTION,
+)
+"""The gateway leases' stream (see proto.leases and docs/architecture.md)."""
+
+
+def lease_config(config: Config) -> LeaseConfig:
+    if not config.gateway.lease > 0:
+        raise ConfigError("gateway.lease: must be > 0 (seconds)")
+    return LeaseConfig(lease=config.gateway.lease)
+
+
 def gateway_config(config: Config, data: DataDir) -> GatewayConfig:
     g = config.gateway
     tcp = parse_hostport(g.tcp, "gateway.tcp")
@@ -293,9 +318,20 @@ async def event_store(
     async with JetStreamEventStore.from_url(endpoint, layout_for(config)) as store:
         if role in ("twin", "admin"):
             await store.provision()
+            async with JetStreamEventStore(store.connection, LEASE_LAYOUT) as leases:
+                await leases.provision()
         else:
             await store.wait_provisioned(PROVISION_WAIT)
         yield store
+
+
+@contextlib.asynccontextmanager
+async def lease_store(store: JetStreamEventStore) -> AsyncIterator[JetStreamEventStore]:
+    """The lease stream on ``store``'s connection (provisioned with the event stream by the
+    twin service, :func:`event_store`; waited for here)."""
+    async with JetStreamEventStore(store.connection, LEASE_LAYOUT) as leases:
+        await leases.wait_provisioned(PROVISION_WAIT)
+        yield leases
 
 
 @contextlib.asynccontextmanager
@@ -326,23 +362,46 @@ def consumer_key(config: Config, data: DataDir) -> bytes:
 async def run_gateway(
     config: Config, data: DataDir, store: JetStreamEventStore
 ) -> AsyncIterator[Gateway]:
+    """The gateway, serving as an instance that holds a lease (gateway.leasing): entered
+    after the lease, left before it is released."""
     issuer = issuer_for(config, data)
-    gw = Gateway(
-        gateway_config(config, data),
-        store,
-        validator_for(config, issuer),
-        issuer,
-        oauth=oauth_providers_for(config),
-    )
-    async with gw:
-        yield gw
+    gw_config = gateway_config(config, data)
+    async with (
+        lease_store(store) as leases,
+        GatewayLease(leases, config.gateway.id, lease_config(config)) as lease,
+    ):
+        gw = Gateway(
+            gw_config,
+            store,
+            validator_for(config, issuer),
+            issuer,
+            oauth=oauth_providers_for(config),
+            instance=lease.instance,
+        )
+        lease.on_new_instance = gw.adopt_instance
+        async with gw:
+            yield gw
 
 
 @contextlib.asynccontextmanager
-async def twin_store(config: Config) -> AsyncIterator[MongoTwinStore]:
-    """The twins in ``mongo.database``; with ``mongo.username`` the client authenticates as
-    that user (password from ``mongo.password_file``, in ``mongo.auth_source``, by default the
-    database itself)."""
+async def twin_store(
+    config: Config, database: AsyncDatabase[dict[str, Any]] | None = None
+) -> AsyncIterator[MongoTwinStore]:
+    """The twins in ``mongo.database`` (of ``database``'s client when given, see
+    :func:`mongo_database`)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if database is None:
+            database = await stack.enter_async_context(mongo_database(config))
+        store = MongoTwinStore(database, config.twin.collection)
+        await store.ensure_indexes()
+        yield store
+
+
+@contextlib.asynccontextmanager
+async def mongo_database(config: Config) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    """``mongo.database``; with ``mongo.username`` the client authenticates as that user
+    (password from ``mongo.password_file``, in ``mongo.auth_source``, by default the database
+    itself)."""
     mongo = config.mongo
     client: AsyncMongoClient[dict[str, object]]
     if mongo.username:
@@ -357,9 +416,7 @@ async def twin_store(config: Config) -> AsyncIterator[MongoTwinStore]:
     else:
         client = AsyncMongoClient(mongo.url, serverSelectionTimeoutMS=5000, tz_aware=True)
     try:
-        store = MongoTwinStore(client[config.mongo.database], config.twin.collection)
-        await store.ensure_indexes()
-        yield store
+        yield client[config.mongo.database]
     finally:
         await client.close()
 
@@ -405,6 +462,32 @@ async def run_api(
         metrics.sweeper = sweeper
     async with NatsApiServer(store.connection, twin_api) as server, sweeper:
         yield server
+
+
+@contextlib.asynccontextmanager
+async def run_reaper(
+    config: Config,
+    store: JetStreamEventStore,
+    twins: MongoTwinStore,
+    database: AsyncDatabase[dict[str, Any]],
+    *,
+    metrics: ApiMetrics | None = None,
+) -> AsyncIterator[GatewayReaper]:
+    """The gateway reaper (twin.reaper): the devices of lost gateway instances go offline.
+    Several twin instances may run it. With ``metrics`` its counts are scraped with the twin's."""
+    held = MongoHeldConnections(database, config.twin.collection)
+    await held.ensure_indexes()
+    if not config.twin.lease_poll_interval > 0:
+        raise ConfigError("twin.lease_poll_interval: must be > 0 (seconds)")
+    reaper_config = ReaperConfig(
+        poll_interval=config.twin.lease_poll_interval, projector=config.twin.consumer
+    )
+    async with JetStreamEventStore(store.connection, LEASE_LAYOUT) as leases:
+        reaper = GatewayReaper(leases, store, twins, held, reaper_config)
+        if metrics is not None:
+            metrics.reaper = reaper
+        async with reaper:
+            yield reaper
 
 
 # -- operations endpoints (see twinhub_cli.observability) ------------------------------------

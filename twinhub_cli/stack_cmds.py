@@ -250,7 +250,9 @@ def run_gateway_cmd(args: argparse.Namespace) -> int:
 
 def register_twin_run(subparsers: SubParsers, name: str, /) -> None:
     p = subparsers.add_parser(
-        name, help="run the twin projector, the command API and the expiry sweeper until SIGTERM"
+        name,
+        help="run the twin projector, the command API, the expiry sweeper and the gateway "
+        "reaper until SIGTERM",
     )
     _common(p)
     p.set_defaults(handler=run_twin_cmd)
@@ -267,9 +269,11 @@ def run_twin_cmd(args: argparse.Namespace) -> int:
         async with (
             _until_signal() as stop,
             services.event_store(config, data, "twin") as store,
-            services.twin_store(config) as twins,
+            services.mongo_database(config) as database,
+            services.twin_store(config, database) as twins,
             services.run_projector(config, store, twins) as projector,
             services.run_api(config, data, store, twins, metrics=api_metrics) as api_server,
+            services.run_reaper(config, store, twins, database, metrics=api_metrics),
             services.twin_observability(config, store, twins, projector, api_metrics) as ops,
         ):
             _out(f"twin projector {config.twin.consumer}: running")
@@ -422,12 +426,16 @@ def run_up(args: argparse.Namespace) -> int:
             )
             # each service with its own credentials, as when they run apart
             store = await stack.enter_async_context(services.event_store(config, data, "twin"))
-            twins = await stack.enter_async_context(services.twin_store(config))
+            database = await stack.enter_async_context(services.mongo_database(config))
+            twins = await stack.enter_async_context(services.twin_store(config, database))
             projector = await stack.enter_async_context(
                 services.run_projector(config, store, twins)
             )
             await stack.enter_async_context(
                 services.run_api(config, data, store, twins, metrics=api_metrics)
+            )
+            await stack.enter_async_context(
+                services.run_reaper(config, store, twins, database, metrics=api_metrics)
             )
             gw_store = await stack.enter_async_context(
                 services.event_store(config, data, "gateway")

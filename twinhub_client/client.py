@@ -19,6 +19,15 @@ command API (``session``) for the rest: the owner's consumer-name key and the lo
 subscriptions "from now" start after. It reaches JetStream only under
 :data:`proto.api.APP_JS_PREFIX`, for consumers of its owner's events.
 
+Commands are safe to send again: each carries a correlation id (the caller's, else one the
+client makes up), and the service answers a request repeating one with the original
+acceptance, never a second command (:mod:`proto.api`). So a command that gets no answer in
+``timeout`` (a lost reply, a twin instance that died after recording it), finds no service, or
+is answered ``unavailable`` is sent again, unchanged, up to ``retries`` more times, after
+``retry_delay`` seconds doubling each time (at most 2 s); then the error is raised. A command
+is thus answered within ``(retries + 1) * timeout`` plus the delays (about 31 s by default).
+Queries and desired state are sent once.
+
 Every API call carries the token (``Authorization: Bearer``); errors come back as the typed
 exceptions of :mod:`twinhub_client.errors`. See :mod:`twinhub_client.subscription` for what a
 subscription guarantees.
@@ -47,7 +56,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.protocol.parser import AUTHORIZATION_VIOLATION
 
-from eventstore.adapters.endpoint import NatsEndpoint
+from eventstore.adapters.endpoint import ConnectionLog, NatsEndpoint
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.errors import UnavailableError
 from eventstore.layout import DEFAULT_STREAM, StreamLayout
@@ -199,7 +208,9 @@ class TwinhubClient:
     ``inbox_prefix=`` :func:`proto.subjects.owner_inbox_prefix` of the owner). ``ca_file``:
     the CA that verifies the server's TLS certificate. ``api_prefix``, ``js_prefix`` and
     ``stream`` name the command API, JetStream and the event stream (defaults: production);
-    ``owner_claim`` the token's owner claim (the service's ``auth.owner_claim``).
+    ``owner_claim`` the token's owner claim (the service's ``auth.owner_claim``). ``retries``
+    and ``retry_delay``: how often and when a command without an answer is sent again (see the
+    module docstring).
     """
 
     def __init__(
@@ -213,7 +224,11 @@ class TwinhubClient:
         stream: str = DEFAULT_STREAM,
         timeout: float = 10.0,
         owner_claim: str = "sub",
+        retries: int = 2,
+        retry_delay: float = 0.25,
     ) -> None:
+        if retries < 0 or not retry_delay >= 0:
+            raise ValueError("retries and retry_delay must be >= 0")
         self._endpoint: NatsEndpoint | None = None
         if isinstance(nats_conn, str):
             self._endpoint = NatsEndpoint(
@@ -223,11 +238,14 @@ class TwinhubClient:
                 inbox_prefix=subjects.owner_inbox_prefix(token_owner(token, owner_claim)),
             )
         self._nc: NatsClient | None = None if isinstance(nats_conn, str) else nats_conn
+        self._conn_log: ConnectionLog | None = None
         self.token = token
         self.api_prefix = api_prefix
         self.js_prefix = js_prefix
         self._layout = StreamLayout(name=stream)
         self.timeout = timeout
+        self.retries = retries
+        self.retry_delay = retry_delay
         self._store: JetStreamEventStore | None = None
         self._session: SessionInfo | None = None
 
@@ -236,22 +254,29 @@ class TwinhubClient:
     async def __aenter__(self) -> Self:
         if self._endpoint is not None:
             nc = _AppConnection(self.token)
+            self._conn_log = ConnectionLog(nc, log, "client", str(self._endpoint))
             try:
-                opts: dict[str, Any] = self._endpoint.connect_options() | {
-                    "name": "twinhub-client",
-                    "max_reconnect_attempts": -1,
-                    "reconnect_time_wait": 0.25,
-                    "connect_timeout": self.timeout,
-                    "allow_reconnect": True,
-                }
+                opts: dict[str, Any] = (
+                    self._endpoint.connect_options()
+                    | self._conn_log.callbacks()
+                    | {
+                        "name": "twinhub-client",
+                        "max_reconnect_attempts": -1,
+                        "reconnect_time_wait": 0.25,
+                        "connect_timeout": self.timeout,
+                        "allow_reconnect": True,
+                    }
+                )
                 # nats-py retries a refused first connect forever with reconnects on: bounded
                 # here (a refused token would hang the caller), reconnects stay unbounded
                 async with asyncio.timeout(self.timeout):
                     await nc.connect(**opts)
                 if not nc.is_connected:  # dropped in the handshake (no authorization answer)
                     raise nats.errors.NoServersError
+                self._conn_log.connected()
                 self._nc = nc
             except (OSError, nats.errors.Error) as e:
+                self._conn_log.closing()
                 with contextlib.suppress(nats.errors.Error, OSError):
                     await nc.close()  # a refused connect leaves its socket open otherwise
                 # nats-py reports a refused authorization as a closed connection / timeout
@@ -287,6 +312,8 @@ class TwinhubClient:
     async def _close_nc(self) -> None:
         if self._endpoint is not None and self._nc is not None:
             nc, self._nc = self._nc, None
+            if self._conn_log is not None:
+                self._conn_log.closing()
             try:
                 await nc.close()
             except (nats.errors.Error, OSError) as e:
@@ -378,9 +405,15 @@ class TwinhubClient:
         with the log position); with ``wait=True`` returns its outcome event instead
         (succeeded / failed / expired / canceled), waiting up to ``wait_timeout`` seconds
         (default: the ttl plus a margin for the sweeper). :meth:`update`, :meth:`retrieve`,
-        :meth:`create` and :meth:`delete` are typed shorthands."""
-        if wait and correlation_id is None:
-            correlation_id = str(uuid.uuid4())  # to recognise the outcome
+        :meth:`create` and :meth:`delete` are typed shorthands.
+
+        Without an answer it is sent again with the same ``correlation_id`` (generated when
+        not given), so it is recorded once (see the module docstring). An id the device
+        already knows gets that command's acceptance (``repeated``, with its ``state`` and
+        ``outcome``; ``wait=True`` returns its outcome event) when the request is the same,
+        :class:`~twinhub_client.errors.ConflictError` when it is not."""
+        if correlation_id is None:
+            correlation_id = str(uuid.uuid4())  # the same on every attempt: recorded once
         common: dict[str, Any] = {
             "device_id": device,
             "href": href,
@@ -406,12 +439,28 @@ class TwinhubClient:
             request = api.DeleteResource(**common)
         else:
             raise ValueError(f"unknown command op {op!r}")
-        accepted = await self._typed(request, CommandAccepted)
+        accepted = await self._sent_until_answered(request)
         if not wait:
             return accepted
         return await self.wait_outcome(
             accepted, ttl + _OUTCOME_MARGIN if wait_timeout is None else wait_timeout
         )
+
+    async def _sent_until_answered(self, request: api.ApiRequest) -> CommandAccepted:
+        """The command's acceptance, sending the same request again while there is none."""
+        delay = self.retry_delay
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._typed(request, CommandAccepted)
+            except ServiceUnavailableError as e:
+                if attempt == self.retries:
+                    raise
+                log.info(
+                    "%s: %s; sending it again (%d of %d)", request.OP, e, attempt + 1, self.retries
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def wait_outcome(self, accepted: CommandAccepted, timeout: float) -> AnyEvent:  # noqa: ASYNC109
         """The event that ended an accepted command (read from the log after its position)."""

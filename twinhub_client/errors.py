@@ -8,7 +8,8 @@
     │   ├── UnauthorizedError (also PermissionError)  unauthorized
     │   ├── ForbiddenError    (also PermissionError)  forbidden
     │   ├── NotFoundError     (also LookupError)      not_found
-    │   ├── ConflictError                             conflict
+    │   ├── ConflictError                             conflict (e.g. a correlation id that
+    │   │                                             names another command of the device)
     │   ├── ServiceUnavailableError (also ConnectionError)  unavailable (also: no service, timeout)
     │   └── InternalError                             internal
     └── OutcomeTimeoutError   (also TimeoutError)     ``wait=True`` saw no outcome in time

@@ -12,6 +12,11 @@ How "once, in order, no gap" is kept:
   connection (a NATS restart included) — it is deleted and created again to start right after
   that position. JetStream would otherwise redeliver what was in flight only after ``ack_wait``,
   *behind* newer events. Deliveries at or below the last position are dropped (acknowledged).
+* **Cancellation loses nothing.** A timeout (``next(timeout)``, ``asyncio.timeout`` around the
+  iteration) or a cancelled task may cut the subscription short at any await: deliveries it
+  had fetched stay buffered (here, or in the consumer's inbox) for the next call, and the
+  position moves only when an event is handed out. (A delivery dropped there would come
+  again only after ``ack_wait``, behind the position, and be skipped: a gap.)
 * **Acknowledgement** of an event happens when the caller asks for the next one (it got the
   event and is done with it), or when it leaves the ``async with`` block without an exception.
 * **Durable, by name.** With ``durable="name"`` the consumer survives the subscriber: a
@@ -65,6 +70,10 @@ Head = Callable[[], Awaitable[int]]
 
 T = TypeVar("T")
 
+_NEXT_SLACK = 0.25
+"""Seconds :meth:`EventSubscription.next` gives a fetch past its deadline to end by itself (the
+log's answer that the pull request expired) before cutting it short."""
+
 
 class EventSubscription:
     """See the module docstring. Use from one task."""
@@ -107,6 +116,9 @@ class EventSubscription:
         self._consumer: Consumer | None = None
         self._buffer: deque[Delivery] = deque()
         self._current: Delivery | None = None
+        self._current_done = False  # the caller asked for the next one: ack it whatever happens
+        self._start: int | None = None
+        self._resumed = False
         self._last = 0
         self._opened = False
         self._closed = False
@@ -121,19 +133,23 @@ class EventSubscription:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create (or resume) the consumer; retries while the log is unavailable."""
+        """Create (or resume) the consumer; retries while the log is unavailable. An open cut
+        short (cancelled, timed out) starts again where it was: at the start position found
+        the first time, so "from now" means from the first attempt."""
         if self._opened:
             return
-        start = self._from
-        resume = False
-        if self.durable and self._cursor is not None:
-            floor = await self._retrying(lambda: self._cursor_of())
-            if floor is not None:
-                start, resume = floor, True
-        if start is None:
-            head = self._head or (lambda: self._store.last_position(ALL_EVENTS))
-            start = await self._retrying(head)
-        self._last = start
+        if self._start is None:
+            start = self._from
+            resume = False
+            if self.durable and self._cursor is not None:
+                floor = await self._retrying(lambda: self._cursor_of())
+                if floor is not None:
+                    start, resume = floor, True
+            if start is None:
+                head = self._head or (lambda: self._store.last_position(ALL_EVENTS))
+                start = await self._retrying(head)
+            self._start, self._resumed, self._last = start, resume, start
+        start, resume = self._start, self._resumed
         if self.durable and self._cursor is None:
             # No way to read the ack floor (in-memory log): reopen the consumer as it is.
             self._consumer = await self._retrying(self._open_consumer)
@@ -160,6 +176,8 @@ class EventSubscription:
             return
         self._closed = True
         current, self._current = self._current, None
+        if current is not None and self._current_done:
+            ack = True  # the caller was done with it (asked for the next one)
         consumer, self._consumer = self._consumer, None
         self._buffer.clear()
         step = "closing"
@@ -210,19 +228,29 @@ class EventSubscription:
         if not self._opened:
             await self.open()
         await self._settle_current()
-        return await self._next_event()
+        event = await self._next_event(None)
+        assert event is not None  # no deadline: it waits for one
+        return event
 
-    async def _next_event(self) -> AnyEvent:
+    async def _next_event(self, deadline: float | None) -> AnyEvent | None:
+        """The next event to hand out; ``None`` once the loop-time ``deadline`` passed.
+
+        Cancellation-safe, like everything on the way to the log: between two awaits, every
+        delivery taken from the consumer is in ``_buffer`` (or handed out, its position in
+        ``_last``), never only in a local variable, so a cancellation or a timeout at any
+        await loses nothing: the next call goes on with what is buffered."""
         while True:
             if not self._buffer:
-                await self._fill()
+                if not await self._fill(deadline):
+                    return None
+                continue
             d = self._buffer.popleft()
             if d.position <= self._last:
                 with contextlib.suppress(EventStoreError):
                     await d.ack()
                 continue
             self._last = d.position
-            self._current = d
+            self._current, self._current_done = d, False
             if self.kinds is not None and not self._wanted(d):
                 await self._settle_current()
                 continue
@@ -234,17 +262,28 @@ class EventSubscription:
 
     async def next(self, timeout: float) -> AnyEvent | None:  # noqa: ASYNC109
         """The next event, or ``None`` if none came within ``timeout`` seconds (the event handed
-        out before is acknowledged either way)."""
+        out before is acknowledged either way).
+
+        The deadline goes down to the fetch, which ends by itself when it passes (the log ends
+        the pull request then). A timeout ``_NEXT_SLACK`` seconds later bounds what does not
+        (a log that does not answer, reopening the consumer while it is away). Either way
+        nothing fetched is lost: it comes with the next call."""
         if self._closed:
             raise StopAsyncIteration
         if not self._opened:
             await self.open()
         await self._settle_current()
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            async with asyncio.timeout(timeout):
-                return await self._next_event()
+            async with asyncio.timeout_at(deadline + _NEXT_SLACK):
+                event = await self._next_event(deadline)
         except TimeoutError:
             return None
+        if event is None:
+            # A fetch may find nothing without ever suspending (the in-memory log, next(0)):
+            # a caller polling in a loop must still let the loop run (the appends it waits for).
+            await asyncio.sleep(0)
+        return event
 
     def _wanted(self, d: Delivery) -> bool:
         assert self.kinds is not None
@@ -254,36 +293,54 @@ class EventSubscription:
             return True  # not an event subject: decoding says what it is
 
     async def _settle_current(self) -> None:
-        d, self._current = self._current, None
+        """Acknowledge the event handed out last. It stays current until the log confirmed
+        the ack, so an ack cut short (cancelled) is made again by the next call or by close."""
+        d = self._current
         if d is None:
             return
+        self._current_done = True
         try:
             await d.ack()
         except EventStoreError as e:
             # The consumer starts again after this event: that acknowledges it as well.
             log.warning("subscription %s: ack failed (%s); reopening", self.name, e)
+            self._current = None
             self._drop_consumer()
+            return
+        if self._current is d:
+            self._current = None
 
-    async def _fill(self) -> None:
+    async def _fill(self, deadline: float | None) -> bool:
+        """Fetch into ``_buffer``: True once something came, False once ``deadline`` passed."""
+        loop = asyncio.get_running_loop()
         delay = 0.05
+        first = True  # a deadline already passed (next(0)) still asks the log once
         while True:
             if self._closed:  # by another task: never open a consumer again
                 raise StopAsyncIteration
+            wait = self._fetch_timeout
+            if deadline is not None:
+                wait = min(wait, deadline - loop.time())
+                if wait <= 0 and not first:
+                    return False
+                wait = max(wait, 0.0)
+            first = False
             try:
                 if self._broken or self._consumer is None:
                     await self._recreate()
                     self.reconnects += 1
                 assert self._consumer is not None
-                got = await self._consumer.fetch(self._batch, self._fetch_timeout)
+                got = await self._consumer.fetch(self._batch, wait)
             except EventStoreError as e:
                 log.warning("subscription %s: %s; retrying in %.2fs", self.name, e, delay)
                 self._drop_consumer()
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay if deadline is None else min(delay, wait))
                 delay = min(delay * 2, self._retry_max)
                 continue
             if got:
+                # No await between the fetch's return and this: see _next_event.
                 self._buffer.extend(sorted(got, key=lambda d: d.position))
-                return
+                return True
 
     def _drop_consumer(self) -> None:
         """Forget what the consumer delivered: the next fetch recreates it after the last
@@ -302,12 +359,14 @@ class EventSubscription:
         )
 
     async def _recreate(self) -> None:
+        """Delete the consumer and create it again right after the last position handed out.
+        Broken until it is done: cut short at any await, the next fetch starts it over."""
+        self._drop_consumer()  # the new consumer delivers what was buffered again
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             with contextlib.suppress(EventStoreError, OSError):
                 await consumer.close()
         await self._store.delete_consumer(self.name)
-        self._buffer.clear()
         self._consumer = await self._open_consumer()
         self._broken = False
 

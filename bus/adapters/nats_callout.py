@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import nats
 import nats.errors
@@ -26,7 +26,7 @@ from nats.aio.subscription import Subscription
 
 from bus.callout import Caller, CalloutError, TokenCheck, decode_request, deny, grant
 from bus.permissions import CALLOUT_SUBJECT
-from eventstore.adapters.endpoint import NatsEndpoint
+from eventstore.adapters.endpoint import ConnectionLog, NatsEndpoint
 
 __all__ = ["CalloutService", "CalloutStats"]
 
@@ -69,6 +69,7 @@ class CalloutService:
         self._refresh = refresh_keys
         self._clock = clock
         self._nc: NatsClient | None = None
+        self._conn_log: ConnectionLog | None = None
         self._sub: Subscription | None = None
         self.stats = CalloutStats()
 
@@ -81,16 +82,18 @@ class CalloutService:
         return self._nc is not None and self._nc.is_connected and self._sub is not None
 
     async def __aenter__(self) -> Self:
-        async def on_error(exc: Exception) -> None:
-            log.warning("callout NATS connection: %s", exc)
-
-        self._nc = await nats.connect(
+        nc = NatsClient()
+        self._conn_log = ConnectionLog(nc, log, "callout", str(self._endpoint))
+        options: dict[str, Any] = {  # nats-py annotates the times as int; floats work
             **self._endpoint.connect_options(),
-            name="twinhub-callout",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-            error_cb=on_error,
-        )
+            **self._conn_log.callbacks(),
+            "name": "twinhub-callout",
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+        }
+        await nc.connect(**options)
+        self._conn_log.connected()
+        self._nc = nc
         self._sub = await self._nc.subscribe(CALLOUT_SUBJECT, queue=QUEUE, cb=self._on_request)
         await self._nc.flush()
         log.info("auth callout serving on %s (issuer %s)", self._endpoint, self.issuer)
@@ -105,6 +108,8 @@ class CalloutService:
         nc, self._nc = self._nc, None
         self._sub = None
         if nc is not None:
+            if self._conn_log is not None:
+                self._conn_log.closing()
             try:
                 await nc.drain()
             except (TimeoutError, nats.errors.Error, OSError) as e:

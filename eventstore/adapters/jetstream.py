@@ -72,7 +72,7 @@ from nats.aio.client import __version__ as nats_client_version
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from eventstore.adapters.endpoint import NatsEndpoint
+from eventstore.adapters.endpoint import ConnectionLog, NatsEndpoint
 from eventstore.errors import (
     ConcurrencyError,
     ConsumerGoneError,
@@ -532,8 +532,11 @@ class _PullInbox:
                 self._next_subject, json.dumps(body).encode(), reply=f"{self._prefix}.{token}"
             )
         except nats.errors.Error as exc:
-            del self._open[token]
+            self._open.pop(token, None)
             raise UnavailableError(f"pull request failed: {exc!r}") from exc
+        except BaseException:  # cancelled: nobody will collect it (its deliveries are buffered)
+            self._open.pop(token, None)
+            raise
         return token
 
     async def collect(
@@ -541,22 +544,25 @@ class _PullInbox:
     ) -> tuple[list[Msg], str | None]:
         """Deliveries until ``want`` arrived, the request ended (its status is returned), the
         loop-time ``deadline`` passed, the inbox stopped, or -- with ``quiet`` -- nothing more
-        came for ``quiet`` seconds after a first delivery (status ``None`` for the last four)."""
+        came for ``quiet`` seconds after a first delivery (status ``None`` for the last four).
+
+        Cancellation-safe: deliveries stay in the inbox's buffer until the moment they are
+        returned (taken with no await between), so a cancellation or a timeout at any of the
+        waits leaves them to the next call. Holding them in a local list across a wait lost
+        them: JetStream redelivers only after ``ack_wait``, behind newer events."""
         loop = asyncio.get_running_loop()
-        out: list[Msg] = []
         try:
             while True:
-                out.extend(self.take(want - len(out)))
-                if len(out) >= want:
-                    return out, None
+                have = len(self._buffer)
+                if have >= want:
+                    return self.take(want), None
                 status = self._open.get(token)
                 if status is not None:
-                    out.extend(self.take(want - len(out)))
-                    return out, status
+                    return self.take(want), status
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self._stopped:
-                    return out, None
-                if out and quiet is not None:
+                    return self.take(want), None
+                if have and quiet is not None:
                     remaining = min(remaining, quiet)
                 self._wake.clear()
                 try:
@@ -566,8 +572,8 @@ class _PullInbox:
                     async with asyncio.timeout(remaining):
                         await self._wake.wait()
                 except TimeoutError:
-                    if out and quiet is not None:
-                        return out, None
+                    if have and quiet is not None:
+                        return self.take(want), None
         finally:
             self._open.pop(token, None)
 
@@ -614,6 +620,7 @@ class JetStreamEventStore:
         self._mux: _ReplyMux | None = None
         self._notifiers: set[JetStreamNotifier] = set()
         self._fast_publish = False
+        self._conn_log: ConnectionLog | None = None
 
     @classmethod
     def from_url(
@@ -641,20 +648,29 @@ class JetStreamEventStore:
     async def __aenter__(self) -> Self:
         if self._nc is None:
             assert self._endpoint is not None
+            # Not nats.connect: a connect that fails would leave its socket open.
+            nc = NatsClient()
+            self._conn_log = ConnectionLog(nc, log, "eventstore", str(self._endpoint))
+            options: dict[str, Any] = {  # nats-py annotates the times as int; floats work
+                **self._endpoint.connect_options(),
+                **self._conn_log.callbacks(reconnected=self._on_reconnected),
+                "name": "twinhub-eventstore",
+                "max_reconnect_attempts": -1,
+                "reconnect_time_wait": 0.25,
+                "connect_timeout": self._timeout,
+                "allow_reconnect": True,
+            }
             try:
-                self._nc = await nats.connect(
-                    **self._endpoint.connect_options(),
-                    name="twinhub-eventstore",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,
-                    connect_timeout=self._timeout,
-                    allow_reconnect=True,
-                    reconnected_cb=self._on_reconnected,
-                )
+                await nc.connect(**options)
             except (OSError, nats.errors.Error) as exc:
+                self._conn_log.closing()
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await nc.close()
                 raise UnavailableError(
                     f"cannot connect to NATS at {self._endpoint}: {exc!r}"
                 ) from exc
+            self._conn_log.connected()
+            self._nc = nc
             self._owns_nc = True
         self._fast_publish = fast_publish_supported(self._nc)
         if not self._fast_publish:
@@ -686,6 +702,8 @@ class JetStreamEventStore:
         if self._owns_nc and self._nc is not None:
             nc, self._nc = self._nc, None
             self._owns_nc = False
+            if self._conn_log is not None:
+                self._conn_log.closing()
             # While the server is away nats-py's close can fail flushing to the dead socket
             # (ConnectionResetError): closing must still succeed.
             with contextlib.suppress(nats.errors.Error, OSError):
@@ -1241,7 +1259,12 @@ class JetStreamEventStore:
 
 
 class JetStreamConsumer:
-    """An open durable pull consumer. Use from one task at a time (fetches are serialized)."""
+    """An open durable pull consumer. Use from one task at a time (fetches are serialized).
+
+    A fetch may be cancelled (or timed out) at any point without losing a delivery: what
+    reached the inbox stays there for the next fetch, and :meth:`close` gives back (naks) what
+    was never handed out.
+    """
 
     def __init__(self, store: JetStreamEventStore, nc: NatsClient, spec: ConsumerSpec) -> None:
         self._store = store

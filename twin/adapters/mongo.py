@@ -40,6 +40,14 @@ twin is read with all its commands (one query on ``device_id``), or with at most
 command request names (:meth:`MongoTwinStore.get_for_command`, two point lookups). One writer
 (the projector) per twins collection.
 
+Ended commands live in ``<collection>_ended``, one document per (device, correlation id), the
+newest command of that id, with the same ``_id`` as its open document had: a write stores
+there the commands it is given as ended (with the open commands, before the twin) and the
+command API reads one by ``_id`` alone (:meth:`MongoTwinStore.ended_command`). The sweeper
+deletes those past their ``forget_at`` (:meth:`MongoTwinStore.forget_ended`, a range on an
+indexed field; a scan on FerretDB, once a minute). Ended commands are never read by
+``device_id``, so they cost nothing to twin reads however many a device has.
+
 Queries stay simple for FerretDB v1 (no TTL indexes, limited aggregation): the sweeper's
 ``due`` is a range on the top-level ``next_expiry``, "has pending commands" a range on
 ``pending_count``, both indexed.
@@ -52,7 +60,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from bson.codec_options import CodecOptions
@@ -71,8 +79,15 @@ from pymongo.errors import (
 )
 
 from twin.errors import CorruptTwinError, StoreUnavailableError, TwinStoreError
-from twin.model import Twin, TwinCommand
-from twin.ports import DEFAULT_FIND_LIMIT, WriteResult, check_find_limit, newest_per_device
+from twin.model import COMMAND_MEMORY, EndedCommand, Twin, TwinCommand
+from twin.ports import (
+    DEFAULT_FIND_LIMIT,
+    Ended,
+    WriteResult,
+    check_find_limit,
+    newest_per_device,
+    to_remember,
+)
 
 __all__ = ["DEFAULT_COLLECTION", "MongoTwinStore"]
 
@@ -95,6 +110,7 @@ INDEXES: Final = (
     IndexModel([("owner", ASCENDING), ("pending_count", ASCENDING)], name="owner_pending"),
 )
 COMMANDS_INDEX: Final = IndexModel([("device_id", ASCENDING)], name="device_id")
+ENDED_INDEX: Final = IndexModel([("forget_at", ASCENDING)], name="forget_at")
 # Lists of the document whose items carry JSON ``content`` (the delta is derived, written only).
 _CONTENT_LISTS: Final = ("resources", "desired", "delta")
 
@@ -111,10 +127,17 @@ command of 100 or more updates (tools/mongo-server patches that, see
 class MongoTwinStore:
     """Twins in one collection (``twins`` by default), checkpoints in ``<collection>_checkpoints``.
 
-    The caller owns the client; the store only borrows the database.
+    The caller owns the client; the store only borrows the database. ``command_memory``: how
+    long an ended command is remembered (:data:`~twin.model.COMMAND_MEMORY`).
     """
 
-    def __init__(self, database: AsyncDatabase[Doc], collection: str = DEFAULT_COLLECTION) -> None:
+    def __init__(
+        self,
+        database: AsyncDatabase[Doc],
+        collection: str = DEFAULT_COLLECTION,
+        *,
+        command_memory: timedelta = COMMAND_MEMORY,
+    ) -> None:
         options: CodecOptions[Doc] = CodecOptions(document_class=dict, tz_aware=True, tzinfo=UTC)
         self._twins: AsyncCollection[Doc] = database.get_collection(
             collection, codec_options=options
@@ -125,6 +148,10 @@ class MongoTwinStore:
         self._commands: AsyncCollection[Doc] = database.get_collection(
             f"{collection}_commands", codec_options=options
         )
+        self._ended: AsyncCollection[Doc] = database.get_collection(
+            f"{collection}_ended", codec_options=options
+        )
+        self.command_memory = command_memory
         # Writes through one store never overlap: on FerretDB a guarded update is not atomic.
         self._write_lock = asyncio.Lock()
         self._ferretdb: bool | None = None  # learnt from buildInfo on first use
@@ -163,6 +190,22 @@ class MongoTwinStore:
         if doc is None:
             return None
         return _decode(doc, [] if command is None else [command])
+
+    async def ended_command(self, device_id: str, correlation_id: str) -> EndedCommand | None:
+        with _translated():
+            doc = await self._ended.find_one({"_id": _command_key(device_id, correlation_id)})
+        if doc is None:
+            return None
+        try:
+            _restore_content(doc["command"])
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise CorruptTwinError(f"bad ended command {doc.get('_id')!r}: {e}") from e
+        return EndedCommand.from_document(doc)
+
+    async def forget_ended(self, now: datetime) -> int:
+        with _translated():
+            result = await self._ended.delete_many({"forget_at": {"$lte": now}})
+        return int(result.deleted_count)
 
     async def get_many(self, device_ids: Iterable[str]) -> dict[str, Twin]:
         ids = list(dict.fromkeys(device_ids))
@@ -227,13 +270,17 @@ class MongoTwinStore:
         return known
 
     async def write_many(
-        self, twins: Iterable[Twin], *, previous: Mapping[str, Twin | None] | None = None
+        self,
+        twins: Iterable[Twin],
+        *,
+        previous: Mapping[str, Twin | None] | None = None,
+        ended: Ended | None = None,
     ) -> WriteResult:
         async with self._write_lock:
-            return await self._write_many(twins, previous or {})
+            return await self._write_many(twins, previous or {}, ended or {})
 
     async def _write_many(
-        self, twins: Iterable[Twin], previous: Mapping[str, Twin | None]
+        self, twins: Iterable[Twin], previous: Mapping[str, Twin | None], ended: Ended
     ) -> WriteResult:
         pending, skipped = newest_per_device(twins)
         written: list[str] = []
@@ -255,18 +302,22 @@ class MongoTwinStore:
                 else:
                     skipped.append(device_id)
             # The commands first: a write cut short leaves them ahead of the twin (see above).
-            await self._write_commands([*replace, *insert], previous)
+            await self._write_commands([*replace, *insert], previous, ended)
             racers = await self._replace(replace, written) + await self._insert(insert, written)
             recheck = {t.device_id for t in racers}
             pending = {t.device_id: t for t in racers}
             previous = {}  # the racers' commands were just written: compare with the store
         raise TwinStoreError(f"gave up writing {sorted(pending)}: other writers keep racing")
 
-    async def _write_commands(self, twins: list[Twin], previous: Mapping[str, Twin | None]) -> None:
-        """Upsert the twins' commands that changed, delete those that are no longer open."""
+    async def _write_commands(
+        self, twins: list[Twin], previous: Mapping[str, Twin | None], ended: Ended | None = None
+    ) -> None:
+        """Upsert the twins' commands that changed, delete those that are no longer open, and
+        store those that ended."""
         unknown = [t.device_id for t in twins if t.device_id not in previous]
         stored = await self._stored_command_ids(unknown) if unknown else {}
         ops: list[ReplaceOne[Doc] | DeleteOne] = []
+        remember: list[ReplaceOne[Doc]] = []
         for t in twins:
             if t.device_id in previous:
                 before = previous[t.device_id]
@@ -275,6 +326,10 @@ class MongoTwinStore:
                 )
             else:
                 old = dict.fromkeys(stored.get(t.device_id, ()))
+            for e in to_remember((ended or {}).get(t.device_id, ()), self.command_memory):
+                key = _command_key(t.device_id, e.command.correlation_id)
+                doc = _encode_ended(t.device_id, e)
+                remember.append(ReplaceOne({"_id": key}, doc, upsert=True))
             now = {c.correlation_id: c for c in t.pending}
             for cid, c in now.items():
                 if old.get(cid) != c:
@@ -286,6 +341,8 @@ class MongoTwinStore:
                 DeleteOne({"_id": _command_key(t.device_id, cid)}) for cid in old if cid not in now
             )
         with _translated():
+            for i in range(0, len(remember), WRITE_CHUNK):
+                await self._ended.bulk_write(remember[i : i + WRITE_CHUNK], ordered=False)
             for i in range(0, len(ops), WRITE_CHUNK):
                 await self._commands.bulk_write(ops[i : i + WRITE_CHUNK], ordered=False)
 
@@ -423,6 +480,7 @@ class MongoTwinStore:
         with _translated():
             await self._twins.drop()
             await self._commands.drop()
+            await self._ended.drop()
             await self._checkpoints.drop()
         log.info("dropped twins collection %s", self._twins.full_name)
 
@@ -433,6 +491,7 @@ class MongoTwinStore:
             for index in INDEXES:
                 await self._twins.create_indexes([index])
             await self._commands.create_indexes([COMMANDS_INDEX])
+            await self._ended.create_indexes([ENDED_INDEX])
 
 
 # -- codec ------------------------------------------------------------------------------
@@ -457,6 +516,12 @@ def _command_key(device_id: str, correlation_id: str) -> str:
 def _encode_command(device_id: str, command: TwinCommand) -> Doc:
     doc = {"device_id": device_id, **command.to_document()}
     _safe_content(doc)
+    return doc
+
+
+def _encode_ended(device_id: str, ended: EndedCommand) -> Doc:
+    doc = {"device_id": device_id, **ended.to_document()}
+    _safe_content(doc["command"])
     return doc
 
 

@@ -15,9 +15,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from proto import events as ev
 from proto.events import AnyEvent, EventData
 from twin.adapters.mongo import MongoTwinStore
-from twin.fold import fold_all
+from twin.fold import fold_all, fold_batch
 from twin.memory import InMemoryTwinStore
-from twin.model import SENT_GRACE, Twin
+from twin.model import COMMAND_MEMORY, SENT_GRACE, EndedCommand, Twin
 from twin.ports import TwinStore
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -202,3 +202,66 @@ async def test_a_write_cut_short_after_the_commands_is_repaired_by_replay(
     final = await store.get("d")
     assert final is not None and final.pending == ()
     assert await mongo_db.torn_commands.count_documents({}) == 0
+
+
+def ended_in(before: Twin, *events: AnyEvent) -> tuple[Twin, dict[str, list[EndedCommand]]]:
+    """What the projector writes: the folded twin and the commands the batch ended."""
+    folded = fold_batch({before.device_id: before}, events)
+    return folded.twins[before.device_id], folded.ended
+
+
+async def test_ended_commands_are_remembered_until_forgotten(mongo_db: AsyncDatabase[Any]) -> None:
+    for store in (
+        InMemoryTwinStore(command_memory=timedelta(hours=2)),
+        MongoTwinStore(mongo_db, "mem", command_memory=timedelta(hours=2)),
+    ):
+        await store.ensure_indexes()
+        v1 = twin_with("d", 500, 600)  # c0, c1 open, awkward content
+        await store.write_many([v1])
+        assert await store.ended_command("d", "c0") is None
+        # c1 ends; c2 opens and ends within the same batch (never stored open)
+        v2, ended = ended_in(v1, done(100, "d", "c1"), cmd(101, "d", "c2"), done(102, "d", "c2"))
+        assert [e.command.correlation_id for e in ended["d"]] == ["c1", "c2"]
+        await store.write_many([v2], previous={"d": v1}, ended=ended)
+        c1 = await store.ended_command("d", "c1")
+        assert c1 is not None
+        assert c1.command == v1.command("c1")
+        assert c1.command.content == {"a.b": {"$c": 2**70}}  # stored as text, read back
+        assert c1.outcome == v2.recent_outcomes[0] and c1.outcome.state == "succeeded"
+        assert c1.forget_at == T0 + timedelta(seconds=100, hours=2)
+        c2 = await store.ended_command("d", "c2")
+        assert c2 is not None and c2.command.position == 101 and c2.outcome.position == 102
+        assert await store.ended_command("other", "c1") is None
+        # a stale write (a replay) writes nothing, its ended commands neither
+        stale, again = ended_in(v1, done(100, "d", "c0"))
+        assert (await store.write_many([stale], ended=again)).skipped == ("d",)
+        assert await store.ended_command("d", "c0") is None
+        # the id used again later (a new command): the newest one is remembered
+        v3, ended = ended_in(v2, cmd(200, "d", "c1"), done(201, "d", "c1"))
+        await store.write_many([v3], ended=ended)
+        newest = await store.ended_command("d", "c1")
+        assert newest is not None and newest.command.position == 200
+        assert await store.forget_ended(T0 + timedelta(seconds=101, hours=2)) == 0
+        assert await store.forget_ended(T0 + timedelta(seconds=102, hours=2)) == 1  # c2
+        assert await store.ended_command("d", "c2") is None
+        assert await store.ended_command("d", "c1") is not None
+        await store.drop()
+        assert await store.ended_command("d", "c1") is None
+
+
+async def test_mongo_keeps_ended_commands_apart_indexed_by_forget_at(
+    mongo_db: AsyncDatabase[Any],
+) -> None:
+    store = MongoTwinStore(mongo_db, "apart")
+    await store.ensure_indexes()
+    await store.ensure_indexes()
+    v1 = twin_with("d1", 100)
+    v2, ended = ended_in(v1, done(95, "d1", "c0"))
+    await store.write_many([v1])
+    await store.write_many([v2], ended=ended)
+    (doc,) = await mongo_db.apart_ended.find().to_list()
+    assert doc["_id"] == '["d1","c0"]' and doc["device_id"] == "d1"
+    assert doc["forget_at"] == T0 + timedelta(seconds=95) + COMMAND_MEMORY
+    assert await mongo_db.apart_commands.count_documents({}) == 0
+    names = {i["name"] async for i in await mongo_db.apart_ended.list_indexes()}
+    assert "forget_at" in names

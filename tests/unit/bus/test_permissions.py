@@ -18,6 +18,7 @@ from bus.permissions import (
 )
 from proto import api, subjects
 from proto.errors import SubjectError
+from proto.leases import LEASE_STREAM, Writer, lease_subject
 
 from .matching import covers, may_publish, may_subscribe, permitted
 
@@ -360,3 +361,62 @@ def test_admin_is_unrestricted() -> None:
     p = svc("admin")
     assert p.unrestricted
     assert may_publish(p, f"$JS.API.STREAM.DELETE.{STREAM}")
+
+
+# -- gateway leases (proto.leases) --------------------------------------------------------------
+
+LEASES = "TWINHUB_LEASES"
+
+
+def test_the_lease_stream_is_the_protos() -> None:
+    assert LEASE_STREAM == LEASES
+
+
+def test_a_gateway_writes_only_its_lease_records() -> None:
+    p = svc("gateway")
+    assert may_publish(p, lease_subject(Writer.GATEWAY, "gw-1", "a1b2"))
+    assert may_publish(p, lease_subject(Writer.GATEWAY, "gw-2", "c3d4"))  # supersede / any id
+    assert not may_publish(p, lease_subject(Writer.TWIN, "gw-1", "a1b2"))  # claims: the twin's
+    assert not may_publish(p, "twinhub.lease.other.gw-1.a1b2")
+
+
+def test_the_twin_writes_only_claims() -> None:
+    p = svc("twin")
+    assert may_publish(p, lease_subject(Writer.TWIN, "gw-1", "a1b2"))
+    assert not may_publish(p, lease_subject(Writer.GATEWAY, "gw-1", "a1b2"))
+
+
+@pytest.mark.parametrize("role", ["gateway", "twin"])
+def test_services_read_the_leases(role: Role) -> None:
+    p = svc(role)
+    for op in (
+        f"STREAM.INFO.{LEASES}",
+        f"STREAM.MSG.GET.{LEASES}",
+        f"DIRECT.GET.{LEASES}",
+        f"CONSUMER.CREATE.{LEASES}.r1.twinhub.lease.>",
+        f"CONSUMER.MSG.NEXT.{LEASES}.r1",
+        f"CONSUMER.DELETE.{LEASES}.r1",
+    ):
+        assert may_publish(p, f"$JS.API.{op}"), op
+    for op in ("DELETE", "PURGE", "MSG.DELETE"):
+        assert not may_publish(p, f"$JS.API.STREAM.{op}.{LEASES}"), op
+
+
+@pytest.mark.parametrize("op", ["CREATE", "UPDATE"])
+def test_only_the_twin_provisions_the_lease_stream(op: str) -> None:
+    assert not may_publish(svc("gateway"), f"$JS.API.STREAM.{op}.{LEASES}")
+    assert may_publish(svc("twin"), f"$JS.API.STREAM.{op}.{LEASES}")
+
+
+def test_applications_get_nothing_of_the_leases() -> None:
+    p = app()
+    for subject in (
+        "twinhub.lease.gw.gw-1.a1",
+        "twinhub.lease.twin.gw-1.a1",
+        f"{JS}.DIRECT.GET.{LEASES}",
+        f"{JS}.STREAM.INFO.{LEASES}",
+        f"{JS}.CONSUMER.CREATE.{LEASES}.x.twinhub.lease.>",
+        f"$JS.API.DIRECT.GET.{LEASES}",
+    ):
+        assert not may_publish(p, subject), subject
+    assert not may_subscribe(p, "twinhub.lease.>")

@@ -122,3 +122,13 @@ def test_seq_counts_changes(hrefs: list[str]) -> None:
         m.simulate_change(h, i, rng)
     for h in m.user_hrefs:
         assert m.representation(h)["seq"] == hrefs.count(h)
+
+
+def test_introspection_is_listed_but_neither_published_nor_in_the_batch() -> None:
+    m = DeviceModel(device_id="d1", name="n", resources=1, introspection=True)
+    assert "/oc/wk/introspection" in [link["href"] for link in m.links()]
+    assert "/oc/wk/introspection" not in [link["href"] for link in m.publish_links()]
+    assert "/oc/wk/introspection" not in [item["href"][len("ocf://d1") :] for item in m.batch()]
+    assert "/oc/wk/introspection" not in [
+        link["href"] for link in DeviceModel(device_id="d1", name="n", resources=1).links()
+    ]

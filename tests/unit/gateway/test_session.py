@@ -22,10 +22,14 @@ LINKS = [
 ]
 
 
+# What the log says the device published before (the twin syncs published resources only).
+PUBLISHED = s.DeviceState(links=(events.ResourceLink(href="/light/1", observable=True),))
+
+
 def signed_in(play: Play) -> list[s.Effect]:
     effects = play.sign_in()
     load = one(effects, s.LoadDeviceState)
-    return play.feed(s.DeviceStateLoaded(load.ref, s.DeviceState()))
+    return play.feed(s.DeviceStateLoaded(load.ref, PUBLISHED))
 
 
 def test_sign_up_replies_after_the_log_acknowledged() -> None:
@@ -80,7 +84,7 @@ def test_sign_in_with_expiresin_then_batch_sync_to_in_sync() -> None:
     assert isinstance(cbor2.loads(r.payload)["expiresin"], int)
     one(effects, s.SignedIn)
     load = one(effects, s.LoadDeviceState)
-    discovery = one(play.feed(s.DeviceStateLoaded(load.ref, s.DeviceState())), s.SendRequest)
+    discovery = one(play.feed(s.DeviceStateLoaded(load.ref, PUBLISHED)), s.SendRequest)
     assert (discovery.method, discovery.path, discovery.observe) == ("GET", "/oic/res", False)
     batch = one(play.feed(s.DeviceResponse(discovery.ref, reply(body=LINKS))), s.SendRequest)
     assert batch.query == ("if=oic.if.b",)

@@ -112,8 +112,17 @@ non_destructive: st.SearchStrategy[EventData | UnknownData] = st.one_of(
     resource_changes,
     st.just(unknown()),
 )
+# Reports with a connection and observe numbers: the fold orders these (twin.freshness).
+connected_reports: st.SearchStrategy[ev.ResourceChanged] = st.builds(
+    ev.ResourceChanged,
+    href=hrefs,
+    content=json_values,
+    observe_seq=st.none() | st.integers(0, 2**24 - 1) | st.integers(0, 5),
+    connection_id=conns,
+)
 any_payload: st.SearchStrategy[EventData | UnknownData] = st.one_of(
     non_destructive,
+    connected_reports,
     st.builds(ev.DeviceRegistered),
     st.builds(ev.DeviceUnregistered),
     st.builds(

@@ -23,6 +23,7 @@ from proto.events import AnyEvent
 from twin import commands
 from twin.api import ApiConfig, TwinApi, latest_twin
 from twin.memory import InMemoryTwinStore
+from twin.model import COMMAND_MEMORY
 from twin.service import ProjectorConfig, TwinProjector
 from twin.sweeper import ExpirySweeper
 
@@ -129,15 +130,80 @@ async def test_generated_correlation_id(world: World) -> None:
     uuid.UUID(result["correlation_id"])
 
 
-async def test_duplicate_correlation_id_is_a_conflict_while_pending(world: World) -> None:
-    await world.ok(update("dup"))
-    # the twin store has not seen it yet: the API reads the log's tail
+async def test_a_repeated_command_request_gets_the_original_answer(world: World) -> None:
+    """Issue 11 item 4: the same request again is never recorded again, open or ended, in the
+    log only or projected too; a different one under the same id is a conflict."""
+    first = msgspec.convert(await world.ok(update("dup", ttl=30)), api.CommandAccepted)
+    assert not first.repeated and first.state == "pending" and first.outcome is None
+    original = msgspec.structs.replace(first, repeated=True)  # what every repeat answers
+
+    async def repeat() -> api.CommandAccepted:
+        return msgspec.convert(await world.ok(update("dup", ttl=30)), api.CommandAccepted)
+
+    # open, recorded in the log only (the twin that recorded it may have died before replying)
     assert await world.twins.get("d1") is None
-    assert await world.code(update("dup")) == "conflict"
-    await world.append(ev.CommandSucceeded(href="/light", status="2.04"), correlation_id="dup")
-    again = await world.ok(update("dup"))  # ended: the id may be used again
-    assert len(await world.events("command-pending")) == 2
-    assert again["correlation_id"] == "dup"
+    assert await repeat() == original
+    assert await world.code(update("dup", ttl=30, content={"value": False})) == "conflict"
+    await world.project()  # open, projected
+    assert await repeat() == original
+    sent = ev.CommandSent(href="/light", gateway="g", connection_id="c")
+    await world.append(sent, correlation_id="dup")
+    assert await repeat() == msgspec.structs.replace(original, state="sent")
+    end = await world.append(
+        ev.CommandSucceeded(href="/light", status="2.04"), correlation_id="dup"
+    )
+    done = await repeat()  # ended, in the log only
+    assert done.state == "succeeded" and done.outcome is not None
+    assert (done.outcome.position, done.outcome.status, done.outcome.attempts) == (end, "2.04", 1)
+    assert msgspec.structs.replace(done, state="pending", outcome=None) == original
+    await world.project()  # ended, projected: the store remembers it
+    assert await repeat() == done
+    reply = await world.call(update("dup", ttl=31))
+    assert reply.error is not None and reply.error.code == "conflict"
+    assert "ttl" in reply.error.message
+    assert len(await world.events("command-pending")) == 1
+
+
+async def test_a_correlation_id_is_free_again_after_the_memory_of_its_command(
+    world: World,
+) -> None:
+    await world.ok(update("x"))
+    await world.append(ev.CommandSucceeded(href="/light", status="2.04"), correlation_id="x")
+    await world.project()
+    ended = await world.twins.ended_command("d1", "x")
+    assert ended is not None and ended.forget_at is not None
+    assert ended.forget_at == ended.outcome.at + COMMAND_MEMORY if ended.outcome else False
+    world.clock.t = ended.forget_at.timestamp()  # forgotten (not yet deleted): a new command
+    again = msgspec.convert(await world.ok(update("x")), api.CommandAccepted)
+    assert not again.repeated
+    assert [e.position for e in await world.events("command-pending")][-1] == again.position
+    assert (await world.ok(update("x")))["repeated"]  # and that one is remembered
+
+
+async def test_one_id_on_two_devices_names_two_commands(world: World) -> None:
+    await world.append(ev.DeviceRegistered(), device="d2")
+    a = await world.ok(update("same"))
+    b = await world.ok(msgspec.structs.replace(update("same"), device_id="d2"))
+    assert a["position"] != b["position"] and not a.get("repeated") and not b.get("repeated")
+
+
+async def test_a_command_of_the_devices_previous_owner_is_never_shown(world: World) -> None:
+    await world.append(ev.DeviceRegistered(), device="b2", owner="bob")
+    cmd = msgspec.structs.replace(update("shared"), device_id="b2")
+    await world.ok(cmd, token="bob")
+    await world.append(ev.DeviceUnregistered(), device="b2", owner="bob")
+    await world.append(ev.DeviceRegistered(), device="b2", owner="alice")  # now alice's
+    # bob's command is still open (the projector cancels it): the id is in use, nothing shown
+    reply = await world.call(cmd)
+    assert reply.error is not None and reply.error.code == "conflict"
+    assert "bob" not in reply.error.message and "value" not in reply.error.message
+    canceled = ev.CommandCanceled(href="/light", reason="device signed off")
+    await world.append(canceled, device="b2", owner="bob", correlation_id="shared")
+    await world.project()
+    assert await world.twins.ended_command("b2", "shared") is not None  # bob's, remembered
+    mine = await world.ok(cmd)  # ended: not alice's to see, so a new command of hers
+    assert not mine.get("repeated")
+    assert "outcome" not in mine
 
 
 async def test_authorization(world: World) -> None:
@@ -253,6 +319,19 @@ async def test_concurrent_commands_with_one_id_record_one(world: World) -> None:
     import asyncio
 
     replies = await asyncio.gather(*(world.call(update("same")) for _ in range(5)))
+    assert all(r.ok for r in replies)
+    results = [msgspec.convert(r.result, api.CommandAccepted) for r in replies]
+    assert len({(a.position, a.expires_at) for a in results}) == 1  # the original, to every one
+    assert sum(not a.repeated for a in results) == 1
+    assert len(await world.events("command-pending")) == 1
+
+
+async def test_concurrent_different_commands_with_one_id_record_one(world: World) -> None:
+    import asyncio
+
+    replies = await asyncio.gather(
+        *(world.call(update("same", content={"value": i})) for i in range(5))
+    )
     assert sum(r.ok for r in replies) == 1
     assert {r.error.code for r in replies if r.error is not None} == {"conflict"}
     assert len(await world.events("command-pending")) == 1

@@ -22,7 +22,10 @@ def sample() -> Twin:
             event(ev.DeviceRegistered(), 1),
             event(online("c1"), 2),
             event(ev.ResourceLinksPublished(links=(link("/light.1", "oic.r.switch.binary"),)), 3),
-            event(changed("/light.1", {"value": True}, etag="e1", observe_seq=2), 4),
+            event(
+                changed("/light.1", {"value": True}, etag="e1", observe_seq=2, connection_id="c1"),
+                4,
+            ),
             event(ev.TwinSyncStateChanged(state="in_sync", connection_id="c1"), 5),
         ],
     )
@@ -56,6 +59,7 @@ def test_document_shape() -> None:
                 "status": "2.05",
                 "etag": "e1",
                 "observe_seq": 2,
+                "connection_id": "c1",
                 "updated_at": T0 + timedelta(seconds=4),
                 "position": 4,
             }

@@ -21,7 +21,7 @@ from twin.errors import (
 from twin.fold import fold_all
 from twin.memory import InMemoryTwinStore
 from twin.model import Twin
-from twin.ports import WriteResult
+from twin.ports import Ended, WriteResult
 from twin.service import ProjectorConfig, ProjectorHooks, TwinProjector, rebuild
 
 from .factory import T0, changed, link, offline, online, unknown
@@ -56,13 +56,17 @@ class FlakyStore(InMemoryTwinStore):
         self.writes = 0
 
     async def write_many(
-        self, twins: Iterable[Twin], *, previous: Mapping[str, Twin | None] | None = None
+        self,
+        twins: Iterable[Twin],
+        *,
+        previous: Mapping[str, Twin | None] | None = None,
+        ended: Ended | None = None,
     ) -> WriteResult:
         if self.failures > 0:
             self.failures -= 1
             raise StoreUnavailableError("store down (simulated)")
         self.writes += 1
-        return await super().write_many(twins, previous=previous)
+        return await super().write_many(twins, previous=previous, ended=ended)
 
 
 def make(data: EventData | UnknownData, device: str = "d1", i: int = 0) -> AnyEvent:
