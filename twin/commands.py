@@ -31,9 +31,10 @@ under that id (a device that changed owners) is never shown; while it is open th
 window a known id names a new command (the gateway tells the two apart by their positions).
 Ids on different devices are independent.
 
-Message ids are derived, never random: a command's from (owner, device, correlation id, what it
-asks for, the expected last position: each owner's scope has its own positions), so a retried append of the same decision is deduplicated by
-the log, two instances recording the same request at once record it once (and answer the same
+Message ids are derived, never random: a command's from (owner, device, correlation id, what
+it asks for, the expected last position: each owner's scope has its own positions), so a
+retried append of the same decision is deduplicated by the log,
+two instances recording the same request at once record it once (and answer the same
 position), and a different request racing under the same id cannot be taken for it. Cancel
 and expiry ids come from (device, correlation id, the command's position): two instances
 canceling or expiring the same command write it once (within the log's duplicate window;
