@@ -66,7 +66,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -550,16 +550,63 @@ def _emit(msg: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+async def serve_worker_commands(
+    fleet_task: asyncio.Task[Any],
+    driver: _Driver,
+    extra: Mapping[str, Callable[[dict[str, Any]], None]] | None = None,
+) -> None:
+    """A sim worker's command loop: JSON lines on stdin (``stats``, ``rate``, ``stop`` and the
+    ``extra`` commands by name), answers on stdout; returns on ``stop``, at the end of stdin
+    (the benchmark went away) or when the fleet ends (a signal)."""
+    from devicesim.stats import FleetSnapshot
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while not fleet_task.done():
+        read = asyncio.create_task(reader.readline())
+        await asyncio.wait({read, fleet_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not read.done():
+            read.cancel()
+            return
+        line = read.result()
+        if not line:
+            return
+        cmd = json.loads(line)
+        name = cmd.get("cmd")
+        if name == "stop":
+            return
+        if name == "stats":
+            snap = FleetSnapshot.of(d.stats for d in driver.fleet)
+            _emit(
+                {
+                    "type": "stats",
+                    "devices": snap.devices,
+                    "connected": snap.connected,
+                    "signed_in": snap.signed_in,
+                    "totals": snap.totals,
+                    "error_kinds": snap.error_kinds,
+                    "driver": dict(driver.counters),
+                    "lag_ms": driver.lag_summary(),
+                }
+            )
+        elif name == "rate":
+            driver.set_rate(float(cmd["rate"]), loop.time())
+            _emit({"type": "ok"})
+        elif extra is not None and name in extra:
+            extra[name](cmd)
+        else:
+            _emit({"type": "error", "error": f"unknown command {name!r}"})
+
+
 async def sim_worker(args: argparse.Namespace) -> int:
     import logging
 
     from devicesim.config import TlsOptions
     from devicesim.fleet import run_fleet
-    from devicesim.stats import FleetSnapshot
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("devicesim.coap").setLevel(logging.ERROR)
-    loop = asyncio.get_running_loop()
     driver = _Driver()
     stop = asyncio.Event()
 
@@ -583,41 +630,8 @@ async def sim_worker(args: argparse.Namespace) -> int:
         )
     )
     driver_task = asyncio.create_task(driver.run())
-    reader = asyncio.StreamReader(limit=2**20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     try:
-        while not fleet_task.done():
-            read = asyncio.create_task(reader.readline())
-            await asyncio.wait({read, fleet_task}, return_when=asyncio.FIRST_COMPLETED)
-            if not read.done():
-                read.cancel()
-                break  # the fleet ended (a signal)
-            line = read.result()
-            if not line:
-                break  # the benchmark went away
-            cmd = json.loads(line)
-            match cmd.get("cmd"):
-                case "stats":
-                    snap = FleetSnapshot.of(d.stats for d in driver.fleet)
-                    _emit(
-                        {
-                            "type": "stats",
-                            "devices": snap.devices,
-                            "connected": snap.connected,
-                            "signed_in": snap.signed_in,
-                            "totals": snap.totals,
-                            "error_kinds": snap.error_kinds,
-                            "driver": dict(driver.counters),
-                            "lag_ms": driver.lag_summary(),
-                        }
-                    )
-                case "rate":
-                    driver.set_rate(float(cmd["rate"]), loop.time())
-                    _emit({"type": "ok"})
-                case "stop":
-                    break
-                case other:
-                    _emit({"type": "error", "error": f"unknown command {other!r}"})
+        await serve_worker_commands(fleet_task, driver)
     finally:
         driver_task.cancel()
         stop.set()

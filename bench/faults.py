@@ -208,11 +208,9 @@ async def sim_worker(args: argparse.Namespace) -> int:
     from devicesim.backoff import BackoffPolicy
     from devicesim.config import TlsOptions
     from devicesim.fleet import run_fleet
-    from devicesim.stats import FleetSnapshot
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("devicesim").setLevel(logging.ERROR)
-    loop = asyncio.get_running_loop()
     recorder = Recorder()
     recorder.install()
     driver = e2e._Driver()
@@ -245,44 +243,13 @@ async def sim_worker(args: argparse.Namespace) -> int:
         asyncio.create_task(driver.run(), name="driver"),
         asyncio.create_task(recorder.watch(), name="connections"),
     ]
-    reader = asyncio.StreamReader(limit=2**20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def dump(cmd: dict[str, Any]) -> None:
+        recorder.dump(Path(cmd["path"]))
+        e2e._emit({"type": "dumped", "path": cmd["path"]})
+
     try:
-        while not fleet_task.done():
-            read = asyncio.create_task(reader.readline())
-            await asyncio.wait({read, fleet_task}, return_when=asyncio.FIRST_COMPLETED)
-            if not read.done():
-                read.cancel()
-                break
-            line = read.result()
-            if not line:
-                break
-            cmd = json.loads(line)
-            match cmd.get("cmd"):
-                case "stats":
-                    snap = FleetSnapshot.of(d.stats for d in driver.fleet)
-                    e2e._emit(
-                        {
-                            "type": "stats",
-                            "devices": snap.devices,
-                            "connected": snap.connected,
-                            "signed_in": snap.signed_in,
-                            "totals": snap.totals,
-                            "error_kinds": snap.error_kinds,
-                            "driver": dict(driver.counters),
-                            "lag_ms": driver.lag_summary(),
-                        }
-                    )
-                case "rate":
-                    driver.set_rate(float(cmd["rate"]), loop.time())
-                    e2e._emit({"type": "ok"})
-                case "dump":
-                    recorder.dump(Path(cmd["path"]))
-                    e2e._emit({"type": "dumped", "path": cmd["path"]})
-                case "stop":
-                    break
-                case other:
-                    e2e._emit({"type": "error", "error": f"unknown command {other!r}"})
+        await e2e.serve_worker_commands(fleet_task, driver, {"dump": dump})
     finally:
         for t in tasks:
             t.cancel()
