@@ -75,3 +75,25 @@ def test_fault_suite_quick_finds_no_violation() -> None:
         indent=1,
     )[:6000]
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.timeout(200)
+def test_soak_quick_samples_every_process_and_its_watch_misses_nothing() -> None:
+    """``bench/soak.py --quick``: the whole system as processes under steady load, sampled; the
+    run fails (exit 1) when the watch did not print exactly its device's events in order or the
+    log took less than 90 % of the offered load. The 5 % growth goal is the hour-long run's."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    soak = json.loads(proc.stdout)["soak"]
+    assert soak["watch"]["printed"] == soak["watch"]["logged"] > 0
+    growth = soak["growth_after_warmup"]
+    for name in ("nats-server", "mongo-server", "gateway", "twin", "callout", "watch"):
+        assert growth[name]["rss_kb"]["samples"] >= 4, name
+        assert growth[name]["open_files"]["first"] > 0, name

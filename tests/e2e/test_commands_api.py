@@ -250,6 +250,40 @@ async def test_wait_returns_the_outcome_the_gateway_records(env: Env) -> None:
         assert pending == []
 
 
+async def test_a_request_repeated_after_its_command_ended_gets_that_outcome_never_a_new_command(
+    env: Env,
+) -> None:
+    """Issue 11 item 4: the twin died between recording a command and replying, the command
+    ran, and the client sends the request again with the same correlation id. The retry gets
+    the original acceptance with its outcome (never "accepted" and then left to expire); the
+    log holds one command; a different request under that id is a conflict."""
+    device = env.dev("d1")
+    await env.register(device)
+    async with env.client() as c:
+        first = await c.update(device, "/light", {"value": True}, correlation_id="r-1", ttl=45.5)
+        sent = ev.CommandSent(href="/light", gateway="gw", connection_id="k", attempt=1)
+        await env.append(device, sent, cid="r-1")
+        done = ev.CommandSucceeded(href="/light", status="2.04", content={"value": True})
+        done_at = await env.append(device, done, cid="r-1")
+        await env.wait_twin(device, lambda t: any(o.position == done_at for o in t.recent_outcomes))
+
+        again = await c.update(device, "/light", {"value": True}, correlation_id="r-1", ttl=45.5)
+        assert isinstance(again, api.CommandAccepted)
+        assert again.repeated and again.state == "succeeded"
+        assert (again.position, again.expires_at) == (first.position, first.expires_at)
+        assert again.outcome is not None and again.outcome.position == done_at
+        outcome = await c.update(
+            device, "/light", {"value": True}, correlation_id="r-1", ttl=45.5, wait=True
+        )
+        assert isinstance(outcome.data, ev.CommandSucceeded) and outcome.position == done_at
+        with pytest.raises(ConflictError, match="differs in ttl"):
+            await c.update(device, "/light", {"value": True}, correlation_id="r-1", ttl=30)
+        with pytest.raises(ConflictError, match="differs in content"):
+            await c.update(device, "/light", {"value": 1}, correlation_id="r-1", ttl=45.5)
+        assert await c.list_pending(device) == []
+    assert len(await env.events(device, "command-pending")) == 1
+
+
 async def test_expiry_by_the_sweeper_for_a_device_that_never_comes_online(env: Env) -> None:
     await env.register(env.dev("offline-forever"))
     async with env.client() as c:
