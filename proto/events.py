@@ -266,6 +266,61 @@ class DesiredReached(_Data, frozen=True, kw_only=True):
         return self.href
 
 
+class DeviceProvisioned(_Data, frozen=True, kw_only=True):
+    """A simple device (ThingsBoard's device API, PRODUCT.md 4.2) was created for ``owner``,
+    with an access token. ``token_id`` names the token (:func:`proto.devtokens.token_id`: a
+    prefix of its hash, never the token); ``provisioned_by`` is the caller (a token subject, or
+    ``provision-key:<profile>`` for self-provisioning)."""
+
+    TYPE: ClassVar[str] = "io.twinhub.device.provisioned.v1"
+    KIND: ClassVar[str] = "device-provisioned"
+    profile: str = "thingsboard"
+    name: str = ""
+    token_id: str
+    provisioned_by: str = ""
+
+
+class DeviceTokenChanged(_Data, frozen=True, kw_only=True):
+    """A simple device's access token was rotated (``token_id``: the new one) or revoked
+    (``token_id`` empty: the device has none until the next rotation)."""
+
+    TYPE: ClassVar[str] = "io.twinhub.device.token-changed.v1"
+    KIND: ClassVar[str] = "device-token-changed"
+    token_id: str = ""
+    previous_token_id: str = ""
+    reason: Literal["rotated", "revoked"]
+    changed_by: str = ""
+
+
+class TelemetryReported(_Data, frozen=True, kw_only=True):
+    """One telemetry sample of a simple device (``POST /api/v1/{token}/telemetry``): the
+    device's timestamp ``ts`` (ms since the epoch; absent: the gateway's receive time is the
+    event's ``time``) and its ``values`` (key -> JSON value). The twin keeps each key's latest
+    value; every sample stays in the log."""
+
+    TYPE: ClassVar[str] = "io.twinhub.telemetry.reported.v1"
+    KIND: ClassVar[str] = "telemetry-reported"
+    ts: int | None = None
+    values: dict[str, Any]
+
+
+class AttributesReported(_Data, frozen=True, kw_only=True):
+    """Client-side attributes a simple device set (``POST /api/v1/{token}/attributes``):
+    key -> JSON value, merged into the twin's client attributes."""
+
+    TYPE: ClassVar[str] = "io.twinhub.attributes.reported.v1"
+    KIND: ClassVar[str] = "attributes-reported"
+    values: dict[str, Any]
+
+
+SIMPLE_DEVICE_EVENTS: Final = (
+    DeviceProvisioned,
+    DeviceTokenChanged,
+    TelemetryReported,
+    AttributesReported,
+)
+
+
 COMMAND_EVENTS: Final = (
     CommandPending,
     CommandSent,
@@ -294,6 +349,10 @@ EventData = (
     | DesiredSet
     | DesiredCleared
     | DesiredReached
+    | DeviceProvisioned
+    | DeviceTokenChanged
+    | TelemetryReported
+    | AttributesReported
 )
 
 EVENT_TYPES: Final[dict[str, type[EventData]]] = {
@@ -311,6 +370,7 @@ EVENT_TYPES: Final[dict[str, type[EventData]]] = {
         DesiredSet,
         DesiredCleared,
         DesiredReached,
+        *SIMPLE_DEVICE_EVENTS,
     )
 }
 KINDS: Final[dict[str, type[EventData]]] = {cls.KIND: cls for cls in EVENT_TYPES.values()}
