@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from proto import api, leases, subjects
+from proto import api, devtokens, leases, subjects
 
 __all__ = [
     "ACCOUNT_APPS",
@@ -54,6 +54,8 @@ EVENTS: Final = "twinhub.ev.>"
 LEASE_STREAM: Final = leases.LEASE_STREAM
 GATEWAY_LEASES: Final = leases.GATEWAY_SUBJECTS  # what a gateway writes of its lease
 TWIN_LEASES: Final = leases.TWIN_SUBJECTS  # the twin service's claims of lost instances
+TOKEN_STREAM: Final = devtokens.TOKEN_STREAM
+DEVICE_TOKENS: Final = devtokens.ALL_TOKENS  # the hashed access tokens of simple devices
 CALLOUT_SUBJECT: Final = "$SYS.REQ.USER.AUTH"
 
 Role = Literal["gateway", "twin", "callout", "admin"]
@@ -112,7 +114,11 @@ def _deny_consumers(prefix: str, stream: str, names: Sequence[str]) -> tuple[str
 
 
 def service_permissions(
-    role: Role, stream: str, projector: str, lease_stream: str = LEASE_STREAM
+    role: Role,
+    stream: str,
+    projector: str,
+    lease_stream: str = LEASE_STREAM,
+    token_stream: str = TOKEN_STREAM,
 ) -> Permissions:
     """What each of twinhub's processes may do in the TWINHUB (``callout``: AUTH) account.
 
@@ -126,7 +132,11 @@ def service_permissions(
     * callout: answer the server's authorization requests, nothing else.
     * admin: everything (the explicit admin path of the CLI: rebuild, maintenance, tests).
 
-    Applications get nothing of the leases: APPS imports none of it.
+    The simple devices' token registry (``twinhub.devtoken.>``, hashes only): the gateway reads
+    it (direct gets by subject), the twin service provisions it, reads it and writes it (its
+    provisioning operations).
+
+    Applications get nothing of the leases or the token registry: APPS imports none of it.
     """
     if role == "admin":
         return Permissions(unrestricted=True)
@@ -139,6 +149,7 @@ def service_permissions(
         *_consumers_api(stream),
         *_reads(lease_stream),
         *_consumers_api(lease_stream),
+        *_reads(token_stream),
     )
     common_sub = (EVENTS, f"{inbox_prefix(role)}.>")
     if role == "gateway":
@@ -151,6 +162,10 @@ def service_permissions(
         pub_allow=(
             *common_pub,
             TWIN_LEASES,
+            DEVICE_TOKENS,
+            *_consumers_api(token_stream),
+            f"$JS.API.STREAM.CREATE.{token_stream}",
+            f"$JS.API.STREAM.UPDATE.{token_stream}",
             f"$JS.API.STREAM.CREATE.{stream}",
             f"$JS.API.STREAM.UPDATE.{stream}",
             f"$JS.API.STREAM.CREATE.{lease_stream}",

@@ -44,6 +44,7 @@ from gateway.leasing import GatewayLease
 from gateway.oauth import OAuthProvider, parse_provider
 from gateway.service import Gateway, GatewayConfig
 from gateway.writer import WriterConfig
+from proto.devtokens import ALL_TOKENS, TOKEN_STREAM
 from proto.leases import ALL_LEASES, LEASE_STREAM
 from twin.adapters.mongo import MongoTwinStore
 from twin.adapters.mongo_held import MongoHeldConnections
@@ -253,6 +254,14 @@ LEASE_LAYOUT: Final = StreamLayout(
 )
 """The gateway leases' stream (see proto.leases and docs/architecture.md)."""
 
+TOKEN_LAYOUT: Final = StreamLayout(
+    name=TOKEN_STREAM,
+    subjects=(ALL_TOKENS,),
+    max_msgs_per_subject=1,  # a token's current record (active or revoked), by its hash
+)
+"""The simple devices' access-token registry (see proto.devtokens): written by the twin
+service's provisioning operations, read by the gateway."""
+
 
 def lease_config(config: Config) -> LeaseConfig:
     if not config.gateway.lease > 0:
@@ -320,6 +329,8 @@ async def event_store(
             await store.provision()
             async with JetStreamEventStore(store.connection, LEASE_LAYOUT) as leases:
                 await leases.provision()
+            async with JetStreamEventStore(store.connection, TOKEN_LAYOUT) as tokens:
+                await tokens.provision()
         else:
             await store.wait_provisioned(PROVISION_WAIT)
         yield store
@@ -332,6 +343,15 @@ async def lease_store(store: JetStreamEventStore) -> AsyncIterator[JetStreamEven
     async with JetStreamEventStore(store.connection, LEASE_LAYOUT) as leases:
         await leases.wait_provisioned(PROVISION_WAIT)
         yield leases
+
+
+@contextlib.asynccontextmanager
+async def token_store(store: JetStreamEventStore) -> AsyncIterator[JetStreamEventStore]:
+    """The device-token registry on ``store``'s connection (provisioned with the event stream
+    by the twin service, :func:`event_store`; waited for here)."""
+    async with JetStreamEventStore(store.connection, TOKEN_LAYOUT) as tokens:
+        await tokens.wait_provisioned(PROVISION_WAIT)
+        yield tokens
 
 
 @contextlib.asynccontextmanager
