@@ -14,8 +14,9 @@ is told apart from an unknown one in the logs; both get 4.01); rotation writes t
 record and revokes the old one. SHA-256 without salt or stretching is right here: the input is
 192 random bits, not a password.
 
-``token_id`` (:func:`token_id`) names a token in events and listings: the first 12 hex digits of
-its hash, never enough to find the token.
+Events carry a token's full hash (``token_hash``: it finds the registry record, e.g. to revoke
+it, and reveals nothing of the token); ``token_id`` (:func:`token_id`) is its short name for
+people: the first 12 hex digits.
 
 Only the twin service (the command API's provisioning operations) writes the registry; the
 gateway reads it (bus/permissions.py); applications get nothing of it.
@@ -36,6 +37,7 @@ __all__ = [
     "TokenRecord",
     "decode_record",
     "encode_record",
+    "hash_subject",
     "looks_like_token",
     "new_token",
     "token_hash",
@@ -59,7 +61,6 @@ class TokenRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     owner: str
     device_id: str
     state: TokenState = "active"
-    token_id: str
     profile: str = "thingsboard"
     issued_at_ms: int = 0  # when this record was written (ms since the epoch)
 
@@ -90,7 +91,12 @@ def token_id(token_or_hash: str, *, hashed: bool = False) -> str:
 
 def token_subject(token: str) -> str:
     """The registry subject of ``token`` (by its hash)."""
-    return f"{SUBJECT_PREFIX}.{token_hash(token)}"
+    return hash_subject(token_hash(token))
+
+
+def hash_subject(hashed: str) -> str:
+    """The registry subject of a token by its hash (as events carry it)."""
+    return f"{SUBJECT_PREFIX}.{hashed}"
 
 
 def encode_record(record: TokenRecord) -> bytes:

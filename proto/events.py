@@ -268,26 +268,27 @@ class DesiredReached(_Data, frozen=True, kw_only=True):
 
 class DeviceProvisioned(_Data, frozen=True, kw_only=True):
     """A simple device (ThingsBoard's device API, PRODUCT.md 4.2) was created for ``owner``,
-    with an access token. ``token_id`` names the token (:func:`proto.devtokens.token_id`: a
-    prefix of its hash, never the token); ``provisioned_by`` is the caller (a token subject, or
+    with an access token. ``token_hash`` is the SHA-256 of the token (hex,
+    :func:`proto.devtokens.token_hash`; not a secret: the token is 192 random bits and the
+    hash only finds its registry record); ``provisioned_by`` is the caller (a token subject, or
     ``provision-key:<profile>`` for self-provisioning)."""
 
     TYPE: ClassVar[str] = "io.twinhub.device.provisioned.v1"
     KIND: ClassVar[str] = "device-provisioned"
     profile: str = "thingsboard"
     name: str = ""
-    token_id: str
+    token_hash: str
     provisioned_by: str = ""
 
 
 class DeviceTokenChanged(_Data, frozen=True, kw_only=True):
-    """A simple device's access token was rotated (``token_id``: the new one) or revoked
-    (``token_id`` empty: the device has none until the next rotation)."""
+    """A simple device's access token was rotated (``token_hash``: the new one's) or revoked
+    (``token_hash`` empty: the device has none until the next rotation)."""
 
     TYPE: ClassVar[str] = "io.twinhub.device.token-changed.v1"
     KIND: ClassVar[str] = "device-token-changed"
-    token_id: str = ""
-    previous_token_id: str = ""
+    token_hash: str = ""
+    previous_token_hash: str = ""
     reason: Literal["rotated", "revoked"]
     changed_by: str = ""
 
