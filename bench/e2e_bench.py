@@ -252,6 +252,8 @@ async def gateway_process(
             "TWINHUB_GATEWAY_ID": name,
             "TWINHUB_GATEWAY_TCP": "",
             "TWINHUB_GATEWAY_TLS": f"{GATEWAY_HOST}:{port}",
+            "TWINHUB_GATEWAY_UDP": "",  # no simple devices here
+            "TWINHUB_GATEWAY_DTLS": "",
             "TWINHUB_GATEWAY_TLS_CERT": str(pki / "server.crt"),
             "TWINHUB_GATEWAY_TLS_KEY": str(pki / "server.key"),
             # every simulated device connects from 127.0.0.1: no per-address connection limit

@@ -46,6 +46,8 @@ from gateway.adapters.coap import (
     Observation,
     RequestTooLarge,
 )
+from gateway.adapters.coap_udp import SimpleDeviceServer
+from gateway.adapters.dtls import DtlsTerminator
 from gateway.commands import (
     Answer,
     AppendCommandEvents,
@@ -197,6 +199,10 @@ class Gateway:
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._gc_policy = contextlib.ExitStack()
+        # The simple devices' UDP endpoint served by this process beside the OCF listeners (set
+        # by the composition root, twinhub_cli.services.run_gateway); it follows the instance.
+        self.simple: SimpleDeviceServer | None = None
+        self.dtls: DtlsTerminator | None = None  # DTLS in front of ``simple``, likewise
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -262,6 +268,8 @@ class Gateway:
         self.instance = instance
         for c in list(self.conns.values()):
             self._close_now(c, "gateway lease lost: reconnect")
+        if self.simple is not None:
+            self.simple.adopt_instance(instance)
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -270,6 +278,16 @@ class Gateway:
     @property
     def tls_address(self) -> tuple[str, int] | None:
         return self._server.tls_address if self._server else None
+
+    @property
+    def udp_address(self) -> tuple[str, int] | None:
+        """The simple devices' CoAP/UDP endpoint, if this process serves one."""
+        return self.simple.address if self.simple is not None else None
+
+    @property
+    def dtls_address(self) -> tuple[str, int] | None:
+        """The simple devices' CoAP/DTLS endpoint, if this process serves one."""
+        return self.dtls.address if self.dtls is not None else None
 
     async def _tick_loop(self) -> None:
         while True:

@@ -16,6 +16,13 @@ The same request gets the original :class:`CommandAccepted` (``repeated``, with 
 ``state`` and ``outcome``), a different one ``conflict`` (what "the same" means:
 :mod:`twin.commands`). So a caller that got no answer sends the same request again, with the
 same correlation id, as the client library does.
+
+Simple devices (ThingsBoard's device API): ``provision-device`` creates one for the caller's
+owner and answers its access token (:class:`DeviceTokenIssued`: the only place the token ever
+appears; the service keeps its hash), ``rotate-device-token`` gives it a new one and
+``revoke-device-token`` revokes it (:class:`DeviceTokenRevoked`). Each is recorded as an event
+(``device-provisioned``, ``device-token-changed``) and in the token registry
+(:mod:`proto.devtokens`). They are not idempotent like commands: the client sends them once.
 """
 
 from __future__ import annotations
@@ -143,6 +150,32 @@ class GetSession(_Request, frozen=True, kw_only=True):
     OP: ClassVar[str] = "session"
 
 
+class ProvisionDevice(_Request, frozen=True, kw_only=True):
+    """Create a simple device (ThingsBoard's device API, PRODUCT.md 4.2) for the caller's owner,
+    with a fresh access token (:class:`DeviceTokenIssued`). ``device_id`` absent: a random UUID;
+    a device id that exists already is ``conflict`` (rotate its token instead)."""
+
+    OP: ClassVar[str] = "provision-device"
+    device_id: str | None = None
+    name: str = ""
+
+
+class RevokeDeviceToken(_Request, frozen=True, kw_only=True):
+    """Revoke a simple device's access token (:class:`DeviceTokenRevoked`): the gateway refuses
+    it from then on, and the device has none until its token is rotated."""
+
+    OP: ClassVar[str] = "revoke-device-token"
+    device_id: str
+
+
+class RotateDeviceToken(_Request, frozen=True, kw_only=True):
+    """Give a simple device a new access token and revoke its current one
+    (:class:`DeviceTokenIssued`)."""
+
+    OP: ClassVar[str] = "rotate-device-token"
+    device_id: str
+
+
 ApiRequest = (
     UpdateResource
     | CreateResource
@@ -155,6 +188,9 @@ ApiRequest = (
     | GetTwin
     | ListDevices
     | GetSession
+    | ProvisionDevice
+    | RevokeDeviceToken
+    | RotateDeviceToken
 )
 REQUEST_TYPES: Final[dict[str, type[ApiRequest]]] = {
     cls.OP: cls
@@ -170,6 +206,9 @@ REQUEST_TYPES: Final[dict[str, type[ApiRequest]]] = {
         GetTwin,
         ListDevices,
         GetSession,
+        ProvisionDevice,
+        RevokeDeviceToken,
+        RotateDeviceToken,
     )
 }
 COMMAND_REQUESTS: Final[dict[str, CommandOp]] = {
@@ -305,6 +344,28 @@ class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
     consumer_key: str
     position: int
     expires_at: float | None = None
+
+
+class DeviceTokenIssued(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply to ``provision-device`` and ``rotate-device-token``: the device's new access
+    ``token`` (shown here only: the service keeps its hash, never the token), its public name
+    ``token_id`` (:func:`proto.devtokens.token_id`) and where the event that recorded it is in the
+    log (``position``: ``device-provisioned`` / ``device-token-changed``)."""
+
+    device_id: str
+    token: str
+    token_id: str
+    position: int
+
+
+class DeviceTokenRevoked(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The reply to ``revoke-device-token``: the token revoked (``token_id``) and the
+    ``device-token-changed`` event's position; ``token_id`` empty and ``position`` ``None`` when
+    the device had no token to revoke (already revoked)."""
+
+    device_id: str
+    token_id: str = ""
+    position: int | None = None
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -199,7 +199,15 @@ async def test_mongo_unhealthy_within_timeout(env: pytest.MonkeyPatch, capsys: C
 async def running_gateway(
     nats_server: NatsServer, data_dir: Path
 ) -> AsyncIterator[tuple[int, int]]:
-    config = bus_config(nats_server, gateway={"tcp": "127.0.0.1:0", "tls": "127.0.0.1:0"})
+    config = bus_config(
+        nats_server,
+        gateway={
+            "tcp": "127.0.0.1:0",
+            "tls": "127.0.0.1:0",
+            "udp": "127.0.0.1:0",
+            "dtls": "127.0.0.1:0",
+        },
+    )
     data = DataDir(data_dir)
     async with (
         gateway_store(config, data) as store,
@@ -337,7 +345,14 @@ async def test_endpoint_of_a_running_gateway(
     nats_server: NatsServer, tmp_path: Path, env: pytest.MonkeyPatch, capsys: Capture
 ) -> None:
     config = bus_config(
-        nats_server, gateway={"tcp": "127.0.0.1:0", "tls": "", "metrics_listen": "127.0.0.1:0"}
+        nats_server,
+        gateway={
+            "tcp": "127.0.0.1:0",
+            "tls": "",
+            "udp": "127.0.0.1:0",
+            "dtls": "127.0.0.1:0",
+            "metrics_listen": "127.0.0.1:0",
+        },
     )
     fast = ObservabilityConfig(heartbeat_interval=0.1, probe_interval=0.1)
     async with (

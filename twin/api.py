@@ -30,6 +30,12 @@ found; :func:`twin.commands.decide` then answers a repeat with the original acce
 append that the log reports as a
 duplicate of an append this driver did not retry itself was another request's (the same
 request, racing): it is decided again, and answered as that command's repeat.
+
+The provisioning operations of simple devices (``provision-device``, ``revoke-device-token``,
+``rotate-device-token``) are decided by :mod:`twin.provisioning` and write the injected
+:class:`~twin.ports.TokenRegistry` before the log (why, and what a crash leaves: that module's
+docstring). Without a registry they answer ``unavailable``. The token is generated here (the
+injected ``new_token``), handed out in the reply only, and never logged.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import hashlib
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,15 +60,15 @@ from eventstore.errors import (
     UnavailableError,
 )
 from eventstore.ports import AppendResult, EventStore
-from proto import api, binding, subjects
+from proto import api, binding, devtokens, subjects
 from proto.errors import BindingError
 from proto.events import AnyEvent
-from twin import commands
+from twin import commands, provisioning
 from twin.commands import Answer, Record, error
 from twin.errors import StoreUnavailableError, TwinStoreError
 from twin.fold import fold
 from twin.model import EndedCommand, Twin
-from twin.ports import TwinStore
+from twin.ports import TokenRegistry, TwinStore
 
 __all__ = ["ApiConfig", "KeyRefresh", "TwinApi", "latest_command", "latest_twin"]
 
@@ -146,6 +153,9 @@ class TwinApi:
         *,
         clock: Callable[[], float] = time.time,
         refresh_keys: KeyRefresh | None = None,
+        tokens: TokenRegistry | None = None,
+        new_token: Callable[[], str] = devtokens.new_token,
+        new_device_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
         self._events = events
         self._twins = twins
@@ -153,6 +163,9 @@ class TwinApi:
         self.config = config or ApiConfig()
         self._clock = clock
         self._refresh_keys = refresh_keys
+        self._tokens = tokens
+        self._new_token = new_token
+        self._new_device_id = new_device_id
 
     async def handle(self, op: str, body: bytes, token: str | None) -> api.Reply:
         """The reply to one request of operation ``op`` (the subject's last token)."""
@@ -220,6 +233,8 @@ class TwinApi:
         match request:
             case api.GetSession():
                 return await self._session(caller)
+            case api.ProvisionDevice() | api.RevokeDeviceToken() | api.RotateDeviceToken():
+                return await self._provisioning(request, caller, now)
             case api.ListDevices():
                 return await self._list_devices(request, owner)
             case api.ListPending() if request.device_id is None:
@@ -265,6 +280,77 @@ class TwinApi:
                 continue
             return decision.reply(result.positions)
         return error("unavailable", "too many concurrent changes to this device; retry")
+
+    async def _provisioning(
+        self, request: provisioning.TokenRequest, caller: Claims, now: datetime
+    ) -> api.Reply:
+        registry = self._tokens
+        if registry is None:
+            return error("unavailable", "this twin service has no device-token registry")
+        problem = provisioning.validate_request(request)
+        if problem is not None:
+            return error("bad_request", problem)
+        owner = caller.owner
+        by = caller.raw.get("sub")
+        device_id = request.device_id or self._new_device_id()
+        token = None if isinstance(request, api.RevokeDeviceToken) else self._new_token()
+        # the active record of the token to hand out, once written, until its event is
+        # recorded: revoked again if it never is (a racing provisioning won, the log failed)
+        orphan: tuple[provisioning.RegistryWrite, int] | None = None
+        try:
+            for _ in range(MAX_DECISIONS):
+                scope = provisioning.scope_for(request, owner, device_id)
+                expected = await self._events.last_position(scope)
+                twin = await latest_twin(self._twins, self._events, device_id)
+                current = None
+                if twin is not None and twin.token_hash and twin.owner == owner:
+                    current = await registry.get(twin.token_hash)
+                decision = provisioning.decide(
+                    request,
+                    owner,
+                    twin,
+                    now,
+                    device_id=device_id,
+                    token=token,
+                    current=current,
+                    caller=by if isinstance(by, str) and by else owner,
+                    expected_last=expected,
+                )
+                if isinstance(decision, Answer):
+                    return decision.reply
+                try:
+                    for write in decision.writes:
+                        position = await registry.put(
+                            write.hashed, write.record, expected_last=write.expected_last
+                        )
+                        if write.hashed == decision.issued:
+                            orphan = (write, position)
+                    result, _ = await self._append(decision.record)
+                except ConcurrencyError:
+                    log.debug("%s on %s: state moved, deciding again", request.OP, device_id)
+                    continue
+                orphan = None  # recorded: the token is the device's now
+                return decision.record.reply(result.positions)
+            return error("unavailable", "too many concurrent changes to this device; retry")
+        finally:
+            if orphan is not None:
+                await self._revoke_orphan(registry, *orphan, now)
+
+    async def _revoke_orphan(
+        self,
+        registry: TokenRegistry,
+        write: provisioning.RegistryWrite,
+        position: int,
+        now: datetime,
+    ) -> None:
+        undo = provisioning.orphan_revocation(write.hashed, write.record, position, now)
+        name = devtokens.token_id(write.hashed, hashed=True)
+        try:
+            await registry.put(undo.hashed, undo.record, expected_last=undo.expected_last)
+        except Exception as e:  # best effort: nobody ever got this token
+            log.warning("could not revoke unused token %s: %s", name, e)
+        else:
+            log.info("revoked unused token %s of device %s", name, write.record.device_id)
 
     async def _append(self, record: Record) -> tuple[AppendResult, bool]:
         """Append, retrying with the same ids (deduplicated) while the log is unavailable;

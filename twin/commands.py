@@ -734,8 +734,12 @@ def desired_update_events(twin: Twin, now: datetime) -> tuple[AnyEvent, ...]:
 
     One per (resource, desired version) at most: the correlation id and the event id are
     derived from them, so folding the same state again (a replay, the next batch) issues
-    nothing new. Setting desired again supersedes a pending one (see :func:`decide`)."""
-    if twin.deleted or not twin.online:
+    nothing new. Setting desired again supersedes a pending one (see :func:`decide`).
+
+    None for a simple device: its desired state is its shared attributes (``/shared/<key>``),
+    which the gateway reads from the log's ``desired-set`` events itself; it has no resource
+    to update."""
+    if twin.deleted or not twin.online or twin.simple:
         return ()
     busy = {c.href for c in twin.pending if c.reason == DESIRED_REASON}
     out: list[AnyEvent] = []

@@ -26,6 +26,17 @@ event's version (the API gives each a version one higher than the last). ``desir
 marks the entry reached if it is for the current version and the delta is empty. After every
 event an entry whose delta is no longer empty is not reached any more.
 
+Simple devices (PRODUCT.md 4.2). ``device-provisioned`` creates the twin of a simple device for
+the event's owner, with its profile, name and token hash; on a deleted twin it starts afresh (as
+a registration does), on a live twin it changes nothing but the position: the first provisioning
+wins and a provisioning for another owner never takes a device over (the API refuses one for a
+device that exists; the conditional append makes two racing ones one). ``device-token-changed``
+sets the token hash (empty: revoked). ``telemetry-reported`` keeps per key the latest value and
+its time: the sample's ``ts``, else the event's time (ms); a sample older than the value held
+(a smaller ``ts``) never replaces it, an equal one does (the later in the log wins).
+``attributes-reported`` merges the client attributes. Those three change only a live simple
+device of the event's owner (a late event of a token of a former owner changes nothing).
+
 :func:`fold_batch` folds a batch of many devices' events; the projector and the rebuild use it.
 """
 
@@ -35,10 +46,12 @@ import bisect
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from proto.events import (
     AnyEvent,
+    AttributesReported,
     CommandCanceled,
     CommandExpired,
     CommandFailed,
@@ -50,12 +63,15 @@ from proto.events import (
     DesiredSet,
     DeviceOffline,
     DeviceOnline,
+    DeviceProvisioned,
     DeviceRegistered,
+    DeviceTokenChanged,
     DeviceUnregistered,
     ResourceChanged,
     ResourceLink,
     ResourceLinksPublished,
     ResourceLinksUnpublished,
+    TelemetryReported,
     TwinSyncStateChanged,
     UnknownData,
 )
@@ -68,6 +84,7 @@ from twin.model import (
     DesiredState,
     EndedCommand,
     ResourceState,
+    Telemetry,
     Twin,
     TwinCommand,
     utc_ms,
@@ -176,6 +193,19 @@ def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
             new = _command_sent(base, event.correlation_id, data, t)
         case CommandSucceeded() | CommandFailed() | CommandExpired() | CommandCanceled():
             new = _command_ended(base, event.correlation_id, data, position, t)
+        case DeviceProvisioned():
+            new = _provisioned(base, event.owner, data, existed=twin is not None)
+        case DeviceTokenChanged():
+            if _reports(base, event.owner):
+                new = replace(base, token_hash=data.token_hash)
+        case TelemetryReported():
+            if _reports(base, event.owner):
+                ts = _ms(t) if data.ts is None else data.ts
+                new = replace(base, telemetry=_put_telemetry(base.telemetry, data.values, ts))
+        case AttributesReported():
+            if _reports(base, event.owner):
+                merged = {**dict(base.client_attributes), **data.values}
+                new = replace(base, client_attributes=tuple(sorted(merged.items())))
         case DesiredSet():
             new = replace(
                 base,
@@ -305,6 +335,38 @@ def _registered(twin: Twin, owner: str, *, existed: bool) -> Twin:
             pending=twin.pending,
         )
     return twin
+
+
+def _provisioned(twin: Twin, owner: str, data: DeviceProvisioned, *, existed: bool) -> Twin:
+    if existed and not twin.deleted:
+        return twin  # the first provisioning wins; another owner's never takes the device over
+    fresh = _registered(twin, owner, existed=existed)
+    return replace(
+        fresh, deleted=False, profile=data.profile, name=data.name, token_hash=data.token_hash
+    )
+
+
+def _reports(twin: Twin, owner: str) -> bool:
+    """Whether a simple device's own event (token, telemetry, attributes) changes the twin."""
+    return twin.simple and not twin.deleted and twin.owner == owner
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ms(t: datetime) -> int:
+    return (t - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _put_telemetry(
+    held: tuple[Telemetry, ...], values: Mapping[str, Any], ts: int
+) -> tuple[Telemetry, ...]:
+    by_key = {v.key: v for v in held}
+    for key, value in values.items():
+        old = by_key.get(key)
+        if old is None or ts >= old.ts:  # an older sample never replaces a newer value
+            by_key[key] = Telemetry(key=key, value=value, ts=ts)
+    return tuple(by_key[k] for k in sorted(by_key))
 
 
 def _command_pending(

@@ -31,6 +31,11 @@ as one document per device (:meth:`Twin.to_document`)::
                    "set_at": <datetime>, "position": 38, "reached": false}],  # by href;
                                                      # content null: cleared (keeps version)
       "delta": [{"href": "/light/1", "content": {"value": true}}],  # computed, by href
+      "profile": "thingsboard",                      # "": an OCF device; else a simple device's
+      "name": "boiler",                              # a simple device's name (provisioning)
+      "token_hash": "9f86d0…",                       # its current token's SHA-256 ("": revoked)
+      "telemetry": [{"key": "temperature", "value": 25, "ts": 1700000000000}],  # latest, by key
+      "client_attributes": [{"key": "fw", "value": "1.2"}],                       # by key
       "position": 41,                                # last applied log position
       "version": 17,                                 # number of events applied
       "created_at": <datetime>, "updated_at": <datetime>
@@ -44,6 +49,14 @@ acceptance and outcome (:mod:`twin.commands`). The
 **delta** of a resource is the desired keys whose reported value differs (or is missing); it is
 computed from ``desired`` and ``resources``, never stored on its own (the stored copy is for
 readers of the collection).
+
+Simple devices (ThingsBoard's device API, PRODUCT.md 4.2) have a ``profile``, a ``name`` and the
+hash of their current access token (:mod:`proto.devtokens`; the token itself is never stored),
+the latest value of each telemetry key with its timestamp (ms since the epoch: the sample's, or
+the event's time) and their client attributes. Their shared attributes are desired state on
+hrefs ``/shared/<key>``. ``telemetry`` and ``client_attributes`` are lists sorted by key for the
+same reason as ``resources``; their values are JSON values (stored as JSON text when they are
+not BSON-safe, like resource content, see the Mongo adapter).
 
 Resources are a list sorted by href, not a mapping keyed by href: hrefs contain dots, which
 MongoDB field names may not. Links are sorted by href too, one per href. Times are UTC with
@@ -67,12 +80,14 @@ __all__ = [
     "COMMAND_MEMORY",
     "RECENT_OUTCOMES",
     "SENT_GRACE",
+    "SIMPLE_PROFILE",
     "SYNC_STATES",
     "CommandOutcome",
     "Connection",
     "DesiredState",
     "EndedCommand",
     "ResourceState",
+    "Telemetry",
     "Twin",
     "TwinCommand",
     "delta_of",
@@ -92,6 +107,9 @@ repeating the id on the same device gets the original acceptance and outcome (or
 when it asks for something else); after it the id is free again and names a new command."""
 
 OpenState = Literal["pending", "sent"]
+
+SIMPLE_PROFILE: Final = "thingsboard"
+"""The profile of simple devices (ThingsBoard's device API)."""
 
 
 def utc_ms(t: datetime) -> datetime:
@@ -190,6 +208,22 @@ class ResourceState:
         out = self.to_document()
         out["updated_at"] = _iso(self.updated_at)
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """The latest value of one telemetry key, with its sample's time (ms since the epoch)."""
+
+    key: str
+    value: Any
+    ts: int
+
+    def to_document(self) -> dict[str, Any]:
+        return {"key": self.key, "value": self.value, "ts": self.ts}
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> Telemetry:
+        return cls(key=_str(doc["key"]), value=doc.get("value"), ts=_int(doc["ts"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,6 +512,22 @@ class Twin:
     pending: tuple[TwinCommand, ...] = ()  # by position (issue order)
     recent_outcomes: tuple[CommandOutcome, ...] = ()  # newest last
     desired: tuple[DesiredState, ...] = ()  # by href
+    profile: str = ""  # "": an OCF device; SIMPLE_PROFILE: a simple device
+    name: str = ""
+    token_hash: str = ""  # the current access token's SHA-256 (hex); "": none (revoked)
+    telemetry: tuple[Telemetry, ...] = ()  # by key
+    client_attributes: tuple[tuple[str, Any], ...] = ()  # (key, value), by key
+
+    @property
+    def simple(self) -> bool:
+        """A simple device (provisioned with an access token), not an OCF one."""
+        return bool(self.profile)
+
+    def telemetry_for(self, key: str) -> Telemetry | None:
+        i = bisect.bisect_left(self.telemetry, key, key=lambda v: v.key)
+        if i < len(self.telemetry) and self.telemetry[i].key == key:
+            return self.telemetry[i]
+        return None
 
     @property
     def online(self) -> bool:
@@ -562,6 +612,11 @@ class Twin:
             "recent_outcomes": [o.to_document() for o in self.recent_outcomes],
             "desired": [d.to_document() for d in self.desired],
             "delta": [{"href": h, "content": c} for h, c in self.delta().items()],
+            "profile": self.profile,
+            "name": self.name,
+            "token_hash": self.token_hash,
+            "telemetry": [v.to_document() for v in self.telemetry],
+            "client_attributes": [{"key": k, "value": v} for k, v in self.client_attributes],
             "position": self.position,
             "version": self.version,
             "created_at": self.created_at,
@@ -588,6 +643,13 @@ class Twin:
                     CommandOutcome.from_document(o) for o in doc.get("recent_outcomes", ())
                 ),
                 desired=tuple(DesiredState.from_document(d) for d in doc.get("desired", ())),
+                profile=_str(doc.get("profile", "")),
+                name=_str(doc.get("name", "")),
+                token_hash=_str(doc.get("token_hash", "")),
+                telemetry=tuple(Telemetry.from_document(v) for v in doc.get("telemetry", ())),
+                client_attributes=tuple(
+                    (_str(a["key"]), a.get("value")) for a in doc.get("client_attributes", ())
+                ),
                 position=_int(doc["position"]),
                 version=_int(doc["version"]),
                 created_at=_time(doc["created_at"]),
@@ -612,6 +674,11 @@ class Twin:
             "recent_outcomes": [o.to_json() for o in self.recent_outcomes],
             "desired": [d.to_json() for d in self.desired],
             "delta": [{"href": h, "content": c} for h, c in self.delta().items()],
+            "profile": self.profile,
+            "name": self.name,
+            "token_id": self.token_hash[:12],  # proto.devtokens.token_id of the current token
+            "telemetry": {v.key: {"value": v.value, "ts": v.ts} for v in self.telemetry},
+            "client_attributes": dict(self.client_attributes),
             "position": self.position,
             "version": self.version,
             "created_at": _iso(self.created_at),

@@ -30,6 +30,12 @@ Semantics (both adapters):
   :meth:`TwinStore.ended_command` reads one back, :meth:`TwinStore.forget_ended` deletes those
   whose time is up. That is what lets the command API answer a repeated request with the
   original acceptance and outcome (:mod:`twin.commands`).
+
+:class:`TokenRegistry` is the port of the simple devices' access-token registry
+(:mod:`proto.devtokens`: one record per token hash, the last one kept), which the command API's
+provisioning operations write and the gateway reads. Its adapter
+(:class:`twin.adapters.token_registry.LogTokenRegistry`) keeps it in a stream of the log, over
+the :class:`~eventstore.ports.EventStore` port: JetStream in production, in memory in tests.
 """
 
 from __future__ import annotations
@@ -39,9 +45,18 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from proto.devtokens import TokenRecord
 from twin.model import EndedCommand, Twin, utc_ms
 
-__all__ = ["DEFAULT_FIND_LIMIT", "Ended", "TwinStore", "WriteResult", "to_remember"]
+__all__ = [
+    "DEFAULT_FIND_LIMIT",
+    "Ended",
+    "TokenEntry",
+    "TokenRegistry",
+    "TwinStore",
+    "WriteResult",
+    "to_remember",
+]
 
 Ended = Mapping[str, Sequence[EndedCommand]]
 """Per device id, the commands a batch ended, in log order."""
@@ -166,3 +181,27 @@ def to_remember(ended: Sequence[EndedCommand], memory: timedelta) -> list[EndedC
     """The newest of each correlation id, with its ``forget_at``: its end plus ``memory``."""
     newest = {e.command.correlation_id: e for e in ended}
     return [replace(e, forget_at=utc_ms(e.outcome.at + memory)) for e in newest.values()]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEntry:
+    """A token's current registry record and its position in the registry's stream (what a
+    conditional write of the next record expects)."""
+
+    record: TokenRecord
+    position: int
+
+
+class TokenRegistry(Protocol):
+    """The access-token registry of simple devices, by token hash (see the module docstring)."""
+
+    async def get(self, hashed: str) -> TokenEntry | None:
+        """The current record of the token with this SHA-256 (hex), or ``None``."""
+        ...
+
+    async def put(self, hashed: str, record: TokenRecord, *, expected_last: int) -> int:
+        """Write the token's record if its current one is still at ``expected_last`` (0: it has
+        none), else :class:`~eventstore.errors.ConcurrencyError` and nothing is written; the
+        position written. Idempotent: the same write again (same hash, state and
+        ``expected_last``) returns the first one's position."""
+        ...

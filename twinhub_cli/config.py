@@ -114,6 +114,15 @@ class GatewaySettings:
     id: str = "gw-1"
     tcp: str = "127.0.0.1:5683"  # "" disables the listener
     tls: str = "127.0.0.1:5684"
+    # simple devices (ThingsBoard's CoAP device API, PRODUCT.md 4.2): CoAP over UDP
+    udp: str = "127.0.0.1:5683"  # "" disables it
+    udp_max_payload: int = 64 * 1024  # bytes of a request (after block-wise); above: 4.13
+    udp_inactivity_timeout: float = 300.0  # seconds without a request: the device is offline
+    token_cache_ttl: float = 5.0  # seconds a token lookup is cached (a revocation's delay)
+    # CoAP over DTLS 1.2 with the server's certificate (tls_cert/tls_key), in front of udp
+    dtls: str = "127.0.0.1:5684"  # "" disables it (it needs udp)
+    dtls_max_sessions: int = 1000
+    dtls_idle_timeout: float = 300.0  # seconds without a datagram: the session is dropped
     tls_cert: str = ""
     tls_key: str = ""
     client_ca: str = ""  # PEM (one or more CAs) for mutual TLS; "" = the data dir's CA

@@ -57,6 +57,7 @@ COMMANDS: dict[str, str] = {
     "pending": "twinhub_cli.cmd_cmds:register_pending",
     "desired set": "twinhub_cli.cmd_cmds:register_desired",
     "desired clear": "twinhub_cli.cmd_cmds:register_desired",
+    "provision": "twinhub_cli.provision_cmd:register",
 }
 
 GROUP_HELP: dict[str, str] = {

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -38,17 +38,23 @@ from bus.adapters.nats_callout import CalloutService
 from bus.permissions import Role
 from eventstore.adapters.jetstream import JetStreamEventStore
 from eventstore.layout import StreamLayout
+from gateway.adapters.coap_udp import SimpleDeviceServer, UdpConfig
+from gateway.adapters.devtokens_nats import NatsTokenDirectory
+from gateway.adapters.dtls import DtlsConfig, DtlsTerminator
+from gateway.devtokens import CachedTokenDirectory, TokenCacheConfig
 from gateway.identity import AuthMode, TlsAuthPolicy, parse_crls
 from gateway.lease import LeaseConfig
 from gateway.leasing import GatewayLease
 from gateway.oauth import OAuthProvider, parse_provider
 from gateway.service import Gateway, GatewayConfig
+from gateway.simple import SimpleConfig
 from gateway.writer import WriterConfig
 from proto.devtokens import ALL_TOKENS, TOKEN_STREAM
 from proto.leases import ALL_LEASES, LEASE_STREAM
 from twin.adapters.mongo import MongoTwinStore
 from twin.adapters.mongo_held import MongoHeldConnections
 from twin.adapters.nats_api import NatsApiServer
+from twin.adapters.token_registry import LogTokenRegistry
 from twin.api import ApiConfig, KeyRefresh, TwinApi
 from twin.reaper import GatewayReaper, ReaperConfig
 from twin.service import ProjectorConfig, TwinProjector
@@ -399,8 +405,79 @@ async def run_gateway(
             instance=lease.instance,
         )
         lease.on_new_instance = gw.adopt_instance
-        async with gw:
+        async with gw, contextlib.AsyncExitStack() as stack:
+            udp = parse_hostport(config.gateway.udp, "gateway.udp")
+            dtls = parse_hostport(config.gateway.dtls, "gateway.dtls")
+            if dtls is not None and udp is None:
+                raise ConfigError("gateway.dtls needs gateway.udp (DTLS relays to it)")
+            if udp is not None:
+                terminator: DtlsTerminator | None = None
+
+                def peer_of(relay: tuple[str, int]) -> tuple[str, int] | None:
+                    return terminator.peer_of(relay) if terminator is not None else None
+
+                gw.simple = await stack.enter_async_context(
+                    simple_device_server(config, store, udp, lease.instance, peer_of)
+                )
+                if dtls is not None:
+                    terminator = await stack.enter_async_context(
+                        dtls_terminator(config, data, dtls, gw.simple.address)
+                    )
+                    gw.dtls = terminator
             yield gw
+
+
+def dtls_terminator(
+    config: Config, data: DataDir, bind: tuple[str, int], backend: tuple[str, int]
+) -> DtlsTerminator:
+    """DTLS 1.2 on ``bind`` with the gateway's server certificate (``gateway.tls_cert`` /
+    ``tls_key``, else the data dir's), relaying each session to the plain UDP server at
+    ``backend`` (loopback)."""
+    g = config.gateway
+    if g.tls_cert and g.tls_key:
+        cert, key = Path(g.tls_cert), Path(g.tls_key)
+    else:
+        issued = data.ensure_tls()
+        cert, key = issued.cert_path, issued.key_path
+    if backend[0] in ("0.0.0.0", "::"):
+        backend = ("127.0.0.1" if backend[0] == "0.0.0.0" else "::1", backend[1])
+    cfg = DtlsConfig(
+        cert_chain=cert,
+        key=key,
+        max_sessions=g.dtls_max_sessions,
+        idle_timeout=g.dtls_idle_timeout,
+    )
+    return DtlsTerminator(cfg, bind=bind, backend=backend)
+
+
+@contextlib.asynccontextmanager
+async def simple_device_server(
+    config: Config,
+    store: JetStreamEventStore,
+    bind: tuple[str, int],
+    instance: str,
+    peer_of: Callable[[tuple[str, int]], tuple[str, int] | None] | None = None,
+) -> AsyncIterator[SimpleDeviceServer]:
+    """The simple devices' CoAP/UDP endpoint (gateway/adapters/coap_udp.py) of the gateway
+    instance ``instance``: tokens looked up in the registry (cached ``gateway.token_cache_ttl``
+    seconds), the request rate per token as the OCF connections' (``gateway.request_rate``,
+    ``gateway.request_burst``)."""
+    g = config.gateway
+    async with token_store(store) as registry:
+        tokens = CachedTokenDirectory(
+            NatsTokenDirectory(registry), TokenCacheConfig(ttl=g.token_cache_ttl)
+        )
+        simple = SimpleConfig(
+            gateway_id=g.id,
+            max_payload=g.udp_max_payload,
+            request_rate=g.request_rate or 1e9,
+            request_burst=max(1, g.request_burst),
+        )
+        udp = UdpConfig(bind=bind, inactivity_timeout=g.udp_inactivity_timeout)
+        async with SimpleDeviceServer(
+            store, tokens, simple, udp, instance=instance, peer_of=peer_of
+        ) as server:
+            yield server
 
 
 @contextlib.asynccontextmanager
@@ -472,16 +549,19 @@ async def run_api(
     )
     api_args = (store, twins, validator, api_config)
     refresh = key_refresh_for(validator)
-    twin_api = (
-        TwinApi(*api_args, refresh_keys=refresh)
-        if metrics is None
-        else CountingTwinApi(*api_args, refresh_keys=refresh, metrics=metrics)
-    )
-    sweeper = ExpirySweeper(twins, store)
-    if metrics is not None:
-        metrics.sweeper = sweeper
-    async with NatsApiServer(store.connection, twin_api) as server, sweeper:
-        yield server
+    async with token_store(store) as token_log:
+        # the provisioning operations write the simple devices' token registry
+        registry = LogTokenRegistry(token_log)
+        twin_api = (
+            TwinApi(*api_args, refresh_keys=refresh, tokens=registry)
+            if metrics is None
+            else CountingTwinApi(*api_args, refresh_keys=refresh, metrics=metrics, tokens=registry)
+        )
+        sweeper = ExpirySweeper(twins, store)
+        if metrics is not None:
+            metrics.sweeper = sweeper
+        async with NatsApiServer(store.connection, twin_api) as server, sweeper:
+            yield server
 
 
 @contextlib.asynccontextmanager

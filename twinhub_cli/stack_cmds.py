@@ -239,7 +239,10 @@ def run_gateway_cmd(args: argparse.Namespace) -> int:
             services.run_gateway(config, data, store) as gw,
             services.gateway_observability(config, store, gw) as ops,
         ):
-            _out(f"gateway {config.gateway.id}: tcp={gw.tcp_address} tls={gw.tls_address}")
+            _out(
+                f"gateway {config.gateway.id}: tcp={gw.tcp_address} tls={gw.tls_address}"
+                f" udp={gw.udp_address} dtls={gw.dtls_address}"
+            )
             if ops is not None:
                 _out(f"gateway {config.gateway.id}: {ops.url}/metrics /healthz /readyz")
             await stop.wait()
@@ -454,6 +457,8 @@ def run_up(args: argparse.Namespace) -> int:
                 "database": config.mongo.database,
                 "coap_tcp": _uri("coap+tcp", gw.tcp_address),
                 "coaps_tcp": _uri("coaps+tcp", gw.tls_address),
+                "coap_udp": _uri("coap", gw.udp_address),
+                "coaps_udp": _uri("coaps", gw.dtls_address),
                 "ca_file": str(data.pki / "ca.crt"),
                 "gateway_metrics": f"{gw_ops.url}/metrics" if gw_ops else "",
                 "twin_metrics": f"{twin_ops.url}/metrics" if twin_ops else "",
@@ -465,6 +470,8 @@ def run_up(args: argparse.Namespace) -> int:
             _out("twinhub is up")
             _out(f"  devices (CoAP over TCP)  {info['coap_tcp']}")
             _out(f"  devices (CoAP over TLS)  {info['coaps_tcp']}   CA: {info['ca_file']}")
+            _out(f"  simple devices (UDP)     {info['coap_udp']}/api/v1/<token>/...")
+            _out(f"  simple devices (DTLS)    {info['coaps_udp']}/api/v1/<token>/...")
             _out(f"  NATS (applications)      {nats_url}   connect with a token (below)")
             _out("    events                 twinhub.ev.<owner>.>  (inbox prefix _INBOX.<owner>)")
             _out("    command API            twinhub.api.v1.<op>")

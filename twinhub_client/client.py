@@ -26,7 +26,7 @@ acceptance, never a second command (:mod:`proto.api`). So a command that gets no
 is answered ``unavailable`` is sent again, unchanged, up to ``retries`` more times, after
 ``retry_delay`` seconds doubling each time (at most 2 s); then the error is raised. A command
 is thus answered within ``(retries + 1) * timeout`` plus the delays (about 31 s by default).
-Queries and desired state are sent once.
+Queries, desired state and the provisioning of simple devices are sent once.
 
 Every API call carries the token (``Authorization: Bearer``); errors come back as the typed
 exceptions of :mod:`twinhub_client.errors`. See :mod:`twinhub_client.subscription` for what a
@@ -66,6 +66,8 @@ from proto.api import (
     CommandAccepted,
     DesiredResult,
     DeviceList,
+    DeviceTokenIssued,
+    DeviceTokenRevoked,
     PendingCommand,
     PendingList,
     SessionInfo,
@@ -552,6 +554,26 @@ class TwinhubClient:
 
     async def clear_desired(self, device: str, href: str) -> DesiredResult:
         return await self._typed(api.ClearDesired(device_id=device, href=href), DesiredResult)
+
+    # -- simple devices (ThingsBoard's device API) ------------------------------------------
+
+    async def provision(self, device_id: str | None = None, name: str = "") -> DeviceTokenIssued:
+        """Create a simple device for the caller's owner (``device_id``: the service makes one
+        up when absent). Its access ``token`` is in the result, and only there: keep it.
+        :class:`~twinhub_client.errors.ConflictError` when the device id exists (rotate its
+        token instead). Sent once (a lost reply leaves the device provisioned: rotate its token
+        to get one)."""
+        return await self._typed(
+            api.ProvisionDevice(device_id=device_id, name=name), DeviceTokenIssued
+        )
+
+    async def revoke_token(self, device: str) -> DeviceTokenRevoked:
+        """Revoke a simple device's access token (the gateway refuses it from then on)."""
+        return await self._typed(api.RevokeDeviceToken(device_id=device), DeviceTokenRevoked)
+
+    async def rotate_token(self, device: str) -> DeviceTokenIssued:
+        """Give a simple device a new access token (in the result) and revoke its current one."""
+        return await self._typed(api.RotateDeviceToken(device_id=device), DeviceTokenIssued)
 
     async def cancel(
         self, device: str, *, correlation_id: str | None = None, href: str | None = None

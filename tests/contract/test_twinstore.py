@@ -19,7 +19,7 @@ from proto.events import ResourceLink
 from twin.adapters.mongo import MongoTwinStore
 from twin.errors import CorruptTwinError
 from twin.memory import InMemoryTwinStore
-from twin.model import Connection, ResourceState, Twin
+from twin.model import SIMPLE_PROFILE, Connection, ResourceState, Telemetry, Twin
 from twin.ports import TwinStore, WriteResult
 
 T0 = datetime(2026, 2, 1, 8, 30, tzinfo=UTC)
@@ -94,6 +94,24 @@ class TwinStoreContract:
         assert await store.get("d1") == twins[0]
         assert await store.get("d.2") == twins[1]
         assert await store.get_many(["d.2", "x", "d1", "d1"]) == {"d1": twins[0], "d.2": twins[1]}
+
+    async def test_a_simple_device_round_trips(self, store: TwinStore) -> None:
+        twin = replace(
+            make_twin("s.1", 5),
+            profile=SIMPLE_PROFILE,
+            name="boiler",
+            token_hash="ab" * 32,
+            telemetry=(
+                Telemetry(key="a.b", value=AWKWARD_CONTENT, ts=1_700_000_000_001),
+                Telemetry(key="temperature", value=25.5, ts=1_700_000_000_000),
+            ),
+            client_attributes=(("$fw", {"x.y": 2**70}), ("model", "TB-1"), ("n", None)),
+        )
+        await store.write_many([twin])
+        assert await store.get("s.1") == twin
+        assert (await store.get_many(["s.1"]))["s.1"] == twin
+        assert await store.get_for_command("s.1", "c") == twin
+        assert [t.device_id for t in await store.find(owner="alice")] == ["s.1"]
 
     async def test_times_come_back_in_utc(self, store: TwinStore) -> None:
         await store.write_many([make_twin("d1", 1, online=True)])
@@ -259,6 +277,27 @@ class TestMongoTwinStore(TwinStoreContract):
         assert "content_json" in raw["a"]["resources"][0]
         assert raw["b"]["resources"][0]["content"] == {"v": 1}  # plain content stays queryable
         assert "content_json" not in raw["b"]["resources"][0]
+
+    async def test_awkward_telemetry_is_stored_as_json_text(
+        self, store: MongoTwinStore, mongo_db: AsyncDatabase[Any]
+    ) -> None:
+        twin = replace(
+            make_twin("s", 1),
+            profile=SIMPLE_PROFILE,
+            telemetry=(
+                Telemetry(key="big", value=2**70, ts=1),
+                Telemetry(key="t", value=21, ts=2),
+            ),
+            client_attributes=(("a", {"$x": 1}), ("b", "plain")),
+        )
+        await store.write_many([twin])
+        raw = await mongo_db.twins.find_one({"_id": "s"})
+        assert raw is not None
+        assert raw["telemetry"][0]["value"] is None and "value_json" in raw["telemetry"][0]
+        assert raw["telemetry"][1] == {"key": "t", "value": 21, "ts": 2}  # stays queryable
+        assert raw["client_attributes"][0]["value"] is None
+        assert raw["client_attributes"][1] == {"key": "b", "value": "plain"}
+        assert await store.get("s") == twin
 
     async def test_corrupt_document(
         self, store: MongoTwinStore, mongo_db: AsyncDatabase[Any]

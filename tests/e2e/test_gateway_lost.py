@@ -81,6 +81,8 @@ async def gateway_process(
         "TWINHUB_GATEWAY_ID": gateway_id,
         "TWINHUB_GATEWAY_TCP": "127.0.0.1:0",
         "TWINHUB_GATEWAY_TLS": "",
+        "TWINHUB_GATEWAY_UDP": "127.0.0.1:0",
+        "TWINHUB_GATEWAY_DTLS": "127.0.0.1:0",
         "TWINHUB_GATEWAY_LEASE": str(lease),
         "TWINHUB_GATEWAY_MAX_CONNECTIONS_PER_IP": "0",
     }
@@ -341,7 +343,14 @@ async def test_a_gateway_that_lost_its_lease_reconnects_its_devices(
             env={},
             overrides={
                 "nats": {"url": bus.url, "credentials": str(bus.server.credentials.directory)},
-                "gateway": {"id": gid, "tcp": "127.0.0.1:0", "tls": "", "lease": 1.5},
+                "gateway": {
+                    "id": gid,
+                    "tcp": "127.0.0.1:0",
+                    "tls": "",
+                    "udp": "127.0.0.1:0",
+                    "dtls": "127.0.0.1:0",
+                    "lease": 1.5,
+                },
             },
         )
         data = DataDir(tw.data_dir)

@@ -119,7 +119,13 @@ async def test_gateway_endpoints(own_nats: NatsServer, tmp_path: Path) -> None:
         env={},
         overrides={
             "nats": {"url": own_nats.url, "credentials": str(own_nats.credentials.directory)},
-            "gateway": {"tcp": "127.0.0.1:0", "tls": "", "metrics_listen": "127.0.0.1:0"},
+            "gateway": {
+                "tcp": "127.0.0.1:0",
+                "tls": "",
+                "udp": "127.0.0.1:0",
+                "dtls": "127.0.0.1:0",
+                "metrics_listen": "127.0.0.1:0",
+            },
         },
     )
     data = DataDir(tmp_path / "data")

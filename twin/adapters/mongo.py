@@ -24,7 +24,8 @@ are, so several writers remain safe there.
 Resource content (and the content of pending commands, desired state and delta) is stored as
 is when it is a valid BSON document; otherwise (keys with ``.``, a leading ``$`` or NUL,
 integers beyond 64 bits, which devices may well send and FerretDB refuses) it is stored as JSON
-text in ``content_json`` and decoded on read.
+text in ``content_json`` and decoded on read. So are the values of a simple device's telemetry
+and client attributes (``value``, ``value_json``).
 
 Open commands live in ``<collection>_commands``, one document per command (``_id``: the JSON
 text of ``[device id, correlation id]``, plus ``device_id``), not in the twin document: a device
@@ -113,6 +114,8 @@ COMMANDS_INDEX: Final = IndexModel([("device_id", ASCENDING)], name="device_id")
 ENDED_INDEX: Final = IndexModel([("forget_at", ASCENDING)], name="forget_at")
 # Lists of the document whose items carry JSON ``content`` (the delta is derived, written only).
 _CONTENT_LISTS: Final = ("resources", "desired", "delta")
+# Lists whose items carry a JSON ``value`` (a simple device's telemetry and client attributes).
+_VALUE_LISTS: Final = ("telemetry", "client_attributes")
 
 
 POINT_LOOKUPS: Final = 16  # concurrent find_one by _id on FerretDB
@@ -506,6 +509,9 @@ def _encode(twin: Twin) -> Doc:
     for key in _CONTENT_LISTS:
         for r in doc[key]:
             _safe_content(r)
+    for key in _VALUE_LISTS:
+        for r in doc[key]:
+            _safe_content(r, "value")
     return doc
 
 
@@ -525,10 +531,10 @@ def _encode_ended(device_id: str, ended: EndedCommand) -> Doc:
     return doc
 
 
-def _safe_content(item: Doc) -> None:
-    if not _bson_safe(item["content"]):
-        item["content_json"] = json.dumps(item["content"], separators=(",", ":"), allow_nan=False)
-        item["content"] = None
+def _safe_content(item: Doc, field: str = "content") -> None:
+    if not _bson_safe(item[field]):
+        item[f"{field}_json"] = json.dumps(item[field], separators=(",", ":"), allow_nan=False)
+        item[field] = None
 
 
 def _decode(doc: Doc, commands: list[Doc]) -> Twin:
@@ -536,6 +542,9 @@ def _decode(doc: Doc, commands: list[Doc]) -> Twin:
         for key in _CONTENT_LISTS:
             for r in doc.get(key, ()):
                 _restore_content(r)
+        for key in _VALUE_LISTS:
+            for r in doc.get(key, ()):
+                _restore_content(r, "value")
         for c in commands:
             _restore_content(c)
     except (TypeError, AttributeError, ValueError) as e:
@@ -544,10 +553,10 @@ def _decode(doc: Doc, commands: list[Doc]) -> Twin:
     return Twin.from_document(doc)
 
 
-def _restore_content(item: Doc) -> None:
-    text = item.pop("content_json", None)
+def _restore_content(item: Doc, field: str = "content") -> None:
+    text = item.pop(f"{field}_json", None)
     if text is not None:
-        item["content"] = json.loads(text)
+        item[field] = json.loads(text)
 
 
 def _bson_safe(value: Any) -> bool:

@@ -120,8 +120,28 @@ connected_reports: st.SearchStrategy[ev.ResourceChanged] = st.builds(
     observe_seq=st.none() | st.integers(0, 2**24 - 1) | st.integers(0, 5),
     connection_id=conns,
 )
+TELEMETRY_KEYS = ("t", "h", "a.b")
+HASHES = ("a" * 64, "b" * 64, "")
+telemetry_values = st.dictionaries(st.sampled_from(TELEMETRY_KEYS), json_values, max_size=3)
+# A sample's ts, near the events' own times (T0 + position seconds) so both orders occur.
+sample_ts = st.none() | st.integers(0, 3).map(lambda k: int(T0.timestamp() * 1000) + k * 1000)
+simple_payloads: st.SearchStrategy[EventData | UnknownData] = st.one_of(
+    st.builds(
+        ev.DeviceProvisioned,
+        name=st.sampled_from(("", "boiler")),
+        token_hash=st.sampled_from(HASHES[:2]),
+    ),
+    st.builds(
+        ev.DeviceTokenChanged,
+        token_hash=st.sampled_from(HASHES),
+        reason=st.sampled_from(("rotated", "revoked")),
+    ),
+    st.builds(ev.TelemetryReported, ts=sample_ts, values=telemetry_values),
+    st.builds(ev.AttributesReported, values=telemetry_values),
+)
 any_payload: st.SearchStrategy[EventData | UnknownData] = st.one_of(
     non_destructive,
+    simple_payloads,
     connected_reports,
     st.builds(ev.DeviceRegistered),
     st.builds(ev.DeviceUnregistered),
