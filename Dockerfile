@@ -40,9 +40,10 @@ ENV PATH=/opt/twinhub/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /data
 USER twinhub:twinhub
-# CoAP over TCP and over TLS (RFC 8323); the operations endpoints (/metrics, /healthz,
-# /readyz) of the gateway, the twin service and the auth callout when gateway.metrics_listen /
+# CoAP over TCP and over TLS (RFC 8323); CoAP over UDP and over DTLS (simple devices:
+# gateway.udp, gateway.dtls); the operations endpoints (/metrics, /healthz, /readyz) of the
+# gateway, the twin service and the auth callout when gateway.metrics_listen /
 # twin.metrics_listen / callout.metrics_listen are set
-EXPOSE 5683/tcp 5684/tcp 9464/tcp 9465/tcp 9466/tcp
+EXPOSE 5683/tcp 5684/tcp 5683/udp 5684/udp 9464/tcp 9465/tcp 9466/tcp
 ENTRYPOINT ["twinhub"]
 CMD ["--help"]

