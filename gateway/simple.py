@@ -42,6 +42,7 @@ from typing import Any, Final
 
 from gateway.errors import BadRequest
 from gateway.simplejson import loads as lenient_loads
+from gateway.simplerpc import parse_rpc_id
 from proto import codecs
 from proto.devtokens import TokenRecord, looks_like_token
 from proto.errors import CodecError
@@ -56,6 +57,7 @@ from proto.events import (
 
 __all__ = [
     "SHARED_PREFIX",
+    "AnswerRpc",
     "Append",
     "AttributeView",
     "Feature",
@@ -67,6 +69,7 @@ __all__ = [
     "SimpleCore",
     "SimpleRequest",
     "TokenBuckets",
+    "WatchRpc",
     "attributes_reply",
     "fold_attributes",
     "parse_attributes",
@@ -86,11 +89,13 @@ MAX_DIAGNOSTIC: Final = 200  # bytes of a 4.00's text
 class Feature(Enum):
     TELEMETRY = "telemetry"
     ATTRIBUTES = "attributes"
+    RPC = "rpc"
 
 
 _METHODS: Final[dict[Feature, frozenset[str]]] = {
     Feature.TELEMETRY: frozenset({"POST"}),
     Feature.ATTRIBUTES: frozenset({"POST", "GET"}),
+    Feature.RPC: frozenset({"GET", "POST"}),  # observe; the answer to /rpc/{id}
 }
 
 
@@ -161,6 +166,7 @@ class Route:
     feature: Feature
     method: str
     token: str
+    rpc_id: str | None = None  # /api/v1/{token}/rpc/{id}: the device's answer to RPC id
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +189,28 @@ class ReadAttributes:
     accept: int
 
 
-Outcome = Reply | Append | ReadAttributes
+@dataclass(frozen=True, slots=True)
+class WatchRpc:
+    """``GET /api/v1/{token}/rpc``: the device's server-side RPCs come as notifications of an
+    observation (:mod:`gateway.simplerpc`); without Observe, or before any, the answer is
+    2.03 with no payload, as ThingsBoard's to the registration."""
+
+    owner: str
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerRpc:
+    """``POST /api/v1/{token}/rpc/{id}``: the device answers RPC ``rpc_id`` with ``result``
+    (its payload as JSON; None when empty). Unknown id: 4.04; recorded: 2.01."""
+
+    owner: str
+    device_id: str
+    rpc_id: int
+    result: Any
+
+
+Outcome = Reply | Append | ReadAttributes | WatchRpc | AnswerRpc
 
 
 def _empty(code: str, **kw: Any) -> Reply:
@@ -398,6 +425,22 @@ def attributes_reply(view: AttributeView, read: ReadAttributes) -> Reply:
     return Reply("2.05", codecs.encode(body, fmt), fmt)
 
 
+# --------------------------------------------------------------------------- rpc
+
+
+def _rpc(route: Route, record: TokenRecord, req: SimpleRequest) -> Outcome:
+    if route.rpc_id is None:
+        return WatchRpc(record.owner, record.device_id)
+    rpc_id = parse_rpc_id(route.rpc_id)
+    if rpc_id is None:
+        return _empty("4.04")
+    try:
+        result = None if not req.payload else decode_payload(req.payload, req.content_format)
+    except BadRequest as e:
+        return _diagnostic("4.00", str(e))
+    return AnswerRpc(record.owner, record.device_id, rpc_id, result)
+
+
 # --------------------------------------------------------------------------- the core
 
 
@@ -411,20 +454,26 @@ class SimpleCore:
 
     def route(self, req: SimpleRequest) -> Route | Reply:
         path = req.path
-        if len(path) != 4 or path[0] != "api" or path[1] != "v1":
+        if len(path) not in (4, 5) or path[0] != "api" or path[1] != "v1":
             return _empty("4.04")
         try:
             feature = Feature(path[3])
         except ValueError:
             return _empty("4.04")
+        rpc_id = path[4] if len(path) == 5 else None
+        if rpc_id is not None and feature is not Feature.RPC:
+            return _empty("4.04")
         if req.method not in _METHODS[feature]:
+            return _empty("4.05")
+        if feature is Feature.RPC and (req.method == "POST") != (rpc_id is not None):
+            # GET /rpc/{id} is nothing; POST /rpc (client-side RPC) is not served
             return _empty("4.05")
         if not looks_like_token(path[2]):
             return _empty("4.01")
         size = req.declared_size if req.declared_size is not None else len(req.payload)
         if size > self.config.max_payload:
             return _empty("4.13", size1=self.config.max_payload)
-        return Route(feature, req.method, path[2])
+        return Route(feature, req.method, path[2], rpc_id)
 
     def authorize(self, route: Route, record: TokenRecord | None, now: float) -> Reply | None:
         """None when the request may go on."""
@@ -447,6 +496,8 @@ class SimpleCore:
                 _keys(req.query, "sharedKeys"),
                 CBOR if req.accept == CBOR else JSON,
             )
+        if route.feature is Feature.RPC:
+            return _rpc(route, record, req)
         try:
             value = decode_payload(req.payload, req.content_format)
             datas: list[TelemetryReported | AttributesReported]
@@ -469,6 +520,11 @@ class SimpleCore:
             for d in datas
         )
         return Append(events)
+
+    @staticmethod
+    def rpc_watched() -> Reply:
+        """The answer to ``GET .../rpc`` that is no notification (the registration's)."""
+        return _empty("2.03")
 
     @staticmethod
     def appended(ok: bool) -> Reply:

@@ -2,7 +2,8 @@
 
 A simple device has no connection to lose: it is online from its first accepted request
 that this gateway instance does not know online, until ``timeout`` seconds (default 300) pass
-without an accepted request. Each such period is one "connection" of the device: the
+without an accepted request, and while it observes (:meth:`Presence.hold`: its server-side
+RPCs). Each such period is one "connection" of the device: the
 ``device-online`` and ``device-offline`` events carry its id (:func:`proto.leases.connection_id`
 of the gateway's instance, like the OCF path), so the twin pairs them as it does for OCF devices.
 
@@ -52,6 +53,7 @@ class _Entry:
     remote: str
     last_seen: float
     confirmed: bool = False
+    held: int = 0  # observations under way: online whatever the time since the last request
 
 
 class Presence:
@@ -70,6 +72,28 @@ class Presence:
     def online(self, owner: str, device_id: str) -> bool:
         entry = self._entries.get((owner, device_id))
         return entry is not None and entry.confirmed
+
+    def connection_of(self, owner: str, device_id: str) -> str | None:
+        """The id of the device's current connection, if it is online here."""
+        entry = self._entries.get((owner, device_id))
+        return entry.connection_id if entry is not None and entry.confirmed else None
+
+    def hold(self, owner: str, device_id: str) -> bool:
+        """An observation of the device began (after :meth:`arrive`): it stays online until
+        the matching :meth:`unhold`, then for the timeout. False when the device is not held
+        here (its online event was not written): nothing to undo."""
+        entry = self._entries.get((owner, device_id))
+        if entry is None:
+            return False
+        entry.held += 1
+        return True
+
+    def unhold(self, owner: str, device_id: str, now: float) -> None:
+        """An observation held by :meth:`hold` ended: the timeout counts from ``now``."""
+        entry = self._entries.get((owner, device_id))
+        if entry is not None and entry.held > 0:
+            entry.held -= 1
+            entry.last_seen = max(entry.last_seen, now)
 
     def _connection_id(self) -> str:
         local = f"udp-{self._prefix}-{next(self._ids)}"
@@ -117,7 +141,7 @@ class Presence:
         """The ``device-offline`` events of devices silent for the timeout (forgotten here)."""
         out: list[AnyEvent] = []
         for key, entry in list(self._entries.items()):
-            if entry.confirmed and now - entry.last_seen >= self.config.timeout:
+            if entry.confirmed and not entry.held and now - entry.last_seen >= self.config.timeout:
                 del self._entries[key]
                 out.append(self._offline(key, entry, "inactive", now))
         return out

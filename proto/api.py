@@ -5,8 +5,8 @@ with its JWT in the ``Authorization: Bearer <jwt>`` header and the request as
 JSON; the twin service answers with a :class:`Reply` — never silence: a
 malformed request gets ``Reply(ok=False, error=ApiError("bad_request", …))``.
 
-Commands (update / retrieve / create / delete) are answered once the command is
-**recorded in the log** as pending, with its correlation id; the outcome follows
+Commands (update / retrieve / create / delete; ``rpc`` to a simple device) are answered once the
+command is **recorded in the log** as pending, with its correlation id; the outcome follows
 as events (``command-sent``, then ``command-succeeded`` / ``-failed`` /
 ``-expired`` / ``-canceled``) on the device's subjects.
 
@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Final, Literal
 import msgspec
 
 from proto.errors import ProtoError
-from proto.events import CommandOp, CommandState
+from proto.events import RPC_HREF, CommandOp, CommandState
 
 API_PREFIX: Final = "twinhub.api.v1"
 APP_JS_PREFIX: Final = "twinhub.js.API"
@@ -94,6 +94,30 @@ class DeleteResource(_CommandRequest, frozen=True, kw_only=True):
     """Delete a resource (CoAP DELETE)."""
 
     OP: ClassVar[str] = "delete"
+
+
+MAX_RPC_METHOD: Final = 256
+
+
+class CallRpc(_Request, frozen=True, kw_only=True):
+    """A server-side RPC to a simple device (ThingsBoard's device API): the device, observing
+    ``/api/v1/{token}/rpc``, gets ``{"id": N, "method": method, "params": params}`` and answers
+    with ``POST /api/v1/{token}/rpc/{N}``; the answer is the ``content`` of the outcome
+    (``command-succeeded``). Recorded as a command of op ``rpc`` on :data:`RPC_HREF`, with the
+    commands' lifecycle, time to live and idempotency. Only for simple devices (an OCF device
+    gets ``bad_request``)."""
+
+    OP: ClassVar[str] = "rpc"
+    device_id: str
+    method: str
+    params: Any = None
+    ttl: float = DEFAULT_TTL
+    correlation_id: str | None = None
+    max_attempts: int | None = None
+
+    @property
+    def href(self) -> str:
+        return RPC_HREF
 
 
 class SetDesired(_Request, frozen=True, kw_only=True):
@@ -181,6 +205,7 @@ ApiRequest = (
     | CreateResource
     | RetrieveResource
     | DeleteResource
+    | CallRpc
     | SetDesired
     | ClearDesired
     | CancelCommands
@@ -199,6 +224,7 @@ REQUEST_TYPES: Final[dict[str, type[ApiRequest]]] = {
         CreateResource,
         RetrieveResource,
         DeleteResource,
+        CallRpc,
         SetDesired,
         ClearDesired,
         CancelCommands,
@@ -216,6 +242,7 @@ COMMAND_REQUESTS: Final[dict[str, CommandOp]] = {
     "create": "create",
     "retrieve": "retrieve",
     "delete": "delete",
+    "rpc": "rpc",
 }
 
 ErrorCode = Literal[

@@ -151,8 +151,12 @@ class ResourceChanged(_Data, frozen=True, kw_only=True):
 # (``Event.correlation_id``, CloudEvent extension ``correlationid``) and its href, so
 # they share the resource's subject token and a subscriber can follow one resource.
 
-CommandOp = Literal["update", "retrieve", "create", "delete"]
-COMMAND_OPS: Final = ("update", "retrieve", "create", "delete")
+CommandOp = Literal["update", "retrieve", "create", "delete", "rpc"]
+COMMAND_OPS: Final = ("update", "retrieve", "create", "delete", "rpc")
+RPC_HREF: Final = "/rpc"
+"""The href of a server-side RPC to a simple device (op ``rpc``): its ``command-pending``
+carries ``content`` ``{"method": m, "params": p}``, its ``command-succeeded`` the device's
+result as ``content``."""
 CommandState = Literal["pending", "sent", "succeeded", "failed", "expired", "canceled"]
 FINAL_COMMAND_STATES: Final = frozenset({"succeeded", "failed", "expired", "canceled"})
 
@@ -170,7 +174,7 @@ class CommandPending(_CommandData, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "io.twinhub.command.pending.v1"
     KIND: ClassVar[str] = "command-pending"
     op: CommandOp
-    content: Any = None  # JSON value to send (update / create)
+    content: Any = None  # JSON value to send (update / create; rpc: {"method", "params"})
     content_b64: str | None = None  # or raw bytes in ``content_format`` (base64)
     content_format: int | None = None  # of content_b64; JSON content is sent as OCF CBOR
     interface: str | None = None  # OCF interface query (``if=``)

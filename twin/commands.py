@@ -25,7 +25,8 @@ command's state and, once it ended, its outcome; otherwise it is ``conflict``. T
 means: the same device, operation and href; the same content (the same JSON value: same types,
 so ``1`` is not ``1.0`` nor ``true``; key order aside), or the same bytes of ``content_b64`` in
 the same ``content_format``; the same ``interface``; the same ``max_attempts`` (absent is 3);
-the same ``ttl`` in milliseconds. The owner comes from the token: a command of another owner
+the same ``ttl`` in milliseconds; for an ``rpc``, the same ``method`` and ``params`` (compared as
+content is). The owner comes from the token: a command of another owner
 under that id (a device that changed owners) is never shown; while it is open the id is a
 ``conflict`` without details, once it ended it is not remembered for the new owner. After the
 window a known id names a new command (the gateway tells the two apart by their positions).
@@ -91,6 +92,7 @@ __all__ = [
     "expiry_events",
     "pending_list",
     "reached_events",
+    "rpc_content",
     "scope_for",
     "signoff_cancel_events",
     "validate",
@@ -107,12 +109,19 @@ DeviceRequest = (
     | api.CreateResource
     | api.RetrieveResource
     | api.DeleteResource
+    | api.CallRpc
     | api.SetDesired
     | api.ClearDesired
     | api.CancelCommands
     | api.GetTwin
 )
-CommandRequest = api.UpdateResource | api.CreateResource | api.RetrieveResource | api.DeleteResource
+CommandRequest = (
+    api.UpdateResource
+    | api.CreateResource
+    | api.RetrieveResource
+    | api.DeleteResource
+    | api.CallRpc
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +200,7 @@ def validate(request: api.ApiRequest) -> str | None:
             | api.CreateResource()
             | api.RetrieveResource()
             | api.DeleteResource()
+            | api.CallRpc()
         ):
             problems.extend(_command_problems(request))
         case api.CancelCommands():
@@ -219,6 +229,10 @@ def _command_problems(request: CommandRequest) -> list[str]:
         )
     if request.max_attempts is not None and not 1 <= request.max_attempts <= 100:
         problems.append("max_attempts must be 1..100")
+    if isinstance(request, api.CallRpc):
+        if not 0 < len(request.method) <= api.MAX_RPC_METHOD or not request.method.isprintable():
+            problems.append(f"method must be 1..{api.MAX_RPC_METHOD} printable characters")
+        return problems
     if request.interface is not None and not request.interface.startswith("oic.if."):
         problems.append(f"interface must be an OCF interface (oic.if.*): {request.interface!r}")
     if isinstance(request, api.UpdateResource):  # CreateResource too
@@ -249,6 +263,7 @@ def scope_for(request: api.ApiRequest, owner: str) -> str | None:
             | api.CreateResource()
             | api.RetrieveResource()
             | api.DeleteResource()
+            | api.CallRpc()
         ):
             return subjects.event_filter(owner, request.device_id, CommandPending.KIND)
         case api.SetDesired() | api.ClearDesired():
@@ -298,6 +313,7 @@ def decide(
             | api.CreateResource()
             | api.RetrieveResource()
             | api.DeleteResource()
+            | api.CallRpc()
         ):
             return _command(request, owner, twin, now, caller, expected_last, new_id, ended)
         case api.CancelCommands():
@@ -316,6 +332,19 @@ def _command(
     new_id: Callable[[], str],
     ended: EndedCommand | None,
 ) -> Decision:
+    # ThingsBoard's device API has RPC and no resources; OCF has resources and no RPC.
+    if isinstance(request, api.CallRpc) and not twin.simple:
+        return Answer(
+            error("bad_request", f"device {twin.device_id!r} is an OCF device: rpc is for simple")
+        )
+    if not isinstance(request, api.CallRpc) and twin.simple:
+        return Answer(
+            error(
+                "bad_request",
+                f"device {twin.device_id!r} is a simple device: {request.OP} is for OCF devices"
+                " (send it an rpc)",
+            )
+        )
     cid = request.correlation_id or new_id()
     known = twin.command(cid)
     if known is not None:  # open: newer than any that ended
@@ -333,16 +362,21 @@ def _command(
     content: Any = None
     content_b64 = None
     content_format = None
+    interface = None
     if isinstance(request, api.UpdateResource):
         content, content_b64 = request.content, request.content_b64
         content_format = request.content_format
+    if isinstance(request, api.CallRpc):
+        content = rpc_content(request.method, request.params)
+    else:
+        interface = request.interface
     data = CommandPending(
         href=request.href,
         op=api.COMMAND_REQUESTS[request.OP],
         content=content,
         content_b64=content_b64,
         content_format=content_format,
-        interface=request.interface,
+        interface=interface,
         expires_at=expires_at,
         max_attempts=request.max_attempts or 3,
         issued_by=caller or owner,
@@ -379,8 +413,23 @@ def _ttl_ms(ttl: float) -> int:
     return max(1, round(ttl * 1000))
 
 
+def rpc_content(method: str, params: Any) -> dict[str, Any]:
+    """The ``content`` of an rpc's ``command-pending``: what the device is sent (its ``id``
+    aside)."""
+    return {"method": method, "params": params}
+
+
 def _asked(request: CommandRequest) -> dict[str, Any]:
     """What a command request asks for, as :func:`differences` compares it."""
+    if isinstance(request, api.CallRpc):
+        return {
+            "op": "rpc",
+            "href": request.href,
+            "method": request.method,
+            "params": request.params,
+            "max_attempts": request.max_attempts or 3,
+            "ttl": _ttl_ms(request.ttl),
+        }
     content = content_b64 = content_format = None
     if isinstance(request, api.UpdateResource):
         content, content_b64 = request.content, request.content_b64
@@ -400,7 +449,7 @@ def _asked(request: CommandRequest) -> dict[str, Any]:
 def _fingerprint(request: CommandRequest) -> str:
     """A digest of :func:`_asked`: the same for the same request, whatever its key order."""
     asked = _asked(request)
-    if asked["content_b64"] is not None:
+    if asked.get("content_b64") is not None:
         asked["content_b64"] = base64.b64decode(asked["content_b64"]).hex()
     body = msgspec.json.encode(asked, order="sorted")
     return hashlib.sha256(body).hexdigest()
@@ -444,9 +493,12 @@ def differences(request: CommandRequest, command: TwinCommand) -> tuple[str, ...
         if command.expires_at is None
         else round((command.expires_at - command.issued_at) / timedelta(milliseconds=1))
     )
+    rpc = command.content if isinstance(command.content, dict) else {}
     recorded = {
         "op": command.op,
         "href": command.href,
+        "method": rpc.get("method"),
+        "params": rpc.get("params"),
         "content": command.content,
         "content_b64": command.content_b64,
         "content_format": command.content_format,

@@ -1,4 +1,5 @@
 """What an application does, from the command line: ``cmd update|retrieve|create|delete|cancel``,
+``cmd rpc`` (to a simple device),
 ``pending``, ``desired set|clear`` through the command API, ``watch`` on the owner's events.
 
 They act as a caller of the API with ``--token T`` (or ``TWINHUB_TOKEN``), or, against a local
@@ -116,6 +117,52 @@ def run_command(args: argparse.Namespace) -> int:
             ttl=args.ttl,
             correlation_id=args.correlation_id,
             interface=args.interface,
+            max_attempts=args.max_attempts,
+            wait=args.wait,
+        )
+        if not args.wait:
+            import msgspec
+
+            _out(json.dumps(msgspec.to_builtins(result), sort_keys=True))
+            return 0
+        _out(event_json(result))
+        return 0 if isinstance(getattr(result, "data", None), CommandSucceeded) else 1
+
+    return _with_client(args, body)
+
+
+# -- twinhub cmd rpc ------------------------------------------------------------------------
+
+
+def register_rpc(subparsers: SubParsers, name: str, /) -> None:
+    p = subparsers.add_parser(
+        name,
+        help="a server-side RPC to a simple device (prints the accepted command, or with --wait "
+        "its outcome event, the device's answer as its content)",
+    )
+    _caller(p)
+    p.add_argument("device", help="device ID (a simple device)")
+    p.add_argument("method", help="the RPC method, e.g. setGpio")
+    p.add_argument(
+        "params", type=_json_arg, nargs="?", default=None, help="its params as JSON (default null)"
+    )
+    p.add_argument("--ttl", type=float, default=60.0, help="seconds it may wait for the device")
+    p.add_argument("--correlation-id", help="your id for it (default: generated)")
+    p.add_argument("--max-attempts", type=int, help="delivery attempts")
+    p.add_argument("--wait", action="store_true", help="wait for the outcome and print it")
+    p.set_defaults(handler=run_rpc)
+
+
+def run_rpc(args: argparse.Namespace) -> int:
+    async def body(client: TwinhubClient) -> int:
+        from proto.events import CommandSucceeded
+
+        result = await client.rpc(
+            args.device,
+            args.method,
+            args.params,
+            ttl=args.ttl,
+            correlation_id=args.correlation_id,
             max_attempts=args.max_attempts,
             wait=args.wait,
         )

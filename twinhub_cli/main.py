@@ -53,6 +53,7 @@ COMMANDS: dict[str, str] = {
     "cmd retrieve": "twinhub_cli.cmd_cmds:register_command",
     "cmd create": "twinhub_cli.cmd_cmds:register_command",
     "cmd delete": "twinhub_cli.cmd_cmds:register_command",
+    "cmd rpc": "twinhub_cli.cmd_cmds:register_rpc",
     "cmd cancel": "twinhub_cli.cmd_cmds:register_cancel",
     "pending": "twinhub_cli.cmd_cmds:register_pending",
     "desired set": "twinhub_cli.cmd_cmds:register_desired",

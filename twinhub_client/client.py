@@ -439,6 +439,8 @@ class TwinhubClient:
             request = api.RetrieveResource(**common)
         elif op == "delete":
             request = api.DeleteResource(**common)
+        elif op == "rpc":
+            raise ValueError("an rpc takes a method and params: call rpc()")
         else:
             raise ValueError(f"unknown command op {op!r}")
         accepted = await self._sent_until_answered(request)
@@ -545,6 +547,68 @@ class TwinhubClient:
     ) -> CommandAccepted | AnyEvent:
         """Delete a resource (CoAP DELETE). Keywords as :meth:`command`."""
         return await self.command("delete", device, href, wait=wait, **kw)
+
+    @overload
+    async def rpc(
+        self,
+        device: str,
+        method: str,
+        params: Any = ...,
+        *,
+        ttl: float = ...,
+        correlation_id: str | None = ...,
+        max_attempts: int | None = ...,
+        wait: Literal[False] = ...,
+        wait_timeout: float | None = ...,
+    ) -> CommandAccepted: ...
+
+    @overload
+    async def rpc(
+        self,
+        device: str,
+        method: str,
+        params: Any = ...,
+        *,
+        ttl: float = ...,
+        correlation_id: str | None = ...,
+        max_attempts: int | None = ...,
+        wait: Literal[True],
+        wait_timeout: float | None = ...,
+    ) -> AnyEvent: ...
+
+    async def rpc(
+        self,
+        device: str,
+        method: str,
+        params: Any = None,
+        *,
+        ttl: float = api.DEFAULT_TTL,
+        correlation_id: str | None = None,
+        max_attempts: int | None = None,
+        wait: bool = False,
+        wait_timeout: float | None = None,
+    ) -> CommandAccepted | AnyEvent:
+        """A server-side RPC to a simple device (ThingsBoard's device API): the device gets
+        ``{"id": N, "method": method, "params": params}`` while it observes its ``rpc``
+        resource, now or when it next does (in issue order); its answer is the ``content`` of
+        the outcome (``command-succeeded``). The href of its events is
+        :data:`proto.events.RPC_HREF`. Returns, retries and waits as :meth:`command`."""
+        if correlation_id is None:
+            correlation_id = str(uuid.uuid4())  # the same on every attempt: recorded once
+        request = api.CallRpc(
+            device_id=device,
+            method=method,
+            params=params,
+            ttl=ttl,
+            correlation_id=correlation_id,
+            max_attempts=max_attempts,
+        )
+        accepted = await self._sent_until_answered(request)
+        if not wait:
+            return accepted
+        return await self.wait_outcome(
+            accepted, ttl + _OUTCOME_MARGIN if wait_timeout is None else wait_timeout
+        )
 
     async def set_desired(self, device: str, href: str, content: dict[str, Any]) -> DesiredResult:
         """Set the desired content of a resource (supersedes pending desired updates)."""

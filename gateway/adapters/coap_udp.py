@@ -7,6 +7,16 @@ request to :class:`SimpleDeviceServer`, which drives the sans-IO core and does i
 token lookups (:class:`gateway.devtokens.TokenDirectory`), appends to the log (answered only
 once the log acknowledged them), attribute reads (:class:`gateway.simpleattrs.AttributeReader`).
 
+Server-side RPC (:mod:`gateway.simplerpc`): the resource is observable. An Observe
+registration of ``/api/v1/{token}/rpc`` is decided like a request (token, rate, presence) in
+:meth:`SimpleDeviceServer.add_observation`; once accepted, the registration is answered 2.03
+and each RPC is a notification (2.05, JSON) rendered from the observation's outbox, one per
+trigger (aiocoap's trigger is lossy: a render that leaves more in the outbox triggers again).
+While a device observes, a task follows its commands in the log (woken by a notifier on their
+subjects, as the OCF path is) and notifies each open ``rpc`` once its ``command-sent`` is
+written; the device stays online (:meth:`gateway.simplepresence.Presence.hold`) until aiocoap
+ends the observation (a deregistration, an RST or an unacknowledged notification).
+
 Block-wise uploads are assembled by aiocoap up to the payload limit only: a block that would
 take the payload past it (or a Size1 above it) is not assembled but answered 4.13 with Size1.
 
@@ -24,12 +34,12 @@ import ipaddress
 import logging
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 import aiocoap
 from aiocoap import resource
@@ -38,21 +48,26 @@ from aiocoap.numbers.contentformat import ContentFormat
 
 from eventstore.errors import EventStoreError, UnavailableError
 from eventstore.ports import EventStore
+from gateway.devicestate import CommandLog
 from gateway.devtokens import TokenDirectory
 from gateway.simple import (
+    JSON,
+    AnswerRpc,
     Append,
     ReadAttributes,
     Reply,
     SimpleConfig,
     SimpleCore,
     SimpleRequest,
+    WatchRpc,
     attributes_reply,
 )
 from gateway.simpleattrs import AttributeReader
 from gateway.simplepresence import Presence, PresenceConfig
-from proto import binding
+from gateway.simplerpc import RpcChannel
+from proto import binding, subjects
 from proto.devtokens import token_id
-from proto.events import AnyEvent, DeviceOffline
+from proto.events import AnyEvent, CommandCanceled, CommandExpired, CommandPending, DeviceOffline
 
 __all__ = ["PeerOf", "SimpleDeviceServer", "UdpConfig"]
 
@@ -128,12 +143,46 @@ def _probe_bind(host: str, port: int) -> int:
         return bound
 
 
-class _Endpoint(resource.Resource, resource.PathCapable):  # type: ignore[misc]
-    """Every path, every method: to the server (which never raises)."""
+_RECHECKS: Final = (0.005, 0.02, 0.1, 0.5, 2.0)
+"""Delays of the re-reads of a device's commands after a wake-up that found nothing new (a
+wake-up may come before the log lets a read see the message: eventstore.ports.Notifier)."""
+_RPC_KINDS: Final = (CommandPending.KIND, CommandCanceled.KIND, CommandExpired.KIND)
+
+
+@dataclass(eq=False)
+class _Observation:
+    """One accepted observation of ``/api/v1/{token}/rpc`` (aiocoap's ServerObservation)."""
+
+    owner: str
+    device_id: str
+    serverobservation: Any
+    outbox: deque[bytes] = field(default_factory=deque)  # notifications not rendered yet
+    registered: bool = False  # the registration's response went out
+
+
+@dataclass(eq=False)
+class _RpcDevice:
+    """A device's RPCs in this gateway: kept after its observations end, so that an answer
+    that comes later finds the RPC by its id."""
+
+    channel: RpcChannel
+    commands: CommandLog
+    observations: set[_Observation] = field(default_factory=set)
+    follower: asyncio.Task[None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class _Endpoint(resource.ObservableResource, resource.PathCapable):  # type: ignore[misc]
+    """Every path, every method: to the server (which never raises). Observations of a
+    device's ``rpc`` are accepted (:meth:`SimpleDeviceServer.add_observation`); the
+    notifications are rendered like any response (:meth:`SimpleDeviceServer.handle`)."""
 
     def __init__(self, server: SimpleDeviceServer) -> None:
         super().__init__()
         self.server = server
+
+    async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
+        await self.server.add_observation(request, serverobservation)
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
         return self.server.declared_size(request) is None
@@ -182,6 +231,10 @@ class SimpleDeviceServer:
         self.appended = 0  # events written
         self._context: aiocoap.Context | None = None
         self._address: tuple[str, int] | None = None
+        self._rpc: dict[tuple[str, str], _RpcDevice] = {}
+        self._observations: dict[int, _Observation] = {}  # id(request) -> observation
+        self._first: dict[int, Reply] = {}  # id(request) -> answer decided with its observe
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -215,6 +268,11 @@ class SimpleDeviceServer:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+        tasks = [d.follower for d in self._rpc.values() if d.follower is not None]
+        tasks += self._tasks
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         ctx, self._context = self._context, None
         if ctx is not None:
             await ctx.shutdown()
@@ -295,32 +353,244 @@ class SimpleDeviceServer:
         )
 
     async def handle(self, request: aiocoap.Message) -> Reply:
-        """An aiocoap request (block-wise transfers assembled) to its reply."""
+        """An aiocoap request (block-wise transfers assembled) to its reply; for an accepted
+        observation of ``rpc``, the registration's answer, then each notification."""
+        key = id(request)
+        first = self._first.pop(key, None)
+        if first is not None:
+            return first
+        obs = self._observations.get(key)
+        if obs is not None:
+            return self._notification(obs)
         return await self.serve(self._request(request))
 
     async def serve(self, req: SimpleRequest) -> Reply:
         """One request to its reply, whatever carried it (this UDP endpoint, or another
         transport, e.g. DTLS, sharing the core, the rate buckets and the presence); never
         raises."""
-        try:
-            reply = await self._handle(req)
-        except Exception:
-            log.exception("simple devices: request failed")
-            reply = Reply("5.00")
-        self.replies[reply.code] += 1
+        reply, _ = await self._serve(req)
         return reply
 
-    async def _handle(self, req: SimpleRequest) -> Reply:
+    async def _serve(self, req: SimpleRequest) -> tuple[Reply, WatchRpc | None]:
+        try:
+            reply, watch = await self._handle(req)
+        except Exception:
+            log.exception("simple devices: request failed")
+            reply, watch = Reply("5.00"), None
+        self.replies[reply.code] += 1
+        return reply, watch
+
+    # -- server-side RPC by observe -----------------------------------------------------------
+
+    async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
+        """An Observe registration: decided as a request (token, rate, presence); a device's
+        ``rpc`` that passed is observed until aiocoap ends the observation. The answer decided
+        here is the registration's response (:meth:`handle` gives it)."""
+        reply, watch = await self._serve(self._request(request))
+        key = id(request)
+        if watch is None or not reply.code.startswith("2."):
+            # Not observed: answered once. Accepted all the same, then ended before the answer
+            # goes out: aiocoap 0.4.17 calls the cancellation callback of every registration
+            # when it ends, and one never accepted has none (AttributeError in its task).
+            self._first[key] = reply
+            serverobservation.accept(_ignore)
+            serverobservation.deregister()  # early: the answer is the last, without Observe
+            return
+        obs = _Observation(watch.owner, watch.device_id, serverobservation)
+        self._observations[key] = obs
+        serverobservation.accept(lambda: self._unwatch(key))
+        held = self.presence.hold(watch.owner, watch.device_id)
+        dev = self._rpc_device(watch.owner, watch.device_id)
+        dev.observations.add(obs)
+        dev.channel.observe()
+        log.info(
+            "simple devices: %s observes its rpc (%d open)", watch.device_id, len(dev.channel.open)
+        )
+        if not held:  # the device went offline between its online event and now
+            log.debug("simple devices: %s observes while not held online", watch.device_id)
+        if dev.follower is None or dev.follower.done():
+            dev.follower = asyncio.create_task(
+                self._follow(dev), name=f"simple-rpc:{watch.device_id}"
+            )
+        else:
+            self._spawn(self._deliver(dev), f"simple-rpc-deliver:{watch.device_id}")
+
+    def observing(self, owner: str, device_id: str) -> int:
+        """How many observations of the device's ``rpc`` are under way here."""
+        dev = self._rpc.get((owner, device_id))
+        return 0 if dev is None else len(dev.observations)
+
+    def _rpc_device(self, owner: str, device_id: str) -> _RpcDevice:
+        dev = self._rpc.get((owner, device_id))
+        if dev is None:
+            dev = _RpcDevice(
+                RpcChannel(owner, device_id, self.config.gateway_id),
+                CommandLog(owner, device_id),
+            )
+            self._rpc[(owner, device_id)] = dev
+        return dev
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _unwatch(self, key: int) -> None:
+        obs = self._observations.pop(key, None)
+        if obs is None:
+            return
+        dev = self._rpc.get((obs.owner, obs.device_id))
+        self.presence.unhold(obs.owner, obs.device_id, self.clock())
+        log.info("simple devices: %s stopped observing its rpc", obs.device_id)
+        if dev is None:
+            return
+        dev.observations.discard(obs)
+        dev.channel.unobserve()
+        if not dev.observations and dev.follower is not None:
+            dev.follower.cancel()
+            dev.follower = None
+        self._forget_idle(dev)
+
+    def _forget_idle(self, dev: _RpcDevice) -> None:
+        """A device neither observed nor awaited is forgotten (its next observation reads its
+        commands from the log again), so memory holds the devices that use RPC now only."""
+        if not dev.observations and not dev.channel.awaiting_answer:
+            key = (dev.channel.owner, dev.channel.device_id)
+            if self._rpc.get(key) is dev:
+                del self._rpc[key]
+
+    def _notification(self, obs: _Observation) -> Reply:
+        if not obs.registered:
+            obs.registered = True
+            reply = self.core.rpc_watched()
+        elif obs.outbox:
+            reply = Reply("2.05", obs.outbox.popleft(), JSON)
+        else:  # a notification asked for with nothing to tell (not expected)
+            reply = self.core.rpc_watched()
+        if obs.outbox:
+            obs.serverobservation.trigger()  # aiocoap's trigger is lossy: one at a time
+        return reply
+
+    async def _follow(self, dev: _RpcDevice) -> None:
+        """While the device observes: its commands as the log has them (woken by their
+        subjects), delivered as they open."""
+        channel = dev.channel
+        filters = [
+            subjects.event_filter(owner=channel.owner, device=channel.device_id, kind=k)
+            for k in _RPC_KINDS
+        ]
+        notifier = None
+        try:
+            while notifier is None:  # subscribe first, then read: nothing falls in between
+                try:
+                    notifier = await self.store.notifier(filters)
+                except Exception as e:
+                    log.warning("simple devices: cannot watch %s's rpc: %s", channel.device_id, e)
+                    await asyncio.sleep(self.udp.tick_interval)
+            woken = False
+            rechecks = list(_RECHECKS)
+            while True:
+                read_up_to = dev.commands.cursor(_RPC_KINDS)
+                try:
+                    async with asyncio.timeout(self.udp.timeout):
+                        opened, closed = await dev.commands.refresh(self.store)
+                except Exception as e:
+                    log.warning("simple devices: cannot read %s's rpc: %s", channel.device_id, e)
+                    await notifier.wait(self.udp.tick_interval)
+                    continue
+                channel.closed(closed)
+                channel.opened(opened)
+                await self._deliver(dev)
+                if woken and dev.commands.cursor(_RPC_KINDS) == read_up_to and rechecks:
+                    await notifier.wait(rechecks.pop(0))
+                    continue
+                rechecks = list(_RECHECKS)
+                # the timeout also retries deliveries whose command-sent was not written
+                woken = await notifier.wait(self.udp.timeout)
+        finally:
+            if notifier is not None:
+                await notifier.close()
+
+    async def _deliver(self, dev: _RpcDevice) -> None:
+        """Notify the due RPCs, each once its ``command-sent`` is in the log."""
+        channel = dev.channel
+        async with dev.lock:
+            failed = channel.exhausted(self.clock())
+            if failed:
+                try:
+                    async with asyncio.timeout(self.udp.timeout):
+                        await self.store.append([binding.to_nats(e) for e in failed])
+                except (EventStoreError, TimeoutError) as e:
+                    log.warning(
+                        "simple devices: rpc failures of %s not written: %s", channel.device_id, e
+                    )
+                else:
+                    self.appended += len(failed)
+                    channel.closed([e.correlation_id for e in failed if e.correlation_id])
+                    log.info(
+                        "simple devices: %d rpc(s) to %s failed unanswered",
+                        len(failed),
+                        channel.device_id,
+                    )
+            while dev.observations:
+                connection = self.presence.connection_of(channel.owner, channel.device_id) or ""
+                delivery = channel.next_delivery(self.clock(), connection)
+                if delivery is None:
+                    return
+                try:
+                    async with asyncio.timeout(self.udp.timeout):
+                        await self.store.append([binding.to_nats(delivery.sent)])
+                except (EventStoreError, TimeoutError) as e:
+                    log.warning(
+                        "simple devices: rpc %s to %s not sent yet: %s",
+                        delivery.correlation_id,
+                        channel.device_id,
+                        e,
+                    )
+                    channel.delivery_failed(delivery)
+                    return
+                self.appended += 1
+                log.info(
+                    "simple devices: rpc %d (%s) to %s, attempt %d",
+                    delivery.rpc_id,
+                    delivery.correlation_id,
+                    channel.device_id,
+                    delivery.attempt,
+                )
+                for obs in dev.observations:
+                    obs.outbox.append(delivery.payload)
+                    obs.serverobservation.trigger()
+
+    async def _answer(self, answer: AnswerRpc, online: AnyEvent | None, now: float) -> Reply:
+        dev = self._rpc.get((answer.owner, answer.device_id))
+        event = None if dev is None else dev.channel.answer(answer.rpc_id, answer.result, now)
+        if event is None:
+            if online is not None:
+                written = await self._append(Append((online,)))
+                self.presence.confirm(online, written.code == "2.01")
+            log.info("simple devices: %s answered unknown rpc %d", answer.device_id, answer.rpc_id)
+            return Reply("4.04")
+        events = (event,) if online is None else (online, event)
+        reply = await self._append(Append(events))
+        if online is not None:
+            self.presence.confirm(online, reply.code == "2.01")
+        if reply.code == "2.01" and dev is not None and event.correlation_id is not None:
+            dev.channel.closed([event.correlation_id])
+            log.info("simple devices: %s answered rpc %d", answer.device_id, answer.rpc_id)
+            self._forget_idle(dev)
+        return reply
+
+    async def _handle(self, req: SimpleRequest) -> tuple[Reply, WatchRpc | None]:
         route = self.core.route(req)
         if isinstance(route, Reply):
-            return route
+            return route, None
         timeout = self.udp.timeout
         try:
             async with asyncio.timeout(timeout):
                 record = await self.tokens.lookup(route.token)
         except (UnavailableError, TimeoutError) as e:
             log.warning("simple devices: token registry unavailable: %s", e)
-            return self.core.unavailable()
+            return self.core.unavailable(), None
         now = self.clock()
         refused = self.core.authorize(route, record, now)
         if refused is not None:
@@ -332,24 +602,30 @@ class SimpleDeviceServer:
                     token_id(route.token),
                     "revoked" if record is not None else "unknown",
                 )
-            return refused
+            return refused, None
         assert record is not None
         outcome = self.core.decide(route, record, req, datetime.fromtimestamp(now, UTC))
         if isinstance(outcome, Reply):
-            return outcome
+            return outcome, None
         online = self.presence.arrive(
             record.owner, record.device_id, req.remote, now, secure=req.secure
         )
-        if isinstance(outcome, ReadAttributes):
+        if isinstance(outcome, AnswerRpc):
+            return await self._answer(outcome, online, now), None
+        if isinstance(outcome, ReadAttributes | WatchRpc):
             if online is not None:
                 reply = await self._append(Append((online,)))
                 self.presence.confirm(online, reply.code == "2.01")
-            return await self._read_attributes(outcome)
+                if reply.code != "2.01" and isinstance(outcome, WatchRpc):
+                    return reply, None  # not online: nothing to observe
+            if isinstance(outcome, WatchRpc):
+                return self.core.rpc_watched(), outcome
+            return await self._read_attributes(outcome), None
         if online is None:
-            return await self._append(outcome)
+            return await self._append(outcome), None
         reply = await self._append(Append((online, *outcome.events)))
         self.presence.confirm(online, reply.code == "2.01")
-        return reply
+        return reply, None
 
     async def _read_attributes(self, read: ReadAttributes) -> Reply:
         try:
@@ -377,6 +653,10 @@ class SimpleDeviceServer:
         self.appended += len(messages)
         log.debug("simple devices: %d %s of %s", len(messages), first.kind, first.device_id)
         return self.core.appended(True)
+
+
+def _ignore() -> None:
+    pass
 
 
 def _reason(ev: AnyEvent) -> str:

@@ -92,3 +92,20 @@ def test_devices_over_dtls_are_coaps_udp() -> None:
     assert ev is not None
     assert isinstance(ev.data, DeviceOnline)
     assert ev.data.protocol == "coaps+udp"
+
+
+def test_an_observing_device_stays_online_past_the_timeout_then_times_out_after() -> None:
+    p = presence()
+    ev = p.arrive("alice", "d1", "r", 0.0)
+    assert ev is not None
+    p.confirm(ev, True)
+    assert p.hold("alice", "d1")
+    assert p.connection_of("alice", "d1") == ev.data.connection_id  # type: ignore[union-attr]
+    assert p.expire(10_000.0) == []  # observing: online whatever the silence
+    p.unhold("alice", "d1", 10_000.0)
+    assert p.expire(10_299.0) == []  # the timeout counts from the observation's end
+    (off,) = p.expire(10_300.0)
+    assert isinstance(off.data, DeviceOffline) and off.data.reason == "inactive"
+    assert p.connection_of("alice", "d1") is None
+    assert not p.hold("alice", "d1")  # not online here: nothing held
+    p.unhold("alice", "d1", 0.0)  # harmless
