@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -389,9 +390,11 @@ class MongoServer(_ServerProcess):
 
     name = "mongo-server"
 
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
+    def __init__(self, data_dir: Path, port: int = 0, *, extra_args: Sequence[str] = ()) -> None:
+        """``extra_args`` go to the server after ours (e.g. ``--wal-checkpoint-interval 1s``)."""
         super().__init__(data_dir, port, "127.0.0.1")
         self.binary = find_mongo_server_binary()
+        self.extra_args = tuple(extra_args)
         self._log_file: IO[bytes] | None = None
 
     @property
@@ -410,6 +413,7 @@ class MongoServer(_ServerProcess):
             str(self.db_dir),
             "--log-level",
             "warn",
+            *self.extra_args,
         ]
         self._log_file = self.log_path.open("ab")
         try:

@@ -27,13 +27,17 @@ module against a real MongoDB.
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import ASCENDING, UpdateOne
+from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from twinhub_cli.devservices import MongoServer
 
 pytestmark = pytest.mark.servers
 
@@ -302,3 +306,113 @@ async def test_an_update_command_of_many_statements_is_answered(
     result = await asyncio.wait_for(coll.bulk_write(ops, ordered=False), timeout=30)
     assert result.matched_count == 300
     assert await coll.count_documents({"v": 1}) == 300
+
+
+# SQLite checkpoints a WAL of 1,000 pages (4 MiB) by itself; a rewound WAL stays that size.
+SQLITE_AUTO_CHECKPOINT = 4 << 20
+
+
+async def _replace_many(
+    coll: AsyncCollection[Doc], ids: list[str], writes: int, wal: Path
+) -> tuple[int, list[float]]:
+    """``writes`` replaces of 3 KB documents: the largest -wal size seen, the sorted latencies."""
+    largest, latencies = 0, []
+    for n in range(writes):
+        started = time.perf_counter()
+        await coll.replace_one({"_id": ids[n % len(ids)]}, {"v": n, "pad": "y" * 3000})
+        latencies.append(time.perf_counter() - started)
+        largest = max(largest, _size(wal))
+    assert await coll.find_one({"_id": ids[(writes - 1) % len(ids)]}, {"v": 1}) == {
+        "_id": ids[(writes - 1) % len(ids)],
+        "v": writes - 1,
+    }
+    return largest, sorted(latencies)
+
+
+def _size(path: Path) -> int:
+    """A file's size, 0 if it does not exist (a stat: too quick to need a thread)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _latencies(latencies: list[float]) -> str:
+    p50, p99 = latencies[len(latencies) // 2], latencies[len(latencies) * 99 // 100]
+    worst = latencies[-1]
+    return f"replace_one p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, max {worst * 1e3:.0f} ms"
+
+
+async def _seed(coll: AsyncCollection[Doc]) -> list[str]:
+    ids = [f"d{i}" for i in range(200)]
+    await coll.insert_many([{"_id": i, "v": 0, "pad": "x" * 3000} for i in ids])
+    return ids
+
+
+async def test_a_lone_writer_lets_sqlite_rewind_its_wal(tmp_path: Path) -> None:
+    """With no reader and the checkpointer off, SQLite's own checkpoints bound the WAL.
+
+    FerretDB v1.24 kept an update's query open (its SQLite read transaction on another pooled
+    connection) while it wrote, so SQLite never found the WAL free of readers to rewind it:
+    these writes grew the -wal file by all their traffic (16 MiB; 64 MiB in 15 s of a loop).
+    tools/mongo-server patches that (``patches/0003-*.patch``); this fails if the patch is lost.
+    """
+    extra = ["--wal-checkpoint-interval", "0"]
+    async with MongoServer(tmp_path, extra_args=extra) as server:
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(server.url)
+        try:
+            coll = client.walsolo.twins
+            ids = await _seed(coll)
+            wal = server.db_dir / "walsolo.sqlite-wal"
+            async with asyncio.timeout(100):
+                largest, latencies = await _replace_many(coll, ids, 2000, wal)
+            assert largest < 2 * SQLITE_AUTO_CHECKPOINT, (
+                f"WAL reached {largest} bytes ({_latencies(latencies)})"
+            )
+        finally:
+            await client.close()
+
+
+WAL_CHECK_SIZE = 1 << 20  # the checkpointer's threshold in the test below (default 64 MiB)
+
+
+async def test_the_checkpointer_bounds_the_wal_under_concurrent_reads(tmp_path: Path) -> None:
+    """tools/mongo-server's checkpointer keeps the WAL near its threshold while readers overlap.
+
+    SQLite only rewinds its WAL when a writer finds no reader still using it; with readers
+    overlapping the writes that moment may not come (a soak grew the -wal file by 26 GB/h).
+    The server's TRUNCATE checkpoints (every 200 ms here, above 1 MiB) keep it well under the
+    4 MiB that SQLite's own checkpoints let it reach; without them this fails. Runs its own
+    server: the test needs small checkpoint settings (and FerretDB).
+    """
+    extra = ["--wal-checkpoint-interval", "200ms", "--wal-checkpoint-size", str(WAL_CHECK_SIZE)]
+    async with MongoServer(tmp_path, extra_args=extra) as server:
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(server.url, maxPoolSize=16)
+        try:
+            coll = client.walsoak.twins
+            ids = await _seed(coll)
+            wal = server.db_dir / "walsoak.sqlite-wal"
+            stop = asyncio.Event()
+            reads = 0
+
+            async def reader(k: int) -> None:
+                nonlocal reads
+                while not stop.is_set():
+                    assert await coll.find_one({"_id": ids[(k * 31 + reads) % len(ids)]})
+                    reads += 1
+
+            async def writer() -> tuple[int, list[float]]:
+                try:
+                    return await _replace_many(coll, ids, 1000, wal)
+                finally:
+                    stop.set()
+
+            async with asyncio.timeout(100), asyncio.TaskGroup() as tg:
+                for k in range(8):
+                    tg.create_task(reader(k), name=f"wal-reader-{k}")
+                written = tg.create_task(writer(), name="wal-writer")
+            largest, latencies = written.result()
+            assert reads > 1000  # the readers overlapped the writes
+            assert largest < 3 << 20, f"WAL reached {largest} bytes ({_latencies(latencies)})"
+        finally:
+            await client.close()

@@ -16,6 +16,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/FerretDB/FerretDB/ferretdb"
 )
@@ -28,6 +29,14 @@ func main() {
 		"SQLite synchronous pragma: normal (WAL: no fsync per commit; a power loss may roll back "+
 			"the last commits, never corrupt) or full (fsync every commit)")
 	pprofAddr := flag.String("pprof", "", "serve Go's net/http/pprof on this loopback address (profiling)")
+	walInterval := flag.Duration("wal-checkpoint-interval", 5*time.Second,
+		"how often to look for a database whose SQLite WAL exceeds --wal-checkpoint-size and "+
+			"checkpoint it with TRUNCATE (0 disables; see checkpoint.go)")
+	walSize := flag.Int64("wal-checkpoint-size", 64<<20,
+		"WAL size in bytes above which a database is checkpointed; also its journal_size_limit")
+	walTimeout := flag.Duration("wal-checkpoint-timeout", 250*time.Millisecond,
+		"how long a checkpoint waits for readers and writers before it gives up until the next "+
+			"interval (new writes wait meanwhile: keep it short, far under FerretDB's 10s busy timeout)")
 	flag.Parse()
 
 	if *dataDir == "" {
@@ -49,6 +58,12 @@ func main() {
 		os.Exit(2)
 	}
 
+	if *walInterval < 0 || *walSize < 0 || *walTimeout <= 0 {
+		fmt.Fprintln(os.Stderr, "mongo-server: --wal-checkpoint-interval and --wal-checkpoint-size "+
+			"must not be negative, --wal-checkpoint-timeout must be positive")
+		os.Exit(2)
+	}
+
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		fmt.Fprintf(os.Stderr, "mongo-server: bad --log-level: %v\n", err)
@@ -56,11 +71,14 @@ func main() {
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
+	// journal_size_limit: whenever SQLite rewinds a WAL, it truncates a larger file to that size.
+	sqliteURL := fmt.Sprintf("file:%s/?_pragma=synchronous(%s)&_pragma=journal_size_limit(%d)",
+		abs, *syncMode, *walSize)
 	f, err := ferretdb.New(&ferretdb.Config{
 		Listener:  ferretdb.ListenerConfig{TCP: *listen},
 		Logger:    logger,
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + abs + "/?_pragma=synchronous(" + *syncMode + ")",
+		SQLiteURL: sqliteURL,
 	})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "mongo-server: %v\n", err)
@@ -79,10 +97,20 @@ func main() {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		defer stop() // however FerretDB ends, the checkpointer ends with it
 		_ = f.Run(ctx)
+	}()
+
+	checkpointerDone := make(chan struct{})
+	go func() {
+		defer close(checkpointerDone)
+		if *walInterval > 0 {
+			newWALCheckpointer(abs, *walInterval, *walSize, *walTimeout, logger).run(ctx)
+		}
 	}()
 
 	fmt.Printf("READY %s\n", f.MongoDBURI())
 	_ = os.Stdout.Sync()
 	<-done
+	<-checkpointerDone
 }
