@@ -129,6 +129,40 @@ def _message(reply: Reply) -> aiocoap.Message:
     return msg
 
 
+# Linux socket options (socket.IP_RECVERR exists on Python 3.11 only on some builds)
+_IP_RECVERR: Final = getattr(socket, "IP_RECVERR", 11)
+_IPV6_RECVERR: Final = getattr(socket, "IPV6_RECVERR", 25)
+
+
+def _no_icmp_errors(context: aiocoap.Context) -> None:
+    """Turn off ICMP error reporting (IP_RECVERR / IPV6_RECVERR) on aiocoap's UDP sockets.
+
+    aiocoap's udp6 transport turns it on and reads errors from MSG_ERRQUEUE in its reader
+    (``loop.add_reader``). Under uvloop that reader is a libuv poll handle, which libuv
+    *stops for good* on POLLERR: the first ICMP port-unreachable (a device that sent a request
+    and went away before its answer, a DTLS relay socket closed before a late answer, or a
+    spoofed source) made the whole endpoint deaf, every later request unanswered. Without
+    RECVERR an unconnected UDP socket gets no ICMP errors at all, as with any plain UDP server;
+    aiocoap then retransmits a CON to a vanished peer until its exchange times out instead of
+    stopping at the ICMP error. Reaching the socket walks aiocoap 0.4.17's (exactly pinned)
+    context → token manager → message manager → message interface → transport (attributes
+    without underscores, not documented API): tests/integration/gateway/test_simple_udp.py
+    fails if that walk finds no socket or the endpoint goes deaf."""
+    found = 0
+    for interface in context.request_interfaces:
+        messages = getattr(interface, "token_interface", None)
+        transport = getattr(getattr(messages, "message_interface", None), "transport", None)
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if not isinstance(sock, socket.socket):
+            continue
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 0)
+        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 0)
+        found += 1
+    if not found:
+        raise RuntimeError("aiocoap's UDP socket not found: ICMP errors would stop the endpoint")
+
+
 def _probe_bind(host: str, port: int) -> int:
     """Bind ``(host, port)`` without SO_REUSEPORT (fails if the port is in use) and return
     the port bound; the socket is closed at once."""
@@ -248,6 +282,7 @@ class SimpleDeviceServer:
         self._context = await aiocoap.Context.create_server_context(
             _Endpoint(self), bind=(host, port), transports=["udp6"]
         )
+        _no_icmp_errors(self._context)
         self._address = (host, port)
         self._ticker = asyncio.create_task(self._tick_loop(), name="simple-devices-ticker")
         log.info("simple devices: coap://%s:%d (udp)", host, port)

@@ -54,6 +54,7 @@ pytestmark = pytest.mark.servers
 WAIT = 30.0
 SLACK = 5.0  # what the issue allows beyond the lease
 _LISTENING = re.compile(r"tcp=\('([^']+)', (\d+)\)")
+_UDP = re.compile(r"udp=\('([^']+)', (\d+)\)")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class GatewayProc:
     gateway_id: str
     port: int
     log: Path
+    udp_port: int | None = None  # the simple devices' CoAP/UDP endpoint
 
     def kill(self) -> float:
         """``kill -9``; returns when (monotonic)."""
@@ -112,7 +114,10 @@ async def gateway_process(
                 m = _LISTENING.search(line)
                 if m:
                     break
-        yield GatewayProc(proc, gateway_id, int(m.group(2)), log)
+        udp = _UDP.search(line)
+        yield GatewayProc(
+            proc, gateway_id, int(m.group(2)), log, None if udp is None else int(udp.group(2))
+        )
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
