@@ -50,7 +50,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import statistics
 import sys
 import time
@@ -645,11 +644,7 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from twinhub_cli.devservices import MongoServer, NatsServer
     from twinhub_client import TwinhubClient
 
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, main_task.cancel)
+    e2e.cancel_on_signals()
     nofile = benchutil.raise_nofile_limit()
     before = benchutil.system_cpu()
     await asyncio.sleep(2.0)
@@ -688,16 +683,7 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "bus": "authenticated NATS: gateway and twin service by NKey, the client by its "
             "application token through the auth callout (in the benchmark process)",
         }
-        data_dir = work / "data"
-        init = await e2e.Child.spawn(
-            "twinhub-init",
-            [e2e._venv_bin("twinhub"), "init", "--data-dir", str(data_dir)],
-            work / "init.log",
-            env=e2e._clean_env(),
-        )
-        if await asyncio.wait_for(init.proc.wait(), 60) != 0:
-            raise init.failure("failed")
-        e2e._CHILDREN.pop(init.pid, None)
+        data_dir = await e2e.twinhub_init(work)
         config = e2e.bench_config(nats, mongo.url)
         data = DataDir(data_dir)
         token = services.first_device_token(config, data, OWNER)  # the devices' sign-up token

@@ -1272,17 +1272,37 @@ def bench_config(nats: Any, mongo_url: str) -> Any:
     return cfgmod.load(None, env={}, overrides={"nats": nats_settings, "mongo": {"url": mongo_url}})
 
 
+def cancel_on_signals() -> None:
+    """SIGINT and SIGTERM cancel the running task (the benchmark's main), even when the process
+    was started with SIGINT ignored; its clean-up then stops every child in order."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, main_task.cancel)
+
+
+async def twinhub_init(work: Path) -> Path:
+    """``twinhub init`` into ``work/data`` (keys, certificates, bus credentials); its path."""
+    data_dir = work / "data"
+    init = await Child.spawn(
+        "twinhub-init",
+        [_venv_bin("twinhub"), "init", "--data-dir", str(data_dir)],
+        work / "init.log",
+        env=_clean_env(),
+    )
+    if await asyncio.wait_for(init.proc.wait(), 60) != 0:
+        raise init.failure("failed")
+    _CHILDREN.pop(init.pid, None)
+    return data_dir
+
+
 async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from twinhub_cli import services
     from twinhub_cli.datadir import DataDir
     from twinhub_cli.devservices import MongoServer, NatsServer
 
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    for signum in (signal.SIGINT, signal.SIGTERM):  # even when started with SIGINT ignored
-        loop.add_signal_handler(signum, main_task.cancel)
-
+    cancel_on_signals()
     nofile = benchutil.raise_nofile_limit()
     before = benchutil.system_cpu()
     await asyncio.sleep(2.0)
@@ -1311,16 +1331,7 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             }
         )
         result["code"] = code_info()
-        data_dir = work / "data"
-        init = await Child.spawn(
-            "twinhub-init",
-            [_venv_bin("twinhub"), "init", "--data-dir", str(data_dir)],
-            work / "init.log",
-            env=_clean_env(),
-        )
-        if await asyncio.wait_for(init.proc.wait(), 60) != 0:
-            raise init.failure("failed")
-        _CHILDREN.pop(init.pid, None)
+        data_dir = await twinhub_init(work)
         config = bench_config(nats, mongo.url)
         token = services.first_device_token(config, DataDir(data_dir), OWNER)
         # the benchmark's own reads of the log (measurements, waits): the admin role

@@ -927,11 +927,7 @@ async def run_suite(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from twinhub_cli.devservices import MongoServer, NatsServer
     from twinhub_client import TwinhubClient
 
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, main_task.cancel)
+    e2e.cancel_on_signals()
     nofile = benchutil.raise_nofile_limit()
     lease_s, lease_env, lease_reason = lease_setting(args.lease)
     result: dict[str, Any] = {
@@ -974,16 +970,7 @@ async def run_suite(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         result["definitions"] = (
             (fc.__doc__ or "").split("Definitions (the JSON of a run repeats them):")[-1].strip()
         )
-        data_dir = work / "data"
-        init = await e2e.Child.spawn(
-            "twinhub-init",
-            [e2e._venv_bin("twinhub"), "init", "--data-dir", str(data_dir)],
-            work / "init.log",
-            env=e2e._clean_env(),
-        )
-        if await asyncio.wait_for(init.proc.wait(), 60) != 0:
-            raise init.failure("failed")
-        e2e._CHILDREN.pop(init.pid, None)
+        data_dir = await e2e.twinhub_init(work)
         config = e2e.bench_config(nats, mongo.url)
         data = DataDir(data_dir)
         token = services.first_device_token(config, data, OWNER)

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import statistics
 import sys
 import time
@@ -197,11 +196,7 @@ async def run_soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from twinhub_cli.datadir import DataDir
     from twinhub_cli.devservices import MongoServer, NatsServer
 
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, main_task.cancel)
+    e2e.cancel_on_signals()
     nofile = benchutil.raise_nofile_limit()
     result: dict[str, Any] = {
         "benchmark": "soak",
@@ -231,16 +226,7 @@ async def run_soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "bus": "authenticated NATS: services by NKey, the watch by application token "
             "through the callout process",
         }
-        data_dir = work / "data"
-        init = await e2e.Child.spawn(
-            "twinhub-init",
-            [e2e._venv_bin("twinhub"), "init", "--data-dir", str(data_dir)],
-            work / "init.log",
-            env=e2e._clean_env(),
-        )
-        if await asyncio.wait_for(init.proc.wait(), 60) != 0:
-            raise init.failure("failed")
-        e2e._CHILDREN.pop(init.pid, None)
+        data_dir = await e2e.twinhub_init(work)
         config = e2e.bench_config(nats, mongo.url)
         data = DataDir(data_dir)
         token = services.first_device_token(config, data, OWNER)

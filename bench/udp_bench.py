@@ -64,7 +64,7 @@ from typing import Any
 
 import benchutil
 import msgspec
-from e2e_bench import Child, _clean_env, _venv_bin, bus_env, code_info, run_main
+from e2e_bench import Child, _clean_env, _venv_bin, bus_env, cancel_on_signals, code_info, run_main
 
 from eventstore.ports import ALL_EVENTS, EventStore
 
@@ -644,11 +644,7 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from twinhub_cli.datadir import DataDir
     from twinhub_cli.devservices import NatsServer
 
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, main_task.cancel)
+    cancel_on_signals()
     nofile = benchutil.raise_nofile_limit()
     before = benchutil.system_cpu()
     await asyncio.sleep(1.0)
