@@ -199,15 +199,21 @@ def client_ca_file(config: Config, data: DataDir) -> Path:
     return devpki.load_or_create_ca(data.pki).cert_path
 
 
+def server_certificate(config: Config, data: DataDir) -> tuple[Path, Path]:
+    """The gateway's certificate (chain) and key files: ``gateway.tls_cert`` / ``tls_key``, else
+    the data dir's development certificate (made if missing). TLS and DTLS serve the same."""
+    g = config.gateway
+    if g.tls_cert and g.tls_key:
+        return Path(g.tls_cert), Path(g.tls_key)
+    issued = data.ensure_tls()
+    return issued.cert_path, issued.key_path
+
+
 def server_ssl_context(config: Config, data: DataDir) -> ssl.SSLContext:
     """The TLS listener's context: the server certificate, and in the mutual-TLS modes a
     required client certificate verified against the client CA(s) (chain and validity)."""
     g = config.gateway
-    if g.tls_cert and g.tls_key:
-        cert, key = Path(g.tls_cert), Path(g.tls_key)
-    else:
-        issued = data.ensure_tls()
-        cert, key = issued.cert_path, issued.key_path
+    cert, key = server_certificate(config, data)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -434,11 +440,7 @@ def dtls_terminator(
     ``tls_key``, else the data dir's), relaying each session to the plain UDP server at
     ``backend`` (loopback)."""
     g = config.gateway
-    if g.tls_cert and g.tls_key:
-        cert, key = Path(g.tls_cert), Path(g.tls_key)
-    else:
-        issued = data.ensure_tls()
-        cert, key = issued.cert_path, issued.key_path
+    cert, key = server_certificate(config, data)
     if backend[0] in ("0.0.0.0", "::"):
         backend = ("127.0.0.1" if backend[0] == "0.0.0.0" else "::1", backend[1])
     cfg = DtlsConfig(
