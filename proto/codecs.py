@@ -197,3 +197,20 @@ def parse_content_format(value: str | int | None) -> int | None:
         return int(value)
     except ValueError:
         raise CodecError(f"unknown content format: {value!r}") from None
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """JSON equality: ``true`` is not ``1`` (as Python's ``==`` would have it), ``1`` is ``1.0``."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(json_equal(v, b[k]) for k, v in a.items())
+        )
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(json_equal, a, b))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b

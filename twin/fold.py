@@ -30,12 +30,16 @@ Simple devices (PRODUCT.md 4.2). ``device-provisioned`` creates the twin of a si
 the event's owner, with its profile, name and token hash; on a deleted twin it starts afresh (as
 a registration does), on a live twin it changes nothing but the position: the first provisioning
 wins and a provisioning for another owner never takes a device over (the API refuses one for a
-device that exists; the conditional append makes two racing ones one). ``device-token-changed``
+device that exists; the conditional append makes two racing ones one), and a ``device-registered``
+(an OCF sign-up) on a live simple device changes nothing but the position. ``device-token-changed``
 sets the token hash (empty: revoked). ``telemetry-reported`` keeps per key the latest value and
 its time: the sample's ``ts``, else the event's time (ms); a sample older than the value held
 (a smaller ``ts``) never replaces it, an equal one does (the later in the log wins).
 ``attributes-reported`` merges the client attributes. Those three change only a live simple
-device of the event's owner (a late event of a token of a former owner changes nothing).
+device of the event's owner (a late event of a token of a former owner changes nothing). A
+simple device is ``in_sync`` whenever it is online: it has no synchronisation phase, what it
+sends is the twin. Its shared attributes are desired state on ``/shared/<key>`` whose content is
+the attribute's value; they have no delta (nothing reports them back).
 
 :func:`fold_batch` folds a batch of many devices' events; the projector and the rebuild use it.
 """
@@ -123,7 +127,10 @@ def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
     new = base  # a known type this twin does not model (yet): only the position moves
     match data:
         case DeviceRegistered():
-            new = _registered(base, event.owner, existed=twin is not None)
+            if twin is not None and twin.simple and not twin.deleted:
+                new = base  # an OCF sign-up never turns a live simple device into an OCF one
+            else:
+                new = _registered(base, event.owner, existed=twin is not None)
         case DeviceUnregistered():
             new = replace(
                 base,
@@ -142,7 +149,8 @@ def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
                     remote_address=data.remote_address,
                     protocol=data.protocol,
                 ),
-                sync_state="out_of_sync",
+                # A simple device has no synchronisation phase: what it sends is the twin.
+                sync_state="in_sync" if base.simple else "out_of_sync",
             )
         case DeviceOffline():
             # Only the current connection goes offline: a late offline of a connection the
@@ -167,8 +175,12 @@ def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
         case ResourceChanged():
             stored = base.resource(data.href)
             if content_replaces(stored, data, t, base.connection.connection_id):
+                # the hot path: one copy of the twin, not two (position set here too)
                 new = replace(
                     base,
+                    position=position,
+                    version=base.version + 1,
+                    updated_at=t,
                     resources=_put_resource(
                         base.resources,
                         ResourceState(
@@ -201,7 +213,13 @@ def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
         case TelemetryReported():
             if _reports(base, event.owner):
                 ts = _ms(t) if data.ts is None else data.ts
-                new = replace(base, telemetry=_put_telemetry(base.telemetry, data.values, ts))
+                new = replace(
+                    base,
+                    position=position,
+                    version=base.version + 1,
+                    updated_at=t,
+                    telemetry=_put_telemetry(base.telemetry, data.values, ts),
+                )
         case AttributesReported():
             if _reports(base, event.owner):
                 merged = {**dict(base.client_attributes), **data.values}
@@ -249,6 +267,8 @@ def fold(twin: Twin | None, event: AnyEvent) -> Twin | None:
                 new = base
     if new.desired:
         new = _unreach(new)
+    if new.position == position:
+        return new  # a branch above set the position (and version, time) with its change
     return replace(new, position=position, version=base.version + 1, updated_at=t)
 
 

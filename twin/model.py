@@ -73,7 +73,15 @@ from typing import Any, Final, Literal, get_args
 
 import msgspec
 
-from proto.events import COMMAND_OPS, FINAL_COMMAND_STATES, CommandOp, ResourceLink, SyncState
+from proto.codecs import json_equal
+from proto.events import (
+    COMMAND_OPS,
+    FINAL_COMMAND_STATES,
+    SHARED_PREFIX,
+    CommandOp,
+    ResourceLink,
+    SyncState,
+)
 from twin.errors import CorruptTwinError
 
 __all__ = [
@@ -427,10 +435,12 @@ class EndedCommand:
 class DesiredState:
     """The desired content of one resource. ``content`` ``None``: cleared (the version stays,
     so the next set continues from it). ``reached``: a ``desired-reached`` event for this
-    version was folded and the reported content still matches."""
+    version was folded and the reported content still matches. On a simple device's shared
+    attribute (``/shared/<key>``) ``content`` is the attribute's value, any JSON value: it has
+    no delta (a shared attribute is read by the device, never reported back)."""
 
     href: str
-    content: dict[str, Any] | None
+    content: Any
     version: int
     set_at: datetime
     position: int
@@ -453,7 +463,8 @@ class DesiredState:
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> DesiredState:
         content = doc.get("content")
-        if content is not None and not isinstance(content, dict):
+        shared = _str(doc["href"]).startswith(SHARED_PREFIX)
+        if content is not None and not isinstance(content, dict) and not shared:
             raise TypeError("desired content must be an object")
         return cls(
             href=_str(doc["href"]),
@@ -470,28 +481,11 @@ class DesiredState:
         return out
 
 
-def _same(a: Any, b: Any) -> bool:
-    """JSON equality: ``true`` is not ``1`` (as Python's ``==`` would have it), ``1`` is ``1.0``."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, dict):
-        return (
-            isinstance(b, dict)
-            and a.keys() == b.keys()
-            and all(_same(v, b[k]) for k, v in a.items())
-        )
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return a == b
-    return type(a) is type(b) and a == b
-
-
 def delta_of(desired: Mapping[str, Any], reported: Any) -> dict[str, Any]:
     """The desired keys whose reported value differs or is missing, with their desired value."""
     if not isinstance(reported, dict):
         return dict(desired)
-    return {k: v for k, v in desired.items() if k not in reported or not _same(v, reported[k])}
+    return {k: v for k, v in desired.items() if k not in reported or not json_equal(v, reported[k])}
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,8 +544,8 @@ class Twin:
         """Per href with desired content, the keys still to reach (empty ones left out)."""
         out: dict[str, dict[str, Any]] = {}
         for d in self.desired:
-            if d.content is None:
-                continue
+            if not isinstance(d.content, dict):
+                continue  # cleared, or a shared attribute's value
             r = self.resource(d.href)
             diff = delta_of(d.content, None if r is None else r.content)
             if diff:
@@ -561,7 +555,7 @@ class Twin:
     def delta_for(self, href: str) -> dict[str, Any] | None:
         """The delta of one resource (``{}`` when reached), ``None`` without desired content."""
         d = self.desired_for(href)
-        if d is None or d.content is None:
+        if d is None or not isinstance(d.content, dict):
             return None
         r = self.resource(href)
         return delta_of(d.content, None if r is None else r.content)

@@ -28,8 +28,8 @@ derived event is lost; the fold applies them when they come back.
 
 One projector per twins collection at a time (the consumer hands batches out in log order
 only to a single reader; FerretDB's conditional updates are not atomic across writers).
-:func:`rebuild` drops the twins and folds the whole log again; run it with the projector
-stopped.
+:func:`rebuild` drops the twins and folds the whole log again, writing each twin once
+(:mod:`twin.rebuild`); run it with the projector stopped.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from twin.errors import (
 from twin.fold import fold_batch
 from twin.model import Twin
 from twin.ports import TwinStore, WriteResult
+from twin.rebuild import rebuild_twins
 
 __all__ = [
     "DEFAULT_NAME",
@@ -526,33 +527,21 @@ async def rebuild(
     *,
     name: str = DEFAULT_NAME,
     filter_subject: str = ALL_EVENTS,
-    batch_size: int = 500,
-    cache_size: int = 10_000,
+    batch_size: int = 1000,
+    max_twins: int = 50_000,
 ) -> int:
-    """Drop every twin and fold the whole log again; returns the number of events applied.
+    """Drop every twin and fold the whole log again, writing each twin once
+    (:func:`twin.rebuild.rebuild_twins`); returns the number of events applied.
 
     Leaves projector ``name``'s checkpoint at the end of the log, so a projector started
     afterwards continues from there. Run it with the projector stopped.
     """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    await store.drop()
-    await store.ensure_indexes()
-    projection = _Projection(store=store, name=name, cache=_LruTwins(cache_size))
-    batch: list[StoredMessage] = []
-    async for stored in events.read(filter_subject, after=0):
-        batch.append(stored)
-        if len(batch) >= batch_size:
-            await projection.apply(batch)
-            batch = []
-    if batch:
-        await projection.apply(batch)
-    c = projection.counters
-    log.info(
-        "rebuilt twins from the log: %d events applied in %d batches (%d unknown, %d undecodable)",
-        c.events_applied,
-        c.batches,
-        c.unknown_events,
-        c.undecodable_events,
+    stats = await rebuild_twins(
+        store,
+        events,
+        name=name,
+        filter_subject=filter_subject,
+        batch_size=batch_size,
+        max_twins=max_twins,
     )
-    return c.events_applied
+    return stats.events_applied

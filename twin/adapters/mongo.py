@@ -291,7 +291,10 @@ class MongoTwinStore:
         for round_ in range(MAX_WRITE_ROUNDS):
             if not pending:
                 return WriteResult(written=tuple(written), skipped=tuple(skipped))
-            stored = await self._stored_positions(list(pending), cached=round_ == 0)
+            # A device the caller read as absent is inserted without a lookup: if another
+            # writer created it meanwhile, the insert says so and the next round compares.
+            ids = [d for d in pending if round_ or d not in previous or previous[d] is not None]
+            stored = await self._stored_positions(ids, cached=round_ == 0) if ids else {}
             replace: list[Twin] = []
             insert: list[Twin] = []
             for device_id, t in pending.items():

@@ -96,10 +96,17 @@ def device_life(device: str, updates: int, seed: int) -> list[AnyEvent]:
     rnd = random.Random(seed)
     t = T0
 
-    def e(data: EventData) -> AnyEvent:
+    def e(data: EventData, correlation_id: str | None = None) -> AnyEvent:
         nonlocal t
         t += timedelta(milliseconds=rnd.randint(1, 5000))
-        return ev.Event(owner="alice", device_id=device, data=data, source="/gw/1", time=t)
+        return ev.Event(
+            owner="alice",
+            device_id=device,
+            data=data,
+            source="/gw/1",
+            time=t,
+            correlation_id=correlation_id,
+        )
 
     conn = f"{device}-c0"
     out = [
@@ -125,6 +132,21 @@ def device_life(device: str, updates: int, seed: int) -> list[AnyEvent]:
             href = "/light.1" if roll < 0.6 else "/oic/d"
             content = {"value": i, "a.b": {"$k": i}} if i % 7 == 0 else {"value": i}
             out.append(e(ev.ResourceChanged(href=href, content=content, content_format=10000)))
+        if i % 5 == 1:  # a command, which ends two updates later (the last may stay open)
+            pending = ev.CommandPending(
+                href="/light.1",
+                op="update",
+                content={"value": i},
+                expires_at=T0 + timedelta(days=9),
+            )
+            out.append(e(pending, f"{device}-cmd-{i}"))
+        elif i % 5 == 3:
+            done = ev.CommandSucceeded(href="/light.1", status="2.04")
+            out.append(e(done, f"{device}-cmd-{i - 2}"))
+    last = ev.CommandPending(
+        href="/oic/d", op="retrieve", content=None, expires_at=T0 + timedelta(days=9)
+    )
+    out.append(e(last, f"{device}-open"))
     return out
 
 
@@ -279,7 +301,9 @@ async def test_rebuild_yields_the_live_documents(
     log: Log, store: MongoTwinStore, mongo_db: AsyncDatabase[Doc]
 ) -> None:
     lives = [device_life(f"dev-{i}", 20, seed=30 + i) for i in range(4)]
-    async with TwinProjector(store, log.store, log.config(batch_size=10)) as projector:
+    async with TwinProjector(
+        store, log.store, log.config(batch_size=10, emit_derived_events=False)
+    ) as projector:
         logged = await log.append(interleave(lives, seed=5))
         logged += await log.append(
             [ev.Event(owner="alice", device_id="dev-0", data=ev.DeviceUnregistered(), source="/s")]
@@ -287,10 +311,23 @@ async def test_rebuild_yields_the_live_documents(
         await projector.wait_for_position(last_position(logged), WAIT)
     live = await mongo_db.twins.find().sort("_id").to_list()
 
-    elsewhere = MongoTwinStore(mongo_db, "rebuilt")
-    count = await rebuild(elsewhere, log.store, filter_subject=log.everything, batch_size=7)
-    assert count == len(logged)
-    assert await mongo_db.rebuilt.find().sort("_id").to_list() == live
+    commands = await mongo_db.twins_commands.find().sort("_id").to_list()
+    ended = await mongo_db.twins_ended.find().sort("_id").to_list()
+    assert commands and ended  # open and ended commands to rebuild
+
+    for i, max_twins in enumerate((50_000, 2)):  # each twin written once; or several flushes
+        elsewhere = MongoTwinStore(mongo_db, f"rebuilt{i}")
+        count = await rebuild(
+            elsewhere,
+            log.store,
+            filter_subject=log.everything,
+            batch_size=7,
+            max_twins=max_twins,
+        )
+        assert count == len(logged)
+        assert await mongo_db[f"rebuilt{i}"].find().sort("_id").to_list() == live
+        assert await mongo_db[f"rebuilt{i}_commands"].find().sort("_id").to_list() == commands
+        assert await mongo_db[f"rebuilt{i}_ended"].find().sort("_id").to_list() == ended
 
     count = await rebuild(store, log.store, filter_subject=log.everything, batch_size=500)
     assert count == len(logged)

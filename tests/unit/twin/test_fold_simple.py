@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,7 +16,7 @@ from twin import commands
 from twin.fold import fold, fold_all
 from twin.model import SIMPLE_PROFILE, Telemetry, Twin
 
-from .factory import T0, device_logs, event, online, simple_payloads, telemetry_values
+from .factory import T0, device_logs, event, offline, online, simple_payloads, telemetry_values
 
 MS0 = int(T0.timestamp() * 1000)
 H1, H2 = "1" * 64, "2" * 64
@@ -157,9 +158,45 @@ def test_client_attributes_are_merged() -> None:
     assert [k for k, _ in twin.client_attributes] == ["a.b", "fw", "model"]
 
 
-def test_a_simple_device_goes_online_like_any_device() -> None:
+@pytest.mark.parametrize("owner", ["alice", "mallory"])
+def test_an_ocf_sign_up_never_takes_a_live_simple_device_over(owner: str) -> None:
+    twin = fold_all(
+        provisioned(),
+        [
+            event(ev.TelemetryReported(values={"t": 1}), 2),
+            event(ev.DeviceRegistered(), 3, owner=owner),
+        ],
+    )
+    assert twin is not None and twin.simple and twin.owner == "alice" and twin.position == 3
+    assert twin.telemetry_for("t") is not None and twin.token_hash == H1
+
+
+def test_a_simple_device_goes_online_like_any_device_and_is_in_sync() -> None:
+    """It has no synchronisation phase (what it sends is the twin): in sync while online."""
     twin = fold(provisioned(), event(online("c1"), 2))
     assert twin is not None and twin.online and twin.profile == SIMPLE_PROFILE
+    assert twin.sync_state == "in_sync"
+    twin = fold(twin, event(offline("c1"), 3))
+    assert twin is not None and not twin.online and twin.sync_state == "out_of_sync"
+    ocf = fold_all(None, [event(ev.DeviceRegistered(), 1), event(online("c1"), 2)])
+    assert ocf is not None and ocf.sync_state == "out_of_sync"  # until its gateway synced it
+
+
+def test_shared_attributes_hold_any_json_value_and_have_no_delta() -> None:
+    steps = [
+        event(ev.DesiredSet(href="/shared/target", content=25, version=1), 2),
+        event(ev.DesiredSet(href="/shared/mode", content="eco", version=1), 3),
+        event(ev.DesiredSet(href="/shared/list", content=[1, 2], version=1), 4),
+    ]
+    twin = fold_all(provisioned(), steps)
+    assert twin is not None
+    assert [(d.href, d.content) for d in twin.desired] == [
+        ("/shared/list", [1, 2]),
+        ("/shared/mode", "eco"),
+        ("/shared/target", 25),
+    ]
+    assert twin.delta() == {} and twin.delta_for("/shared/target") is None
+    assert Twin.from_document(twin.to_document()) == twin
 
 
 # -- properties ---------------------------------------------------------------------------
@@ -210,7 +247,7 @@ def test_no_desired_updates_are_issued_for_a_simple_device() -> None:
         event(ev.DesiredSet(href="/shared/mode", content={"v": 1}, version=1), 3),
     ]
     simple_twin = fold_all(provisioned(), steps)
-    assert simple_twin is not None and simple_twin.online and simple_twin.delta()
+    assert simple_twin is not None and simple_twin.online
     assert commands.desired_update_events(simple_twin, T0) == ()
     ocf = fold_all(fold(None, event(ev.DeviceRegistered(), 1)), steps)
     assert ocf is not None and len(commands.desired_update_events(ocf, T0)) == 1

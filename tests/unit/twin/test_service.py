@@ -22,6 +22,7 @@ from twin.fold import fold_all
 from twin.memory import InMemoryTwinStore
 from twin.model import Twin
 from twin.ports import Ended, WriteResult
+from twin.rebuild import rebuild_twins
 from twin.service import ProjectorConfig, ProjectorHooks, TwinProjector, rebuild
 
 from .factory import T0, changed, link, offline, online, unknown
@@ -274,6 +275,51 @@ async def test_rebuild_matches_the_live_projection(log: InMemoryEventStore) -> N
     assert count == sum(1 for e in logged if not isinstance(e.data, UnknownData))
     assert await stored_twins(rebuilt) == await stored_twins(live)
     assert await rebuilt.checkpoint("twin-projector") == logged[-1].position
+
+
+class CountingStore(InMemoryTwinStore):
+    """Counts the twins written, per device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: dict[str, int] = {}
+
+    async def write_many(
+        self,
+        twins: Iterable[Twin],
+        *,
+        previous: Mapping[str, Twin | None] | None = None,
+        ended: Ended | None = None,
+    ) -> WriteResult:
+        twins = list(twins)
+        for t in twins:
+            self.writes[t.device_id] = self.writes.get(t.device_id, 0) + 1
+        return await super().write_many(twins, previous=previous, ended=ended)
+
+
+@pytest.mark.parametrize("max_twins", [50_000, 2])
+async def test_rebuild_writes_each_twin_once_while_it_holds_every_device(
+    log: InMemoryEventStore, max_twins: int
+) -> None:
+    """With at most ``max_twins`` devices every twin is written once, whatever the number of
+    events; with more, a device is written once per flush it was in, and read back between
+    (the twins are the same)."""
+    live = InMemoryTwinStore()
+    logged = await append(log, script(devices=[f"d{i}" for i in range(6)]))
+    async with TwinProjector(live, log, FAST) as projector:
+        await projector.wait_for_position(logged[-1].position or 0, WAIT)
+    rebuilt = CountingStore()
+    stats = await rebuild_twins(rebuilt, log, name="p", batch_size=3, max_twins=max_twins)
+    assert await stored_twins(rebuilt) == await stored_twins(live)
+    assert stats.events_applied == sum(1 for e in logged if not isinstance(e.data, UnknownData))
+    assert sorted(rebuilt.writes) == [f"d{i}" for i in range(6)]
+    if max_twins > 6:
+        assert stats.flushes == 1 and stats.twins_written == 6
+        assert set(rebuilt.writes.values()) == {1}
+    else:
+        assert stats.flushes > 1 and stats.twins_written > 6
+        assert max(rebuilt.writes.values()) <= stats.flushes
+    assert stats.position == logged[-1].position == await rebuilt.checkpoint("p")
 
 
 async def test_wait_for_position_times_out_and_reports_a_stopped_projector(
