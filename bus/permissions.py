@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from proto import api, devtokens, leases, subjects
+from proto import api, devtokens, leases, selfprovision, subjects
 
 __all__ = [
     "ACCOUNT_APPS",
@@ -57,6 +57,7 @@ TWIN_LEASES: Final = leases.TWIN_SUBJECTS  # the twin service's claims of lost i
 TOKEN_STREAM: Final = devtokens.TOKEN_STREAM
 DEVICE_TOKENS: Final = devtokens.ALL_TOKENS  # the hashed access tokens of simple devices
 CALLOUT_SUBJECT: Final = "$SYS.REQ.USER.AUTH"
+SELF_PROVISION: Final = selfprovision.SUBJECT  # a device's self-provisioning, gateway -> twin
 
 Role = Literal["gateway", "twin", "callout", "admin"]
 ROLES: Final[tuple[Role, ...]] = ("gateway", "twin", "callout", "admin")
@@ -136,7 +137,13 @@ def service_permissions(
     it (direct gets by subject), the twin service provisions it, reads it and writes it (its
     provisioning operations).
 
-    Applications get nothing of the leases or the token registry: APPS imports none of it.
+    Self-provisioning (``twinhub.svc.provision``, :mod:`proto.selfprovision`): the gateway
+    relays a device's request (publishes it, the reply comes to its inbox), the twin service
+    answers it (subscribes, answers through ``responses``) -- never the other way round: a
+    gateway cannot answer in the twin's place, the twin cannot send itself requests.
+
+    Applications get nothing of the leases, the token registry or self-provisioning: APPS
+    imports none of it.
     """
     if role == "admin":
         return Permissions(unrestricted=True)
@@ -154,7 +161,7 @@ def service_permissions(
     common_sub = (EVENTS, f"{inbox_prefix(role)}.>")
     if role == "gateway":
         return Permissions(
-            pub_allow=(*common_pub, GATEWAY_LEASES),
+            pub_allow=(*common_pub, GATEWAY_LEASES, SELF_PROVISION),
             pub_deny=_deny_consumers("$JS.API", stream, [projector]),
             sub_allow=common_sub,
         )
@@ -171,7 +178,7 @@ def service_permissions(
             f"$JS.API.STREAM.CREATE.{lease_stream}",
             f"$JS.API.STREAM.UPDATE.{lease_stream}",
         ),
-        sub_allow=(*common_sub, API_SUBJECTS),
+        sub_allow=(*common_sub, API_SUBJECTS, SELF_PROVISION),
         responses=True,
     )
 

@@ -13,8 +13,9 @@ never awaits and takes the time as an input:
 3. :meth:`SimpleCore.decide` -- the payload (JSON, lenient like ThingsBoard's Gson, or CBOR):
    an :class:`Append` of events with the reply to give once the log acknowledged them
    (:meth:`SimpleCore.appended`: 2.01, or 5.03), a :class:`ReadAttributes` (answered by
-   :func:`attributes_reply` once the adapter read the device's attributes), or a 4.00 with a
-   diagnostic;
+   :func:`attributes_reply` once the adapter read the device's attributes), a
+   :class:`~gateway.simpleclientrpc.CallServer` (client-side RPC, ``POST .../rpc``), or a 4.00
+   with a diagnostic;
 4. a log that cannot be reached, at any step, is 5.03.
 
 Anti-reflection: a source address can be spoofed over UDP, so before the token is validated
@@ -41,12 +42,14 @@ from enum import Enum
 from typing import Any, Final
 
 from gateway.errors import BadRequest
+from gateway.simpleclientrpc import CallServer, parse_call
 from gateway.simplejson import loads as lenient_loads
 from gateway.simplerpc import parse_rpc_id
 from proto import codecs
 from proto.devtokens import TokenRecord, looks_like_token
 from proto.errors import CodecError
 from proto.events import (
+    SHARED_PREFIX,
     AnyEvent,
     AttributesReported,
     DesiredCleared,
@@ -69,21 +72,24 @@ __all__ = [
     "SimpleCore",
     "SimpleRequest",
     "TokenBuckets",
+    "WatchAttributes",
     "WatchRpc",
     "attributes_reply",
     "fold_attributes",
     "parse_attributes",
     "parse_telemetry",
+    "shared_reply",
+    "shared_update",
 ]
 
-SHARED_PREFIX: Final = "/shared/"
-"""Shared attributes are the device's desired state on hrefs ``/shared/<key>``."""
 
 JSON: Final = int(codecs.ContentFormat.JSON)
 CBOR: Final = int(codecs.ContentFormat.CBOR)
 TEXT: Final = int(codecs.ContentFormat.TEXT)
 _INT64: Final = 1 << 63
 MAX_DIAGNOSTIC: Final = 200  # bytes of a 4.00's text
+PROVISION_PATH: Final = ("api", "v1", "provision")
+"""Self-provisioning, no token in the path: :mod:`gateway.simpleprovision`, not the core."""
 
 
 class Feature(Enum):
@@ -146,6 +152,7 @@ class SimpleRequest:
     remote: str = ""
     declared_size: int | None = None
     secure: bool = False  # it came over DTLS (``coaps+udp``)
+    observe: bool = False  # an Observe registration (Observe: 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +197,18 @@ class ReadAttributes:
 
 
 @dataclass(frozen=True, slots=True)
+class WatchAttributes:
+    """``GET /api/v1/{token}/attributes`` with Observe: the device's shared-attribute updates
+    come as notifications (:func:`shared_update`), the registration answered with their current
+    values (:func:`shared_reply`). ``shared_keys`` (``?sharedKeys=``): only those (None: all)."""
+
+    owner: str
+    device_id: str
+    shared_keys: tuple[str, ...] | None
+    accept: int
+
+
+@dataclass(frozen=True, slots=True)
 class WatchRpc:
     """``GET /api/v1/{token}/rpc``: the device's server-side RPCs come as notifications of an
     observation (:mod:`gateway.simplerpc`); without Observe, or before any, the answer is
@@ -210,7 +229,7 @@ class AnswerRpc:
     result: Any
 
 
-Outcome = Reply | Append | ReadAttributes | WatchRpc | AnswerRpc
+Outcome = Reply | Append | ReadAttributes | WatchAttributes | WatchRpc | AnswerRpc | CallServer
 
 
 def _empty(code: str, **kw: Any) -> Reply:
@@ -425,10 +444,46 @@ def attributes_reply(view: AttributeView, read: ReadAttributes) -> Reply:
     return Reply("2.05", codecs.encode(body, fmt), fmt)
 
 
+def _shared(shared: Mapping[str, Any], keys: Sequence[str] | None) -> dict[str, Any]:
+    return dict(shared) if keys is None else {k: shared[k] for k in keys if k in shared}
+
+
+def shared_reply(view: AttributeView, watch: WatchAttributes) -> Reply:
+    """The answer to the registration of an observation of ``attributes``: the current shared
+    attributes (those asked for), flat, ``{"key": value, ...}``."""
+    fmt = CBOR if watch.accept == CBOR else JSON
+    return Reply("2.05", codecs.encode(_shared(view.shared, watch.shared_keys), fmt), fmt)
+
+
+def shared_update(
+    before: Mapping[str, Any], after: Mapping[str, Any], watch: WatchAttributes
+) -> Reply | None:
+    """The notification of what changed in the shared attributes (those asked for) from
+    ``before`` to ``after``, as ThingsBoard's attribute update: the keys set (new or changed)
+    with their values, and ``"deleted": [keys]`` for the keys cleared; None when nothing did."""
+    old, new = _shared(before, watch.shared_keys), _shared(after, watch.shared_keys)
+    body: dict[str, Any] = {
+        k: v for k, v in new.items() if k not in old or not codecs.json_equal(old[k], v)
+    }
+    deleted = sorted(k for k in old if k not in new)
+    if deleted:
+        body["deleted"] = deleted
+    if not body:
+        return None
+    fmt = CBOR if watch.accept == CBOR else JSON
+    return Reply("2.05", codecs.encode(body, fmt), fmt)
+
+
 # --------------------------------------------------------------------------- rpc
 
 
 def _rpc(route: Route, record: TokenRecord, req: SimpleRequest) -> Outcome:
+    if route.rpc_id is None and route.method == "POST":  # client-side RPC
+        try:
+            value = decode_payload(req.payload, req.content_format)
+            return parse_call(value, record.owner, record.device_id, req.accept)
+        except BadRequest as e:
+            return _diagnostic("4.00", str(e))
     if route.rpc_id is None:
         return WatchRpc(record.owner, record.device_id)
     rpc_id = parse_rpc_id(route.rpc_id)
@@ -465,9 +520,8 @@ class SimpleCore:
             return _empty("4.04")
         if req.method not in _METHODS[feature]:
             return _empty("4.05")
-        if feature is Feature.RPC and (req.method == "POST") != (rpc_id is not None):
-            # GET /rpc/{id} is nothing; POST /rpc (client-side RPC) is not served
-            return _empty("4.05")
+        if feature is Feature.RPC and req.method == "GET" and rpc_id is not None:
+            return _empty("4.05")  # GET /rpc/{id} is nothing (POST /rpc: client-side RPC)
         if not looks_like_token(path[2]):
             return _empty("4.01")
         size = req.declared_size if req.declared_size is not None else len(req.payload)
@@ -488,6 +542,13 @@ class SimpleCore:
         self, route: Route, record: TokenRecord, req: SimpleRequest, now: datetime
     ) -> Outcome:
         """What to do with an authorized request; ``now`` is the receive time (events' time)."""
+        if route.feature is Feature.ATTRIBUTES and route.method == "GET" and req.observe:
+            return WatchAttributes(
+                record.owner,
+                record.device_id,
+                _keys(req.query, "sharedKeys") or None,
+                CBOR if req.accept == CBOR else JSON,
+            )
         if route.feature is Feature.ATTRIBUTES and route.method == "GET":
             return ReadAttributes(
                 record.owner,

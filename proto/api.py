@@ -23,6 +23,8 @@ appears; the service keeps its hash), ``rotate-device-token`` gives it a new one
 ``revoke-device-token`` revokes it (:class:`DeviceTokenRevoked`). Each is recorded as an event
 (``device-provisioned``, ``device-token-changed``) and in the token registry
 (:mod:`proto.devtokens`). They are not idempotent like commands: the client sends them once.
+``answer-rpc`` answers a device's client-side RPC (an ``rpc-requested`` event): the first
+answer wins (:class:`AnswerClientRpc`).
 """
 
 from __future__ import annotations
@@ -120,13 +122,30 @@ class CallRpc(_Request, frozen=True, kw_only=True):
         return RPC_HREF
 
 
+class AnswerClientRpc(_Request, frozen=True, kw_only=True):
+    """Answer a simple device's client-side RPC (ThingsBoard's device API): the device posted
+    ``{"method", "params"}`` to ``/api/v1/{token}/rpc`` (an ``rpc-requested`` event, whose
+    ``request_id`` this names) and waits for ``result`` (any JSON value) as its CoAP response.
+    Recorded as ``rpc-answered`` (:class:`RpcAnswerRecorded`). The first answer wins: another
+    answer to the same request is ``conflict`` (the same answer again is its repeat); a request
+    the device never made, or whose wait is over (``timeout_ms`` after it), is ``not_found``."""
+
+    OP: ClassVar[str] = "answer-rpc"
+    device_id: str
+    request_id: str
+    result: Any = None
+
+
 class SetDesired(_Request, frozen=True, kw_only=True):
-    """Set the desired content of a resource (the twin computes the delta)."""
+    """Set the desired content of a resource (the twin computes the delta).
+
+    ``content`` is a JSON object, except on a simple device's shared attributes (hrefs
+    ``/shared/<key>``), where it is the attribute's value: any JSON value but null."""
 
     OP: ClassVar[str] = "desired-set"
     device_id: str
     href: str
-    content: dict[str, Any]
+    content: Any
 
 
 class ClearDesired(_Request, frozen=True, kw_only=True):
@@ -206,6 +225,7 @@ ApiRequest = (
     | RetrieveResource
     | DeleteResource
     | CallRpc
+    | AnswerClientRpc
     | SetDesired
     | ClearDesired
     | CancelCommands
@@ -225,6 +245,7 @@ REQUEST_TYPES: Final[dict[str, type[ApiRequest]]] = {
         RetrieveResource,
         DeleteResource,
         CallRpc,
+        AnswerClientRpc,
         SetDesired,
         ClearDesired,
         CancelCommands,
@@ -393,6 +414,17 @@ class DeviceTokenRevoked(msgspec.Struct, frozen=True, kw_only=True, omit_default
     device_id: str
     token_id: str = ""
     position: int | None = None
+
+
+class RpcAnswerRecorded(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The reply to ``answer-rpc``: the ``rpc-answered`` event is in the log at ``position``
+    (the gateway hands its result to the waiting device). ``repeated``: this very answer was
+    recorded before (a retry), nothing new was written."""
+
+    device_id: str
+    request_id: str
+    position: int
+    repeated: bool = False
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

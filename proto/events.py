@@ -157,6 +157,9 @@ RPC_HREF: Final = "/rpc"
 """The href of a server-side RPC to a simple device (op ``rpc``): its ``command-pending``
 carries ``content`` ``{"method": m, "params": p}``, its ``command-succeeded`` the device's
 result as ``content``."""
+SHARED_PREFIX: Final = "/shared/"
+"""A simple device's shared attributes are its desired state on hrefs ``/shared/<key>``, each
+``desired-set``'s ``content`` the attribute's value (any JSON value but null)."""
 CommandState = Literal["pending", "sent", "succeeded", "failed", "expired", "canceled"]
 FINAL_COMMAND_STATES: Final = frozenset({"succeeded", "failed", "expired", "canceled"})
 
@@ -234,12 +237,15 @@ class CommandCanceled(_CommandData, frozen=True, kw_only=True):
 
 
 class DesiredSet(_Data, frozen=True, kw_only=True):
-    """A client set the desired content of a resource (``version`` grows per resource)."""
+    """A client set the desired content of a resource (``version`` grows per resource).
+
+    ``content`` is a JSON object, except on a simple device's shared attributes (hrefs
+    ``/shared/<key>``): there it is the attribute's value, any JSON value but null."""
 
     TYPE: ClassVar[str] = "io.twinhub.desired.set.v1"
     KIND: ClassVar[str] = "desired-set"
     href: str
-    content: dict[str, Any]
+    content: Any
     version: int
 
     def resource(self) -> str | None:
@@ -318,11 +324,45 @@ class AttributesReported(_Data, frozen=True, kw_only=True):
     values: dict[str, Any]
 
 
+class RpcRequested(_Data, frozen=True, kw_only=True):
+    """A simple device made a client-side RPC (``POST /api/v1/{token}/rpc``, ThingsBoard's
+    device API): ``method`` with ``params``; the gateway waits ``timeout_ms`` for an
+    application's answer (``rpc-answered``, API op ``answer-rpc``), then the device gets 5.04.
+    ``request_id`` (a random UUID the gateway chose, also the event id) is the subject's
+    resource token, so that the answer to one request is one subject."""
+
+    TYPE: ClassVar[str] = "io.twinhub.rpc.requested.v1"
+    KIND: ClassVar[str] = "rpc-requested"
+    request_id: str
+    method: str
+    params: Any = None
+    timeout_ms: int
+
+    def resource(self) -> str | None:
+        return self.request_id
+
+
+class RpcAnswered(_Data, frozen=True, kw_only=True):
+    """An application answered a simple device's client-side RPC ``request_id`` with
+    ``result`` (any JSON value): the gateway gives it to the device as the CoAP response. One
+    per request: the first answer wins (a second one is refused)."""
+
+    TYPE: ClassVar[str] = "io.twinhub.rpc.answered.v1"
+    KIND: ClassVar[str] = "rpc-answered"
+    request_id: str
+    result: Any = None
+
+    def resource(self) -> str | None:
+        return self.request_id
+
+
 SIMPLE_DEVICE_EVENTS: Final = (
     DeviceProvisioned,
     DeviceTokenChanged,
     TelemetryReported,
     AttributesReported,
+    RpcRequested,
+    RpcAnswered,
 )
 
 
@@ -358,6 +398,8 @@ EventData = (
     | DeviceTokenChanged
     | TelemetryReported
     | AttributesReported
+    | RpcRequested
+    | RpcAnswered
 )
 
 EVENT_TYPES: Final[dict[str, type[EventData]]] = {

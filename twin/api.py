@@ -46,7 +46,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
@@ -63,7 +63,7 @@ from eventstore.ports import AppendResult, EventStore
 from proto import api, binding, devtokens, subjects
 from proto.errors import BindingError
 from proto.events import AnyEvent
-from twin import commands, provisioning
+from twin import clientrpc, commands, provisioning
 from twin.commands import Answer, Record, error
 from twin.errors import StoreUnavailableError, TwinStoreError
 from twin.fold import fold
@@ -169,8 +169,19 @@ class TwinApi:
 
     async def handle(self, op: str, body: bytes, token: str | None) -> api.Reply:
         """The reply to one request of operation ``op`` (the subject's last token)."""
+        return await self._guarded(op, self._answer(op, body, token))
+
+    async def provision_as(self, owner: str, by: str, request: api.ProvisionDevice) -> api.Reply:
+        """``provision-device`` for ``owner`` without a caller's token, recorded as done by
+        ``by``: self-provisioning (:mod:`twin.selfprovision`), whose profile checked the
+        device's secret. Errors are replies, as :meth:`handle`'s."""
+        caller = Claims(owner=owner, device_id=None, expires_at=None, raw={"sub": by})
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        return await self._guarded(request.OP, self._provisioning(request, caller, now))
+
+    async def _guarded(self, op: str, answer: Awaitable[api.Reply]) -> api.Reply:
         try:
-            return await self._answer(op, body, token)
+            return await answer
         except (UnavailableError, StoreUnavailableError) as e:
             log.warning("%s: unavailable: %s", op, e)
             return error("unavailable", str(e))
@@ -235,6 +246,8 @@ class TwinApi:
                 return await self._session(caller)
             case api.ProvisionDevice() | api.RevokeDeviceToken() | api.RotateDeviceToken():
                 return await self._provisioning(request, caller, now)
+            case api.AnswerClientRpc():
+                return await self._answer_rpc(request, owner, now)
             case api.ListDevices():
                 return await self._list_devices(request, owner)
             case api.ListPending() if request.device_id is None:
@@ -280,6 +293,44 @@ class TwinApi:
                 continue
             return decision.reply(result.positions)
         return error("unavailable", "too many concurrent changes to this device; retry")
+
+    async def _answer_rpc(
+        self, request: api.AnswerClientRpc, owner: str, now: datetime
+    ) -> api.Reply:
+        """``answer-rpc`` (:mod:`twin.clientrpc`): the request's events read by subject, the
+        answer appended only while its subject is still empty."""
+        problem = clientrpc.problem(request)
+        if problem is not None:
+            return error("bad_request", problem)
+        answered_scope = clientrpc.answered_scope(owner, request)
+        for _ in range(MAX_DECISIONS):
+            expected = await self._events.last_position(answered_scope)
+            requested = await self._last_event(clientrpc.requested_scope(owner, request))
+            answered = await self._last_event(answered_scope) if expected else None
+            decision = clientrpc.decide(
+                request, owner, requested, answered, now, expected_last=expected
+            )
+            if isinstance(decision, Answer):
+                return decision.reply
+            try:
+                result, retried = await self._append(decision)
+            except ConcurrencyError:
+                log.debug("answer-rpc %s: answered meanwhile, deciding again", request.request_id)
+                continue
+            if result.all_duplicates and not retried:
+                continue  # another request recorded this very answer first: decide again
+            return decision.reply(result.positions)
+        return error("unavailable", "too many concurrent answers to this request; retry")
+
+    async def _last_event(self, scope: str) -> AnyEvent | None:
+        stored = await self._events.last_message(scope)
+        if stored is None:
+            return None
+        try:
+            return binding.from_stored(stored)
+        except BindingError as e:
+            log.warning("undecodable event at %d: %s", stored.position, e)
+            return None
 
     async def _provisioning(
         self, request: provisioning.TokenRequest, caller: Claims, now: datetime

@@ -64,6 +64,7 @@ import msgspec
 from proto import api, subjects
 from proto.errors import SubjectError
 from proto.events import (
+    SHARED_PREFIX,
     AnyEvent,
     CommandCanceled,
     CommandExpired,
@@ -208,6 +209,17 @@ def validate(request: api.ApiRequest) -> str | None:
                 problems.append("bad correlation_id")
             if request.href is not None and not request.href.startswith("/"):
                 problems.append(f"href must start with '/': {request.href!r}")
+        case api.SetDesired():
+            if request.href.startswith(SHARED_PREFIX):
+                if request.href == SHARED_PREFIX:
+                    problems.append(f"a shared attribute's href is {SHARED_PREFIX}<key>")
+                if request.content is None:
+                    problems.append("a shared attribute's value must not be null")
+            elif not isinstance(request.content, dict):
+                problems.append(
+                    "desired content must be a JSON object "
+                    f"(any JSON value on {SHARED_PREFIX}<key>)"
+                )
         case api.ListPending() | api.ListDevices():
             if not 1 <= request.limit <= MAX_LIMIT:
                 problems.append(f"limit must be 1..{MAX_LIMIT}")
@@ -618,6 +630,18 @@ def _desired(
     now: datetime,
     expected_last: int | None,
 ) -> Decision:
+    if (
+        isinstance(request, api.SetDesired)
+        and not twin.simple
+        and not isinstance(request.content, dict)
+    ):
+        return Answer(
+            error(
+                "bad_request",
+                "desired content must be a JSON object (shared attributes, "
+                f"{SHARED_PREFIX}<key>, are a simple device's)",
+            )
+        )
     entry = twin.desired_for(request.href)
     if isinstance(request, api.ClearDesired) and (entry is None or entry.cleared):
         version = 0 if entry is None else entry.version

@@ -275,15 +275,25 @@ def register_desired(subparsers: SubParsers, name: str, /) -> None:
     p.add_argument("device", help="device ID")
     p.add_argument("href", help="resource href")
     if setting:
-        p.add_argument("content", type=_json_arg, help="desired content, a JSON object")
+        p.add_argument(
+            "content",
+            type=_json_arg,
+            help="desired content, a JSON object (a simple device's shared attribute "
+            "/shared/<key>: its value, any JSON value)",
+        )
     p.set_defaults(handler=run_desired, setting=setting)
 
 
 def run_desired(args: argparse.Namespace) -> int:
+    from proto.events import SHARED_PREFIX
+
     async def body(client: TwinhubClient) -> int:
         if args.setting:
-            if not isinstance(args.content, dict):
-                sys.stderr.write("twinhub: desired content must be a JSON object\n")
+            if not isinstance(args.content, dict) and not args.href.startswith(SHARED_PREFIX):
+                sys.stderr.write(
+                    "twinhub: desired content must be a JSON object "
+                    f"(any JSON value on a shared attribute, {SHARED_PREFIX}<key>)\n"
+                )
                 return 2
             result = await client.set_desired(args.device, args.href, args.content)
         else:

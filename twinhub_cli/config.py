@@ -118,7 +118,14 @@ class GatewaySettings:
     udp: str = "127.0.0.1:5683"  # "" disables it
     udp_max_payload: int = 64 * 1024  # bytes of a request (after block-wise); above: 4.13
     udp_inactivity_timeout: float = 300.0  # seconds without a request: the device is offline
+    client_rpc_timeout: float = 30.0  # seconds a device's POST .../rpc waits for an answer
     token_cache_ttl: float = 5.0  # seconds a token lookup is cached (a revocation's delay)
+    # POST /api/v1/provision relayed to the twin service (which holds the profiles and their
+    # secrets: twin.provision_profiles); requests per second and at once, per source address
+    # and per provision key
+    udp_provision: bool = True
+    udp_provision_rate: float = 1.0
+    udp_provision_burst: int = 5
     # CoAP over DTLS 1.2 with the server's certificate (tls_cert/tls_key), in front of udp
     dtls: str = "127.0.0.1:5684"  # "" disables it (it needs udp)
     dtls_max_sessions: int = 1000
@@ -163,6 +170,95 @@ class TwinSettings:
     lease_poll_interval: float = 1.0
     # HOST:PORT of /metrics, /healthz, /readyz (":9465" = every address); "" = off
     metrics_listen: str = ""
+    # self-provisioning profiles of simple devices (POST /api/v1/provision), one string each:
+    # "NAME;owner=OWNER;key=PROVISION_KEY;secret_file=PATH[;strategy=allow-create]" (the
+    # secret file of mode 0600); none by default (every request: NOT_FOUND)
+    provision_profiles: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        provision_profiles(self)  # a malformed profile stops the start
+
+
+@dataclass(frozen=True, slots=True)
+class ProvisionProfile:
+    """One of ``twin.provision_profiles``: devices that present ``key`` and the secret in
+    ``secret_file`` are created for ``owner`` (strategy ``allow-create``: by their name)."""
+
+    name: str
+    owner: str
+    key: str
+    secret_file: str
+    strategy: Literal["allow-create"] = "allow-create"
+
+    def secret(self) -> bytes:
+        """The secret, read from ``secret_file`` now (mode 0600, UTF-8, a final newline
+        ignored); raises :class:`ConfigError` when it cannot be had."""
+        where = f"twin.provision_profiles {self.name!r}: secret_file"
+        return read_secret_file(Path(self.secret_file), where).encode("utf-8")
+
+
+PROFILE_KEYS: Final = frozenset({"owner", "key", "secret_file", "strategy"})
+
+
+def provision_profiles(twin: TwinSettings) -> tuple[ProvisionProfile, ...]:
+    """The profiles of ``twin.provision_profiles``, checked (names and keys unique)."""
+    out: list[ProvisionProfile] = []
+    for i, spec in enumerate(twin.provision_profiles):
+        where = f"twin.provision_profiles[{i}]"
+        name, *pairs = (part.strip() for part in spec.split(";"))
+        if not name or "=" in name:
+            raise ConfigError(f"{where}: must start with the profile's name, then ;key=value")
+        values: dict[str, str] = {}
+        for pair in pairs:
+            k, sep, v = pair.partition("=")
+            k, v = k.strip(), v.strip()
+            if not sep or k not in PROFILE_KEYS:
+                raise ConfigError(
+                    f"{where} ({name}): {pair!r}: expected one of "
+                    f"{', '.join(sorted(PROFILE_KEYS))} as key=value"
+                )
+            if k in values:
+                raise ConfigError(f"{where} ({name}): {k} twice")
+            values[k] = v
+        missing = sorted({"owner", "key", "secret_file"} - {k for k, v in values.items() if v})
+        if missing:
+            raise ConfigError(f"{where} ({name}): missing {', '.join(missing)}")
+        strategy = values.get("strategy", "allow-create")
+        if strategy != "allow-create":
+            raise ConfigError(
+                f"{where} ({name}): strategy must be allow-create (new devices by name), "
+                f"not {strategy!r}"
+            )
+        profile = ProvisionProfile(name, values["owner"], values["key"], values["secret_file"])
+        for other in out:
+            if other.name == profile.name:
+                raise ConfigError(f"{where}: profile {name!r} twice")
+            if other.key == profile.key:
+                raise ConfigError(f"{where} ({name}): the same key as profile {other.name!r}")
+        out.append(profile)
+    return tuple(out)
+
+
+def read_secret_file(path: Path, where: str) -> str:
+    """A secret from a file of mode 0600 (no access for group or others), UTF-8, a final
+    newline ignored; :class:`ConfigError` naming ``where`` when it cannot be had."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if os.fstat(f.fileno()).st_mode & 0o077:
+            raise ConfigError(f"{where}: {path} is readable by others: chmod 600 it")
+        raw = f.read()
+    try:
+        secret = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
+    if not secret:
+        raise ConfigError(f"{where}: {path} is empty")
+    return secret
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ COMMANDS: dict[str, str] = {
     "cmd delete": "twinhub_cli.cmd_cmds:register_command",
     "cmd rpc": "twinhub_cli.cmd_cmds:register_rpc",
     "cmd cancel": "twinhub_cli.cmd_cmds:register_cancel",
+    "rpc answer": "twinhub_cli.rpc_cmd:register_answer",
     "pending": "twinhub_cli.cmd_cmds:register_pending",
     "desired set": "twinhub_cli.cmd_cmds:register_desired",
     "desired clear": "twinhub_cli.cmd_cmds:register_desired",
@@ -66,6 +67,7 @@ GROUP_HELP: dict[str, str] = {
     "twin": "the twin service and its documents",
     "cmd": "commands to devices through the command API",
     "desired": "desired state of resources",
+    "rpc": "client-side RPCs of simple devices (answered through the command API)",
 }
 
 

@@ -41,6 +41,7 @@ from eventstore.layout import StreamLayout
 from gateway.adapters.coap_udp import SimpleDeviceServer, UdpConfig
 from gateway.adapters.devtokens_nats import NatsTokenDirectory
 from gateway.adapters.dtls import DtlsConfig, DtlsTerminator
+from gateway.adapters.provision_nats import NatsProvisioner
 from gateway.devtokens import CachedTokenDirectory, TokenCacheConfig
 from gateway.identity import AuthMode, TlsAuthPolicy, parse_crls
 from gateway.lease import LeaseConfig
@@ -48,20 +49,23 @@ from gateway.leasing import GatewayLease
 from gateway.oauth import OAuthProvider, parse_provider
 from gateway.service import Gateway, GatewayConfig
 from gateway.simple import SimpleConfig
+from gateway.simpleprovision import ProvisionConfig
 from gateway.writer import WriterConfig
 from proto.devtokens import ALL_TOKENS, TOKEN_STREAM
 from proto.leases import ALL_LEASES, LEASE_STREAM
 from twin.adapters.mongo import MongoTwinStore
 from twin.adapters.mongo_held import MongoHeldConnections
 from twin.adapters.nats_api import NatsApiServer
+from twin.adapters.selfprovision_nats import SelfProvisionServer
 from twin.adapters.token_registry import LogTokenRegistry
 from twin.api import ApiConfig, KeyRefresh, TwinApi
 from twin.reaper import GatewayReaper, ReaperConfig
+from twin.selfprovision import Profile, Profiles
 from twin.service import ProjectorConfig, TwinProjector
 from twin.sweeper import ExpirySweeper
 from twinhub_cli import pki as devpki
 from twinhub_cli.busconfig import bus_credentials, nats_endpoint, secret_file
-from twinhub_cli.config import Config, ConfigError, parse_hostport
+from twinhub_cli.config import Config, ConfigError, parse_hostport, provision_profiles
 from twinhub_cli.datadir import DataDir
 from twinhub_cli.observability import (
     ApiMetrics,
@@ -475,11 +479,49 @@ async def simple_device_server(
             request_rate=g.request_rate or 1e9,
             request_burst=max(1, g.request_burst),
         )
-        udp = UdpConfig(bind=bind, inactivity_timeout=g.udp_inactivity_timeout)
+        udp = UdpConfig(
+            bind=bind,
+            inactivity_timeout=g.udp_inactivity_timeout,
+            client_rpc_timeout=g.client_rpc_timeout,
+        )
         async with SimpleDeviceServer(
-            store, tokens, simple, udp, instance=instance, peer_of=peer_of
+            store,
+            tokens,
+            simple,
+            udp,
+            instance=instance,
+            peer_of=peer_of,
+            **self_provisioning(config, store),
         ) as server:
             yield server
+
+
+def self_provisioning(config: Config, store: JetStreamEventStore) -> dict[str, Any]:
+    """The simple-device server's self-provisioning arguments (``gateway.udp_provision``): the
+    requests relayed to the twin service on the bus, rate-limited per source and per key."""
+    g = config.gateway
+    if not g.udp_provision:
+        return {}
+    if not g.udp_provision_rate > 0:
+        raise ConfigError("gateway.udp_provision_rate: must be > 0 (requests a second)")
+    return {
+        "provisioner": NatsProvisioner(store.connection, timeout=g.request_timeout),
+        "provisioning": ProvisionConfig(
+            rate=g.udp_provision_rate, burst=max(1, g.udp_provision_burst)
+        ),
+    }
+
+
+def profiles_for(config: Config) -> Profiles:
+    """The self-provisioning profiles of ``twin.provision_profiles``, their secrets read now
+    (files of mode 0600)."""
+    try:
+        return Profiles(
+            Profile(p.name, p.owner, p.key, p.secret(), p.strategy)
+            for p in provision_profiles(config.twin)
+        )
+    except ValueError as e:  # ConfigError included
+        raise ConfigError(str(e)) from None
 
 
 @contextlib.asynccontextmanager
@@ -562,7 +604,10 @@ async def run_api(
         sweeper = ExpirySweeper(twins, store)
         if metrics is not None:
             metrics.sweeper = sweeper
-        async with NatsApiServer(store.connection, twin_api) as server, sweeper:
+        # self-provisioning (POST /api/v1/provision, relayed by the gateways): answered even
+        # without profiles (NOT_FOUND), as ThingsBoard does
+        self_provision = SelfProvisionServer(store.connection, twin_api, profiles_for(config))
+        async with NatsApiServer(store.connection, twin_api) as server, sweeper, self_provision:
             yield server
 
 

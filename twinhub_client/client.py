@@ -70,6 +70,7 @@ from proto.api import (
     DeviceTokenRevoked,
     PendingCommand,
     PendingList,
+    RpcAnswerRecorded,
     SessionInfo,
     TwinResult,
 )
@@ -83,6 +84,7 @@ from proto.events import (
     CommandOp,
     CommandSucceeded,
     EventData,
+    RpcRequested,
 )
 from twinhub_client.errors import (
     ForbiddenError,
@@ -242,6 +244,7 @@ class TwinhubClient:
         self._nc: NatsClient | None = None if isinstance(nats_conn, str) else nats_conn
         self._conn_log: ConnectionLog | None = None
         self.token = token
+        self.owner_claim = owner_claim
         self.api_prefix = api_prefix
         self.js_prefix = js_prefix
         self._layout = StreamLayout(name=stream)
@@ -610,8 +613,10 @@ class TwinhubClient:
             accepted, ttl + _OUTCOME_MARGIN if wait_timeout is None else wait_timeout
         )
 
-    async def set_desired(self, device: str, href: str, content: dict[str, Any]) -> DesiredResult:
-        """Set the desired content of a resource (supersedes pending desired updates)."""
+    async def set_desired(self, device: str, href: str, content: Any) -> DesiredResult:
+        """Set the desired content of a resource (supersedes pending desired updates): a JSON
+        object; on a simple device's shared attribute (``/shared/<key>``), the attribute's value,
+        any JSON value but null."""
         return await self._typed(
             api.SetDesired(device_id=device, href=href, content=content), DesiredResult
         )
@@ -638,6 +643,47 @@ class TwinhubClient:
     async def rotate_token(self, device: str) -> DeviceTokenIssued:
         """Give a simple device a new access token (in the result) and revoke its current one."""
         return await self._typed(api.RotateDeviceToken(device_id=device), DeviceTokenIssued)
+
+    async def answer_rpc(
+        self, device: str, request_id: str, result: Any = None
+    ) -> RpcAnswerRecorded:
+        """Answer a simple device's client-side RPC (its ``rpc-requested`` event's
+        ``request_id``; :meth:`rpc_requests` delivers them) with ``result``, any JSON value: the
+        device gets it as its CoAP response (2.05). The first answer wins:
+        :class:`~twinhub_client.errors.ConflictError` for another answer once one is recorded
+        (the same answer again is answered as it, ``repeated``: safe to retry);
+        :class:`~twinhub_client.errors.NotFoundError` for a request the device never made (or
+        another owner's) and for one whose wait is over (the device got 5.04). Sent once."""
+        return await self._typed(
+            api.AnswerClientRpc(device_id=device, request_id=request_id, result=result),
+            RpcAnswerRecorded,
+        )
+
+    def rpc_requests(
+        self,
+        device: str | None = None,
+        *,
+        from_position: int | None = None,
+        durable: str | None = None,
+        batch: int = 64,
+    ) -> EventSubscription:
+        """The client-side RPCs of the token owner's simple devices (``rpc-requested`` events:
+        ``data.request_id``, ``data.method``, ``data.params``, ``data.timeout_ms`` from the
+        event's ``time``), optionally of one device; answer each with :meth:`answer_rpc`. A
+        subscription as :meth:`subscribe` makes (default: from now on)::
+
+            async with client.rpc_requests() as requests:
+                async for e in requests:
+                    await client.answer_rpc(e.device_id, e.data.request_id, {"ok": True})
+        """
+        return self.subscribe(
+            token_owner(self.token, self.owner_claim),
+            device,
+            (RpcRequested,),
+            from_position=from_position,
+            durable=durable,
+            batch=batch,
+        )
 
     async def cancel(
         self, device: str, *, correlation_id: str | None = None, href: str | None = None

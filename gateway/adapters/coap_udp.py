@@ -17,6 +17,10 @@ subjects, as the OCF path is) and notifies each open ``rpc`` once its ``command-
 written; the device stays online (:meth:`gateway.simplepresence.Presence.hold`) until aiocoap
 ends the observation (a deregistration, an RST or an unacknowledged notification).
 
+Client-side RPC (``POST /api/v1/{token}/rpc``, :mod:`gateway.simpleclientrpc`): the render
+waits for an application's answer (:class:`gateway.adapters.simple_clientrpc.ClientRpc`, up to
+``client_rpc_timeout``, then 5.04) while aiocoap acknowledges the request with an empty ACK.
+
 Block-wise uploads are assembled by aiocoap up to the payload limit only: a block that would
 take the payload past it (or a Size1 above it) is not assembled but answered 4.13 with Size1.
 
@@ -30,12 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -48,10 +53,12 @@ from aiocoap.numbers.contentformat import ContentFormat
 
 from eventstore.errors import EventStoreError, UnavailableError
 from eventstore.ports import EventStore
+from gateway.adapters.simple_clientrpc import ClientRpc
 from gateway.devicestate import CommandLog
 from gateway.devtokens import TokenDirectory
 from gateway.simple import (
     JSON,
+    PROVISION_PATH,
     AnswerRpc,
     Append,
     ReadAttributes,
@@ -59,15 +66,28 @@ from gateway.simple import (
     SimpleConfig,
     SimpleCore,
     SimpleRequest,
+    WatchAttributes,
     WatchRpc,
     attributes_reply,
+    shared_reply,
+    shared_update,
 )
 from gateway.simpleattrs import AttributeReader
+from gateway.simpleclientrpc import CallServer
 from gateway.simplepresence import Presence, PresenceConfig
+from gateway.simpleprovision import ProvisionConfig, ProvisionCore, Provisioner
 from gateway.simplerpc import RpcChannel
 from proto import binding, subjects
 from proto.devtokens import token_id
-from proto.events import AnyEvent, CommandCanceled, CommandExpired, CommandPending, DeviceOffline
+from proto.events import (
+    AnyEvent,
+    CommandCanceled,
+    CommandExpired,
+    CommandPending,
+    DesiredCleared,
+    DesiredSet,
+    DeviceOffline,
+)
 
 __all__ = ["PeerOf", "SimpleDeviceServer", "UdpConfig"]
 
@@ -94,6 +114,10 @@ class UdpConfig:
     """Seconds without an accepted request after which a device is offline."""
     tick_interval: float = 1.0
     """How often devices are checked for inactivity (and failed offline events retried)."""
+    client_rpc_timeout: float = 30.0
+    """Seconds a device's client-side RPC (``POST .../rpc``) waits for its answer; then 5.04."""
+    client_rpc_max_waits: int = 1000
+    """Client-side RPCs that may wait for an answer at once; more: 5.03."""
 
 
 PeerOf = Callable[[tuple[str, int]], tuple[str, int] | None]
@@ -181,17 +205,34 @@ _RECHECKS: Final = (0.005, 0.02, 0.1, 0.5, 2.0)
 """Delays of the re-reads of a device's commands after a wake-up that found nothing new (a
 wake-up may come before the log lets a read see the message: eventstore.ports.Notifier)."""
 _RPC_KINDS: Final = (CommandPending.KIND, CommandCanceled.KIND, CommandExpired.KIND)
+_SHARED_KINDS: Final = (DesiredSet.KIND, DesiredCleared.KIND)
 
 
 @dataclass(eq=False)
 class _Observation:
-    """One accepted observation of ``/api/v1/{token}/rpc`` (aiocoap's ServerObservation)."""
+    """One accepted observation of ``/api/v1/{token}/rpc`` or ``.../attributes`` (aiocoap's
+    ServerObservation)."""
 
     owner: str
     device_id: str
     serverobservation: Any
-    outbox: deque[bytes] = field(default_factory=deque)  # notifications not rendered yet
+    registration: Reply  # the answer to the registration
+    attributes: WatchAttributes | None = None  # None: of rpc
+    outbox: deque[Reply] = field(default_factory=deque)  # notifications not rendered yet
     registered: bool = False  # the registration's response went out
+    follower: asyncio.Task[None] | None = None  # of an observation of attributes
+
+
+@dataclass(frozen=True, slots=True)
+class _SharedWatch:
+    """An accepted observation of ``attributes``, with the shared attributes its registration's
+    answer carried (what the first notification is the difference from)."""
+
+    watch: WatchAttributes
+    shared: Mapping[str, Any]
+
+
+_Watch = WatchRpc | _SharedWatch
 
 
 @dataclass(eq=False)
@@ -234,7 +275,8 @@ class SimpleDeviceServer:
 
     ``store`` is the event log (appends and attribute reads); ``tokens`` the token registry
     (wrap it in :class:`gateway.devtokens.CachedTokenDirectory`). ``clock`` gives the time
-    (seconds since the epoch) for the rate limit and the events' time.
+    (seconds since the epoch) for the rate limit and the events' time. ``provisioner``: where
+    ``POST /api/v1/provision`` is relayed (:mod:`gateway.simpleprovision`; None: 4.04).
     """
 
     def __init__(
@@ -247,8 +289,13 @@ class SimpleDeviceServer:
         clock: Callable[[], float] = time.time,
         instance: str | None = None,
         peer_of: PeerOf | None = None,
+        provisioner: Provisioner | None = None,
+        provisioning: ProvisionConfig | None = None,
     ) -> None:
         self.store = store
+        # POST /api/v1/provision relayed to the twin service (None: 4.04, as any unknown path)
+        self.provisioner = provisioner
+        self.provisioning = ProvisionCore(config.gateway_id, provisioning)
         self.tokens = tokens
         self.config = config
         self.udp = udp or UdpConfig()
@@ -258,6 +305,15 @@ class SimpleDeviceServer:
         self.attributes = AttributeReader(store, max_devices=self.udp.max_attribute_devices)
         self.presence = Presence(
             PresenceConfig(config.gateway_id, self.udp.inactivity_timeout, instance)
+        )
+        self.client_rpc = ClientRpc(
+            store,
+            self._append,
+            source=config.source,
+            timeout=self.udp.client_rpc_timeout,
+            max_waits=self.udp.client_rpc_max_waits,
+            read_timeout=self.udp.timeout,
+            clock=clock,
         )
         self._offline_backlog: list[AnyEvent] = []
         self._ticker: asyncio.Task[None] | None = None
@@ -304,6 +360,7 @@ class SimpleDeviceServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
         tasks = [d.follower for d in self._rpc.values() if d.follower is not None]
+        tasks += [o.follower for o in self._observations.values() if o.follower is not None]
         tasks += self._tasks
         for task in tasks:
             task.cancel()
@@ -385,6 +442,7 @@ class SimpleDeviceServer:
             remote=remote,
             declared_size=self.declared_size(request),
             secure=secure,
+            observe=request.opt.observe == 0,
         )
 
     async def handle(self, request: aiocoap.Message) -> Reply:
@@ -406,7 +464,7 @@ class SimpleDeviceServer:
         reply, _ = await self._serve(req)
         return reply
 
-    async def _serve(self, req: SimpleRequest) -> tuple[Reply, WatchRpc | None]:
+    async def _serve(self, req: SimpleRequest) -> tuple[Reply, _Watch | None]:
         try:
             reply, watch = await self._handle(req)
         except Exception:
@@ -419,8 +477,8 @@ class SimpleDeviceServer:
 
     async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
         """An Observe registration: decided as a request (token, rate, presence); a device's
-        ``rpc`` that passed is observed until aiocoap ends the observation. The answer decided
-        here is the registration's response (:meth:`handle` gives it)."""
+        ``rpc`` or ``attributes`` that passed is observed until aiocoap ends the observation.
+        The answer decided here is the registration's response (:meth:`handle` gives it)."""
         reply, watch = await self._serve(self._request(request))
         key = id(request)
         if watch is None or not reply.code.startswith("2."):
@@ -431,29 +489,50 @@ class SimpleDeviceServer:
             serverobservation.accept(_ignore)
             serverobservation.deregister()  # early: the answer is the last, without Observe
             return
-        obs = _Observation(watch.owner, watch.device_id, serverobservation)
+        owner, device_id = (
+            (watch.owner, watch.device_id)
+            if isinstance(watch, WatchRpc)
+            else (watch.watch.owner, watch.watch.device_id)
+        )
+        obs = _Observation(
+            owner,
+            device_id,
+            serverobservation,
+            reply,
+            None if isinstance(watch, WatchRpc) else watch.watch,
+        )
         self._observations[key] = obs
         serverobservation.accept(lambda: self._unwatch(key))
-        held = self.presence.hold(watch.owner, watch.device_id)
-        dev = self._rpc_device(watch.owner, watch.device_id)
+        if not self.presence.hold(owner, device_id):
+            # the device went offline between its online event and now
+            log.debug("simple devices: %s observes while not held online", device_id)
+        if isinstance(watch, _SharedWatch):
+            log.info("simple devices: %s observes its shared attributes", device_id)
+            obs.follower = asyncio.create_task(
+                self._follow_shared(obs, watch), name=f"simple-attributes:{device_id}"
+            )
+            return
+        dev = self._rpc_device(owner, device_id)
         dev.observations.add(obs)
         dev.channel.observe()
-        log.info(
-            "simple devices: %s observes its rpc (%d open)", watch.device_id, len(dev.channel.open)
-        )
-        if not held:  # the device went offline between its online event and now
-            log.debug("simple devices: %s observes while not held online", watch.device_id)
+        log.info("simple devices: %s observes its rpc (%d open)", device_id, len(dev.channel.open))
         if dev.follower is None or dev.follower.done():
-            dev.follower = asyncio.create_task(
-                self._follow(dev), name=f"simple-rpc:{watch.device_id}"
-            )
+            dev.follower = asyncio.create_task(self._follow(dev), name=f"simple-rpc:{device_id}")
         else:
-            self._spawn(self._deliver(dev), f"simple-rpc-deliver:{watch.device_id}")
+            self._spawn(self._deliver(dev), f"simple-rpc-deliver:{device_id}")
 
     def observing(self, owner: str, device_id: str) -> int:
         """How many observations of the device's ``rpc`` are under way here."""
         dev = self._rpc.get((owner, device_id))
         return 0 if dev is None else len(dev.observations)
+
+    def observing_attributes(self, owner: str, device_id: str) -> int:
+        """How many observations of the device's ``attributes`` are under way here."""
+        return sum(
+            1
+            for o in self._observations.values()
+            if o.attributes is not None and (o.owner, o.device_id) == (owner, device_id)
+        )
 
     def _rpc_device(self, owner: str, device_id: str) -> _RpcDevice:
         dev = self._rpc.get((owner, device_id))
@@ -474,8 +553,14 @@ class SimpleDeviceServer:
         obs = self._observations.pop(key, None)
         if obs is None:
             return
-        dev = self._rpc.get((obs.owner, obs.device_id))
         self.presence.unhold(obs.owner, obs.device_id, self.clock())
+        if obs.attributes is not None:
+            log.info("simple devices: %s stopped observing its shared attributes", obs.device_id)
+            if obs.follower is not None:
+                obs.follower.cancel()
+                obs.follower = None
+            return
+        dev = self._rpc.get((obs.owner, obs.device_id))
         log.info("simple devices: %s stopped observing its rpc", obs.device_id)
         if dev is None:
             return
@@ -497,11 +582,11 @@ class SimpleDeviceServer:
     def _notification(self, obs: _Observation) -> Reply:
         if not obs.registered:
             obs.registered = True
-            reply = self.core.rpc_watched()
+            reply = obs.registration
         elif obs.outbox:
-            reply = Reply("2.05", obs.outbox.popleft(), JSON)
+            reply = obs.outbox.popleft()
         else:  # a notification asked for with nothing to tell (not expected)
-            reply = self.core.rpc_watched()
+            reply = obs.registration
         if obs.outbox:
             obs.serverobservation.trigger()  # aiocoap's trigger is lossy: one at a time
         return reply
@@ -593,7 +678,7 @@ class SimpleDeviceServer:
                     delivery.attempt,
                 )
                 for obs in dev.observations:
-                    obs.outbox.append(delivery.payload)
+                    obs.outbox.append(Reply("2.05", delivery.payload, JSON))
                     obs.serverobservation.trigger()
 
     async def _answer(self, answer: AnswerRpc, online: AnyEvent | None, now: float) -> Reply:
@@ -615,7 +700,9 @@ class SimpleDeviceServer:
             self._forget_idle(dev)
         return reply
 
-    async def _handle(self, req: SimpleRequest) -> tuple[Reply, WatchRpc | None]:
+    async def _handle(self, req: SimpleRequest) -> tuple[Reply, _Watch | None]:
+        if self.provisioner is not None and req.path == PROVISION_PATH:
+            return await self._provision(self.provisioner, req), None
         route = self.core.route(req)
         if isinstance(route, Reply):
             return route, None
@@ -647,20 +734,86 @@ class SimpleDeviceServer:
         )
         if isinstance(outcome, AnswerRpc):
             return await self._answer(outcome, online, now), None
-        if isinstance(outcome, ReadAttributes | WatchRpc):
+        if isinstance(outcome, CallServer):
+            confirm = None if online is None else functools.partial(self.presence.confirm, online)
+            before = () if online is None else (online,)
+            return await self.client_rpc.call(outcome, before, confirm), None
+        if isinstance(outcome, ReadAttributes | WatchRpc | WatchAttributes):
             if online is not None:
                 reply = await self._append(Append((online,)))
                 self.presence.confirm(online, reply.code == "2.01")
-                if reply.code != "2.01" and isinstance(outcome, WatchRpc):
+                if reply.code != "2.01" and not isinstance(outcome, ReadAttributes):
                     return reply, None  # not online: nothing to observe
             if isinstance(outcome, WatchRpc):
                 return self.core.rpc_watched(), outcome
+            if isinstance(outcome, WatchAttributes):
+                return await self._watch_shared(outcome)
             return await self._read_attributes(outcome), None
         if online is None:
             return await self._append(outcome), None
         reply = await self._append(Append((online, *outcome.events)))
         self.presence.confirm(online, reply.code == "2.01")
         return reply, None
+
+    async def _watch_shared(self, watch: WatchAttributes) -> tuple[Reply, _Watch | None]:
+        try:
+            async with asyncio.timeout(self.udp.timeout):
+                view = await self.attributes.view(watch.owner, watch.device_id)
+        except (EventStoreError, TimeoutError) as e:
+            log.warning("simple devices: attributes of %s unreadable: %s", watch.device_id, e)
+            return self.core.unavailable(), None
+        return shared_reply(view, watch), _SharedWatch(watch, dict(view.shared))
+
+    async def _follow_shared(self, obs: _Observation, watch: _SharedWatch) -> None:
+        """While the device observes its attributes: each change of its shared attributes (the
+        ones asked for) in the log, notified as ThingsBoard's attribute update. Subscribed
+        first, then read: a change between the registration's read and the subscription is
+        notified all the same (the difference from what the registration carried)."""
+        owner, device_id = watch.watch.owner, watch.watch.device_id
+        filters = [
+            subjects.event_filter(owner=owner, device=device_id, kind=k) for k in _SHARED_KINDS
+        ]
+        notifier = None
+        told = watch.shared  # what the device was last told
+        try:
+            while notifier is None:
+                try:
+                    notifier = await self.store.notifier(filters)
+                except Exception as e:
+                    log.warning("simple devices: cannot watch %s's attributes: %s", device_id, e)
+                    await asyncio.sleep(self.udp.tick_interval)
+            woken = False
+            rechecks = list(_RECHECKS)
+            while True:
+                try:
+                    async with asyncio.timeout(self.udp.timeout):
+                        view = await self.attributes.view(owner, device_id)
+                except (EventStoreError, TimeoutError) as e:
+                    log.warning("simple devices: attributes of %s unreadable: %s", device_id, e)
+                    await notifier.wait(self.udp.tick_interval)
+                    continue
+                update = shared_update(told, view.shared, watch.watch)
+                if update is not None:
+                    told = dict(view.shared)
+                    obs.outbox.append(update)
+                    obs.serverobservation.trigger()
+                    log.info("simple devices: shared attributes of %s notified", device_id)
+                elif woken and rechecks:
+                    await notifier.wait(rechecks.pop(0))
+                    continue
+                rechecks = list(_RECHECKS)
+                woken = await notifier.wait(self.udp.timeout)
+        finally:
+            if notifier is not None:
+                await notifier.close()
+
+    async def _provision(self, provisioner: Provisioner, req: SimpleRequest) -> Reply:
+        """Self-provisioning (:mod:`gateway.simpleprovision`): parsed and rate-limited here,
+        decided by the twin service."""
+        relayed = self.provisioning.accept(req, self.clock())
+        if isinstance(relayed, Reply):
+            return relayed
+        return self.provisioning.reply(req, await provisioner.provision(relayed))
 
     async def _read_attributes(self, read: ReadAttributes) -> Reply:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,3 +148,54 @@ async def test_the_seeds_coap_client_commands_reach_the_twin_plain_and_over_dtls
                     break
                 assert refused.code == "2.01", refused.stdout
                 await asyncio.sleep(CACHE_TTL / 2)
+
+
+async def test_shared_attributes_set_through_the_api_reach_an_observing_device_over_dtls(
+    env: Env, bus: Bus, tmp_path: Path
+) -> None:
+    """Desired state on ``/shared/<key>`` set by an application is the device's shared
+    attributes: in the registration's answer of ``coap-client -s`` over DTLS, then as an
+    update while it observes; ``GET .../attributes?sharedKeys=`` reads them; the twin of an
+    online simple device is in sync."""
+    async with env.client() as app:
+        issued = await app.provision(name="thermostat")
+        device, token = issued.device_id, issued.token
+        await app.set_desired(device, "/shared/target", 21.5)
+        async with production_gateway(bus, tmp_path) as (gw, ca):
+            assert gw.simple is not None
+            observer = asyncio.create_task(
+                coap_client(
+                    "-m",
+                    "get",
+                    "-s",
+                    "5",
+                    "-R",
+                    str(ca),
+                    _url("coaps", gw.dtls_address, token, "attributes"),
+                    timeout=10,
+                )
+            )
+            async with asyncio.timeout(30):
+                while not gw.simple.observing_attributes(env.owner, device):
+                    await asyncio.sleep(0.05)
+            await app.set_desired(device, "/shared/mode", "eco")
+            await app.clear_desired(device, "/shared/target")
+            observed = await observer
+            got = await coap_client(
+                "-m",
+                "GET",
+                _url("coap", gw.udp_address, token, "attributes") + "?sharedKeys=mode,target",
+            )
+            assert (got.code, got.body) == ("2.05", '{"shared":{"mode":"eco"}}'), got.stdout
+            twin = await env.wait_twin(device, lambda t: t.online)
+            assert twin.sync_state == "in_sync"
+    bodies = [
+        json.loads(line.split(" :: ", 1)[1].strip("'"))
+        for line in observed.stdout.splitlines()
+        if " c:2.05 " in line and " :: " in line
+    ]
+    assert bodies[0] == {"target": 21.5}, observed.stdout + observed.stderr
+    updates: dict[str, Any] = {}  # the two changes, in one notification or in two
+    for body in bodies[1:]:
+        updates.update(body)
+    assert updates == {"mode": "eco", "deleted": ["target"]}, bodies

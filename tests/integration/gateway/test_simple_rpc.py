@@ -301,12 +301,18 @@ async def test_observing_holds_the_device_online_past_the_inactivity_timeout(
 async def test_other_observe_requests_are_answered_once_without_observe(
     stack: Stack, client: aiocoap.Context
 ) -> None:
-    """An Observe registration of anything but a device's ``rpc`` (or refused) is answered as
-    a request, once: no Observe option, no observation left open."""
+    """An Observe registration of anything but a device's ``rpc`` or ``attributes`` (or
+    refused) is answered as a request, once: no Observe option, no observation left open."""
     token, device = await stack.issue()
-    for uri in (stack.url(token, "attributes"), stack.url(new_token(), "rpc")):
+    for uri in (
+        stack.url(token, "telemetry"),
+        stack.url(token, "nothing"),
+        stack.url(new_token(), "rpc"),
+        stack.url(new_token(), "attributes"),
+    ):
         req = client.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
         got = await asyncio.wait_for(req.response, DEADLINE)
-        assert got.code in (Code.CONTENT, Code.UNAUTHORIZED)
+        assert got.code in (Code.METHOD_NOT_ALLOWED, Code.NOT_FOUND, Code.UNAUTHORIZED), uri
         assert got.opt.observe is None
     assert stack.server.observing(stack.owner, device) == 0
+    assert stack.server.observing_attributes(stack.owner, device) == 0

@@ -17,8 +17,11 @@ from gateway.simple import (
     SimpleCore,
     SimpleRequest,
     TokenBuckets,
+    WatchAttributes,
     attributes_reply,
     fold_attributes,
+    shared_reply,
+    shared_update,
 )
 from proto.devtokens import TokenRecord, new_token
 from proto.events import (
@@ -159,6 +162,40 @@ def test_attributes_get_asks_for_the_keys_of_each_scope() -> None:
     assert run(core(), r) == ReadAttributes("alice", "dev-1", ("a", "b"), ("c",), 50)
     r = req("attributes", method="GET", accept=60)
     assert run(core(), r) == ReadAttributes("alice", "dev-1", None, None, 60)
+
+
+def test_attributes_get_with_observe_watches_the_shared_ones() -> None:
+    r = req("attributes", method="GET", observe=True, query=("sharedKeys=c,d", "clientKeys=a"))
+    assert run(core(), r) == WatchAttributes("alice", "dev-1", ("c", "d"), 50)
+    r = req("attributes", method="GET", observe=True, accept=60)
+    assert run(core(), r) == WatchAttributes("alice", "dev-1", None, 60)
+
+
+def _body(reply: Reply | None) -> Any:
+    assert reply is not None and reply.code == "2.05"
+    return json.loads(reply.payload) if reply.content_format == 50 else cbor2.loads(reply.payload)
+
+
+def test_shared_reply_is_the_current_shared_attributes_flat() -> None:
+    v = AttributeView(client={"a": 1}, shared={"c": 25, "d": "eco"})
+    assert _body(shared_reply(v, WatchAttributes("alice", "dev-1", None, 50))) == {
+        "c": 25,
+        "d": "eco",
+    }
+    assert _body(shared_reply(v, WatchAttributes("alice", "dev-1", ("d", "x"), 60))) == {"d": "eco"}
+
+
+def test_shared_update_is_thingsboards_attribute_update() -> None:
+    everything = WatchAttributes("alice", "dev-1", None, 50)
+    before = {"a": 1, "b": True, "c": {"x": [1]}}
+    assert shared_update(before, dict(before), everything) is None
+    assert shared_update(before, {**before, "a": 1.0}, everything) is None  # same JSON number
+    after = {"a": 2, "b": 1, "c": {"x": [1]}, "n": "new"}
+    assert _body(shared_update(before, after, everything)) == {"a": 2, "b": 1, "n": "new"}
+    assert _body(shared_update(before, {"c": {"x": [1]}}, everything)) == {"deleted": ["a", "b"]}
+    only_b = WatchAttributes("alice", "dev-1", ("b",), 60)
+    assert shared_update(before, {**before, "a": 5}, only_b) is None
+    assert _body(shared_update(before, {"a": 1}, only_b)) == {"deleted": ["b"]}
 
 
 def _ev(data: Any, position: int) -> Any:

@@ -55,7 +55,6 @@ def test_observing_rpc_is_a_watch_and_an_answer_carries_its_id_and_result() -> N
     [
         (("rpc", "1"), "GET", "4.05"),
         (("rpc",), "PUT", "4.05"),
-        (("rpc",), "POST", "4.05"),  # client-side RPC: not served here
         (("telemetry", "1"), "POST", "4.04"),
         (("rpc", "1", "2"), "POST", "4.04"),
         (("rpc", "x"), "POST", "4.04"),
