@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -141,6 +142,45 @@ async def test_projects_the_log_into_the_store(log: InMemoryEventStore) -> None:
     assert stats.duplicates_skipped == 0
     assert stats.position == more[-1].position
     assert await store.checkpoint("twin-projector") == more[-1].position
+
+
+class CheckpointCounting(InMemoryTwinStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves: list[int] = []
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        self.saves.append(position)
+        await super().save_checkpoint(name, position)
+
+
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
+async def test_the_checkpoint_is_saved_per_interval_when_idle_and_on_stop(
+    log: InMemoryEventStore, interval: float
+) -> None:
+    """Under load a checkpoint per ``checkpoint_interval``, not per batch; once idle it
+    catches up with the twins (within a fetch timeout); a stop saves it."""
+    store = CheckpointCounting()
+    config = replace(FAST, checkpoint_interval=interval, batch_size=2)
+    async with TwinProjector(store, log, config) as projector:
+        await projector.wait_for_position(0, WAIT)
+        logged = await append(log, script(devices=[f"d{i}" for i in range(4)], rounds=4))
+        await projector.wait_for_position(logged[-1].position or 0, WAIT)
+        batches = projector.stats.batches
+        for _ in range(200):  # idle now: the checkpoint follows within a fetch timeout
+            if await store.checkpoint("twin-projector") == logged[-1].position:
+                break
+            await asyncio.sleep(0.02)
+        assert await store.checkpoint("twin-projector") == logged[-1].position
+        more = await append(log, [make(changed("/sw.1", "late"), "d1", 99)])
+        await projector.wait_for_position(more[-1].position or 0, WAIT)
+    assert await store.checkpoint("twin-projector") == more[-1].position  # saved on stop
+    assert await stored_twins(store) == expected_twins(logged + more)
+    assert batches > 10
+    if interval:
+        assert len(store.saves) <= 4  # catch-up, idle, stop (and perhaps one more idle)
+    else:
+        assert len(store.saves) >= batches
 
 
 async def test_undecodable_messages_are_skipped(log: InMemoryEventStore) -> None:
