@@ -7,6 +7,7 @@ It keeps twins in their document form (:meth:`Twin.to_document`) and reads them 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -33,6 +34,7 @@ class InMemoryTwinStore:
         self._checkpoints: dict[str, int] = {}
         self._ended: dict[tuple[str, str], dict[str, Any]] = {}
         self.command_memory = command_memory
+        self._writes: Counter[str] = Counter()
 
     async def get(self, device_id: str) -> Twin | None:
         doc = self._docs.get(device_id)
@@ -71,6 +73,8 @@ class InMemoryTwinStore:
         ended: Ended | None = None,
     ) -> WriteResult:
         newest, skipped = newest_per_device(twins)
+        if newest:
+            self._writes["twins"] += 1  # one write command, as the Mongo adapter's bulk
         written: list[str] = []
         for device_id, t in newest.items():
             held = self._docs.get(device_id)
@@ -130,7 +134,11 @@ class InMemoryTwinStore:
     async def checkpoint(self, name: str) -> int:
         return self._checkpoints.get(name, 0)
 
+    def write_counts(self) -> dict[str, int]:
+        return dict(self._writes)
+
     async def save_checkpoint(self, name: str, position: int) -> None:
+        self._writes["checkpoints"] += 1
         self._checkpoints[name] = max(position, self._checkpoints.get(name, 0))
 
     async def drop(self) -> None:

@@ -143,6 +143,11 @@ class TwinStore(Protocol):
         """The log position up to which projector ``name`` has written everything; 0 if none."""
         ...
 
+    def write_counts(self) -> Mapping[str, int]:
+        """Write commands sent to the store so far, by collection: ``twins``, ``commands``,
+        ``ended``, ``checkpoints`` (for the metrics: store writes per event and per command)."""
+        ...
+
     async def save_checkpoint(self, name: str, position: int) -> None:
         """Move projector ``name``'s checkpoint forward to ``position`` (never backward)."""
         ...

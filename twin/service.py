@@ -137,6 +137,7 @@ class ProjectorStats:
     ``events_applied``: events that moved a twin forward and were written.
     ``duplicates_skipped``: events a twin already reflected (redeliveries, replays), or whose
     write the store refused as stale. ``position``: the highest log position processed.
+    ``commands_ended``: commands whose end (succeeded, failed, expired, canceled) was folded.
     """
 
     events_applied: int = 0
@@ -147,6 +148,7 @@ class ProjectorStats:
     store_failures: int = 0
     log_failures: int = 0
     position: int = 0
+    commands_ended: int = 0
 
 
 class _LruTwins:
@@ -184,6 +186,7 @@ class _Counters:
     store_failures: int = 0
     log_failures: int = 0
     position: int = 0
+    commands_ended: int = 0
 
     def snapshot(self) -> ProjectorStats:
         return ProjectorStats(
@@ -195,6 +198,7 @@ class _Counters:
             store_failures=self.store_failures,
             log_failures=self.log_failures,
             position=self.position,
+            commands_ended=self.commands_ended,
         )
 
 
@@ -284,6 +288,7 @@ class _Projection:
         c.events_applied += folded.applied_total - refused
         c.duplicates_skipped += folded.stale + refused
         c.unknown_events += folded.unknown
+        c.commands_ended += sum(len(done) for done in folded.ended.values())
         c.batches += 1
         log.debug(
             "%s: batch %d..%d, %d events, %d twins written, %d duplicates",

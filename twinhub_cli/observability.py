@@ -54,6 +54,7 @@ from twin.api import TwinApi
 if TYPE_CHECKING:
     from bus.adapters.nats_callout import CalloutService
     from gateway.service import Gateway
+    from twin.ports import TwinStore
     from twin.reaper import GatewayReaper
     from twin.service import TwinProjector
     from twin.sweeper import ExpirySweeper
@@ -593,7 +594,9 @@ class TwinCollector:
         heartbeat: Heartbeat,
         prober: Prober,
         running: Callable[[], bool],
+        store: TwinStore | None = None,
     ) -> None:
+        self._store = store
         self._projector = projector
         self._head = head
         self._api = api_metrics
@@ -619,9 +622,27 @@ class TwinCollector:
             ("batches", "batches written", st.batches),
             ("store_failures", "twin store failures (the batch is retried)", st.store_failures),
             ("log_failures", "event log failures of the projector (retried)", st.log_failures),
+            ("commands_ended", "commands whose end the projector folded", st.commands_ended),
         )
         for name, doc, value in counters:
             yield _counter(f"{p}_{name}_total", doc, value)
+        if self._store is not None:
+            writes = self._store.write_counts()
+            family = CounterMetricFamily(
+                f"{p}_store_writes_total",
+                "write commands sent to the twin store, by collection",
+                labels=["collection"],
+            )
+            for collection in ("twins", "commands", "ended", "checkpoints"):
+                family.add_metric([collection], writes.get(collection, 0))
+            yield family
+            total = sum(writes.values())
+            if st.events_applied:
+                yield _gauge(
+                    f"{p}_store_writes_per_event",
+                    "twin store write commands per event applied, since the start",
+                    total / st.events_applied,
+                )
         yield _gauge(
             f"{p}_projector_position", "highest log position written to the twins", st.position
         )

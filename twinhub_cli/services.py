@@ -743,7 +743,9 @@ async def twin_observability(
     )
     registry = standard_registry()
     registry.register(
-        TwinCollector(projector, head, api_metrics, heartbeat, prober, lambda: projector.running)
+        TwinCollector(
+            projector, head, api_metrics, heartbeat, prober, lambda: projector.running, twins
+        )
     )
     async with ObservabilityServer(
         f"twin {config.twin.consumer}", bind, registry, prober, heartbeat, obs

@@ -226,6 +226,16 @@ class TwinStoreContract:
         await store.save_checkpoint("p", 12)
         assert await store.checkpoint("p") == 12
 
+    async def test_write_counts_count_the_write_commands(self, store: TwinStore) -> None:
+        before = dict(store.write_counts())
+        await store.write_many([make_twin("a", 3), make_twin("b", 3)])  # one batch of twins
+        await store.save_checkpoint("p", 3)
+        after = store.write_counts()
+        assert after.get("twins", 0) - before.get("twins", 0) >= 1
+        assert after.get("checkpoints", 0) - before.get("checkpoints", 0) == 1
+        await store.write_many([])
+        assert store.write_counts().get("twins", 0) == after.get("twins", 0)  # nothing: no write
+
     async def test_drop_clears_twins_and_checkpoints(self, store: TwinStore) -> None:
         await store.write_many([make_twin("a", 3)])
         await store.save_checkpoint("p", 3)

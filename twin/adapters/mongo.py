@@ -60,6 +60,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -158,6 +159,7 @@ class MongoTwinStore:
         # Writes through one store never overlap: on FerretDB a guarded update is not atomic.
         self._write_lock = asyncio.Lock()
         self._ferretdb: bool | None = None  # learnt from buildInfo on first use
+        self._writes: Counter[str] = Counter()  # write commands sent, by collection
         # FerretDB only (single writer): device id -> position of the twin stored, oldest first.
         self._positions: dict[str, int] = {}
 
@@ -208,6 +210,7 @@ class MongoTwinStore:
     async def forget_ended(self, now: datetime) -> int:
         with _translated():
             result = await self._ended.delete_many({"forget_at": {"$lte": now}})
+        self._writes["ended"] += 1
         return int(result.deleted_count)
 
     async def get_many(self, device_ids: Iterable[str]) -> dict[str, Twin]:
@@ -349,8 +352,10 @@ class MongoTwinStore:
         with _translated():
             for i in range(0, len(remember), WRITE_CHUNK):
                 await self._ended.bulk_write(remember[i : i + WRITE_CHUNK], ordered=False)
+                self._writes["ended"] += 1
             for i in range(0, len(ops), WRITE_CHUNK):
                 await self._commands.bulk_write(ops[i : i + WRITE_CHUNK], ordered=False)
+                self._writes["commands"] += 1
 
     async def _stored_command_ids(self, device_ids: list[str]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -376,6 +381,7 @@ class MongoTwinStore:
         with _translated():
             for i in range(0, len(ops), WRITE_CHUNK):
                 result = await self._twins.bulk_write(ops[i : i + WRITE_CHUNK], ordered=False)
+                self._writes["twins"] += 1
                 matched += result.matched_count
         if matched == len(twins):
             self._written(twins, written)
@@ -401,6 +407,7 @@ class MongoTwinStore:
 
     async def _insert_chunk(self, twins: list[Twin], written: list[str]) -> list[Twin]:
         docs = [{"_id": t.device_id, **_encode(t)} for t in twins]
+        self._writes["twins"] += 1
         try:
             with _translated(BulkWriteError):
                 await self._twins.insert_many(docs, ordered=False)
@@ -469,10 +476,14 @@ class MongoTwinStore:
             doc = await self._checkpoints.find_one({"_id": name})
         return 0 if doc is None else int(doc["position"])
 
+    def write_counts(self) -> dict[str, int]:
+        return dict(self._writes)
+
     async def save_checkpoint(self, name: str, position: int) -> None:
         for _ in range(2):  # two first saves may race to insert: the loser retries as an update
             try:
                 with _translated(DuplicateKeyError):
+                    self._writes["checkpoints"] += 1
                     await self._checkpoints.update_one(
                         {"_id": name}, {"$max": {"position": position}}, upsert=True
                     )

@@ -9,6 +9,7 @@ import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,6 +23,7 @@ from eventstore.memory import InMemoryEventStore
 from gateway.service import GatewayStats
 from proto import api
 from twin.memory import InMemoryTwinStore
+from twin.model import Twin
 from twin.service import ProjectorStats
 from twinhub_cli import config as cfgmod
 from twinhub_cli.observability import (
@@ -233,6 +235,36 @@ def test_twin_collector() -> None:
     got = samples(registry)
     assert got[("twinhub_twin_log_head_position", ())] == 45
     assert got[("twinhub_twin_projector_lag", ())] == 5
+
+
+async def test_twin_collector_counts_store_writes_per_collection_and_event() -> None:
+    store = InMemoryTwinStore()
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    await store.write_many(
+        [Twin(device_id="d1", owner="o", position=1, version=1, created_at=t0, updated_at=t0)]
+    )
+    await store.save_checkpoint("p", 1)
+    await store.save_checkpoint("p", 2)
+    projector: Any = FakeProjector(ProjectorStats(events_applied=6, commands_ended=2))
+    registry = CollectorRegistry()
+    registry.register(
+        TwinCollector(
+            projector,
+            LogHead(InMemoryEventStore()),
+            None,
+            Heartbeat(),
+            Prober({}),
+            lambda: True,
+            store,
+        )
+    )
+    got = samples(registry)
+    writes = "twinhub_twin_store_writes_total"
+    assert got[(writes, (("collection", "twins"),))] == 1
+    assert got[(writes, (("collection", "checkpoints"),))] == 2
+    assert got[(writes, (("collection", "commands"),))] == 0
+    assert got[("twinhub_twin_store_writes_per_event", ())] == 0.5
+    assert got[("twinhub_twin_commands_ended_total", ())] == 2
 
 
 class Validator:
