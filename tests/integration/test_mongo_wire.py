@@ -27,15 +27,22 @@ module against a real MongoDB.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
 import time
+import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
+from pymongo import ASCENDING, AsyncMongoClient, ReplaceOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from twinhub_cli.devservices import MongoServer
 
@@ -414,5 +421,259 @@ async def test_the_checkpointer_bounds_the_wal_under_concurrent_reads(tmp_path: 
             largest, latencies = written.result()
             assert reads > 1000  # the readers overlapped the writes
             assert largest < 3 << 20, f"WAL reached {largest} bytes ({_latencies(latencies)})"
+        finally:
+            await client.close()
+
+
+# -- the cost of a write (issue 14): tools/mongo-server patches 0004-0007 -------------------------
+
+
+async def test_a_replace_by_id_writes_without_reading(mongo_db: AsyncDatabase[Doc]) -> None:
+    """``replace_one({_id: X}, doc)``, the twin store's write, answers as MongoDB does, with
+    or without upsert, and keeps ``_id`` (the other server-side checks stay too).
+
+    On FerretDB ``patches/0005-*`` writes such a replace without reading the stored document
+    first; this pins the behaviour it must keep (the statement count is pinned below).
+    """
+    coll = mongo_db.get_collection("replaces")
+    await coll.insert_many([{"_id": "a", "v": 1, "w": "x"}, {"_id": "b", "v": 1}])
+
+    replaced = await coll.replace_one({"_id": "a"}, {"v": 2, "nested": {"k": [1, 2]}})
+    assert (replaced.matched_count, replaced.modified_count) == (1, 1)
+    assert replaced.upserted_id is None
+    assert await coll.find_one({"_id": "a"}) == {"_id": "a", "v": 2, "nested": {"k": [1, 2]}}
+
+    missing = await coll.replace_one({"_id": "nobody"}, {"v": 3})
+    assert (missing.matched_count, missing.modified_count) == (0, 0)
+    assert await coll.count_documents({}) == 2
+
+    upserted = await coll.replace_one({"_id": "c"}, {"v": 4}, upsert=True)
+    assert (upserted.matched_count, upserted.modified_count, upserted.upserted_id) == (0, 0, "c")
+    existing = await coll.replace_one({"_id": "c"}, {"v": 5}, upsert=True)
+    assert (existing.matched_count, existing.modified_count) == (1, 1)
+    assert existing.upserted_id is None
+    assert await coll.find_one({"_id": "c"}) == {"_id": "c", "v": 5}
+
+    same_id = await coll.replace_one({"_id": "b"}, {"_id": "b", "v": 6})
+    assert same_id.matched_count == 1
+    assert await coll.find_one({"_id": "b"}) == {"_id": "b", "v": 6}
+    with pytest.raises(WriteError):  # _id is immutable
+        await coll.replace_one({"_id": "b"}, {"_id": "other", "v": 7})
+    assert await coll.find_one({"_id": "b"}) == {"_id": "b", "v": 6}
+
+    batch = await coll.bulk_write(
+        [ReplaceOne({"_id": i}, {"v": 8}) for i in ("a", "b", "nobody", "c")], ordered=False
+    )
+    assert (batch.matched_count, batch.modified_count) == (3, 3)
+    assert sorted(await coll.distinct("v")) == [8]
+
+
+def _log_offset(server: MongoServer) -> int:
+    return _size(server.log_path)
+
+
+def _statements(server: MongoServer, offset: int, table_prefix: str) -> list[str]:
+    """The SQL statements the server ran on ``table_prefix*`` tables since ``offset`` of its
+    log (``--log-level debug`` logs each statement as ``>>> SQL`` before running it)."""
+    with server.log_path.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    quoted = f'\\"{table_prefix}_'
+    return [
+        line.split('msg="', 1)[1].split('" ', 1)[0]
+        for line in text.splitlines()
+        if 'msg=">>> ' in line and quoted in line
+    ]
+
+
+async def test_a_replace_by_id_is_one_sql_statement(tmp_path: Path) -> None:
+    """On FerretDB a ``replace_one`` by ``_id`` is one SQL ``UPDATE``, no ``SELECT``, and SQL
+    statements are still logged at debug level.
+
+    FerretDB v1.24 read each matched document first (a query, the document decoded from JSON,
+    compared, then written): about a third of its CPU per replace. ``patches/0005-*`` writes
+    a replacement by ``_id`` directly; this fails if a FerretDB upgrade loses it. It also pins
+    what ``patches/0004-*`` must keep: that patch only stops building the statements' log
+    records when they are not logged (a pure speed-up, no other observable).
+    """
+    async with MongoServer(tmp_path, extra_args=["--log-level", "debug"]) as server:
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(server.url)
+        try:
+            coll = client.stmts.twins
+            await coll.insert_many([{"_id": f"d{i}", "v": 0} for i in range(3)])
+            offset = _log_offset(server)
+            result = await coll.replace_one({"_id": "d1"}, {"v": 1, "pad": "p" * 100})
+            assert result.matched_count == 1
+            statements = _statements(server, offset, "twins")
+            assert len(statements) == 1, statements
+            assert statements[0].startswith(">>> UPDATE"), statements
+
+            offset = _log_offset(server)  # the general path stays for update operators
+            await coll.update_one({"_id": "d2"}, {"$set": {"v": 2}})
+            kinds = [s.split()[1] for s in _statements(server, offset, "twins")]
+            assert kinds == ["SELECT", "UPDATE"], kinds
+            assert await coll.find_one({"_id": "d1"}) == {"_id": "d1", "v": 1, "pad": "p" * 100}
+        finally:
+            await client.close()
+
+
+def _sqlite_indexes(db_file: Path) -> set[str]:
+    """The index names in a SQLite database file (read-only, beside the running server)."""
+    with contextlib.closing(sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+
+
+async def test_secondary_indexes_cost_sqlite_nothing(tmp_path: Path) -> None:
+    """On FerretDB (SQLite) non-unique secondary indexes live in the metadata only, and are
+    listed, reported and dropped as before; the ``_id`` index and unique ones stay in SQLite.
+
+    FerretDB v1.24's SQLite backend never queries a secondary index (it pushes down an exact
+    ``_id`` and nothing else), yet SQLite maintained their JSON expressions on every write:
+    with the twin store's seven, a third of the CPU per replace. ``patches/0006-*`` keeps them
+    out of SQLite; this fails if a FerretDB upgrade loses it.
+    """
+    async with MongoServer(tmp_path) as server:
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(server.url)
+        try:
+            coll = client.idx.twins
+            await coll.insert_many(
+                [{"_id": f"d{i}", "owner": f"o{i % 2}", "serial": i} for i in range(6)]
+            )
+            owner = await coll.create_index([("owner", ASCENDING), ("_id", ASCENDING)])
+            serial = await coll.create_index("serial", unique=True)
+            info = await coll.index_information()
+            assert set(info) == {"_id_", owner, serial}
+            assert info[owner]["key"] == [("owner", 1), ("_id", 1)]
+
+            in_sqlite = _sqlite_indexes(server.db_dir / "idx.sqlite")
+            assert any(n.endswith("__id_") for n in in_sqlite), in_sqlite
+            assert any(n.endswith(f"_{serial}") for n in in_sqlite), in_sqlite
+            assert not any(n.endswith(f"_{owner}") for n in in_sqlite), in_sqlite
+
+            with pytest.raises(DuplicateKeyError):  # a unique index still constrains
+                await coll.insert_one({"_id": "x", "serial": 3})
+            found = await coll.find({"owner": "o1"}).sort("_id").to_list()
+            assert [d["_id"] for d in found] == ["d1", "d3", "d5"]
+            stats = await client.idx.command("collStats", "twins")
+            assert set(stats["indexSizes"]) == {"_id_", owner, serial}
+
+            # A database from an unpatched server has the index in SQLite: dropped on start.
+            db_file = server.db_dir / "idx.sqlite"
+            await server.stop()
+            with contextlib.closing(sqlite3.connect(db_file)) as db:
+                (table,) = db.execute(
+                    "SELECT tbl_name FROM sqlite_master WHERE name LIKE '%\\__id_' ESCAPE '\\'"
+                ).fetchone()
+                db.execute(
+                    f'CREATE INDEX "{table}_{owner}" ON "{table}" '
+                    '(_ferretdb_sjson->"owner", _ferretdb_sjson->"_id")'
+                )
+                db.commit()
+            assert any(n.endswith(f"_{owner}") for n in _sqlite_indexes(db_file))
+            await server.start()
+            assert not any(n.endswith(f"_{owner}") for n in _sqlite_indexes(db_file))
+            assert set(await coll.index_information()) == {"_id_", owner, serial}
+
+            await coll.drop_index(owner)
+            assert set(await coll.index_information()) == {"_id_", serial}
+            await coll.drop_index(serial)
+            assert not any(
+                n.endswith(f"_{serial}") for n in _sqlite_indexes(server.db_dir / "idx.sqlite")
+            )
+        finally:
+            await client.close()
+
+
+async def test_acknowledged_replaces_survive_a_kill(tmp_path: Path) -> None:
+    """Every acknowledged replace is there after ``kill -9`` of the server (WAL with
+    ``synchronous=NORMAL``: durable against a process crash, not a power loss).
+
+    Pins what ``patches/0007-*`` must keep: a one-document update is now one autocommit
+    ``UPDATE`` instead of an explicit transaction around it (a pure speed-up: the same atomic
+    statement, one BEGIN and COMMIT fewer).
+    """
+    async with MongoServer(tmp_path) as server:
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(server.url, retryWrites=False)
+        try:
+            coll = client.killed.twins
+            ids = [f"d{i}" for i in range(20)]
+            await coll.insert_many([{"_id": i, "v": 0} for i in ids])
+            for n in range(1, 201):
+                await coll.replace_one({"_id": ids[n % len(ids)]}, {"v": n, "pad": "z" * 500})
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGKILL)
+            await server.restart()
+            got = {d["_id"]: d["v"] async for d in coll.find({}, {"v": 1})}
+            assert got == {i: 200 - (200 - k) % len(ids) for k, i in enumerate(ids)}
+        finally:
+            await client.close()
+
+
+async def test_values_round_trip_exactly(mongo_db: AsyncDatabase[Doc]) -> None:
+    """Strings that JSON must escape, keys too, integers at their limits and dates are read
+    back as written, inserted and replaced.
+
+    Pins what ``patches/0009-*`` must keep: FerretDB stores documents as JSON text, and that
+    patch writes the commonest values (plain ASCII strings and keys, integers, dates) without
+    encoding/json, in the same bytes (a pure speed-up; FerretDB's own sjson tests pass too).
+    """
+    coll = mongo_db.get_collection("round_trip")
+    when = datetime(2026, 3, 4, 5, 6, 7, 890000, tzinfo=UTC)
+    doc: Doc = {
+        "plain": "light-1 /oic/d",
+        "escapes": 'q"b\\s</x>&amp;\x01\x1f\x7f',
+        "unicode": "é ✓ 😀 \u2028\u2029",
+        "<key&>": {'nested "key"': ["a", "<", 1]},
+        "i32": [0, -1, 2**31 - 1, -(2**31)],
+        "i64": [2**31, -(2**31) - 1, 2**63 - 1, -(2**63)],
+        "when": when,
+        "empty": "",
+    }
+    await coll.insert_one({"_id": "r", **doc})
+    assert await coll.find_one({"_id": "r"}, {"_id": 0}) == doc
+    replaced = {**doc, "plain": "light-2", "i64": [2**62]}
+    await coll.replace_one({"_id": "r"}, replaced)
+    got = await coll.find_one({"_id": "r"}, {"_id": 0})
+    assert got == replaced
+    assert got is not None and list(got) == list(replaced)  # the field order too
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text: str = r.read().decode()
+        return text
+
+
+async def test_resource_tracking_records_no_stacks(tmp_path: Path) -> None:
+    """A release build of the server keeps no pprof profiles of FerretDB's live objects.
+
+    FerretDB v1.24 added every tracked object (each document iterator, query, transaction:
+    several per command) to a pprof profile, recording the creator's stack: ~5 % of its CPU
+    per replace. ``patches/0008-*`` keeps those profiles to FerretDB's debug builds; this
+    fails (they show up in ``/debug/pprof/``) if a FerretDB upgrade loses it.
+    """
+    addr = f"127.0.0.1:{_free_port()}"
+    async with MongoServer(tmp_path, extra_args=["--pprof", addr]) as server:
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(server.url)
+        try:
+            coll = client.tracked.twins
+            await coll.insert_many([{"_id": f"d{i}", "v": 0} for i in range(5)])
+            await coll.update_one({"_id": "d1"}, {"$set": {"v": 1}})
+            assert [d["_id"] async for d in coll.find({"v": 0}).sort("_id")] == [
+                "d0",
+                "d2",
+                "d3",
+                "d4",
+            ]
+            index = await asyncio.to_thread(_get, f"http://{addr}/debug/pprof/")
+            assert "goroutine" in index  # the profiler answers
+            assert "FerretDB/" not in index, index
         finally:
             await client.close()

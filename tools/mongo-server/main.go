@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -37,7 +38,15 @@ func main() {
 	walTimeout := flag.Duration("wal-checkpoint-timeout", 250*time.Millisecond,
 		"how long a checkpoint waits for readers and writers before it gives up until the next "+
 			"interval (new writes wait meanwhile: keep it short, far under FerretDB's 10s busy timeout)")
+	gcPercent := flag.Int("gc-percent", 400,
+		"Go's GOGC for the server (ignored when $GOGC is set): a collection each time the heap "+
+			"grows by this percentage of the live heap. Go's default, 100, spent ~10 % of the CPU "+
+			"of a replace loop in the collector; 400 keeps a few tens of MB more heap")
 	flag.Parse()
+
+	if _, set := os.LookupEnv("GOGC"); !set {
+		debug.SetGCPercent(*gcPercent)
+	}
 
 	if *dataDir == "" {
 		fmt.Fprintln(os.Stderr, "mongo-server: --data-dir is required")
