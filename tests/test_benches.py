@@ -24,6 +24,8 @@ def test_every_bench_is_listed_here() -> None:
         "e2e_bench.py",
         "kinds_bench.py",
         "read_bench.py",
+        "rebuild_bench.py",
+        "store_bench.py",
         "udp_bench.py",
     ]
 

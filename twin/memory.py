@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,15 +26,66 @@ from twin.ports import (
 __all__ = ["InMemoryTwinStore"]
 
 
-class InMemoryTwinStore:
-    """Twins in a dict. Not shared between processes; for tests and tools."""
+@dataclass
+class _State:
+    docs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checkpoints: dict[str, int] = field(default_factory=dict)
+    ended: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
-    def __init__(self, *, command_memory: timedelta = COMMAND_MEMORY) -> None:
-        self._docs: dict[str, dict[str, Any]] = {}
-        self._checkpoints: dict[str, int] = {}
-        self._ended: dict[tuple[str, str], dict[str, Any]] = {}
+
+@dataclass
+class _Catalog:
+    """What the stores of one "database" share: each generation's state, the active one."""
+
+    active: int = 0
+    states: dict[int, _State] = field(default_factory=dict)
+
+
+class InMemoryTwinStore:
+    """Twins in a dict. Not shared between processes; for tests and tools. Generations as the
+    Mongo adapter has them (:meth:`at_generation` gives a store of the same "database")."""
+
+    def __init__(
+        self,
+        *,
+        command_memory: timedelta = COMMAND_MEMORY,
+        generation: int = 0,
+        _catalog: _Catalog | None = None,
+    ) -> None:
+        self._catalog = _catalog or _Catalog()
         self.command_memory = command_memory
         self._writes: Counter[str] = Counter()
+        self._bind(generation)
+
+    def _bind(self, generation: int) -> None:
+        state = self._catalog.states.setdefault(generation, _State())
+        self.generation = generation
+        self._docs = state.docs
+        self._checkpoints = state.checkpoints
+        self._ended = state.ended
+
+    async def active_generation(self) -> int:
+        return self._catalog.active
+
+    async def resolve_generation(self) -> bool:
+        if self._catalog.active == self.generation:
+            return False
+        self._bind(self._catalog.active)
+        return True
+
+    def at_generation(self, generation: int) -> InMemoryTwinStore:
+        return InMemoryTwinStore(
+            command_memory=self.command_memory, generation=generation, _catalog=self._catalog
+        )
+
+    async def activate(self, generation: int) -> None:
+        self._catalog.active = generation
+
+    async def drop_other_generations(self) -> list[str]:
+        gone = [g for g in self._catalog.states if g != self.generation]
+        for g in gone:
+            del self._catalog.states[g]
+        return [f"generation {g}" for g in gone]
 
     async def get(self, device_id: str) -> Twin | None:
         doc = self._docs.get(device_id)

@@ -143,6 +143,11 @@ class TwinStore(Protocol):
         """The log position up to which projector ``name`` has written everything; 0 if none."""
         ...
 
+    async def resolve_generation(self) -> bool:
+        """Bind to the generation the store names active (a rebuild switched it); whether the
+        twins read and written changed. Generations: :class:`GenerationalTwinStore`."""
+        ...
+
     def write_counts(self) -> Mapping[str, int]:
         """Write commands sent to the store so far, by collection: ``twins``, ``commands``,
         ``ended``, ``checkpoints`` (for the metrics: store writes per event and per command)."""
@@ -158,6 +163,25 @@ class TwinStore(Protocol):
 
     async def ensure_indexes(self) -> None:
         """Create the query indexes (idempotent)."""
+        ...
+
+
+class GenerationalTwinStore(TwinStore, Protocol):
+    """A store whose twins can be rebuilt beside the live ones: generation N's collections are
+    written while N-1 is read, then N is made active in one atomic step."""
+
+    generation: int
+
+    async def active_generation(self) -> int: ...
+
+    def at_generation(self, generation: int) -> GenerationalTwinStore:
+        """A store of the same database bound to ``generation`` (not activated)."""
+        ...
+
+    async def activate(self, generation: int) -> None: ...
+
+    async def drop_other_generations(self) -> list[str]:
+        """Drop every generation but this store's; what was dropped."""
         ...
 
 

@@ -12,7 +12,16 @@ wrote the changed twins after each batch, as the projector does.
 Ended commands are remembered as the projector remembers them (``ended`` of each fold, written
 with the twins), so a command request repeating an old correlation id is answered as before the
 rebuild. The projector's checkpoint ``name`` is left at the end of what was read, so a projector
-started afterwards goes on from there. Run it with the projector stopped: it drops the twins.
+started afterwards goes on from there.
+
+:func:`rebuild_twins` drops the twins of the store it is given: run it with the projector
+stopped, or give it a generation nobody reads. :func:`rebuild_beside` does the latter while the
+twin service runs: it rebuilds into the next generation of the store's twins
+(:class:`twin.ports.GenerationalTwinStore`), makes it active in one step, and drops the old one
+after a grace period. The live projector goes on writing the old generation meanwhile (readers
+see it, a little behind the log at worst), then, within its ``generation_check_interval``, binds
+to the new one and folds what came after the rebuild's checkpoint; a twin service started later
+binds to the active generation when it opens the store.
 """
 
 from __future__ import annotations
@@ -30,9 +39,9 @@ from proto.events import AnyEvent
 from proto.message import StoredMessage
 from twin.fold import fold_batch
 from twin.model import EndedCommand, Twin
-from twin.ports import TwinStore
+from twin.ports import GenerationalTwinStore, TwinStore
 
-__all__ = ["RebuildStats", "rebuild_twins"]
+__all__ = ["RebuildStats", "rebuild_beside", "rebuild_twins"]
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +199,40 @@ async def rebuild_twins(
         stats.undecodable_events,
     )
     return stats
+
+
+async def rebuild_beside(
+    store: GenerationalTwinStore,
+    events: EventStore,
+    *,
+    name: str,
+    filter_subject: str = ALL_EVENTS,
+    batch_size: int = 1000,
+    max_twins: int = 50_000,
+    grace: float = 10.0,
+) -> tuple[int, RebuildStats]:
+    """Rebuild into the generation after the active one, activate it, wait ``grace`` seconds
+    (readers of other processes bind to it: the projector looks every
+    ``generation_check_interval``), then drop every other generation. Returns the new
+    generation and what the rebuild did. A failure before the activation leaves the active
+    generation as it was (the half-built one is dropped by the next rebuild)."""
+    if grace < 0:
+        raise ValueError("grace must be >= 0")
+    active = await store.active_generation()
+    # leftovers: an older generation written to after its grace, a half-built one
+    await store.at_generation(active).drop_other_generations()
+    target = store.at_generation(active + 1)
+    stats = await rebuild_twins(
+        target,
+        events,
+        name=name,
+        filter_subject=filter_subject,
+        batch_size=batch_size,
+        max_twins=max_twins,
+    )
+    await store.activate(target.generation)
+    log.info("rebuilt twins: generation %d is active", target.generation)
+    if grace:
+        await asyncio.sleep(grace)
+    await target.drop_other_generations()
+    return target.generation, stats

@@ -100,6 +100,7 @@ class ProjectorConfig:
     retry_max: float = 5.0
     emit_derived_events: bool = True  # append derived events (see the module docstring)
     checkpoint_interval: float = 1.0  # seconds between checkpoint saves under load (0: each batch)
+    generation_check_interval: float = 1.0  # seconds between looks for a rebuilt generation
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -116,6 +117,8 @@ class ProjectorConfig:
             raise ValueError("need 0 < retry_initial <= retry_max")
         if self.checkpoint_interval < 0:
             raise ValueError("checkpoint_interval must be >= 0")
+        if not self.generation_check_interval > 0:
+            raise ValueError("generation_check_interval must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +321,11 @@ class _Projection:
             return None
 
 
+class _GenerationSwitched(Exception):
+    """The store bound to another generation (a rebuild finished): fold again from its
+    checkpoint."""
+
+
 class _Backoff:
     def __init__(self, initial: float, maximum: float) -> None:
         self._initial = initial
@@ -364,6 +372,16 @@ class TwinProjector:
         self._failure_seen = False  # the loop's failure was raised to a caller already
         self._wakeup = asyncio.Event()
         self._saved_at = float("-inf")  # loop time of the last checkpoint save
+        self._generation_checked_at = float("-inf")
+
+    async def _check_generation(self) -> None:
+        """Between batches, now and then: a rebuild made another generation active."""
+        now = asyncio.get_running_loop().time()
+        if now - self._generation_checked_at < self.config.generation_check_interval:
+            return
+        self._generation_checked_at = now
+        if await self._store.resolve_generation():
+            raise _GenerationSwitched
 
     def _checkpoint_due(self) -> bool:
         return asyncio.get_running_loop().time() - self._saved_at >= self.config.checkpoint_interval
@@ -498,6 +516,8 @@ class TwinProjector:
                     async with consumer:
                         log.info("twin projector %s caught up to %d, consuming", cfg.name, head)
                         await self._consume(consumer, backoff)
+                except _GenerationSwitched:
+                    await self._switched()
                 except TwinStoreError as e:
                     self._projection.counters.store_failures += 1
                     delay = backoff.next()
@@ -516,6 +536,22 @@ class TwinProjector:
                 except (asyncio.CancelledError, Exception) as e:
                     log.warning("twin projector %s: checkpoint not saved on stop: %r", cfg.name, e)
             log.info("twin projector %s stopped at %d", cfg.name, self.position)
+
+    async def _switched(self) -> None:
+        """Forget what was folded into the old generation: its twins in the cache, its unsaved
+        checkpoint; the position goes back to the new generation's checkpoint (readers waiting
+        for a position wait for the catch-up into the new twins)."""
+        projection = self._projection
+        projection.cache = _LruTwins(self.config.cache_size)
+        projection.unsaved = 0
+        position = await self._store.checkpoint(self.config.name)
+        log.info(
+            "twin projector %s: another generation of twins is active; folding from %d",
+            self.config.name,
+            position,
+        )
+        projection.counters.position = position
+        self._notify()
 
     async def _catch_up(self) -> int:
         """Replay the log from the checkpoint to its current end; returns the end position."""
@@ -539,6 +575,7 @@ class TwinProjector:
     async def _consume(self, consumer: Consumer, backoff: _Backoff) -> None:
         cfg = self.config
         while True:
+            await self._check_generation()
             deliveries = await consumer.fetch(cfg.batch_size, cfg.fetch_timeout)
             if not deliveries:
                 if self._projection.unsaved:  # idle: the checkpoint catches up with the twins

@@ -534,6 +534,7 @@ async def twin_store(
         if database is None:
             database = await stack.enter_async_context(mongo_database(config))
         store = MongoTwinStore(database, config.twin.collection)
+        await store.resolve_generation()  # the generation a rebuild made active
         await store.ensure_indexes()
         yield store
 

@@ -519,16 +519,25 @@ def run_twin_get(args: argparse.Namespace) -> int:
 def register_twin_rebuild(subparsers: SubParsers, name: str, /) -> None:
     p = subparsers.add_parser(
         name,
-        help="drop the twin collection and rebuild it from the event log",
-        description="Run with the twin projector stopped.",
+        help="rebuild the twins from the event log, beside the live ones",
+        description="Folds the whole log into a new generation of the twin collections (each "
+        "twin written once), makes it the active one in one step, and drops the old one after "
+        "--grace seconds. The twin service may run meanwhile: its twins stay readable, and its "
+        "projector moves to the new generation within a second.",
     )
     _common(p)
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="seconds between the switch and dropping the old generation (default 10)",
+    )
     p.set_defaults(handler=run_twin_rebuild)
 
 
 def run_twin_rebuild(args: argparse.Namespace) -> int:
     async def main() -> int:
-        from twin.service import rebuild
+        from twin.rebuild import rebuild_beside
         from twinhub_cli import services
 
         config = _load_config(args, from_stack=True)
@@ -538,8 +547,14 @@ def run_twin_rebuild(args: argparse.Namespace) -> int:
             services.event_store(config, data, "admin") as store,
             services.twin_store(config) as twins,
         ):
-            n = await rebuild(twins, store, name=config.twin.consumer)
-        _out(f"rebuilt twins from {n} events in {time.monotonic() - started:.1f}s")
+            generation, stats = await rebuild_beside(
+                twins, store, name=config.twin.consumer, grace=args.grace
+            )
+        elapsed = time.monotonic() - started
+        _out(
+            f"rebuilt {stats.twins_written} twins from {stats.events_applied} events "
+            f"in {elapsed:.1f}s (generation {generation} is active)"
+        )
         return 0
 
     return _run(main)

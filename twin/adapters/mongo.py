@@ -128,11 +128,40 @@ command of 100 or more updates (tools/mongo-server patches that, see
 ``tests/integration/test_mongo_wire.py``); bounded chunks keep each command short anyway."""
 
 
+_SUFFIXES: Final = ("", "_checkpoints", "_commands", "_ended")
+
+
+def generation_collection(base: str, generation: int) -> str:
+    """The twins collection of ``generation`` (0: ``base`` itself)."""
+    return base if generation == 0 else f"{base}_g{generation}"
+
+
+def _generation_of(base: str, name: str) -> int | None:
+    """The generation whose collections include ``name``, None for other collections."""
+    for suffix in _SUFFIXES:
+        stem = name.removesuffix(suffix) if suffix else name
+        if suffix and stem == name:
+            continue
+        if stem == base:
+            return 0
+        rest = stem.removeprefix(base + "_g")
+        if rest != stem and rest.isdigit() and not rest.startswith("0"):
+            return int(rest)
+    return None
+
+
 class MongoTwinStore:
     """Twins in one collection (``twins`` by default), checkpoints in ``<collection>_checkpoints``.
 
     The caller owns the client; the store only borrows the database. ``command_memory``: how
     long an ended command is remembered (:data:`~twin.model.COMMAND_MEMORY`).
+
+    Generations. A rebuild writes a new set of collections beside the live one and then makes it
+    the active one (:meth:`activate`): generation 0 is ``<collection>`` (and its
+    ``_checkpoints``, ``_commands``, ``_ended``), generation N >= 1 ``<collection>_gN`` (and its
+    three). Which one is active is one document of ``<collection>_catalog``, so the switch is
+    atomic; a store binds to it in :meth:`resolve_generation` (the twin service's projector
+    calls it between batches, then folds from the new generation's checkpoint).
     """
 
     def __init__(
@@ -141,20 +170,19 @@ class MongoTwinStore:
         collection: str = DEFAULT_COLLECTION,
         *,
         command_memory: timedelta = COMMAND_MEMORY,
+        generation: int = 0,
     ) -> None:
-        options: CodecOptions[Doc] = CodecOptions(document_class=dict, tz_aware=True, tzinfo=UTC)
-        self._twins: AsyncCollection[Doc] = database.get_collection(
-            collection, codec_options=options
+        if generation < 0:
+            raise ValueError("generation must be >= 0")
+        self._database = database
+        self._base = collection
+        self._options: CodecOptions[Doc] = CodecOptions(
+            document_class=dict, tz_aware=True, tzinfo=UTC
         )
-        self._checkpoints: AsyncCollection[Doc] = database.get_collection(
-            f"{collection}_checkpoints", codec_options=options
+        self._catalog: AsyncCollection[Doc] = database.get_collection(
+            f"{collection}_catalog", codec_options=self._options
         )
-        self._commands: AsyncCollection[Doc] = database.get_collection(
-            f"{collection}_commands", codec_options=options
-        )
-        self._ended: AsyncCollection[Doc] = database.get_collection(
-            f"{collection}_ended", codec_options=options
-        )
+        self._bind(generation)
         self.command_memory = command_memory
         # Writes through one store never overlap: on FerretDB a guarded update is not atomic.
         self._write_lock = asyncio.Lock()
@@ -162,6 +190,66 @@ class MongoTwinStore:
         self._writes: Counter[str] = Counter()  # write commands sent, by collection
         # FerretDB only (single writer): device id -> position of the twin stored, oldest first.
         self._positions: dict[str, int] = {}
+
+    def _bind(self, generation: int) -> None:
+        name = generation_collection(self._base, generation)
+        get = self._database.get_collection
+        self.generation = generation
+        self._twins: AsyncCollection[Doc] = get(name, codec_options=self._options)
+        self._checkpoints: AsyncCollection[Doc] = get(
+            f"{name}_checkpoints", codec_options=self._options
+        )
+        self._commands: AsyncCollection[Doc] = get(f"{name}_commands", codec_options=self._options)
+        self._ended: AsyncCollection[Doc] = get(f"{name}_ended", codec_options=self._options)
+
+    # -- generations ------------------------------------------------------------------------
+
+    async def active_generation(self) -> int:
+        """The generation the catalog names (0 without a catalog)."""
+        with _translated():
+            doc = await self._catalog.find_one({"_id": "active"})
+        return 0 if doc is None else int(doc["generation"])
+
+    async def resolve_generation(self) -> bool:
+        """Bind to the active generation; whether that changed the collections used."""
+        active = await self.active_generation()
+        if active == self.generation:
+            return False
+        async with self._write_lock:  # no write of this store straddles the switch
+            self._bind(active)
+            self._positions.clear()
+        log.info("twins: generation %d is active (%s)", active, self._twins.name)
+        return True
+
+    def at_generation(self, generation: int) -> MongoTwinStore:
+        """Another store on the same database, bound to ``generation`` (not activated)."""
+        return MongoTwinStore(
+            self._database, self._base, command_memory=self.command_memory, generation=generation
+        )
+
+    async def activate(self, generation: int) -> None:
+        """Make ``generation`` the active one (readers bind to it when they next resolve)."""
+        with _translated():
+            await self._catalog.replace_one(
+                {"_id": "active"}, {"_id": "active", "generation": generation}, upsert=True
+            )
+        self._writes["catalog"] += 1
+
+    async def drop_other_generations(self) -> list[str]:
+        """Drop the collections of every generation but this store's; their names."""
+        with _translated():
+            names = await self._database.list_collection_names()
+        dropped = []
+        for name in sorted(names):
+            generation = _generation_of(self._base, name)
+            if generation is None or generation == self.generation:
+                continue
+            with _translated():
+                await self._database.drop_collection(name)
+            dropped.append(name)
+        if dropped:
+            log.info("twins: dropped %s", ", ".join(dropped))
+        return dropped
 
     async def _point_lookups(self) -> bool:
         """Whether this is FerretDB, where only ``{_id: X}`` filters use an index."""

@@ -30,6 +30,7 @@ from proto.message import NatsMessage
 from twin.adapters.mongo import MongoTwinStore
 from twin.fold import fold_all
 from twin.model import Twin
+from twin.rebuild import rebuild_beside
 from twin.service import ProjectorConfig, ProjectorHooks, TwinProjector, rebuild
 from twinhub_cli.devservices import MongoServer, NatsServer
 
@@ -334,6 +335,51 @@ async def test_rebuild_yields_the_live_documents(
     assert await mongo_db.twins.find().sort("_id").to_list() == live
     assert await store.checkpoint("twin-projector") == last_position(logged)
     assert await store.max_position() == last_position(logged)
+
+
+async def test_rebuild_beside_the_live_projector_on_ferretdb(
+    log: Log, store: MongoTwinStore, mongo_db: AsyncDatabase[Doc]
+) -> None:
+    """``twinhub twin rebuild`` while the twin service runs: generation 1 is built beside the
+    live twins (readable throughout), activated, the projector moves to it and folds what came
+    after the rebuild; generation 0's collections are dropped; the twins are what an offline
+    rebuild of the whole log gives."""
+    lives = [device_life(f"dev-{i}", 30, seed=60 + i) for i in range(4)]
+    events = interleave(lives, seed=9)
+    config = log.config(batch_size=10, emit_derived_events=False, generation_check_interval=0.05)
+    async with TwinProjector(store, log.store, config) as projector:
+        logged = await log.append(events[:60])
+        await projector.wait_for_position(last_position(logged), WAIT)
+        tool = MongoTwinStore(mongo_db)  # the CLI's own store
+        await tool.resolve_generation()
+        rebuilding = asyncio.create_task(
+            rebuild_beside(
+                tool, log.store, name="twin-projector", filter_subject=log.everything, grace=1.0
+            )
+        )
+        readable = 0
+        while not rebuilding.done():  # the live twins stay readable meanwhile
+            readable += len(await store.find(limit=100))
+            await asyncio.sleep(0)
+        logged += await log.append(events[60:])
+        generation, _ = await rebuilding
+        assert generation == 1 and readable > 0
+        await projector.wait_for_position(last_position(logged), WAIT)
+        async with asyncio.timeout(WAIT):
+            while store.generation != 1 or projector.position < last_position(logged):
+                await asyncio.sleep(0.02)
+    names = set(await mongo_db.list_collection_names())
+    assert {"twins_g1", "twins_g1_checkpoints", "twins_catalog"} <= names
+    assert not names & {"twins", "twins_checkpoints", "twins_commands", "twins_ended"}
+    got = await mongo_db.twins_g1.find().sort("_id").to_list()
+    offline = MongoTwinStore(mongo_db, "offline")
+    await rebuild(offline, log.store, filter_subject=log.everything)
+    assert got == await mongo_db.offline.find().sort("_id").to_list()
+    assert await mongo_db.twins_g1_commands.find().sort("_id").to_list() == (
+        await mongo_db.offline_commands.find().sort("_id").to_list()
+    )
+    reopened = MongoTwinStore(mongo_db)
+    assert await reopened.resolve_generation() and reopened.generation == 1
 
 
 async def test_survives_a_nats_restart(

@@ -23,7 +23,7 @@ from twin.fold import fold_all
 from twin.memory import InMemoryTwinStore
 from twin.model import Twin
 from twin.ports import Ended, WriteResult
-from twin.rebuild import rebuild_twins
+from twin.rebuild import rebuild_beside, rebuild_twins
 from twin.service import ProjectorConfig, ProjectorHooks, TwinProjector, rebuild
 
 from .factory import T0, changed, link, offline, online, unknown
@@ -360,6 +360,36 @@ async def test_rebuild_writes_each_twin_once_while_it_holds_every_device(
         assert stats.flushes > 1 and stats.twins_written > 6
         assert max(rebuilt.writes.values()) <= stats.flushes
     assert stats.position == logged[-1].position == await rebuilt.checkpoint("p")
+
+
+async def test_rebuild_beside_the_live_projector_switches_it_to_the_new_generation(
+    log: InMemoryEventStore,
+) -> None:
+    """The rebuild writes generation 1 while the projector keeps generation 0 current; once
+    generation 1 is active the projector binds to it and folds what came after the rebuild,
+    and generation 0 is dropped."""
+    live = InMemoryTwinStore()
+    config = replace(FAST, generation_check_interval=0.01)
+    first = await append(log, script(devices=["d1", "d2"]))
+    async with TwinProjector(live, log, config) as projector:
+        await projector.wait_for_position(first[-1].position or 0, WAIT)
+        tool = live.at_generation(0)  # the rebuild's own store, as the CLI opens one
+        rebuilding = asyncio.create_task(
+            rebuild_beside(tool, log, name="twin-projector", batch_size=3, grace=0)
+        )
+        second = await append(log, script(devices=["d2", "d3"], rounds=2))
+        generation, stats = await rebuilding
+        assert generation == 1 and stats.events_read >= len(first)
+        third = await append(log, [make(changed("/sw.1", "after"), "d1", 77)])
+        for _ in range(500):
+            if live.generation == 1 and projector.position >= (third[-1].position or 0):
+                break
+            await asyncio.sleep(0.01)
+        assert live.generation == 1
+        await projector.wait_for_position(third[-1].position or 0, WAIT)
+    assert await stored_twins(live) == expected_twins(first + second + third)
+    assert await live.active_generation() == 1
+    assert await live.at_generation(0).get("d1") is None  # the old generation is gone
 
 
 async def test_wait_for_position_times_out_and_reports_a_stopped_projector(
