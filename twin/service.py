@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,14 @@ class ProjectorConfig:
     emit_derived_events: bool = True  # append derived events (see the module docstring)
     checkpoint_interval: float = 1.0  # seconds between checkpoint saves under load (0: each batch)
     generation_check_interval: float = 1.0  # seconds between looks for a rebuilt generation
+    max_linger: float = 0.05
+    """How long a batch may wait to fill (seconds; 0: never), scaled by how busy the store is:
+    the share of the last second the projector spent folding and writing, over
+    ``busy_for_full_linger`` (a store busy half the time waits the whole ``max_linger``; an idle
+    one writes at once). Events a few milliseconds apart (a command's pending, sent and outcome)
+    then cost one write, not one each. Past what the store keeps up with, batches fill during
+    each write anyway."""
+    busy_for_full_linger: float = 0.5
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -119,6 +128,10 @@ class ProjectorConfig:
             raise ValueError("checkpoint_interval must be >= 0")
         if not self.generation_check_interval > 0:
             raise ValueError("generation_check_interval must be > 0")
+        if self.max_linger < 0:
+            raise ValueError("max_linger must be >= 0")
+        if not 0 < self.busy_for_full_linger <= 1:
+            raise ValueError("busy_for_full_linger must be in (0, 1]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +386,8 @@ class TwinProjector:
         self._wakeup = asyncio.Event()
         self._saved_at = float("-inf")  # loop time of the last checkpoint save
         self._generation_checked_at = float("-inf")
+        self._busy = 0.0  # seconds spent applying batches, decaying with a 1 s time constant
+        self._busy_at = 0.0  # loop time of that figure
 
     async def _check_generation(self) -> None:
         """Between batches, now and then: a rebuild made another generation active."""
@@ -387,10 +402,40 @@ class TwinProjector:
         return asyncio.get_running_loop().time() - self._saved_at >= self.config.checkpoint_interval
 
     async def _apply(self, messages: Sequence[StoredMessage]) -> None:
+        loop = asyncio.get_running_loop()
         due = self._checkpoint_due()
+        started = loop.time()
         await self._projection.apply(messages, checkpoint=due)
+        now = loop.time()
+        self._busy = self._busy_share(now) + (now - started)
+        self._busy_at = now
         if due:
-            self._saved_at = asyncio.get_running_loop().time()
+            self._saved_at = now
+
+    def _busy_share(self, now: float) -> float:
+        """The share of the recent past (a 1 s exponential window) spent applying batches."""
+        return self._busy * math.exp(-max(0.0, now - self._busy_at))
+
+    async def _linger(self, consumer: Consumer, deliveries: list[Delivery]) -> list[Delivery]:
+        """More events for a batch that is not full, the longer the busier the store is (see
+        ``max_linger``)."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        busy = min(1.0, self._busy_share(now) / cfg.busy_for_full_linger)
+        linger = cfg.max_linger * busy
+        if linger < 0.001 or len(deliveries) >= cfg.batch_size:
+            return deliveries
+        deadline = now + linger
+        while len(deliveries) < cfg.batch_size:
+            left = deadline - loop.time()
+            if left < 0.001:  # the log's pull requests count in milliseconds
+                break
+            more = await consumer.fetch(cfg.batch_size - len(deliveries), left)
+            if not more:
+                break
+            deliveries.extend(more)
+        return deliveries
 
     async def _save_checkpoint(self) -> None:
         await self._projection.save_checkpoint()
@@ -581,6 +626,7 @@ class TwinProjector:
                 if self._projection.unsaved:  # idle: the checkpoint catches up with the twins
                     await self._save_checkpoint()
                 continue
+            deliveries = await self._linger(consumer, list(deliveries))
             try:
                 await self._apply([d.stored for d in deliveries])
             except TwinStoreError as e:

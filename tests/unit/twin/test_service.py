@@ -183,6 +183,50 @@ async def test_the_checkpoint_is_saved_per_interval_when_idle_and_on_stop(
         assert len(store.saves) >= batches
 
 
+class SlowStore(InMemoryTwinStore):
+    """A store whose every write takes ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def write_many(
+        self,
+        twins: Iterable[Twin],
+        *,
+        previous: Mapping[str, Twin | None] | None = None,
+        ended: Ended | None = None,
+    ) -> WriteResult:
+        await asyncio.sleep(self.delay)
+        return await super().write_many(twins, previous=previous, ended=ended)
+
+
+async def _batches_for_a_stream(log: InMemoryEventStore, max_linger: float, device: str) -> int:
+    """Batches a projector needs for 30 events 12 ms apart into a store taking 10 ms a write."""
+    store = SlowStore(0.01)
+    config = replace(FAST, batch_size=100, max_linger=max_linger, name=f"p-{device}")
+    async with TwinProjector(
+        store, log, replace(config, filter_subject=f"twinhub.ev.*.{device}.>")
+    ) as projector:
+        first = await append(log, [make(ev.DeviceRegistered(), device, 0)])
+        await projector.wait_for_position(first[-1].position or 0, WAIT)
+        before = projector.stats.batches
+        more: list[AnyEvent] = []
+        for i in range(30):
+            more += await append(log, [make(changed("/sw.1", i), device, i + 1)])
+            await asyncio.sleep(0.012)
+        await projector.wait_for_position(more[-1].position or 0, WAIT)
+        return projector.stats.batches - before
+
+
+async def test_a_busy_store_gets_bigger_batches(log: InMemoryEventStore) -> None:
+    """A store busy most of the time (10 ms writes, an event every 12 ms): batches linger for
+    more, far fewer than one per event; with max_linger 0, about one per event."""
+    lingering = await _batches_for_a_stream(log, 0.2, "d1")
+    at_once = await _batches_for_a_stream(log, 0.0, "d2")
+    assert lingering < 0.7 * at_once, (lingering, at_once)
+
+
 async def test_undecodable_messages_are_skipped(log: InMemoryEventStore) -> None:
     store = InMemoryTwinStore()
     good = make(changed("/a", 1))
