@@ -27,6 +27,7 @@ def test_every_bench_is_listed_here() -> None:
         "rebuild_bench.py",
         "store_bench.py",
         "udp_bench.py",
+        "wire_bench.py",
     ]
 
 
