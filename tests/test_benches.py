@@ -28,6 +28,7 @@ def test_every_bench_is_listed_here() -> None:
         "store_bench.py",
         "udp_bench.py",
         "wire_bench.py",
+        "writes_bench.py",
     ]
 
 
