@@ -106,8 +106,9 @@ def owner_consumer_key(secret: bytes, owner: str) -> bytes:
 
 
 async def latest_twin(twins: TwinStore, events: EventStore, device_id: str) -> Twin | None:
-    """The stored twin of ``device_id`` with its newer events of the log folded onto it."""
-    twin = await twins.get(device_id)
+    """The stored twin of ``device_id`` with its newer events of the log folded onto it (the
+    twin this process wrote last, when it remembers one: no read)."""
+    twin = twins.recently_written(device_id) or await twins.get(device_id)
     async for event in _tail(events, device_id, 0 if twin is None else twin.position):
         twin = fold(twin, event)
     return twin
@@ -119,7 +120,10 @@ async def latest_command(
     """What a command request needs, whatever the device's queue holds: the latest twin with
     at most the open command ``correlation_id`` (``""``: none), and the newest command of that
     id that ended, if the store remembers one or the log tail ended it."""
-    if correlation_id:
+    twin = twins.recently_written(device_id)  # this process wrote it: no read
+    if twin is not None:
+        ended = await twins.ended_command(device_id, correlation_id) if correlation_id else None
+    elif correlation_id:
         twin, ended = await asyncio.gather(
             twins.get_for_command(device_id, correlation_id),
             twins.ended_command(device_id, correlation_id),

@@ -55,6 +55,7 @@ class InMemoryTwinStore:
         self._catalog = _catalog or _Catalog()
         self.command_memory = command_memory
         self._writes: Counter[str] = Counter()
+        self._recent: dict[str, Twin] = {}
         self._bind(generation)
 
     def _bind(self, generation: int) -> None:
@@ -71,6 +72,7 @@ class InMemoryTwinStore:
         if self._catalog.active == self.generation:
             return False
         self._bind(self._catalog.active)
+        self._recent.clear()
         return True
 
     def at_generation(self, generation: int) -> InMemoryTwinStore:
@@ -136,6 +138,7 @@ class InMemoryTwinStore:
                 key = (device_id, e.command.correlation_id)
                 self._ended[key] = copy.deepcopy(e.to_document())
             self._docs[device_id] = copy.deepcopy(t.to_document())
+            self._recent[device_id] = Twin.from_document(copy.deepcopy(t.to_document()))
             written.append(device_id)
         return WriteResult(written=tuple(written), skipped=tuple(skipped))
 
@@ -185,6 +188,9 @@ class InMemoryTwinStore:
     async def checkpoint(self, name: str) -> int:
         return self._checkpoints.get(name, 0)
 
+    def recently_written(self, device_id: str) -> Twin | None:
+        return self._recent.get(device_id)
+
     def write_counts(self) -> dict[str, int]:
         return dict(self._writes)
 
@@ -193,6 +199,7 @@ class InMemoryTwinStore:
         self._checkpoints[name] = max(position, self._checkpoints.get(name, 0))
 
     async def drop(self) -> None:
+        self._recent.clear()
         self._docs.clear()
         self._checkpoints.clear()
         self._ended.clear()

@@ -148,6 +148,12 @@ class TwinStore(Protocol):
         twins read and written changed. Generations: :class:`GenerationalTwinStore`."""
         ...
 
+    def recently_written(self, device_id: str) -> Twin | None:
+        """A twin this store object wrote lately, without a read (None: not remembered). Another
+        writer may have moved the device on since: a reader folds the log after its position
+        (as :func:`twin.api.latest_twin` does), which gives the latest twin either way."""
+        ...
+
     def write_counts(self) -> Mapping[str, int]:
         """Write commands sent to the store so far, by collection: ``twins``, ``commands``,
         ``ended``, ``checkpoints`` (for the metrics: store writes per event and per command)."""

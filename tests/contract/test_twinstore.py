@@ -226,6 +226,17 @@ class TwinStoreContract:
         await store.save_checkpoint("p", 12)
         assert await store.checkpoint("p") == 12
 
+    async def test_recently_written_is_what_a_read_gives_without_the_read(
+        self, store: TwinStore
+    ) -> None:
+        assert store.recently_written("a") is None
+        await store.write_many([make_twin("a", 3)])
+        assert store.recently_written("a") == await store.get("a")
+        await store.write_many([make_twin("a", 2)])  # refused as stale: still the one written
+        assert (t := store.recently_written("a")) is not None and t.position == 3
+        await store.drop()
+        assert store.recently_written("a") is None
+
     async def test_write_counts_count_the_write_commands(self, store: TwinStore) -> None:
         before = dict(store.write_counts())
         await store.write_many([make_twin("a", 3), make_twin("b", 3)])  # one batch of twins

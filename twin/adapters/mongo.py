@@ -60,7 +60,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -121,6 +121,7 @@ _VALUE_LISTS: Final = ("telemetry", "client_attributes")
 
 POINT_LOOKUPS: Final = 16  # concurrent find_one by _id on FerretDB
 POSITION_CACHE: Final = 200_000  # positions remembered on FerretDB (~100 B each)
+RECENT_TWINS: Final = 10_000  # twins this store wrote, kept for recently_written()
 
 WRITE_CHUNK: Final = 256
 """Most operations per write command. Unpatched FerretDB v1.24 (SQLite) never answers an update
@@ -190,6 +191,7 @@ class MongoTwinStore:
         self._writes: Counter[str] = Counter()  # write commands sent, by collection
         # FerretDB only (single writer): device id -> position of the twin stored, oldest first.
         self._positions: dict[str, int] = {}
+        self._recent: OrderedDict[str, Twin] = OrderedDict()  # twins written, oldest first
 
     def _bind(self, generation: int) -> None:
         name = generation_collection(self._base, generation)
@@ -218,6 +220,7 @@ class MongoTwinStore:
         async with self._write_lock:  # no write of this store straddles the switch
             self._bind(active)
             self._positions.clear()
+            self._recent.clear()
         log.info("twins: generation %d is active (%s)", active, self._twins.name)
         return True
 
@@ -479,10 +482,18 @@ class MongoTwinStore:
         return twins
 
     def _written(self, twins: Iterable[Twin], written: list[str]) -> None:
+        recent = self._recent
         for t in twins:
             written.append(t.device_id)
             if self._ferretdb:
                 self._remember(t.device_id, t.position)
+            recent.pop(t.device_id, None)
+            recent[t.device_id] = t
+        while len(recent) > RECENT_TWINS:
+            recent.popitem(last=False)
+
+    def recently_written(self, device_id: str) -> Twin | None:
+        return self._recent.get(device_id)
 
     async def _insert(self, twins: list[Twin], written: list[str]) -> list[Twin]:
         """Unordered insert of new twins; returns those another writer created first."""
@@ -582,6 +593,7 @@ class MongoTwinStore:
 
     async def drop(self) -> None:
         self._positions.clear()
+        self._recent.clear()
         with _translated():
             await self._twins.drop()
             await self._commands.drop()
