@@ -134,3 +134,43 @@ class UnsupportedResponse(CoapTransportError, ValueError):
     transfer (RFC 7959), which we neither advertise nor reassemble."""
 
     code = "5.02"
+
+
+def checked_uint(value: int | None, name: str, limit: int) -> int | None:
+    """``value`` if it is ``None`` or in ``0..limit-1``; ``ValueError`` otherwise."""
+    if value is not None and not 0 <= value < limit:
+        raise ValueError(f"{name} out of range: {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRequest:
+    """A :class:`CoapRequest`'s code and option values, checked, OCF version defaults applied."""
+
+    code: int
+    content_format: int | None
+    accept: int | None
+    observe: int | None
+    ocf_version: int | None
+    ocf_accept_version: int | None
+
+
+def check_request(request: CoapRequest, *, ocf_defaults: bool = True) -> CheckedRequest:
+    """``ValueError`` when ``request`` cannot be sent (unknown method, relative path, an option
+    value out of range). With ``ocf_defaults`` an OCF CBOR payload gets OCF-Content-Format-Version
+    1.0 and an OCF CBOR payload or Accept gets OCF-Accept-Content-Format-Version 1.0."""
+    code = METHODS.get(request.method)
+    if code is None:
+        raise ValueError(f"unsupported method: {request.method!r}")
+    if not request.path.startswith("/"):
+        raise ValueError(f"path must start with '/': {request.path!r}")
+    content_format = checked_uint(request.content_format, "content_format", 1 << 16)
+    accept = checked_uint(request.accept, "accept", 1 << 16)
+    observe = checked_uint(request.observe, "observe", 1 << 24)
+    ocf_version = checked_uint(request.ocf_version, "ocf_version", 1 << 16)
+    ocf_accept = checked_uint(request.ocf_accept_version, "ocf_accept_version", 1 << 16)
+    if ocf_defaults and content_format == OCF_CBOR and ocf_version is None:
+        ocf_version = OCF_VERSION_1_0
+    if ocf_defaults and OCF_CBOR in (content_format, accept) and ocf_accept is None:
+        ocf_accept = OCF_VERSION_1_0
+    return CheckedRequest(code, content_format, accept, observe, ocf_version, ocf_accept)

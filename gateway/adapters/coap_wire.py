@@ -116,7 +116,6 @@ from cryptography import x509
 from gateway.adapters import coap_frames as frames
 from gateway.adapters.coap_messages import (
     METHOD_NAMES,
-    METHODS,
     OCF_CBOR,
     OCF_VERSION_1_0,
     OPTION_OCF_ACCEPT_VERSION,
@@ -126,6 +125,8 @@ from gateway.adapters.coap_messages import (
     CoapTransportError,
     ConnectionClosed,
     UnsupportedResponse,
+    check_request,
+    checked_uint,
     format_code,
     parse_code,
 )
@@ -218,27 +219,11 @@ def address_key(host: str) -> str:
     return str(ip)
 
 
-def _uint(value: int | None, name: str, limit: int) -> int | None:
-    if value is not None and not 0 <= value < limit:
-        raise ValueError(f"{name} out of range: {value}")
-    return value
-
-
 def _message(request: CoapRequest, ocf_defaults: bool) -> Any:
-    code = METHODS.get(request.method)
-    if code is None:
-        raise ValueError(f"unsupported method: {request.method!r}")
-    if not request.path.startswith("/"):
-        raise ValueError(f"path must start with '/': {request.path!r}")
-    content_format = _uint(request.content_format, "content_format", 1 << 16)
-    accept = _uint(request.accept, "accept", 1 << 16)
-    observe = _uint(request.observe, "observe", 1 << 24)
-    ocf_version = _uint(request.ocf_version, "ocf_version", 1 << 16)
-    ocf_accept = _uint(request.ocf_accept_version, "ocf_accept_version", 1 << 16)
-    if ocf_defaults and content_format == OCF_CBOR and ocf_version is None:
-        ocf_version = OCF_VERSION_1_0
-    if ocf_defaults and OCF_CBOR in (content_format, accept) and ocf_accept is None:
-        ocf_accept = OCF_VERSION_1_0
+    checked = check_request(request, ocf_defaults=ocf_defaults)
+    code, content_format, accept = checked.code, checked.content_format, checked.accept
+    observe, ocf_version = checked.observe, checked.ocf_version
+    ocf_accept = checked.ocf_accept_version
 
     message = Message(code=code, payload=bytes(request.payload))
     if request.path != "/":
@@ -326,16 +311,16 @@ def response_value(message: Any) -> CoapResponse:
 def response_message(response: CoapResponse) -> Any:
     """Our :class:`CoapResponse` to a device request as an aiocoap message (no Observe)."""
     message = Message(code=parse_code(response.code), payload=bytes(response.payload))
-    content_format = _uint(response.content_format, "content_format", 1 << 16)
+    content_format = checked_uint(response.content_format, "content_format", 1 << 16)
     if content_format is not None:
         message.opt.content_format = content_format
     if response.max_age is not None:
-        message.opt.max_age = _uint(response.max_age, "max_age", 1 << 32)
+        message.opt.max_age = checked_uint(response.max_age, "max_age", 1 << 32)
     if response.etag is not None:
         if not 1 <= len(response.etag) <= 8:
             raise ValueError(f"an ETag has 1 to 8 bytes: {response.etag!r}")
         message.opt.etag = bytes(response.etag)
-    ocf_version = _uint(response.ocf_version, "ocf_version", 1 << 16)
+    ocf_version = checked_uint(response.ocf_version, "ocf_version", 1 << 16)
     if ocf_version is None and content_format == OCF_CBOR:
         ocf_version = OCF_VERSION_1_0
     if ocf_version is not None:

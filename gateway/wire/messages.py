@@ -14,13 +14,14 @@ from gateway.adapters import coap_frames as frames
 from gateway.adapters.coap_frames import Frame
 from gateway.adapters.coap_messages import (
     METHOD_NAMES,
-    METHODS,
     OCF_CBOR,
     OCF_VERSION_1_0,
     OPTION_OCF_ACCEPT_VERSION,
     OPTION_OCF_VERSION,
     CoapRequest,
     CoapResponse,
+    check_request,
+    checked_uint,
     format_code,
     parse_code,
 )
@@ -29,29 +30,13 @@ from gateway.wire.options import decode_uint, encode_uint, option_value, uint_op
 MAX_AGE: Final = 14
 
 
-def _uint(value: int | None, name: str, limit: int) -> int | None:
-    if value is not None and not 0 <= value < limit:
-        raise ValueError(f"{name} out of range: {value}")
-    return value
-
-
 def request_frame(request: CoapRequest, *, ocf_defaults: bool = True) -> Frame:
     """``request`` (to a device) as a frame without token; ``ValueError`` when it cannot be
     sent (unknown method, relative path, an option value out of range)."""
-    code = METHODS.get(request.method)
-    if code is None:
-        raise ValueError(f"unsupported method: {request.method!r}")
-    if not request.path.startswith("/"):
-        raise ValueError(f"path must start with '/': {request.path!r}")
-    content_format = _uint(request.content_format, "content_format", 1 << 16)
-    accept = _uint(request.accept, "accept", 1 << 16)
-    observe = _uint(request.observe, "observe", 1 << 24)
-    ocf_version = _uint(request.ocf_version, "ocf_version", 1 << 16)
-    ocf_accept = _uint(request.ocf_accept_version, "ocf_accept_version", 1 << 16)
-    if ocf_defaults and content_format == OCF_CBOR and ocf_version is None:
-        ocf_version = OCF_VERSION_1_0
-    if ocf_defaults and OCF_CBOR in (content_format, accept) and ocf_accept is None:
-        ocf_accept = OCF_VERSION_1_0
+    checked = check_request(request, ocf_defaults=ocf_defaults)
+    code, content_format, accept = checked.code, checked.content_format, checked.accept
+    observe, ocf_version = checked.observe, checked.ocf_version
+    ocf_accept = checked.ocf_accept_version
     options: list[tuple[int, bytes]] = []
     if observe is not None:
         options.append((frames.OBSERVE, encode_uint(observe)))
@@ -72,8 +57,8 @@ def request_frame(request: CoapRequest, *, ocf_defaults: bool = True) -> Frame:
 def response_frame(response: CoapResponse) -> Frame:
     """Our answer to a device request (no Observe: notifications go through
     ``send_response(..., keep_observing=True)``)."""
-    content_format = _uint(response.content_format, "content_format", 1 << 16)
-    max_age = _uint(response.max_age, "max_age", 1 << 32)
+    content_format = checked_uint(response.content_format, "content_format", 1 << 16)
+    max_age = checked_uint(response.max_age, "max_age", 1 << 32)
     options: list[tuple[int, bytes]] = []
     if response.etag is not None:
         if not 1 <= len(response.etag) <= 8:
@@ -83,7 +68,7 @@ def response_frame(response: CoapResponse) -> Frame:
         options.append((frames.CONTENT_FORMAT, encode_uint(content_format)))
     if max_age is not None:
         options.append((MAX_AGE, encode_uint(max_age)))
-    ocf_version = _uint(response.ocf_version, "ocf_version", 1 << 16)
+    ocf_version = checked_uint(response.ocf_version, "ocf_version", 1 << 16)
     if ocf_version is None and content_format == OCF_CBOR:
         ocf_version = OCF_VERSION_1_0
     if ocf_version is not None:
