@@ -10,7 +10,6 @@ the device gets 5.04, and a late answer is ``not_found``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -23,16 +22,15 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.contentformat import ContentFormat
 from pymongo.asynchronous.database import AsyncDatabase
 
-from gateway.service import Gateway
 from proto.events import AnyEvent, RpcRequested
 from tests.integration.gateway.simple_peers import coap_client
-from twinhub_cli import services as svc
 from twinhub_cli.datadir import DataDir
 from twinhub_client import ConflictError, NotFoundError
 from twinhub_client.subscription import EventSubscription
 
 from .stack import bus_config, production_callout
 from .test_provisioning import WAIT, Env, open_env
+from .test_simple_devices import production_gateway
 from .test_simple_rpc import _twinhub
 
 if TYPE_CHECKING:
@@ -41,28 +39,9 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.servers
 
 
-@contextlib.asynccontextmanager
-async def gateway(bus: Bus, tmp: Path, rpc_timeout: float) -> AsyncIterator[tuple[Gateway, Path]]:
+def gateway(bus: Bus, tmp: Path, rpc_timeout: float) -> Any:
     """The gateway as ``twinhub gateway`` runs it, with ``gateway.client_rpc_timeout``."""
-    config = bus_config(
-        bus,
-        gateway={
-            "id": "gw-clientrpc",
-            "tcp": "127.0.0.1:0",
-            "tls": "",
-            "udp": "127.0.0.1:0",
-            "dtls": "127.0.0.1:0",
-            "client_rpc_timeout": rpc_timeout,
-        },
-    )
-    data = DataDir(tmp / "data")
-    async with svc.event_store(config, data, "twin"):
-        pass  # the twin service provisions the streams the gateway waits for (leases, tokens)
-    async with (
-        svc.event_store(config, data, "gateway") as store,
-        svc.run_gateway(config, data, store) as gw,
-    ):
-        yield gw, data.pki / "ca.crt"
+    return production_gateway(bus, tmp, id="gw-clientrpc", client_rpc_timeout=rpc_timeout)
 
 
 @pytest.fixture

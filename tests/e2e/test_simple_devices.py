@@ -35,8 +35,11 @@ CACHE_TTL = 0.5  # gateway.token_cache_ttl here: how soon a revocation applies
 
 
 @contextlib.asynccontextmanager
-async def production_gateway(bus: Bus, tmp: Path) -> AsyncIterator[tuple[Gateway, Path]]:
-    """The gateway as ``twinhub gateway`` runs it, every listener on a free loopback port."""
+async def production_gateway(
+    bus: Bus, tmp: Path, **settings: Any
+) -> AsyncIterator[tuple[Gateway, Path]]:
+    """The gateway as ``twinhub gateway`` runs it, every listener on a free loopback port;
+    ``settings``: more (or other) ``gateway.*`` settings."""
     config = bus_config(
         bus,
         gateway={
@@ -46,6 +49,7 @@ async def production_gateway(bus: Bus, tmp: Path) -> AsyncIterator[tuple[Gateway
             "udp": "127.0.0.1:0",
             "dtls": "127.0.0.1:0",
             "token_cache_ttl": CACHE_TTL,
+            **settings,
         },
     )
     data = DataDir(tmp / "data")

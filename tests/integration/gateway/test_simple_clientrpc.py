@@ -12,8 +12,6 @@ import contextlib
 import json
 import socket
 import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiocoap
@@ -22,16 +20,11 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.contentformat import ContentFormat
 
-from eventstore.adapters.jetstream import JetStreamEventStore
-from gateway.adapters.coap_udp import SimpleDeviceServer, UdpConfig
-from gateway.adapters.devtokens_nats import NatsTokenDirectory
-from gateway.devtokens import CachedTokenDirectory, TokenCacheConfig
-from gateway.simple import SimpleConfig
 from proto import binding
 from proto.events import Event, RpcAnswered, RpcRequested
 from tests.conftest import Bus
-from twinhub_cli.services import TOKEN_LAYOUT
 
+from . import test_simple_udp
 from .test_simple_udp import DEADLINE, Stack, client, until
 
 __all__ = ["client"]  # the fixture
@@ -41,25 +34,9 @@ pytestmark = pytest.mark.servers
 TIMEOUT = 20.0  # client_rpc_timeout of the server that answers
 
 
-@contextlib.asynccontextmanager
-async def open_stack(bus: Bus, **udp: Any) -> AsyncIterator[Stack]:
+def open_stack(bus: Bus, **udp: Any) -> Any:
     """As test_simple_udp's stack, with the client-side RPC settings ``udp``."""
-    owner = "o" + uuid.uuid4().hex[:10]
-    async with (
-        JetStreamEventStore.from_url(bus.admin) as admin,
-        JetStreamEventStore.from_url(bus.admin, TOKEN_LAYOUT) as registry,
-    ):
-        await admin.provision()
-        await registry.provision()
-        async with (
-            JetStreamEventStore.from_url(bus.endpoint("gateway")) as log,
-            JetStreamEventStore.from_url(bus.endpoint("gateway"), TOKEN_LAYOUT) as tokens,
-        ):
-            directory = CachedTokenDirectory(NatsTokenDirectory(tokens), TokenCacheConfig(ttl=0.5))
-            config = SimpleConfig(gateway_id="gw-test", request_rate=50.0, request_burst=50)
-            settings = UdpConfig(bind=("127.0.0.1", 0), **udp)
-            async with SimpleDeviceServer(log, directory, config, settings) as server:
-                yield Stack(server, admin, registry, owner, log, directory)
+    return test_simple_udp.open_stack(bus, max_payload=64 * 1024, **udp)
 
 
 async def call(

@@ -4,6 +4,7 @@ libcoap's coap-client and aiocoap's client as the devices."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -69,8 +70,10 @@ class Stack:
         return [binding.from_stored(m) async for m in self.admin.read(flt)]
 
 
-@pytest.fixture
-async def stack(bus: Bus) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def open_stack(bus: Bus, *, max_payload: int = 2048, **udp: Any) -> AsyncIterator[Stack]:
+    """A simple-device server on the gateway role and a fresh owner; ``udp``: more
+    :class:`UdpConfig` settings."""
     owner = "o" + uuid.uuid4().hex[:10]
     async with (
         JetStreamEventStore.from_url(bus.admin) as admin,
@@ -84,12 +87,17 @@ async def stack(bus: Bus) -> AsyncIterator[Stack]:
         ):
             directory = CachedTokenDirectory(NatsTokenDirectory(tokens), TokenCacheConfig(ttl=0.5))
             config = SimpleConfig(
-                gateway_id="gw-test", max_payload=2048, request_rate=50.0, request_burst=50
+                gateway_id="gw-test", max_payload=max_payload, request_rate=50.0, request_burst=50
             )
-            async with SimpleDeviceServer(
-                log, directory, config, UdpConfig(bind=("127.0.0.1", 0))
-            ) as server:
+            settings = UdpConfig(bind=("127.0.0.1", 0), **udp)
+            async with SimpleDeviceServer(log, directory, config, settings) as server:
                 yield Stack(server, admin, registry, owner, log, directory)
+
+
+@pytest.fixture
+async def stack(bus: Bus) -> AsyncIterator[Stack]:
+    async with open_stack(bus) as s:
+        yield s
 
 
 async def until(check: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Any:
