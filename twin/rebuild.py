@@ -123,26 +123,6 @@ class _Rebuild:
         )
 
 
-async def _next(
-    batches: asyncio.Queue[list[StoredMessage] | None], reader: asyncio.Task[None]
-) -> list[StoredMessage] | None:
-    """The next batch the reader queued; the reader's error if it failed first."""
-    if reader.done() or not batches.empty():
-        if reader.done() and batches.empty():
-            reader.result()  # raises what ended the reader
-            raise RuntimeError("the log reader ended without the end marker")
-        return batches.get_nowait()
-    getting = asyncio.ensure_future(batches.get())
-    await asyncio.wait({getting, reader}, return_when=asyncio.FIRST_COMPLETED)
-    if getting.done():
-        return getting.result()
-    getting.cancel()
-    if not batches.empty():  # the reader's last put and its end came together
-        return batches.get_nowait()
-    reader.result()  # raises what ended the reader
-    raise RuntimeError("the log reader ended without the end marker")
-
-
 async def rebuild_twins(
     store: TwinStore,
     events: EventStore,
@@ -164,23 +144,28 @@ async def rebuild_twins(
     run = _Rebuild(store, max_twins)
     # The log is read ahead by a task of its own while the batches are folded: the reads'
     # round trips overlap the folding (a few batches ahead at most).
-    batches: asyncio.Queue[list[StoredMessage] | None] = asyncio.Queue(maxsize=READ_AHEAD)
+    batches: asyncio.Queue[list[StoredMessage] | Exception | None] = asyncio.Queue(READ_AHEAD)
 
     async def read() -> None:
-        batch: list[StoredMessage] = []
-        async for stored in events.read(filter_subject, after=0):
-            batch.append(stored)
-            if len(batch) >= batch_size:
+        try:
+            batch: list[StoredMessage] = []
+            async for stored in events.read(filter_subject, after=0):
+                batch.append(stored)
+                if len(batch) >= batch_size:
+                    await batches.put(batch)
+                    batch = []
+            if batch:
                 await batches.put(batch)
-                batch = []
-        if batch:
-            await batches.put(batch)
-        await batches.put(None)
+            await batches.put(None)  # the end
+        except Exception as e:  # to the fold's side, which raises it
+            await batches.put(e)
 
     reader = asyncio.create_task(read(), name="rebuild-reader")
     try:
-        while (batch := await _next(batches, reader)) is not None:
-            await run.apply(batch)
+        while (item := await batches.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            await run.apply(item)
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
+from eventstore.errors import UnavailableError
 from eventstore.memory import InMemoryEventStore
 from proto import binding
 from proto import events as ev
 from proto.events import AnyEvent, EventData, UnknownData
-from proto.message import NatsMessage
+from proto.message import NatsMessage, StoredMessage
 from twin.errors import (
     ProjectionTimeoutError,
     ProjectorStoppedError,
@@ -404,6 +406,22 @@ async def test_rebuild_writes_each_twin_once_while_it_holds_every_device(
         assert stats.flushes > 1 and stats.twins_written > 6
         assert max(rebuilt.writes.values()) <= stats.flushes
     assert stats.position == logged[-1].position == await rebuilt.checkpoint("p")
+
+
+async def test_a_log_failure_during_a_rebuild_is_raised(log: InMemoryEventStore) -> None:
+    await append(log, script())
+
+    class Failing(InMemoryEventStore):
+        async def read(self, *args: Any, **kwargs: Any) -> AsyncIterator[StoredMessage]:
+            n = 0
+            async for m in log.read(*args, **kwargs):
+                yield m
+                n += 1
+                if n == 5:
+                    raise UnavailableError("the log went away")
+
+    with pytest.raises(UnavailableError):
+        await rebuild_twins(InMemoryTwinStore(), Failing(), name="p", batch_size=2)
 
 
 async def test_rebuild_beside_the_live_projector_switches_it_to_the_new_generation(
