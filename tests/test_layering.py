@@ -52,7 +52,9 @@ CONFINED = {
     # NKeys: the callout's adapter signs with the issuer's; bus/credentials.py makes the seeds.
     # The sans-IO callout core signs through its Signer protocol, without importing nkeys.
     "nkeys": ("bus/adapters/", "bus/credentials.py"),
-    "aiocoap": ("gateway/adapters/", "devicesim/"),
+    # the UDP / DTLS profile of simple devices; the peer of the tests and of devicesim. The
+    # OCF path over TCP runs on our own RFC 8323 connection (gateway/wire/).
+    "aiocoap": ("gateway/adapters/coap_udp.py", "devicesim/"),
     "OpenSSL": ("gateway/adapters/dtls.py",),  # pyOpenSSL: the DTLS terminator
     "pymongo": ("twin/adapters/", "twinhub_cli/"),
     "motor": (),
@@ -154,3 +156,120 @@ def test_the_checker_admits_what_the_layers_allow(
     target.write_text(code, encoding="utf-8")
     monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
     assert violations([target]) == []
+
+
+# --------------------------------------------------------------------------- aiocoap's privates
+
+PRIVATE_FREE = ("gateway/",)
+"""Where no private name of aiocoap may be used (issue 13): the gateway runs on our own RFC 8323
+connection, and its UDP profile on aiocoap's public API, so that the aiocoap pin can be a range."""
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _root(node: ast.expr) -> ast.expr:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node
+
+
+def aiocoap_private_names(path: Path) -> list[str]:
+    """Private aiocoap names ``path`` uses: imported (``from aiocoap.x import _y``, a private
+    module), reached through an aiocoap name (``aiocoap.x._y``), or, in a class deriving from an
+    aiocoap class, a private method overridden or a private attribute read that the class does
+    not define itself (``self._pool``, ``super()._send_message``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    rel = path.relative_to(ROOT).as_posix()
+    bound: set[str] = set()  # local names bound to aiocoap modules or objects
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "aiocoap":
+                    bound.add((alias.asname or alias.name).split(".")[0])
+                    if any(_is_private(part) for part in alias.name.split(".")):
+                        found.append(f"{rel}:{node.lineno} imports {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] != "aiocoap":
+                continue
+            if any(_is_private(part) for part in node.module.split(".")):
+                found.append(f"{rel}:{node.lineno} imports {node.module}")
+            for alias in node.names:
+                bound.add(alias.asname or alias.name)
+                if _is_private(alias.name):
+                    found.append(f"{rel}:{node.lineno} imports {node.module}.{alias.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            root = _root(node)
+            if isinstance(root, ast.Name) and root.id in bound:
+                found.append(f"{rel}:{node.lineno} uses {ast.unparse(node)}")
+        if isinstance(node, ast.ClassDef):
+            derived = any(
+                isinstance(r := _root(base), ast.Name) and r.id in bound for base in node.bases
+            )
+            if derived:
+                found += _private_uses_in_subclass(rel, node)
+    return found
+
+
+def _private_uses_in_subclass(rel: str, cls: ast.ClassDef) -> list[str]:
+    own: set[str] = set()
+    for item in ast.walk(cls):
+        if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+            own.add(item.name)
+        elif isinstance(item, ast.Attribute) and isinstance(item.ctx, ast.Store):
+            own.add(item.attr)
+    found = []
+    for item in ast.walk(cls):
+        if isinstance(item, ast.Attribute) and _is_private(item.attr):
+            base = item.value
+            is_self = isinstance(base, ast.Name) and base.id == "self"
+            is_super = isinstance(base, ast.Call) and ast.unparse(base.func) == "super"
+            if is_super or (is_self and item.attr not in own):
+                found.append(f"{rel}:{item.lineno} uses the inherited {ast.unparse(item)}")
+    return found
+
+
+def test_the_gateway_uses_no_private_aiocoap_name() -> None:
+    files = [p for p in sources() if p.relative_to(ROOT).as_posix().startswith(PRIVATE_FREE)]
+    assert files
+    assert [v for p in files for v in aiocoap_private_names(p)] == []
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from aiocoap.transports.tcp import _serialize\n",
+        "import aiocoap.transports._x\n",
+        "import aiocoap\nctx = aiocoap.Context._dispatch_incoming\n",
+        "from aiocoap.protocol import Context\nclass C(Context):\n"
+        "    def f(self):\n        return self._tokenmanager\n",
+        "from aiocoap import protocol\nclass C(protocol.Context):\n"
+        "    def f(self):\n        return super()._render_to_pipe(1)\n",
+    ],
+)
+def test_the_private_name_checker_catches(
+    tmp_path: Path, code: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "gateway" / "x.py"
+    target.parent.mkdir(parents=True)
+    target.write_text(code, encoding="utf-8")
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    assert len(aiocoap_private_names(target)) == 1
+
+
+def test_the_private_name_checker_admits_our_own_private_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "gateway" / "x.py"
+    target.parent.mkdir(parents=True)
+    target.write_text(
+        "from aiocoap import resource\nclass R(resource.Resource):\n"
+        "    def __init__(self):\n        super().__init__()\n        self._mine = 1\n"
+        "    def f(self):\n        return self._mine\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    assert aiocoap_private_names(target) == []

@@ -10,8 +10,8 @@ the same connection. What the rest of the gateway sees are plain values, never a
 * :class:`CoapServer` -- the listening endpoints (an async context manager) calling
   ``on_connect`` / ``on_request`` / ``on_close``.
 
-aiocoap itself, and the list of its behaviours we work around, is in
-:mod:`gateway.adapters.coap_wire`.
+The listeners and the device links under it are in :mod:`gateway.adapters.coap_tcp`, on our own
+RFC 8323 connection (:mod:`gateway.wire`); nothing here imports aiocoap.
 
 Callbacks (``on_connect``, ``on_close``, ``on_notification``, ``on_end``) are synchronous and run
 on the connection's receive path: they must not block. Notifications are delivered in arrival
@@ -31,7 +31,7 @@ from typing import Final, Literal, Self
 
 from cryptography import x509
 
-from gateway.adapters import coap_wire as wire
+from gateway.adapters import coap_tcp as wire
 from gateway.adapters.coap_messages import (
     OCF_CBOR,
     OCF_VERSION_1_0,
@@ -221,8 +221,7 @@ class Observation:
         return self._end_reason
 
     async def cancel(self) -> None:
-        """Deregister explicitly: GET with Observe=1 on the registration's token (aiocoap sends
-        nothing), then wait up to the observation's timeout for the device's answer. Nothing is
+        """Deregister explicitly: GET with Observe=1 on the registration's token, then wait up to the observation's timeout for the device's answer. Nothing is
         delivered to ``on_notification`` once this is called. Idempotent; never raises for a
         closed connection."""
         if self.ended:
@@ -479,7 +478,7 @@ class Connection:
             )
 
     async def _writable(self) -> None:
-        writable = self._link.writable
+        writable = self._link.writable_event
         while True:
             self._check_open()
             if writable.is_set():

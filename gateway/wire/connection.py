@@ -9,8 +9,8 @@ gateway and, in tests, the device.
 
 It owns what RFC 8323 puts on a connection: our CSM first and the peer's when it comes (never
 waited for: iotivity-lite sends none, W2), the Max-Message-Size both ways (ours in the deframer,
-a larger message aborts with 7.05; the peer's refuses a send with :class:`MessageTooLarge`,
-W20), Ping / Pong (answered here; a Ping of ours without Pong in time fails the connection),
+a larger message aborts with 7.05; the peer's refuses a request with :class:`MessageTooLarge`,
+W20, and an answer once the peer's CSM stated a limit), Ping / Pong (answered here; a Ping of ours without Pong in time fails the connection),
 Release and Abort with their options, tokens (a counter: never reused on a connection), request
 deadlines, observations and their sequence numbers (RFC 7641 section 3.4), the option rules of
 requests (4.02 / 5.05 answered here, W14) and message format errors (Abort with a diagnostic,
@@ -175,6 +175,11 @@ class CoapTcpConnection:
     def buffered(self) -> int:
         """Bytes of an incomplete incoming message held."""
         return self._deframer.buffered
+
+    @property
+    def outgoing(self) -> int:
+        """Bytes to send not yet taken by :meth:`data_to_send`."""
+        return len(self._out)
 
     @property
     def pending(self) -> int:
@@ -390,7 +395,11 @@ class CoapTcpConnection:
         wire = frames.encode_frame(
             Frame(response.code, handle.token, response.options, response.payload)
         )
-        if len(wire) > self._peer_max:
+        # The peer's limit binds an answer once its CSM stated one. A peer that sent none
+        # (iotivity-lite) still gets its answer whole: the reply to its resource publication
+        # echoes its links, beyond the base 1,152 bytes with ten resources, and such devices
+        # take it. Our own requests keep the base value (W20).
+        if self._csm_received and len(wire) > self._peer_max:
             raise MessageTooLarge(len(wire), self._peer_max)
         if keep_observing:
             served.seq = (served.seq + 1) % obs.SEQUENCE_LIMIT

@@ -213,6 +213,15 @@ class CoapTcpProtocol(asyncio.Protocol):
         conn = self._conn
         if conn is None:
             return
+        limit, transport = self._max_write_buffer, self._transport
+        if (
+            limit is not None
+            and transport is not None
+            and not self._closing
+            and conn.outgoing + transport.get_write_buffer_size() > limit
+        ):  # checked before the bytes pile up in one turn (W7)
+            self._write_buffer_exceeded(transport, conn, limit)
+            return
         deadline = conn.next_deadline()
         if deadline is None:
             return
@@ -269,8 +278,8 @@ class CoapTcpProtocol(asyncio.Protocol):
             try:
                 if transport.can_write_eof():
                     transport.write_eof()
-                    self._hard_close = self._loop.call_later(self._close_timeout, transport.abort)
                 else:
                     transport.close()  # TLS: close_notify after the buffered bytes
+                self._hard_close = self._loop.call_later(self._close_timeout, transport.abort)
             except (OSError, RuntimeError):  # the peer is already gone
                 transport.abort()

@@ -146,7 +146,7 @@ MALFORMED = {
     ),
     "unknown critical option in a CSM": (
         bytes([0x21, 0xE1, 0x00, 0x91, 0x00]),  # token 00, option 9, empty
-        "Option not supported",
+        "unknown critical option 9 in a CSM",
     ),
 }
 

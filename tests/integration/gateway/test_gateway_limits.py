@@ -141,7 +141,7 @@ async def test_connections_beyond_the_total_limit_are_refused_from_any_address(
     ],
 )
 def test_connections_are_counted_per_ipv4_address_or_ipv6_64(host: str, key: str) -> None:
-    from gateway.adapters.coap_wire import address_key
+    from gateway.adapters.coap_tcp import address_key
 
     assert address_key(host) == key
 

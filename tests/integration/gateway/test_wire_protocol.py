@@ -201,6 +201,8 @@ async def test_a_peer_that_does_not_read_is_not_read_either() -> None:
         async with asyncio.timeout(DEADLINE):
             while protocol.writable:  # we send, the peer does not read
                 for _ in range(64):
+                    if protocol.connection.state is not State.OPEN:
+                        break  # cut off as soon as the bytes queued pass the bound
                     protocol.send_request(big, timeout=3600)
                 await asyncio.sleep(0)
         assert not protocol.reading
@@ -331,6 +333,8 @@ async def test_a_peer_that_lets_our_writes_pile_up_is_cut_off() -> None:
         async with asyncio.timeout(DEADLINE):
             while protocol.connection.state is State.OPEN:
                 for _ in range(64):
+                    if protocol.connection.state is not State.OPEN:
+                        break  # cut off as soon as the bytes queued pass the bound
                     protocol.send_request(big, timeout=3600)
                 await asyncio.sleep(0)
             await protocol.wait_closed()

@@ -322,6 +322,19 @@ def test_a_response_above_the_peers_max_message_size_is_not_sent() -> None:
     p.step(lambda c: c.send_response(ev.Incoming(b"t", 1), content(b"")), [], [content(b"t")])
 
 
+def test_a_peer_without_csm_gets_a_large_answer_whole() -> None:
+    """iotivity-lite sends no CSM, and the reply to its publication echoes its links: the base
+    1,152 bytes bind our requests to it, not our answers."""
+    p = Play()
+    p.step(data(get("/a", b"t")), [ev.RequestReceived(ev.Incoming(b"t", 1), get("/a", b"t"))])
+    big = content(b"", b"y" * 2000)
+    p.step(
+        lambda c: c.send_response(ev.Incoming(b"t", 1), big),
+        [],
+        [Frame(big.code, b"t", big.options, big.payload)],
+    )
+
+
 # --------------------------------------------------------------------------- observe
 
 
