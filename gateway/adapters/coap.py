@@ -221,9 +221,10 @@ class Observation:
         return self._end_reason
 
     async def cancel(self) -> None:
-        """Deregister explicitly: GET with Observe=1 on the registration's token, then wait up to the observation's timeout for the device's answer. Nothing is
-        delivered to ``on_notification`` once this is called. Idempotent; never raises for a
-        closed connection."""
+        """Deregister explicitly: GET with Observe=1 on the registration's token, then wait
+        up to the observation's timeout for the device's answer. Nothing is delivered to
+        ``on_notification`` once this is called. Idempotent; never raises for a closed
+        connection."""
         if self.ended:
             return
         if self._cancelling:

@@ -29,6 +29,7 @@ the write-buffer bound (W6, W7) -- is in :mod:`gateway.wire`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
@@ -376,10 +377,8 @@ class DeviceLink(CoapTcpProtocol):
     def deregister(self, exchange: Exchange) -> None:
         if self.closing:
             return
-        try:
+        with contextlib.suppress(ConnectionNotOpen, UnknownHandle):
             self.cancel_observation(exchange.handle)
-        except (ConnectionNotOpen, UnknownHandle):
-            pass
 
     # -- admission (driven by the endpoint)
 
@@ -498,7 +497,8 @@ class DeviceLink(CoapTcpProtocol):
                 self._failure = _failure_reason(kind, diagnostic)
                 self._fail_exchanges()
             case ev.AbortReceived(diagnostic=diagnostic):
-                self._peer_signal = "aborted by the peer" + (f": {diagnostic}" if diagnostic else "")
+                said = f": {diagnostic}" if diagnostic else ""
+                self._peer_signal = f"aborted by the peer{said}"
                 self._fail_exchanges()
             case ev.ReleaseReceived():
                 # the device goes away; nothing new is sent, and we close at once (as a peer
@@ -816,8 +816,8 @@ __all__ = [
     "EventHandler",
     "Exchange",
     "Hub",
-    "LinkEvents",
     "Limits",
+    "LinkEvents",
     "address_key",
     "hostport",
 ]

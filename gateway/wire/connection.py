@@ -10,7 +10,8 @@ gateway and, in tests, the device.
 It owns what RFC 8323 puts on a connection: our CSM first and the peer's when it comes (never
 waited for: iotivity-lite sends none, W2), the Max-Message-Size both ways (ours in the deframer,
 a larger message aborts with 7.05; the peer's refuses a request with :class:`MessageTooLarge`,
-W20, and an answer once the peer's CSM stated a limit), Ping / Pong (answered here; a Ping of ours without Pong in time fails the connection),
+W20, and an answer once the peer's CSM stated a limit), Ping / Pong (answered here; a Ping of
+ours without Pong in time fails the connection),
 Release and Abort with their options, tokens (a counter: never reused on a connection), request
 deadlines, observations and their sequence numbers (RFC 7641 section 3.4), the option rules of
 requests (4.02 / 5.05 answered here, W14) and message format errors (Abort with a diagnostic,
