@@ -30,8 +30,15 @@ from typing import Any, Self, TypeVar
 from devicesim import ocf
 from devicesim.backoff import backoff_delay
 from devicesim.clock import EpochClock
-from devicesim.config import BatchSupport, DeviceConfig, TlsOptions
+from devicesim.config import (
+    BatchSupport,
+    DeviceConfig,
+    GatewayAddress,
+    TlsOptions,
+    parse_gateway_uri,
+)
 from devicesim.errors import (
+    SimConfigError,
     SimError,
     SimProtocolError,
     SimTimeoutError,
@@ -128,6 +135,10 @@ class SimDevice:
         self._session_expires_in = 0
         self._session_started = 0.0
         self._last_logged = ""
+        self.target = config.gateway
+        """Where the device connects: the configured gateway, until a gateway that drains
+        sends it elsewhere (Release with an Alternative-Address, RFC 8323 section 5.5)."""
+        self._released: tuple[float, GatewayAddress | None] | None = None
 
     # --- public -------------------------------------------------------------------------------
 
@@ -233,6 +244,12 @@ class SimDevice:
                 break
             failures = 0 if online_for >= STABLE_SESSION_S else failures + 1
             delay = backoff_delay(self.config.backoff, max(failures, 1), self._rng.random())
+            if self._released is not None:  # the gateway drains: go at once, or after Hold-Off
+                delay, alternative = self._released
+                self._released = None
+                failures = 0
+                if alternative is not None:
+                    self.target = alternative
             self._set_state(DeviceState.BACKOFF)
             self._log.debug("%s: reconnecting in %.2f s", self.device_id, delay)
             try:
@@ -244,7 +261,7 @@ class SimDevice:
     async def _connection_lifetime(self) -> float:
         """One connection from connect to loss or stop; returns how long it was online (s)."""
         assert self._endpoint is not None
-        gw = self.config.gateway
+        gw = self.target
         conn: SimConnection | None = None
         try:
             async with self._connect_slot():
@@ -273,8 +290,30 @@ class SimDevice:
             if conn is not None:
                 conn.close()
                 self.stats.bump("disconnects")
+                if conn.released:
+                    self._released = (float(conn.hold_off or 0), self._alternative(conn))
             self.connection = None
             self.stats.set_gauges(connected=False, signed_in=False)
+
+    def _alternative(self, conn: SimConnection) -> GatewayAddress | None:
+        """The Alternative-Address of the gateway's Release, if it names a gateway of the same
+        scheme (the device's TLS context goes with the scheme)."""
+        if conn.released_to is None:
+            return None
+        try:
+            address = parse_gateway_uri(conn.released_to)
+        except SimConfigError as e:
+            self._log.info("%s: ignoring the Release's alternative address: %s", self.device_id, e)
+            return None
+        if address.scheme != self.target.scheme:
+            self._log.info(
+                "%s: ignoring the Release's alternative address %s: not %s",
+                self.device_id,
+                conn.released_to,
+                self.target.scheme,
+            )
+            return None
+        return address
 
     @contextlib.asynccontextmanager
     async def _connect_slot(self) -> AsyncIterator[None]:

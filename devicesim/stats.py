@@ -30,6 +30,7 @@ Counter = Literal[
     "updates_applied",
     "pings_sent",
     "pongs_received",
+    "releases_received",
     "errors",
 ]
 COUNTERS: tuple[Counter, ...] = get_args(Counter)
@@ -77,6 +78,7 @@ class DeviceStats:
     updates_applied: int = 0
     pings_sent: int = 0
     pongs_received: int = 0
+    releases_received: int = 0
     errors: int = 0
     connected: bool = False
     signed_in: bool = False

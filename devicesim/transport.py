@@ -44,6 +44,9 @@ from devicesim.config import COAPS_TCP, DEFAULT_PORTS
 from devicesim.errors import SimConnectionError, SimTimeoutError
 from devicesim.stats import DeviceStats
 
+RELEASE_ALTERNATIVE_ADDRESS = 2  # option numbers of a Release (RFC 8323 section 5.5)
+RELEASE_HOLD_OFF = 4
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -79,6 +82,10 @@ class SimConnection(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
         self._stats = stats
         self._closed: asyncio.Future[BaseException | None] = loop.create_future()
         self._pong: asyncio.Future[None] | None = None
+        self.released = False
+        """The gateway sent Release (it drains): reconnect at once, to ``released_to`` if set."""
+        self.released_to: str | None = None
+        self.hold_off: int | None = None
 
     # --- aiocoap hooks ------------------------------------------------------------------------
 
@@ -97,6 +104,17 @@ class SimConnection(TcpConnection):  # type: ignore[misc]  # aiocoap is untyped
                 self._stats.bump("responses_sent")
 
     def _process_signaling(self, msg: Any) -> None:
+        if msg.code == RELEASE:
+            # RFC 8323 section 5.5: Alternative-Address (2, a URI) and Hold-Off (4, seconds).
+            # aiocoap closes on a Release; the device reads where to go first.
+            self._stats.bump("releases_received")
+            for option in msg.opt.option_list():
+                value = bytes(option.encode())
+                if int(option.number) == RELEASE_ALTERNATIVE_ADDRESS and self.released_to is None:
+                    self.released_to = value.decode(errors="replace")
+                elif int(option.number) == RELEASE_HOLD_OFF:
+                    self.hold_off = int.from_bytes(value, "big")
+            self.released = True
         if msg.code == PONG:
             self._stats.bump("pongs_received")
             if self._pong is not None and not self._pong.done():

@@ -112,6 +112,12 @@ class GatewayConfig:
     max_connections_per_ip: int | None = 1024
     max_connections: int | None = 50_000  # at once, from anywhere (~85 kB each over TLS)
     message_timeout: float | None = 30.0  # a message begun must be complete within this
+    # graceful drain (Gateway.drain, on SIGTERM): Release to every device, sending it to
+    # ``drain_alternative`` (a coap+tcp:// or coaps+tcp:// URI) if set, and wait at most
+    # ``drain_timeout`` seconds for the devices to go; 0 disables it (Abort at once)
+    drain_timeout: float = 0.0
+    drain_alternative: str | None = None
+    drain_hold_off: int | None = None
     # command delivery (see gateway.commands)
     command_retry_initial: float = 1.0
     command_retry_max: float = 30.0
@@ -155,6 +161,8 @@ class _Conn:
     dispatcher: Dispatcher | None = None  # command delivery while signed in
     commands_task: asyncio.Task[None] | None = None
     writes_for: set[str] = field(default_factory=set)  # devices whose events it appended
+    draining: bool = False  # no new command goes to the device: it is asked to go
+    sends: set[asyncio.Task[None]] = field(default_factory=set)  # commands in flight
 
 
 @dataclass
@@ -247,6 +255,8 @@ class Gateway:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self.config.drain_timeout > 0 and exc_type is None:
+            await self.drain(self.config.drain_timeout)
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -260,6 +270,45 @@ class Gateway:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         self._gc_policy.close()
+
+    async def drain(
+        self, within: float, alternative: str | None = None, hold_off: int | None = None
+    ) -> int:
+        """Move every device away gracefully, within ``within`` seconds; returns how many
+        connections were still open then (the caller aborts them). ``alternative`` and
+        ``hold_off`` default to the configuration's ``drain_alternative`` / ``drain_hold_off``.
+
+        No new connection is accepted. Each connection stops delivering new commands (a command
+        not yet sent stays pending in the log, for the device's next gateway), waits for the
+        ones in flight to be answered and their outcome appended, then gets Release (RFC 8323
+        section 5.5) with ``drain_alternative`` / ``drain_hold_off``: the device closes and
+        reconnects there, where its pending commands follow it."""
+        if self._server is None:
+            return 0
+        cfg = self.config
+        alternative = alternative or cfg.drain_alternative
+        hold_off = cfg.drain_hold_off if hold_off is None else hold_off
+        self._server.stop_listening()
+        conns = [c for c in self.conns.values() if not c.closed]
+        log.info("draining %d device connections (at most %ss)", len(conns), within)
+
+        async def drain_one(c: _Conn) -> None:
+            c.draining = True
+            if c.sends:
+                await asyncio.wait(list(c.sends))
+            await c.writer.settled()  # what the device sent so far is in the log
+            c.conn.release(alternative, hold_off)
+            await c.conn.wait_closed()
+
+        tasks = [asyncio.create_task(drain_one(c), name=f"drain:{c.conn.id}") for c in conns]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=within)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        left = sum(1 for c in conns if not c.lost)
+        log.info("drained: %d devices went, %d left", len(conns) - left, left)
+        return left
 
     def adopt_instance(self, instance: str) -> None:
         """Serve as ``instance`` from now on (the lease of the current one was lost, so the
@@ -554,12 +603,14 @@ class Gateway:
                 self._order_after_older_connections(c, eff.events)
                 if not c.writer.submit(-eff.ref, eff.events, False, force=True):
                     self._commands(c, c.dispatcher.appended(eff.ref, False, self.clock()))
-            else:
-                self._spawn(
+            elif not c.draining:  # draining: the command stays pending for the next gateway
+                task = self._spawn(
                     c,
                     self._send_command(c, c.dispatcher, eff),
                     f"cmd:{c.conn.id}:{eff.correlation_id}",
                 )
+                c.sends.add(task)
+                task.add_done_callback(c.sends.discard)
 
     async def _send_command(self, c: _Conn, d: Dispatcher, eff: SendCommand) -> None:
         req = CoapRequest(
@@ -616,10 +667,11 @@ class Gateway:
             if self._device_writers.get(device) is c.writer:
                 del self._device_writers[device]
 
-    def _spawn(self, c: _Conn, coro: object, name: str) -> None:
+    def _spawn(self, c: _Conn, coro: object, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
         c.tasks.add(task)
         task.add_done_callback(c.tasks.discard)
+        return task
 
     def _spawn_background(self, coro: object, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]

@@ -151,6 +151,12 @@ class GatewaySettings:
     request_rate: float = 20.0  # device requests a second, per connection
     request_burst: int = 100  # requests at once before request_rate applies
     message_timeout: float = 30.0  # seconds from a message's first byte to its last (slowloris)
+    # graceful drain on SIGTERM: Release (RFC 8323 5.5) to every OCF device, which reconnects
+    # to drain_alternative ("coaps+tcp://gw2.example:5684"; "" = the address it knows) after
+    # drain_hold_off seconds; at most drain_timeout seconds, then Abort; 0 = Abort at once
+    drain_timeout: float = 10.0
+    drain_alternative: str = ""
+    drain_hold_off: int = 0
     # seconds without a lease renewal after which the twin service declares this gateway
     # instance lost and marks its devices offline (renewed every third of it)
     lease: float = 15.0

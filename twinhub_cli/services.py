@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -325,7 +326,30 @@ def gateway_config(config: Config, data: DataDir) -> GatewayConfig:
         request_rate=g.request_rate or None,
         request_burst=max(1, g.request_burst),
         message_timeout=g.message_timeout or None,
+        drain_timeout=max(0.0, g.drain_timeout),
+        drain_alternative=drain_alternative(g.drain_alternative),
+        drain_hold_off=g.drain_hold_off or None,
     )
+
+
+def drain_alternative(uri: str) -> str | None:
+    """``gateway.drain_alternative``: a ``coap+tcp://`` or ``coaps+tcp://`` URI with host and
+    port, sent to the devices in the Release of a drain; "" for none."""
+    if not uri:
+        return None
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"gateway.drain_alternative: {e}") from None
+    if parts.scheme not in ("coap+tcp", "coaps+tcp") or not parts.hostname or port is None:
+        raise ConfigError(
+            f"gateway.drain_alternative: want coap+tcp://HOST:PORT or coaps+tcp://HOST:PORT, "
+            f"not {uri!r}"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"gateway.drain_alternative: no path or query, not {uri!r}")
+    return uri
 
 
 # -- the bus (PRODUCT.md section 10) ---------------------------------------------------------

@@ -445,6 +445,20 @@ class Connection:
         )
         return observation
 
+    @property
+    def released(self) -> bool:
+        """:meth:`release` was called: nothing new goes to the device."""
+        return self._link.released
+
+    def release(self, alternative_address: str | None = None, hold_off: int | None = None) -> None:
+        """RFC 8323 section 5.5: send Release -- the device should go (to
+        ``alternative_address``, e.g. ``"coaps+tcp://gw2.example:5684"``, after ``hold_off``
+        seconds) once its requests are answered. Requests already sent may complete; new ones
+        raise :class:`ConnectionClosed`. The device closes the connection, or :meth:`close`
+        does. No-op on a closed connection."""
+        if not self.closed:
+            self._link.release_with(alternative_address, hold_off)
+
     async def close(self, reason: str) -> None:
         """Send Abort (7.05) with ``reason`` as diagnostic payload, close the transport and wait
         until the connection is gone (the transport is aborted when it does not flush within
@@ -618,6 +632,12 @@ class CoapServer:
         tb: TracebackType | None,
     ) -> None:
         await self._shutdown()
+
+    def stop_listening(self) -> None:
+        """Accept no new connection (TLS handshakes in progress are cancelled); the live ones go
+        on until they close or the server exits."""
+        if self._hub is not None:
+            self._hub.stop_listening()
 
     async def _shutdown(self) -> None:
         hub, self._hub = self._hub, None

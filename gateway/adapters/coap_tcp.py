@@ -253,6 +253,7 @@ class DeviceLink(CoapTcpProtocol):
         "_made",
         "_our_reason",
         "_peer_signal",
+        "_released",
         "_serving",
         "events",
         "peer_certificate",
@@ -300,6 +301,7 @@ class DeviceLink(CoapTcpProtocol):
         self._our_reason: str | None = None
         self._failure: str | None = None
         self._peer_signal: str | None = None
+        self._released = False
         self._exchanges: dict[bytes, Exchange] = {}
         self._serving: set[asyncio.Task[None]] = set()
 
@@ -362,6 +364,18 @@ class DeviceLink(CoapTcpProtocol):
         self._cancel_auth_timer()
         self.abort(sig.diagnostic_payload(reason).decode())
         self._fail_exchanges()
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release_with(self, alternative_address: str | None, hold_off: int | None) -> None:
+        """Send Release (RFC 8323 section 5.5): no new request of ours goes out (``closing``);
+        pending ones may complete; the device closes, or the facade aborts."""
+        if self.closing:
+            return
+        self._released = True
+        self.release(alternative_address, hold_off)
 
     # -- for exchanges
 
@@ -507,6 +521,8 @@ class DeviceLink(CoapTcpProtocol):
                 self.close()
                 self._fail_exchanges()
             case ev.ConnectionClosed(reason=reason):
+                if self._released:
+                    reason = f"released, then {reason}"
                 self._peer_signal = self._peer_signal or reason
                 self._fail_exchanges()
             case ev.CsmReceived() | ev.PingReceived() | ev.PongReceived():

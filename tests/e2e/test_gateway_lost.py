@@ -73,21 +73,33 @@ class GatewayProc:
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    bus: Bus, data_dir: Path, gateway_id: str, lease: float, log: Path
+    bus: Bus,
+    data_dir: Path,
+    gateway_id: str,
+    lease: float,
+    log: Path,
+    *,
+    tcp: str = "127.0.0.1:0",
+    env_extra: dict[str, str] | None = None,
 ) -> AsyncIterator[GatewayProc]:
-    """``twinhub gateway`` (TCP on a free port, TLS off) on the session's bus as the gateway
-    role, with a lease of ``lease`` s; killed (if still running) afterwards."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWINHUB_")} | {
-        "TWINHUB_NATS_URL": bus.url,
-        "TWINHUB_NATS_CREDENTIALS": str(bus.server.credentials.directory),
-        "TWINHUB_GATEWAY_ID": gateway_id,
-        "TWINHUB_GATEWAY_TCP": "127.0.0.1:0",
-        "TWINHUB_GATEWAY_TLS": "",
-        "TWINHUB_GATEWAY_UDP": "127.0.0.1:0",
-        "TWINHUB_GATEWAY_DTLS": "127.0.0.1:0",
-        "TWINHUB_GATEWAY_LEASE": str(lease),
-        "TWINHUB_GATEWAY_MAX_CONNECTIONS_PER_IP": "0",
-    }
+    """``twinhub gateway`` (TCP on ``tcp``, a free port by default, TLS off) on the session's
+    bus as the gateway role, with a lease of ``lease`` s and ``env_extra`` set; killed (if
+    still running) afterwards."""
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("TWINHUB_")}
+        | {
+            "TWINHUB_NATS_URL": bus.url,
+            "TWINHUB_NATS_CREDENTIALS": str(bus.server.credentials.directory),
+            "TWINHUB_GATEWAY_ID": gateway_id,
+            "TWINHUB_GATEWAY_TCP": tcp,
+            "TWINHUB_GATEWAY_TLS": "",
+            "TWINHUB_GATEWAY_UDP": "127.0.0.1:0",
+            "TWINHUB_GATEWAY_DTLS": "127.0.0.1:0",
+            "TWINHUB_GATEWAY_LEASE": str(lease),
+            "TWINHUB_GATEWAY_MAX_CONNECTIONS_PER_IP": "0",
+        }
+        | (env_extra or {})
+    )
     with log.open("ab") as log_file:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -212,6 +224,10 @@ async def twin_service(
             TwinProjector(twins, store, ProjectorConfig(name=name, filter_subject=own)),
         ):
             await leases.provision()
+            # the gateway processes' simple-device endpoint reads the token registry, which the
+            # twin service provisions (else they wait for it: an order dependence between tests)
+            async with JetStreamEventStore(store.connection, services.TOKEN_LAYOUT) as tokens:
+                await tokens.provision()
             async with GatewayReaper(leases, store, twins, held, reaper_config):
                 yield Twin_(owner, store, leases, twins, issuer, data_dir, tmp)
 

@@ -53,3 +53,37 @@ def test_the_cli_tokens_for_applications_are_application_tokens(tmp_path: Path) 
     data = DataDir(tmp_path)
     apps = services.app_validator_for(config, services.issuer_for(config, data))
     assert apps.validate(services.first_device_token(config, data, "alice"), time.time())
+
+
+@pytest.mark.parametrize(
+    "uri", ["coaps+tcp://gw2.example:5684", "coap+tcp://127.0.0.1:5683", "coap+tcp://[::1]:1/"]
+)
+def test_a_drain_alternative_is_a_coap_tcp_uri_with_host_and_port(uri: str) -> None:
+    assert services.drain_alternative(uri) == uri
+    assert services.drain_alternative("") is None
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "gw2.example:5684",
+        "coap://gw2.example:5683",
+        "coaps+tcp://gw2.example",
+        "coaps+tcp://:5684",
+        "coaps+tcp://gw2.example:5684/x",
+        "coaps+tcp://gw2.example:99999",
+    ],
+)
+def test_a_drain_alternative_that_is_not_one_is_a_config_error(uri: str) -> None:
+    with pytest.raises(services.ConfigError, match="gateway.drain_alternative"):
+        services.drain_alternative(uri)
+
+
+def test_the_gateway_drains_by_default(tmp_path: Path) -> None:
+    config = cfgmod.load(None, env={"TWINHUB_GATEWAY_DRAIN_ALTERNATIVE": "coap+tcp://h:1"})
+    gw = services.gateway_config(config, DataDir(tmp_path))
+    assert (gw.drain_timeout, gw.drain_alternative, gw.drain_hold_off) == (
+        10.0,
+        "coap+tcp://h:1",
+        None,
+    )
