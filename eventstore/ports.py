@@ -335,6 +335,16 @@ def _check_headers(message: NatsMessage) -> None:
             )
 
 
+@functools.lru_cache(maxsize=16384)
+def _subject_problem(subject: str, stream_subjects: tuple[str, ...]) -> str | None:
+    # Cached: a device's events go to the same few subjects (the gateway's hot path).
+    if not is_literal_subject(subject):
+        return f"not a publishable subject: {subject!r}"
+    if not any(subject_matches(f, subject) for f in stream_subjects):
+        return f"subject {subject!r} is outside the stream's subjects"
+    return None
+
+
 def check_append(
     messages: Sequence[NatsMessage],
     expected_last: int | None,
@@ -348,11 +358,11 @@ def check_append(
     if not messages:
         raise InvalidAppendError("nothing to append")
     seen: set[str] = set()
+    within = tuple(stream_subjects)
     for m in messages:
-        if not is_literal_subject(m.subject):
-            raise InvalidAppendError(f"not a publishable subject: {m.subject!r}")
-        if not any(subject_matches(f, m.subject) for f in stream_subjects):
-            raise InvalidAppendError(f"subject {m.subject!r} is outside the stream's subjects")
+        problem = _subject_problem(m.subject, within)
+        if problem is not None:
+            raise InvalidAppendError(problem)
         if not m.msg_id or m.msg_id != m.msg_id.strip() or "\r" in m.msg_id or "\n" in m.msg_id:
             raise InvalidAppendError(f"bad msg_id {m.msg_id!r} on {m.subject!r}")
         if m.msg_id in seen:

@@ -95,7 +95,8 @@ def decode(payload: bytes, content_format: int | None) -> Any:
             raise CodecError(f"text payload is not UTF-8: {e}") from e
     else:
         raise CodecError(f"unsupported content format: {content_format}")
-    _check_depth(value)
+    if len(payload) > MAX_DEPTH:  # each level takes a byte at least: a shorter one is shallow
+        _check_depth(value)
     return value
 
 

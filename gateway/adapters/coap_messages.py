@@ -5,6 +5,7 @@ Re-exported by :mod:`gateway.adapters.coap`, which is where callers import them 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -25,15 +26,17 @@ METHODS: Final[Mapping[str, int]] = MappingProxyType(
 METHOD_NAMES: Final[Mapping[int, str]] = MappingProxyType({v: k for k, v in METHODS.items()})
 
 
+@functools.lru_cache(maxsize=256)
 def format_code(number: int) -> str:
-    """``69`` -> ``"2.05"``."""
+    """``69`` -> ``"2.05"`` (cached: every message of a device goes through it)."""
     if not 0 <= number <= 0xFF:
         raise ValueError(f"not a CoAP code: {number}")
     return f"{number >> 5}.{number & 0x1F:02d}"
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_code(text: str) -> int:
-    """``"2.05"`` -> ``69``; ``ValueError`` for anything else."""
+    """``"2.05"`` -> ``69``; ``ValueError`` for anything else (a valid code is cached)."""
     head, dot, detail = text.partition(".")
     if (
         not dot
