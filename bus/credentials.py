@@ -5,6 +5,7 @@ Layout (every seed file mode 0600, the directory 0700)::
     DIR/gateway.nk, twin.nk, callout.nk, admin.nk    a user NKey seed per service role
     DIR/issuer.nk                                    the account key the auth callout signs with
     DIR/consumer-key                                 32 random bytes: applications' consumer names
+    DIR/route-password                               a NATS cluster's route password (clusters only)
 
 ``twinhub init`` creates them once (:func:`ensure_credentials`); a process then needs only its
 own seed (:meth:`BusCredentials.seed_file`), and compose hands each service only its own.
@@ -13,6 +14,7 @@ own seed (:meth:`BusCredentials.seed_file`), and compose hands each service only
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -21,10 +23,17 @@ import nkeys
 
 from bus.permissions import ROLES, Role
 
-__all__ = ["BusCredentials", "ensure_credentials", "public_key", "write_secret"]
+__all__ = [
+    "BusCredentials",
+    "ensure_credentials",
+    "ensure_route_password",
+    "public_key",
+    "write_secret",
+]
 
 ISSUER: Final = "issuer"
 CONSUMER_KEY: Final = "consumer-key"
+ROUTE_PASSWORD: Final = "route-password"
 
 
 def write_secret(path: Path, data: bytes) -> None:
@@ -93,3 +102,15 @@ def ensure_credentials(directory: Path) -> BusCredentials:
     if not creds.consumer_key_file.exists():
         write_secret(creds.consumer_key_file, os.urandom(32))
     return creds
+
+
+def ensure_route_password(directory: Path) -> str:
+    """The route password of a NATS cluster (``directory/route-password``, 256 random bits as
+    URL-safe text), created when missing: every member admits its peers' routes with it."""
+    path = directory / ROUTE_PASSWORD
+    if not path.exists():
+        write_secret(path, secrets.token_urlsafe(32).encode())
+    password = path.read_text(encoding="ascii").strip()
+    if len(password) < 16:
+        raise ValueError(f"{path}: a route password of at least 16 characters is needed")
+    return password

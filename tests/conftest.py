@@ -8,6 +8,9 @@
   the application tokens it admits (:class:`Bus`: ``bus.endpoint(role)``, ``bus.token(owner)``).
 * ``nats_admin`` / ``nats_client`` (function): the admin role's endpoint and a connected
   nats-py client of it, closed afterwards.
+* ``nats_cluster`` (function): :class:`NatsCluster`, three nats-servers on loopback as one
+  JetStream cluster with the same bus security as ``nats_server`` (what ``twinhub up
+  --nats-cluster 3`` starts), fresh for each test (a test may kill members).
 * ``mongo_server`` (session): :class:`MongoServer` (FerretDB), or the MongoDB at
   ``$TWINHUB_TEST_MONGO_URL`` when that is set.
 * ``mongo_client`` (session): ``AsyncMongoClient``; ``mongo_db`` (function): a fresh database with a
@@ -40,7 +43,7 @@ from bus.credentials import ensure_credentials
 from bus.permissions import Role
 from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.layout import DEFAULT_STREAM
-from twinhub_cli.devservices import DevServiceError, MongoServer, NatsServer
+from twinhub_cli.devservices import DevServiceError, MongoServer, NatsCluster, NatsServer
 
 TEST_MONGO_URL_ENV = "TWINHUB_TEST_MONGO_URL"
 
@@ -83,6 +86,20 @@ def _restart_stopped_nats(request: pytest.FixtureRequest) -> None:
     # Only for tests that use the server: the others must not start it.
     if "nats_server" in request.fixturenames:
         request.getfixturevalue("_nats_running")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsCluster]:
+    root = tmp_path_factory.mktemp("nats-cluster")
+    try:
+        cluster = NatsCluster(root, 3, credentials=ensure_credentials(root / "bus"))
+        await cluster.start()
+    except DevServiceError as exc:
+        pytest.fail(f"cannot start a nats-server cluster: {exc}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        await cluster.stop()
 
 
 APP_ISSUER_KEY = ec.generate_private_key(ec.SECP256R1())

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import ssl
 import time
 import tomllib
@@ -42,6 +43,8 @@ from packaging.version import Version
 from bus.credentials import BusCredentials
 from bus.serverconf import ServerTls
 from eventstore.adapters.endpoint import NatsEndpoint
+from proto.devtokens import TOKEN_STREAM
+from proto.leases import LEASE_STREAM
 from tests.natsprobe import refused
 from twinhub_cli import config as cfgmod
 from twinhub_cli import initbus, services
@@ -55,14 +58,38 @@ from twinhub_cli.main import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SERVICES = ("nats", "mongo", "init", "gateway", "twin", "callout")
-ONE_SHOT = frozenset({"init"})
+# the `cluster` profile (PRODUCT.md section 11): a 3-member NATS cluster, a 3-member MongoDB
+# replica set initiated by a one-shot service, two gateways, two twin workers, a callout
+CLUSTER_PROFILE = "cluster"
+NATS_MEMBERS = ("nats-1", "nats-2", "nats-3")
+MONGO_MEMBERS = ("mongo-1", "mongo-2", "mongo-3")
+MONGO_PRIMARY = "mongo-1"  # the member initdb runs on (the others start empty)
+MONGO_RS_INIT = "mongo-rs-init"
+CLUSTER_GATEWAYS = ("gateway-1", "gateway-2")
+CLUSTER_TWINS = ("twin-1", "twin-2")
+CLUSTER_CALLOUT = "callout-cluster"
+CLUSTER_SERVICES = (
+    *NATS_MEMBERS,
+    *MONGO_MEMBERS,
+    MONGO_RS_INIT,
+    *CLUSTER_GATEWAYS,
+    *CLUSTER_TWINS,
+    CLUSTER_CALLOUT,
+)
+NATS_ROUTE_PORT = 6222  # nats-server's default cluster port
+MONGO_PORT = 27017
+
+SERVICES = ("nats", "mongo", "init", "gateway", "twin", "callout", *CLUSTER_SERVICES)
+ONE_SHOT = frozenset({"init", MONGO_RS_INIT})
 # service -> (the twinhub command it runs, the servers its configuration must point at)
 TWINHUB_SERVICES: dict[str, tuple[str, tuple[str, ...]]] = {
     "init": ("init", ()),
     "gateway": ("gateway", ("nats",)),
     "twin": ("twin run", ("nats", "mongo")),
     "callout": ("callout", ("nats",)),
+    **{name: ("gateway", ("nats",)) for name in CLUSTER_GATEWAYS},
+    **{name: ("twin run", ("nats", "mongo")) for name in CLUSTER_TWINS},
+    CLUSTER_CALLOUT: ("callout", ("nats",)),
 }
 STARTED, HEALTHY, COMPLETED = (
     "service_started",
@@ -77,14 +104,36 @@ DEPENDS_ON: dict[str, dict[str, str]] = {
     "gateway": {"nats": HEALTHY, "init": COMPLETED, "twin": STARTED},
     "twin": {"nats": HEALTHY, "mongo": HEALTHY, "init": COMPLETED},
     "callout": {"nats": HEALTHY, "init": COMPLETED},
+    # the cluster: every member of NATS healthy, the replica set initiated
+    **{name: {"init": COMPLETED} for name in (*NATS_MEMBERS, *MONGO_MEMBERS)},
+    MONGO_RS_INIT: {name: HEALTHY for name in MONGO_MEMBERS},
+    **{
+        name: {**{n: HEALTHY for n in NATS_MEMBERS}, "init": COMPLETED, CLUSTER_TWINS[0]: STARTED}
+        for name in CLUSTER_GATEWAYS
+    },
+    **{
+        name: {**{n: HEALTHY for n in NATS_MEMBERS}, MONGO_RS_INIT: COMPLETED, "init": COMPLETED}
+        for name in CLUSTER_TWINS
+    },
+    CLUSTER_CALLOUT: {**{n: HEALTHY for n in NATS_MEMBERS}, "init": COMPLETED},
 }
 # the services of the image that sit on the bus: whose exported credentials each mounts
-BUS_ROLES: dict[str, str] = {"gateway": "gateway", "twin": "twin", "callout": "callout"}
+BUS_ROLES: dict[str, str] = {
+    "gateway": "gateway",
+    "twin": "twin",
+    "callout": "callout",
+    **{name: "gateway" for name in CLUSTER_GATEWAYS},
+    **{name: "twin" for name in CLUSTER_TWINS},
+    CLUSTER_CALLOUT: "callout",
+}
 # the export directories (twinhub init --bus-export DIR/<part>) each service may mount
 OWN_EXPORTS: dict[str, frozenset[str]] = {
     **{name: frozenset({role}) for name, role in BUS_ROLES.items()},
-    "nats": frozenset({initbus.NATS_DIR}),
+    **{name: frozenset({initbus.NATS_DIR}) for name in ("nats", *NATS_MEMBERS)},
     "mongo": frozenset({initbus.MONGO_DIR, initbus.MONGO_INITDB_DIR}),
+    MONGO_PRIMARY: frozenset({initbus.MONGO_DIR, initbus.MONGO_INITDB_DIR}),
+    **{name: frozenset({initbus.MONGO_DIR}) for name in MONGO_MEMBERS if name != MONGO_PRIMARY},
+    MONGO_RS_INIT: frozenset({initbus.MONGO_DIR}),
 }
 EXPORT_PARTS = (
     *initbus.EXPORTS,
@@ -444,6 +493,8 @@ def check(project: Project) -> list[str]:
         _check_bus_clients(project, init, problems.append)
         _check_nats_server(project, init, problems.append)
         _check_mongo(project, init, problems.append)
+        _check_cluster(project, init, problems.append)
+        _check_mongo_cluster(project, init, problems.append)
         _check_volume_dirs(project, init, problems.append)
     return problems
 
@@ -565,6 +616,7 @@ def listeners_of(name: str, config: cfgmod.Config) -> list[tuple[str, str, str, 
     """(setting, value, protocol, must be published) of what a service listens on: the
     gateway's CoAP listeners (devices reach them from outside: OCF devices over TCP and TLS,
     simple devices over UDP and DTLS) and the operations endpoint of every service."""
+    name = BUS_ROLES.get(name, name)  # a cluster's gateway-1 is a gateway
     if name == "gateway":
         g = config.gateway
         return [
@@ -635,8 +687,8 @@ def _check_ports(
             f"the configuration listens on {ports_text(listen_ports)} "
             f"(of which {ports_text(required)} must be published)"
         )
-    if name == "gateway" and config.gateway.dtls and not config.gateway.udp:
-        report("service gateway: gateway.dtls needs gateway.udp (DTLS relays to it)")
+    if name in BUS_ROLES and config.gateway.dtls and not config.gateway.udp:
+        report(f"service {name}: gateway.dtls needs gateway.udp (DTLS relays to it)")
     if not listen_ports <= exposed:
         report(
             f"Dockerfile: EXPOSE {ports_text(exposed)} lacks {ports_text(listen_ports - exposed)}"
@@ -667,7 +719,7 @@ def _check_twinhub_healthcheck(
             for path in option(hc_argv, opt):
                 if not any(under(path, m.target) for m in mounts):
                     report(f"service {name}: health check reads {path}, which is not mounted")
-        if name == "gateway" and getattr(args, "ca", None):
+        if BUS_ROLES.get(name) == "gateway" and getattr(args, "ca", None):
             try:
                 host, _ = gateway_target(config, args.address, tls=args.tls)
             except ConfigError as e:
@@ -686,11 +738,11 @@ def _check_endpoint_healthcheck(
 ) -> None:
     """``twinhub health endpoint S`` asks the service's own endpoint, which it serves."""
     cmd = shlex.join(hc_argv)
-    if args.service != name:
+    if args.service != BUS_ROLES.get(name, name):
         report(f"service {name}: health check `{cmd}` asks the {args.service}'s endpoint")
         return
     try:
-        endpoint_target(config, name, args.address)
+        endpoint_target(config, BUS_ROLES.get(name, name), args.address)
     except ConfigError as e:
         report(f"service {name}: health check `{cmd}`: {e}")
 
@@ -721,20 +773,34 @@ def _check_data_dir(project: Project, argvs: Mapping[str, list[str]], report: Re
 
 
 def _check_nats(project: Project, report: Report) -> None:
-    """JetStream, a persistent store, the monitoring port of the health check, the version."""
-    nats = project.services["nats"]
+    """JetStream, a persistent store (a volume of each member's own), the monitoring port of
+    the health check, the version; of the single server and of every cluster member."""
+    stores: dict[str, str] = {}
+    for name in ("nats", *NATS_MEMBERS):
+        store = _check_nats_service(project, name, report)
+        if store and store in stores:
+            report(f"services {stores[store]} and {name}: the same JetStream store ({store})")
+        stores.setdefault(store, name)
+
+
+def _check_nats_service(project: Project, name: str, report: Report) -> str:
+    """One nats service; returns the volume of its JetStream store ("" when none)."""
+    nats = project.services[name]
     nats_cmd = [str(w) for w in nats.get("command") or []]
     if "-js" not in nats_cmd and "--jetstream" not in nats_cmd:
-        report("service nats: JetStream is not enabled (-js)")
+        report(f"service {name}: JetStream is not enabled (-js)")
     store_dir = option(nats_cmd, "-sd") or option(nats_cmd, "--store_dir")
-    if not store_dir or not any(m.target == store_dir[-1] and m.source for m in mounts_of(nats)):
-        report(f"service nats: the JetStream store {store_dir} is not on a named volume")
+    volume = next(
+        (m.source for m in mounts_of(nats) if store_dir and m.target == store_dir[-1]), ""
+    )
+    if not volume:
+        report(f"service {name}: the JetStream store {store_dir} is not on a named volume")
     monitor = option(nats_cmd, "-m") or option(nats_cmd, "--http_port")
     nats_hc = " ".join(
         " ".join(c) for c in healthcheck_commands((nats.get("healthcheck") or {}).get("test"))
     )
     if not monitor or f"localhost:{monitor[-1]}/healthz" not in nats_hc:
-        report(f"service nats: the health check does not use the monitoring port {monitor}")
+        report(f"service {name}: the health check does not use the monitoring port {monitor}")
 
     image = str(nats.get("image", ""))
     image_version = re.fullmatch(r"nats:(\d+)\.(\d+)(?:\.\d+)?(?:-\w+)?", image)
@@ -746,15 +812,16 @@ def _check_nats(project: Project, report: Report) -> None:
     lows = [Version(s.version) for s in pin.specifier if s.operator in (">=", "==", "~=")]
     if not lows:
         report(f"pyproject.toml: {pin} has no lower bound")
-        return
+        return volume
     major, minor = lows[0].major, lows[0].minor
     if Version(f"{major}.{minor + 1}.0") in pin.specifier:
         report(f"pyproject.toml: {pin} allows more than one minor version")
     if image_version is None or (int(image_version[1]), int(image_version[2])) != (major, minor):
         report(
-            f"service nats: image {image!r} is not nats-server {major}.{minor} "
+            f"service {name}: image {image!r} is not nats-server {major}.{minor} "
             f"(pyproject.toml pins {pin})"
         )
+    return volume
 
 
 def _check_dependencies(project: Project, report: Report) -> None:
@@ -951,35 +1018,51 @@ def _check_bus_clients(project: Project, init: InitLayout, report: Report) -> No
 
 
 def _check_nats_server(project: Project, init: InitLayout, report: Report) -> None:
-    """nats runs on the exported configuration, with TLS; only the client port is published."""
-    nats = project.services["nats"]
+    """nats (and every cluster member: the cluster configuration, its own name) runs on the
+    exported configuration, with TLS; only the client port is published."""
+    if not init.args.nats_host:
+        report("service init: no --nats-host: NATS listens without TLS")
+    _check_nats_server_of(project, "nats", initbus.NATS_CONF, init, report)
+    for name in NATS_MEMBERS:
+        _check_nats_server_of(project, name, initbus.NATS_CLUSTER_CONF, init, report)
+        cmd = [str(w) for w in project.services[name].get("command") or []]
+        names = option(cmd, "--name") or option(cmd, "-n") or option(cmd, "--server_name")
+        if names[-1:] != [name]:
+            report(
+                f"service {name}: not named {name} (--name): the members share one "
+                f"configuration, and JetStream needs a name of each own ({names})"
+            )
+
+
+def _check_nats_server_of(
+    project: Project, name: str, conf_name: str, init: InitLayout, report: Report
+) -> None:
+    nats = project.services[name]
     cmd = [str(w) for w in nats.get("command") or []]
     conf = option(cmd, "-c") or option(cmd, "--config")
-    want = f"{init.nats_conf_dir}/{initbus.NATS_CONF}"
+    want = f"{init.nats_conf_dir}/{conf_name}"
     if conf[-1:] != [want]:
-        report(f"service nats: does not run with the exported configuration (-c {want}): {conf}")
+        report(f"service {name}: does not run with the exported configuration (-c {want}): {conf}")
     found = mount_at(nats, init.nats_conf_dir)
     if found is None or found.source != init.parts.get(initbus.NATS_DIR):
         report(
-            f"service nats: init's {init.args.bus_export}/{initbus.NATS_DIR} is not mounted at "
+            f"service {name}: init's {init.args.bus_export}/{initbus.NATS_DIR} is not mounted at "
             f"{init.nats_conf_dir} (--nats-conf-dir: nats.conf names its certificate there)"
         )
-    if not init.args.nats_host:
-        report("service init: no --nats-host: NATS listens without TLS")
     client = option(cmd, "-p") or option(cmd, "--port")
     client_port = int(client[-1]) if client else NATS_CLIENT_PORT
     monitor = option(cmd, "-m") or option(cmd, "--http_port")
     published = {p.container for p in ports_of(nats)}
     if client_port not in published:
         report(
-            f"service nats: does not publish the client port {client_port} (applications on "
+            f"service {name}: does not publish the client port {client_port} (applications on "
             "the host could not connect)"
         )
     for port in sorted(published - {client_port}):
         if monitor and port == int(monitor[-1]):
-            report(f"service nats: publishes the monitoring port {port} (no authentication)")
+            report(f"service {name}: publishes the monitoring port {port} (no authentication)")
         else:
-            report(f"service nats: publishes port {port}, which is not the client port")
+            report(f"service {name}: publishes port {port}, which is not the client port")
 
 
 def _check_mongo(project: Project, init: InitLayout, report: Report) -> None:
@@ -1031,6 +1114,193 @@ def _check_mongo(project: Project, init: InitLayout, report: Report) -> None:
             f"service twin: mongo.password_file {twin.password_file!r} is not in its own "
             f"credentials ({want})"
         )
+
+
+def host_ports_of(service: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(host address, host port, protocol) of what a service publishes ("" address: every
+    one; a port without a host part is published on a port Docker picks: left out)."""
+    out = []
+    for item in service.get("ports") or []:
+        if isinstance(item, dict):
+            if item.get("published"):
+                out.append(
+                    (
+                        str(item.get("host_ip", "")),
+                        str(item["published"]),
+                        str(item.get("protocol", "tcp")),
+                    )
+                )
+            continue
+        spec, _, protocol = str(item).partition("/")
+        parts = spec.rsplit(":", 2)
+        if len(parts) >= 2:
+            out.append(
+                (parts[0].strip("[]") if len(parts) == 3 else "", parts[-2], protocol or "tcp")
+            )
+    return out
+
+
+def _check_cluster(project: Project, init: InitLayout, report: Report) -> None:
+    """The cluster profile: its services in it alone (the default stack's in none); init's
+    routes are the NATS members, with TLS for their names; every client of a stack names
+    every server of its NATS and only those; the twin services create the streams with as
+    many replicas as their NATS allows (3 of the cluster, 1 of one server); gateways have
+    ids of their own; no two services publish the same host port."""
+    services = project.services
+    for name, svc in services.items():
+        profiles = list(svc.get("profiles") or [])
+        if name in CLUSTER_SERVICES and profiles != [CLUSTER_PROFILE]:
+            report(
+                f"service {name}: must be in the {CLUSTER_PROFILE} profile alone, not {profiles}"
+            )
+        elif name not in CLUSTER_SERVICES and profiles:
+            report(f"service {name}: in the profiles {profiles}: `docker compose up` leaves it out")
+    routes: list[tuple[str, int]] = []
+    for value in init.args.nats_route:
+        try:
+            hostport = parse_hostport(value, "--nats-route")
+        except ConfigError as e:
+            report(f"service init: {e}")
+            continue
+        if hostport is not None:
+            routes.append(hostport)
+    if sorted(h for h, _ in routes) != sorted(NATS_MEMBERS):
+        report(
+            f"service init: --nats-route names {sorted(h for h, _ in routes)}, the NATS cluster "
+            f"is {list(NATS_MEMBERS)}"
+        )
+    for host, port in routes:
+        if port != NATS_ROUTE_PORT:
+            report(f"service init: --nats-route {host}:{port}: the members' route port is 6222")
+    for host in NATS_MEMBERS:
+        if host not in init.args.nats_host:
+            report(
+                f"service init: no --nats-host {host}: its clients and its peers' routes could "
+                "not verify its certificate"
+            )
+    for name, role in BUS_ROLES.items():
+        try:
+            config = cfgmod.load(env=env_of(services[name]))
+        except ConfigError:
+            continue  # reported with the service's configuration
+        members = list(NATS_MEMBERS) if name in CLUSTER_SERVICES else ["nats"]
+        hosts = url_hosts(config.nats.url)
+        if sorted(hosts) != sorted(members):
+            report(f"service {name}: nats.url names {hosts}, its NATS is {members} (all of it)")
+        if role == "twin":
+            want = min(3, len(members))
+            if config.nats.replicas != want:
+                report(
+                    f"service {name}: nats.replicas {config.nats.replicas}, its NATS of "
+                    f"{len(members)} server(s) wants {want}"
+                )
+    gateway_ids: dict[str, str] = {}
+    for name, role in BUS_ROLES.items():
+        if role != "gateway":
+            continue
+        try:
+            gid = cfgmod.load(env=env_of(services[name])).gateway.id
+        except ConfigError:
+            continue
+        if gid in gateway_ids:
+            report(f"services {gateway_ids[gid]} and {name}: the same gateway.id {gid!r}")
+        gateway_ids.setdefault(gid, name)
+    published: dict[tuple[str, str, str], str] = {}
+    for name, svc in services.items():
+        for address, port, protocol in host_ports_of(svc):
+            for other in {(address, port, protocol), ("", port, protocol)}:
+                if other in published and published[other] != name:
+                    report(
+                        f"services {published[other]} and {name}: both publish host port "
+                        f"{port}/{protocol}"
+                    )
+            published.setdefault((address, port, protocol), name)
+
+
+def _check_mongo_cluster(project: Project, init: InitLayout, report: Report) -> None:
+    """The replica set: every member runs ``--replSet`` of one name with the key file init
+    wrote (copied private for mongod); only the first has users (initdb), the others start
+    empty, as replSetInitiate wants; the one-shot initiates it with every member, as root
+    with init's password; the twin workers connect to the replica set, every member."""
+    services = project.services
+    keyfile = f"{init.mongo_conf_dir}/{initbus.MONGO_KEYFILE}"
+    names: set[str] = set()
+    for name in MONGO_MEMBERS:
+        svc = services[name]
+        if ports_of(svc):
+            report(f"service {name}: publishes ports: MongoDB stays inside the compose network")
+        cmd = [str(w) for w in svc.get("command") or []]
+        names.update(option(cmd, "--replSet")[-1:] or [""])
+        used = option(cmd, "--keyFile")
+        entry = " ".join(str(w) for w in svc.get("entrypoint") or [])
+        if not used:
+            report(f"service {name}: no --keyFile: the members would not authenticate each other")
+        elif not re.search(
+            rf"install -m 0?400 {re.escape(keyfile)} {re.escape(used[-1])}\b", entry
+        ):
+            report(
+                f"service {name}: --keyFile {used[-1]} is not init's {keyfile}, made private "
+                "(install -m 0400) by the entrypoint"
+            )
+        found = mount_at(svc, init.mongo_conf_dir)
+        if found is None or found.source != init.parts.get(initbus.MONGO_DIR):
+            report(
+                f"service {name}: init's MongoDB secrets are not mounted at {init.mongo_conf_dir}"
+            )
+        env = env_of(svc)
+        has_users = (
+            bool(env.get("MONGO_INITDB_ROOT_USERNAME"))
+            or mount_at(svc, MONGO_INITDB_TARGET) is not None
+        )
+        if name == MONGO_PRIMARY:
+            want = f"{init.mongo_conf_dir}/{initbus.MONGO_ROOT_PASSWORD}"
+            if (
+                env.get("MONGO_INITDB_ROOT_PASSWORD_FILE") != want
+                or "MONGO_INITDB_ROOT_PASSWORD" in env
+            ):
+                report(f"service {name}: the root user's password is not init's file ({want})")
+            initdb = mount_at(svc, MONGO_INITDB_TARGET)
+            if initdb is None or initdb.source != init.parts.get(initbus.MONGO_INITDB_DIR):
+                report(f"service {name}: no initdb script of init at {MONGO_INITDB_TARGET}")
+        elif has_users:
+            report(
+                f"service {name}: creates users (initdb): replSetInitiate refuses a member "
+                "with data; only {MONGO_PRIMARY} has them, the set copies them"
+            )
+    if len(names) != 1 or "" in names:
+        report(
+            f"services {', '.join(MONGO_MEMBERS)}: not one replica set (--replSet {sorted(names)})"
+        )
+    replica_set = next(iter(names)) if len(names) == 1 else ""
+
+    rs_init = services[MONGO_RS_INIT]
+    script = " ".join(str(w) for w in rs_init.get("command") or [])
+    hosts = re.findall(r"(mongo-\d+):(\d+)", script)
+    if sorted({h for h, _ in hosts}) != sorted(MONGO_MEMBERS) or any(
+        int(p) != MONGO_PORT for _, p in hosts
+    ):
+        report(f"service {MONGO_RS_INIT}: does not initiate the set with {list(MONGO_MEMBERS)}")
+    if replica_set and f'_id: "{replica_set}"' not in script:
+        report(f"service {MONGO_RS_INIT}: does not initiate the replica set {replica_set!r}")
+    root_password = f"{init.mongo_conf_dir}/{initbus.MONGO_ROOT_PASSWORD}"
+    found = mount_at(rs_init, init.mongo_conf_dir)
+    if (
+        root_password not in script
+        or found is None
+        or (found.source != init.parts.get(initbus.MONGO_DIR))
+    ):
+        report(f"service {MONGO_RS_INIT}: does not sign in with init's root password file")
+
+    for name in CLUSTER_TWINS:
+        try:
+            url = cfgmod.load(env=env_of(services[name])).mongo.url
+        except ConfigError:
+            continue
+        query = dict(pair.partition("=")[::2] for pair in urlsplit(url).query.split("&") if pair)
+        if sorted(url_hosts(url)) != sorted(MONGO_MEMBERS):
+            report(f"service {name}: mongo.url names {url_hosts(url)}, not every member of the set")
+        if query.get("replicaSet") != replica_set or "directConnection" in query:
+            report(f"service {name}: mongo.url is not the replica set {replica_set!r}: {url}")
 
 
 def _final_stage(project: Project) -> Stage:
@@ -1211,6 +1481,10 @@ def _credentials(source: str) -> dict[str, Any]:
         "volume": {"nocopy": True},
     }
 
+
+# a cluster member's command but its name
+NATS_MEMBER_ARGS = ["-c", "/etc/twinhub/nats-cluster.conf", "-js", "-sd", "/data", "-m", "8222"]
+NATS_MEMBER_ARGS += ["--name", "nats-?"]
 
 MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
     (
@@ -1514,7 +1788,8 @@ MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
     (
         "certificate without the service name",
         _init_option("--nats-host", None, drop="nats"),
-        "gateway: nats.url names 'nats', the NATS certificate is for ['localhost', '127.0.0.1']",
+        "gateway: nats.url names 'nats', the NATS certificate is for ['nats-1', 'nats-2', "
+        "'nats-3', 'localhost', '127.0.0.1']",
     ),
     (
         "CA not the data volume's",
@@ -1603,6 +1878,174 @@ MUTATIONS: list[tuple[str, Callable[[Project], None], str]] = [
         "a volume directory root's",
         _dockerfile(" /export/nats", ""),
         "Dockerfile: /export/nats is not a directory of the twinhub user",
+    ),
+    # -- the cluster profile
+    (
+        "a cluster service outside the profile",
+        lambda p: p.services["twin-2"].pop("profiles"),
+        "service twin-2: must be in the cluster profile alone",
+    ),
+    (
+        "a default service in a profile",
+        _set("gateway", "profiles", ["single"]),
+        "service gateway: in the profiles ['single']: `docker compose up` leaves it out",
+    ),
+    (
+        "a cluster client without every member",
+        _set_env("gateway-2", "TWINHUB_NATS_URL", "tls://nats-1:4222,tls://nats-2:4222"),
+        "service gateway-2: nats.url names ['nats-1', 'nats-2'], its NATS is ['nats-1', 'nats-2', "
+        "'nats-3'] (all of it)",
+    ),
+    (
+        "a default client on the cluster",
+        _set_env("callout", "TWINHUB_NATS_URL", "tls://nats-1:4222"),
+        "service callout: nats.url names ['nats-1'], its NATS is ['nats']",
+    ),
+    (
+        "a cluster twin with one replica",
+        _set_env("twin-1", "TWINHUB_NATS_REPLICAS", "1"),
+        "service twin-1: nats.replicas 1, its NATS of 3 server(s) wants 3",
+    ),
+    (
+        "a single server's twin with 3 replicas",
+        _set_env("twin", "TWINHUB_NATS_REPLICAS", "3"),
+        "service twin: nats.replicas 3, its NATS of 1 server(s) wants 1",
+    ),
+    (
+        "a member without its route",
+        _init_option("--nats-route", None, drop="nats-3:6222"),
+        "service init: --nats-route names ['nats-1', 'nats-2'], the NATS cluster is",
+    ),
+    (
+        "a route on another port",
+        lambda p: p.services["init"].__setitem__(
+            "command",
+            [w.replace("nats-3:6222", "nats-3:6333") for w in p.services["init"]["command"]],
+        ),
+        "service init: --nats-route nats-3:6333: the members' route port is 6222",
+    ),
+    (
+        "a member without a TLS name",
+        _init_option("--nats-host", None, drop="nats-2"),
+        "service init: no --nats-host nats-2",
+    ),
+    (
+        "two members of one name",
+        _set(
+            "nats-2",
+            "command",
+            [*NATS_MEMBER_ARGS[:-1], "nats-1"],
+        ),
+        "service nats-2: not named nats-2 (--name)",
+    ),
+    (
+        "a member on the single server's configuration",
+        _set(
+            "nats-3",
+            "command",
+            ["-c", "/etc/twinhub/nats.conf", *NATS_MEMBER_ARGS[2:-1], "nats-3"],
+        ),
+        "service nats-3: does not run with the exported configuration "
+        "(-c /etc/twinhub/nats-cluster.conf)",
+    ),
+    (
+        "two members on one store",
+        _volumes("nats-2", lambda vs: ["nats-1-data:/data", *vs[1:]]),
+        "services nats-1 and nats-2: the same JetStream store (nats-1-data)",
+    ),
+    (
+        "a member publishing its route port",
+        _set("nats-1", "ports", ["4223:4222", "6222:6222"]),
+        "service nats-1: publishes port 6222, which is not the client port",
+    ),
+    (
+        "two gateways of one id",
+        _set_env("gateway-2", "TWINHUB_GATEWAY_ID", "gw-cluster-1"),
+        "services gateway-1 and gateway-2: the same gateway.id 'gw-cluster-1'",
+    ),
+    (
+        "two services on one host port",
+        _set(
+            "gateway-2",
+            "ports",
+            [
+                "5783:5683/tcp",
+                "5884:5684/tcp",
+                "5883:5683/udp",
+                "5884:5684/udp",
+                "127.0.0.1:9484:9464/tcp",
+            ],
+        ),
+        "services gateway-1 and gateway-2: both publish host port 5783/tcp",
+    ),
+    (
+        "a replica-set member without the key file",
+        _set("mongo-2", "command", ["mongod", "--replSet", "rs0", "--bind_ip_all"]),
+        "service mongo-2: no --keyFile",
+    ),
+    (
+        "a key file that is not init's",
+        _set("mongo-3", "entrypoint", ["bash", "-c", 'exec docker-entrypoint.sh "$@"', "x"]),
+        "service mongo-3: --keyFile /tmp/mongo-keyfile is not init's "
+        "/run/twinhub/mongo/mongo-keyfile",
+    ),
+    (
+        "two replica sets",
+        _set(
+            "mongo-3",
+            "command",
+            ["mongod", "--replSet", "rs1", "--keyFile", "/tmp/mongo-keyfile", "--bind_ip_all"],
+        ),
+        "not one replica set (--replSet ['rs0', 'rs1'])",
+    ),
+    (
+        "a secondary with users",
+        _set_env("mongo-2", "MONGO_INITDB_ROOT_USERNAME", "root"),
+        "service mongo-2: creates users (initdb)",
+    ),
+    (
+        "the first member without the root password",
+        _set_env("mongo-1", "", None, drop="MONGO_INITDB_ROOT_PASSWORD_FILE"),
+        "service mongo-1: the root user's password is not init's file",
+    ),
+    (
+        "the first member without the initdb script",
+        _without_volume("mongo-1", "mongo-initdb"),
+        "service mongo-1: no initdb script of init at /docker-entrypoint-initdb.d",
+    ),
+    (
+        "a cluster twin on one member",
+        _set_env("twin-1", "TWINHUB_MONGO_URL", "mongodb://mongo-1:27017/?directConnection=true"),
+        "service twin-1: mongo.url names ['mongo-1'], not every member of the set",
+    ),
+    (
+        "a cluster twin not on the replica set",
+        _set_env("twin-1", "TWINHUB_MONGO_URL", "mongodb://mongo-1:27017,mongo-2:27017/"),
+        "service twin-1: mongo.url is not the replica set 'rs0'",
+    ),
+    (
+        "the replica set initiated without a member",
+        _set(
+            "mongo-rs-init",
+            "command",
+            ["mongosh", "--eval", 'rs.initiate({_id: "rs0", members: [{host: "mongo-1:27017"}]})'],
+        ),
+        "service mongo-rs-init: does not initiate the set with ['mongo-1', 'mongo-2', 'mongo-3']",
+    ),
+    (
+        "the replica set initiated without the root password",
+        _without_volume("mongo-rs-init", "mongo-secrets"),
+        "service mongo-rs-init: does not sign in with init's root password file",
+    ),
+    (
+        "a cluster twin before the replica set",
+        _set("twin-2", "depends_on", {"nats-1": {"condition": HEALTHY}}),
+        "service twin-2: depends_on mongo-rs-init must be service_completed_successfully",
+    ),
+    (
+        "a cluster gateway before its NATS",
+        _set("gateway-1", "depends_on", {"twin-1": {"condition": STARTED}}),
+        "service gateway-1: depends_on nats-3 must be service_healthy",
     ),
 ]
 
@@ -1844,3 +2287,140 @@ async def test_the_compose_bus_runs(
     assert password not in script
     root_file = env_of(services_["mongo"])["MONGO_INITDB_ROOT_PASSWORD_FILE"]
     assert vols.host("mongo", root_file).read_text() not in ("", password)
+
+
+async def _tls_route_info(host: str, port: int, ca: Path) -> bytes:
+    """The first line a route listener sends a TLS peer without a client certificate."""
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=ssl.create_default_context(cafile=ca), server_hostname=host
+    )
+    try:
+        async with asyncio.timeout(10):
+            return await reader.readline()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+def _free_port_on(hosts: list[str]) -> int:
+    """A port free on every one of ``hosts`` now."""
+    while True:
+        with socket.socket() as s:
+            s.bind((hosts[0], 0))
+            port = int(s.getsockname()[1])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+
+
+@pytest.mark.servers
+async def test_the_compose_cluster_bus_runs(
+    project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster profile played on loopback: compose's own init command (each member's name
+    an address of its own, 127.0.0.1-3), the three members on the exported nats-cluster.conf as
+    their compose commands run it (their --name), one JetStream cluster with TLS routes; a
+    twin worker with compose's configuration creates every stream with 3 replicas, a gateway
+    finds them, and a route without the route password is refused."""
+    vols = Volumes(project, tmp_path / "volumes")
+    services_ = project.services
+    addresses = {name: f"127.0.0.{i}" for i, name in enumerate(NATS_MEMBERS, start=1)}
+    route_port = _free_port_on(list(addresses.values()))
+    client_port = _free_port_on(list(addresses.values()))
+
+    argv = [str(w) for w in services_["init"]["command"]]
+    seen_by = {
+        "--data-dir": "init",
+        "--bus-dir": "init",
+        "--bus-export": "init",
+        "--nats-conf-dir": "nats-1",
+        "--mongo-conf-dir": "mongo-1",
+    }
+    for i, word in enumerate(argv[:-1]):
+        if word in seen_by:
+            argv[i + 1] = str(vols.host(seen_by[word], argv[i + 1]))
+        elif word == "--nats-host" and argv[i + 1] in addresses:
+            argv[i + 1] = addresses[argv[i + 1]]
+        elif word == "--nats-route":
+            host, _, _ = argv[i + 1].rpartition(":")
+            argv[i + 1] = f"{addresses[host]}:{route_port}"
+    for key in list(os.environ):
+        if key.startswith(cfgmod.ENV_PREFIX):
+            monkeypatch.delenv(key)
+    for key, value in env_of(services_["init"]).items():
+        monkeypatch.setenv(key, value)
+    args = build_parser().parse_args(argv)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert args.handler(args) == 0
+    init_args, _ = parse_cli([str(w) for w in services_["init"]["command"]])
+    assert init_args is not None
+    bus_dir = vols.host("init", str(init_args.bus_dir))
+    ca = DataDir(vols.host("init", str(init_args.data_dir))).pki / f"{devpki.CA_NAME}.crt"
+
+    members: list[ExportedNats] = []
+    for name, address in addresses.items():
+        cmd = [str(w) for w in services_[name]["command"]]
+        conf = vols.host(name, option(cmd, "-c")[-1])
+        tls = json.loads(conf.read_text(encoding="utf-8"))["tls"]
+        members.append(
+            ExportedNats(
+                conf,
+                tmp_path / name,
+                host=address,
+                port=client_port,
+                credentials=BusCredentials(bus_dir),
+                tls=ServerTls(Path(tls["cert_file"]), Path(tls["key_file"])),
+                ca_file=ca,
+                # compose's --name; the route listener on this member's own address
+                extra_args=[
+                    *("--name", option(cmd, "--name")[-1]),
+                    *("--cluster", f"nats://{address}:{route_port}"),
+                ],
+            )
+        )
+    async with contextlib.AsyncExitStack() as stack:
+        await asyncio.gather(*(stack.enter_async_context(m) for m in members))
+        url = ",".join(m.url for m in members)
+
+        def service_config(name: str) -> tuple[cfgmod.Config, DataDir]:
+            env = env_of(services_[name])
+            for key in PATH_SETTINGS:
+                if key in env:
+                    env[key] = str(vols.host(name, env[key]))
+            env["TWINHUB_NATS_URL"] = url
+            cmd = [str(w) for w in services_[name]["command"]]
+            return cfgmod.load(env=env), DataDir(vols.host(name, option(cmd, "--data-dir")[-1]))
+
+        twin_config, twin_data = service_config(CLUSTER_TWINS[0])
+        gw_config, gw_data = service_config(CLUSTER_GATEWAYS[1])
+        async with services.event_store(twin_config, twin_data, "twin") as twin:
+            for stream in (twin_config.nats.stream, LEASE_STREAM, TOKEN_STREAM):
+                reply = await twin.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)
+                info = json.loads(reply.data)
+                assert info["config"]["num_replicas"] == 3, info
+                cluster = info["cluster"]
+                names = {cluster["leader"], *(r["name"] for r in cluster["replicas"])}
+                assert names == set(NATS_MEMBERS)
+        async with services.event_store(gw_config, gw_data, "gateway") as store:
+            assert store.connection.is_connected
+
+        # routes: TLS first (a plaintext peer gets nothing) ...
+        reader, writer = await asyncio.open_connection(addresses["nats-1"], route_port)
+        try:
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        # ... and a certificate of the CA from the peer (mutual TLS): none, no route
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+            await _tls_route_info(addresses["nats-1"], route_port, ca)
+        conf = json.loads(members[0].conf.read_text(encoding="utf-8"))
+        assert conf["cluster"]["authorization"]["password"] in conf["cluster"]["routes"][0]
+        assert members[0].conf.stat().st_mode & 0o077 == 0

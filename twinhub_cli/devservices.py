@@ -7,7 +7,12 @@ on the same URL and the same data directory (restart tests rely on that).
 Readiness is a condition polled against a deadline, never a fixed sleep:
 
 * NATS: the ports file written by ``--ports_file_dir`` names the bound port, then a
-  ``$JS.API.INFO`` request must be answered (client port accepting *and* JetStream up).
+  ``$JS.API.INFO`` request must be answered (client port accepting *and* JetStream up; in a
+  cluster that also means the JetStream meta group has a leader).
+
+:class:`NatsCluster` is N such servers on loopback as one JetStream cluster (PRODUCT.md
+section 11): the same bus security on every member, routes between them admitted only with the
+cluster's route password, each member with its own store, log and ``server_name``.
 * Mongo: ``tools/mongo-server`` prints ``READY mongodb://HOST:PORT/`` once its listener is bound.
 """
 
@@ -20,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,9 +35,14 @@ from typing import IO, Self
 import nats
 from nats.errors import Error as NatsError
 
-from bus.credentials import BusCredentials, ensure_credentials
+from bus.credentials import (
+    BusCredentials,
+    ensure_credentials,
+    ensure_route_password,
+    write_secret,
+)
 from bus.permissions import Role, inbox_prefix
-from bus.serverconf import ServerTls, render_server_config
+from bus.serverconf import ClusterRoutes, ServerTls, render_server_config, server_name_of
 from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.layout import DEFAULT_STREAM
 
@@ -39,6 +50,7 @@ __all__ = [
     "BinaryNotFoundError",
     "DevServiceError",
     "MongoServer",
+    "NatsCluster",
     "NatsServer",
     "ServiceStartError",
     "find_mongo_server_binary",
@@ -198,6 +210,18 @@ class _ServerProcess:
         await self.stop()
         await self.start()
 
+    async def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown of any kind (fault tests). ``start()`` brings the
+        server back on the same port and data."""
+        async with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                log.info("%s pid %d killed", self.name, proc.pid)
+            self._after_stop()
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self
@@ -249,16 +273,27 @@ class NatsServer(_ServerProcess):
         projector: str = "twin-projector",
         tls: ServerTls | None = None,
         ca_file: Path | None = None,
+        cluster: ClusterRoutes | None = None,
+        server_name: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
+        """``cluster``: this server is a member of a cluster (:class:`NatsCluster` makes
+        them), named ``server_name``; ``extra_args`` go to the server after ours (e.g.
+        ``--name``, as compose names its cluster's members)."""
         super().__init__(data_dir, port, host)
         if (tls is None) != (ca_file is None):
             raise ValueError("a TLS server needs the CA its clients verify it with (ca_file)")
+        if cluster is not None and server_name is None:
+            raise ValueError("a cluster member needs a server_name of its own")
         self.binary = find_nats_server_binary()
         self.credentials = credentials or ensure_credentials(self.data_dir / "bus")
         self.stream = stream
         self.projector = projector
         self.tls = tls
         self.ca_file = ca_file
+        self.cluster = cluster
+        self.server_name = server_name or server_name_of(None)
+        self.extra_args = tuple(extra_args)
 
     @property
     def url(self) -> str:
@@ -294,8 +329,11 @@ class NatsServer(_ServerProcess):
             stream=self.stream,
             projector=self.projector,
             tls=self.tls,
+            cluster=self.cluster,
+            server_name=self.server_name,
         )
-        self.config_path.write_text(text, encoding="utf-8")
+        # mode 0600: a cluster member's holds the route password
+        write_secret(self.config_path, text.encode())
         return self.config_path
 
     async def _spawn(self) -> asyncio.subprocess.Process:
@@ -315,6 +353,7 @@ class NatsServer(_ServerProcess):
             str(self._ports_dir),
             "-l",
             str(self.log_path),
+            *self.extra_args,
         ]
         proc = await asyncio.create_subprocess_exec(
             *_die_with_us([str(self.binary), *args]),
@@ -383,6 +422,134 @@ class NatsServer(_ServerProcess):
             return False
         finally:
             await nc.close()
+
+
+def _free_port(host: str) -> int:
+    """A port nobody listens on now (the route ports must be known before any member starts:
+    each names the others')."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class NatsCluster:
+    """``size`` :class:`NatsServer` members on ``host`` as one JetStream cluster.
+
+    Member ``i`` (from 1) lives in ``data_dir/n<i>`` (its own JetStream store, log and
+    configuration), is named ``twinhub-<i>``, and listens for clients on ``port + i - 1``
+    (``port`` 0: each picks a free port) and for routes on ``route_port + i - 1``
+    (``route_port`` 0: free ports chosen before the start). Every member has the routes to all
+    members and the same bus security as a single server (same credentials, same auth
+    callout, same TLS); routes are admitted with the route password of
+    ``credentials.directory/route-password`` only.
+
+    :attr:`url` lists every member (``nats://a,nats://b,...``): a client configured with it
+    goes on through a member's death. :attr:`replicas` is what twinhub's streams should have.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        size: int = 3,
+        port: int = 0,
+        route_port: int = 0,
+        host: str = "127.0.0.1",
+        *,
+        credentials: BusCredentials | None = None,
+        stream: str = DEFAULT_STREAM,
+        projector: str = "twin-projector",
+        tls: ServerTls | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
+        if size < 2:
+            raise ValueError("a cluster has at least 2 servers (use NatsServer for one)")
+        for p in (port, route_port):
+            if p < 0 or (p and p + size - 1 > 65535):
+                raise ValueError(f"ports out of range: {p}..{p + size - 1}")
+        self.data_dir = Path(data_dir).resolve()
+        self.size = size
+        self.host = host
+        self.credentials = credentials or ensure_credentials(self.data_dir / "bus")
+        password = ensure_route_password(self.credentials.directory)
+        route_ports = [route_port + i if route_port else _free_port(host) for i in range(size)]
+        routes = tuple((host, p) for p in route_ports)
+        self.members: list[NatsServer] = [
+            NatsServer(
+                self.data_dir / f"n{i + 1}",
+                port=port + i if port else 0,
+                host=host,
+                credentials=self.credentials,
+                stream=stream,
+                projector=projector,
+                tls=tls,
+                ca_file=ca_file,
+                cluster=ClusterRoutes(
+                    listen_host=host,
+                    listen_port=route_ports[i],
+                    routes=routes,
+                    password=password,
+                    ca_file=ca_file,
+                ),
+                server_name=server_name_of(i + 1),
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def replicas(self) -> int:
+        """The replicas of twinhub's streams on this cluster: 3, or fewer servers."""
+        return min(3, self.size)
+
+    @property
+    def url(self) -> str:
+        return ",".join(m.url for m in self.members)
+
+    @property
+    def running(self) -> bool:
+        return all(m.running for m in self.members)
+
+    def endpoint(self, role: Role) -> NatsEndpoint:
+        """How twinhub's service ``role`` connects: every member's URL."""
+        first = self.members[0].endpoint(role)
+        return NatsEndpoint(
+            self.url,
+            seed_file=first.seed_file,
+            ca_file=first.ca_file,
+            inbox_prefix=first.inbox_prefix,
+        )
+
+    async def start(self) -> None:
+        """Start the members that are not running, together: none of them is ready (its
+        JetStream answers) before a quorum of them runs."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for m in self.members:
+                    tg.create_task(m.start())
+        except BaseExceptionGroup as group:
+            # the first reason (the others were cancelled because of it)
+            first = next((e for e in group.exceptions if isinstance(e, DevServiceError)), None)
+            if first is None:
+                raise
+            raise first from None
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(m.stop() for m in self.members))
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
 
 
 class MongoServer(_ServerProcess):

@@ -10,7 +10,8 @@ seeds (:mod:`bus.credentials`) and the two MongoDB passwords. The export copies 
     EXPORT/callout/callout.nk, issuer.nk
     EXPORT/admin/admin.nk
     EXPORT/nats/nats.conf [, nats.crt, nats.key]    the server's configuration (TLS: --nats-host)
-    EXPORT/mongo/mongo-root-password, mongo-twin-password
+    EXPORT/nats/nats-cluster.conf [, ca.crt]        a cluster member's (--nats-route; see below)
+    EXPORT/mongo/mongo-root-password, mongo-twin-password, mongo-keyfile
     EXPORT/mongo-initdb/twinhub-users.js            for the mongo image's docker-entrypoint-initdb.d
 
 Files are mode 0600 in directories of mode 0700, owned by the user running ``init``; a file
@@ -19,12 +20,22 @@ exception: the mongo image's server runs as its own user (``mongodb``), which re
 the group of the user running ``init`` (compose runs it as ``mongodb:<that group>``), so they are
 0640 in directories of mode 0750.
 
+A NATS cluster (``--nats-route HOST:PORT`` for each member, compose's ``cluster`` profile):
+``nats-cluster.conf`` is ``nats.conf`` plus the cluster block of :func:`bus.serverconf.
+render_server_config` -- routes to every member on ``HOST:PORT``, listening on port ``PORT`` of
+every address, admitted with the route password of the bus directory (``route-password``,
+which is why that file is 0600 like a key), TLS with the server's certificate and verified
+against ``ca.crt`` (the CA, copied beside it) when ``--nats-host`` gives TLS. Every member runs
+the same file; each is named by its command line (``--name``), and drops the route to itself.
+``mongo-keyfile`` is the shared key of a MongoDB replica set's members (``--keyFile``).
+
 Running ``init`` again keeps every key, password and certificate (a certificate is issued again
 only when the names, the CA or the remaining validity call for it).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import json
@@ -40,9 +51,15 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from bus.credentials import CONSUMER_KEY, ISSUER, BusCredentials, write_secret
+from bus.credentials import (
+    CONSUMER_KEY,
+    ISSUER,
+    BusCredentials,
+    ensure_route_password,
+    write_secret,
+)
 from bus.permissions import Role
-from bus.serverconf import ServerTls, render_server_config
+from bus.serverconf import ClusterRoutes, ServerTls, render_server_config
 from twinhub_cli import pki as devpki
 
 __all__ = [
@@ -51,9 +68,12 @@ __all__ = [
     "MONGO_DIR",
     "MONGO_INITDB_DIR",
     "MONGO_INITDB_SCRIPT",
+    "MONGO_KEYFILE",
     "MONGO_ROOT_PASSWORD",
     "MONGO_TWIN_PASSWORD",
+    "NATS_CA",
     "NATS_CERT",
+    "NATS_CLUSTER_CONF",
     "NATS_CONF",
     "NATS_DIR",
     "NATS_KEY",
@@ -70,6 +90,7 @@ __all__ = [
 DEFAULT_MONGO_USER: Final = "twinhub"  # the twin service's MongoDB user when mongo.username is ""
 MONGO_ROOT_PASSWORD: Final = "mongo-root-password"
 MONGO_TWIN_PASSWORD: Final = "mongo-twin-password"
+MONGO_KEYFILE: Final = "mongo-keyfile"
 
 # what each process of twinhub reads: its own NKey seed, plus the callout's issuer key and the
 # twin service's consumer key and MongoDB password
@@ -81,6 +102,8 @@ EXPORTS: Final[Mapping[Role, tuple[str, ...]]] = {
 }
 NATS_DIR: Final = "nats"
 NATS_CONF: Final = "nats.conf"
+NATS_CLUSTER_CONF: Final = "nats-cluster.conf"
+NATS_CA: Final = "ca.crt"
 NATS_CERT: Final = "nats.crt"
 NATS_KEY: Final = "nats.key"
 MONGO_DIR: Final = "mongo"
@@ -113,13 +136,21 @@ class MongoSecrets:
     def twin_password_file(self) -> Path:
         return self.directory / MONGO_TWIN_PASSWORD
 
+    @property
+    def keyfile(self) -> Path:
+        """A replica set's internal authentication key (``mongod --keyFile``)."""
+        return self.directory / MONGO_KEYFILE
+
 
 def ensure_mongo_secrets(directory: Path) -> MongoSecrets:
-    """Random passwords (256 bits, URL-safe text) in ``directory``, created where missing."""
+    """Random passwords (256 bits, URL-safe text) and a replica-set key (512 random bytes in
+    base64, the alphabet mongod accepts) in ``directory``, created where missing."""
     found = MongoSecrets(directory)
     for path in (found.root_password_file, found.twin_password_file):
         if not path.exists():
             write_secret(path, secrets.token_urlsafe(32).encode())
+    if not found.keyfile.exists():
+        write_secret(found.keyfile, base64.b64encode(secrets.token_bytes(512)))
     return found
 
 
@@ -203,6 +234,8 @@ class ExportOptions:
     ``nats_conf_dir``: where the NATS server sees ``EXPORT/nats`` (the paths in nats.conf);
     ``mongo_conf_dir``: where the mongo container sees ``EXPORT/mongo`` (the path in the initdb
     script). ``None``: the export's own directory (a server on this machine).
+    ``nats_routes``: ``(host, port)`` of every member of a NATS cluster (none: no cluster
+    configuration); each member listens for routes on its ``port``.
     """
 
     stream: str
@@ -212,6 +245,12 @@ class ExportOptions:
     nats_hosts: tuple[str, ...] = ()
     nats_conf_dir: Path | None = None
     mongo_conf_dir: Path | None = None
+    nats_routes: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nats_routes", tuple(self.nats_routes))
+        if len({port for _, port in self.nats_routes}) > 1:
+            raise ValueError("the members of a NATS cluster listen for routes on one port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +259,7 @@ class Exported:
     nats_conf: Path
     nats_cert: Path | None
     initdb_script: Path
+    nats_cluster_conf: Path | None = None
 
 
 def _own_dir(path: Path, mode: int) -> None:
@@ -279,6 +319,7 @@ def export_bus(
         CONSUMER_KEY: creds.consumer_key_file,
         MONGO_ROOT_PASSWORD: mongo.root_password_file,
         MONGO_TWIN_PASSWORD: mongo.twin_password_file,
+        MONGO_KEYFILE: mongo.keyfile,
     }
     for role, names in EXPORTS.items():
         role_dir = directory / role
@@ -305,13 +346,36 @@ def export_bus(
         tls=tls,
     )
     _put(nats_dir / NATS_CONF, conf.encode(), PRIVATE_FILE)
+    cluster_conf: Path | None = None
+    if options.nats_routes:
+        routes = ClusterRoutes(
+            listen_host="0.0.0.0",
+            listen_port=options.nats_routes[0][1],
+            routes=options.nats_routes,
+            password=ensure_route_password(creds.directory),
+            ca_file=seen_from / NATS_CA if tls is not None else None,
+        )
+        if tls is not None:
+            _put(nats_dir / NATS_CA, ca.cert.public_bytes(serialization.Encoding.PEM), PRIVATE_FILE)
+            nats_files.append(NATS_CA)
+        text = render_server_config(
+            issuer=creds.issuer_public(),
+            users=creds.users(),
+            stream=options.stream,
+            projector=options.projector,
+            tls=tls,
+            cluster=routes,
+        )
+        cluster_conf = nats_dir / NATS_CLUSTER_CONF
+        _put(cluster_conf, text.encode(), PRIVATE_FILE)
+        nats_files.append(NATS_CLUSTER_CONF)
     _prune(nats_dir, nats_files)
 
     mongo_dir = directory / MONGO_DIR
     _own_dir(mongo_dir, GROUP_DIR)
-    for name in (MONGO_ROOT_PASSWORD, MONGO_TWIN_PASSWORD):
+    for name in (MONGO_ROOT_PASSWORD, MONGO_TWIN_PASSWORD, MONGO_KEYFILE):
         _put(mongo_dir / name, sources[name].read_bytes(), GROUP_FILE)
-    _prune(mongo_dir, (MONGO_ROOT_PASSWORD, MONGO_TWIN_PASSWORD))
+    _prune(mongo_dir, (MONGO_ROOT_PASSWORD, MONGO_TWIN_PASSWORD, MONGO_KEYFILE))
 
     initdb_dir = directory / MONGO_INITDB_DIR
     _own_dir(initdb_dir, GROUP_DIR)
@@ -322,4 +386,6 @@ def export_bus(
     )
     _put(initdb_dir / MONGO_INITDB_SCRIPT, script.encode(), GROUP_FILE)
     _prune(initdb_dir, (MONGO_INITDB_SCRIPT,))
-    return Exported(directory, nats_dir / NATS_CONF, cert, initdb_dir / MONGO_INITDB_SCRIPT)
+    return Exported(
+        directory, nats_dir / NATS_CONF, cert, initdb_dir / MONGO_INITDB_SCRIPT, cluster_conf
+    )

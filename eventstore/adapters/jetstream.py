@@ -129,6 +129,12 @@ _ERR_CONSUMER_EXISTS: Final = 10148
 _ERR_BATCH_INCOMPLETE: Final = 10176
 _ERR_BATCH_DUPLICATE_ID: Final = 10201
 
+
+def _replicas(cfg: dict[str, Any]) -> int:
+    """The replicas a stream configuration asks for (JetStream's 0 means 1)."""
+    return int(cfg.get("num_replicas") or 1)
+
+
 _WRONG_LAST = re.compile(r"wrong last sequence: (\d+)")
 
 H_MSG_ID: Final = "Nats-Msg-Id"
@@ -763,8 +769,15 @@ class JetStreamEventStore:
         except JetStreamApiError as exc:
             if exc.err_code != _ERR_STREAM_NAME_IN_USE:
                 raise
+            # A process configured with fewer replicas than the stream has (an admin command
+            # with the default settings on a cluster) must not scale the log down: replicas
+            # only ever grow here (an operator scales down by hand).
+            info = await self._api(f"STREAM.INFO.{name}")
+            current = int(info.get("config", {}).get("num_replicas", 1) or 1)
+            if current > _replicas(cfg):
+                cfg = {**cfg, "num_replicas": current}
             await self._api(f"STREAM.UPDATE.{name}", cfg)
-            log.info("stream %s updated", name)
+            log.info("stream %s updated (%d replicas)", name, _replicas(cfg))
         for spec in consumers:
             await self._ensure_consumer(spec)
 

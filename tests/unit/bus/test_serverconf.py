@@ -26,7 +26,13 @@ from bus.permissions import (
     application_permissions,
     service_permissions,
 )
-from bus.serverconf import ServerTls, render_server_config
+from bus.serverconf import (
+    ROUTE_USER,
+    ClusterRoutes,
+    ServerTls,
+    render_server_config,
+    server_name_of,
+)
 from twinhub_cli import pki
 from twinhub_cli.devservices import find_nats_server_binary
 
@@ -276,3 +282,63 @@ def test_refuses_a_missing_role_key(creds: BusCredentials, missing: Role) -> Non
         render_server_config(
             issuer=creds.issuer_public(), users=users, stream=STREAM, projector=PROJECTOR
         )
+
+
+def _routes(**kw: Any) -> ClusterRoutes:
+    base: dict[str, Any] = {
+        "listen_host": "127.0.0.1",
+        "listen_port": 6222,
+        "routes": (("127.0.0.1", 6222), ("127.0.0.2", 6222), ("127.0.0.3", 6222)),
+        "password": "a-route-password-of-some-length",
+    }
+    return ClusterRoutes(**{**base, **kw})
+
+
+def test_nats_server_accepts_a_cluster_member_with_tls_routes(
+    creds: BusCredentials, tmp_path: Path
+) -> None:
+    tls = self_signed(tmp_path)
+    text = render_server_config(
+        issuer=creds.issuer_public(),
+        users=creds.users(),
+        stream=STREAM,
+        projector=PROJECTOR,
+        tls=tls,
+        cluster=_routes(ca_file=tmp_path / "pki" / "ca.crt"),
+        server_name="twinhub-2",
+    )
+    done = nats_server_accepts(tmp_path, text)
+    assert done.returncode == 0, done.stderr + done.stdout
+    conf = json.loads(text)
+    assert conf["server_name"] == "twinhub-2"
+    assert conf["cluster"]["tls"]["ca_file"] == str(tmp_path / "pki" / "ca.crt")
+
+
+def test_routes_are_admitted_with_the_route_password_only(creds: BusCredentials) -> None:
+    conf = render(creds, cluster=_routes())
+    cluster = conf.pop("cluster")
+    assert cluster["name"] == "twinhub"
+    assert (cluster["host"], cluster["port"]) == ("127.0.0.1", 6222)
+    auth = cluster["authorization"]
+    assert auth["user"] == ROUTE_USER and auth["password"] == "a-route-password-of-some-length"
+    assert cluster["routes"] == [
+        f"nats-route://{ROUTE_USER}:a-route-password-of-some-length@127.0.0.{i}:6222"
+        for i in (1, 2, 3)
+    ]
+    assert cluster["no_advertise"] is True
+    # the clients' side is what it is on one server: no password, no anonymous user
+    assert conf == render(creds)
+
+
+def test_a_cluster_refuses_weak_or_incomplete_settings(
+    creds: BusCredentials, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="16 characters"):
+        _routes(password="short")
+    with pytest.raises(ValueError, match="routes"):
+        _routes(routes=())
+    tls = ServerTls(tmp_path / "c.pem", tmp_path / "k.pem")
+    with pytest.raises(ValueError, match="ca_file"):
+        render(creds, tls=tls, cluster=_routes())
+    assert server_name_of(None) == "twinhub"
+    assert server_name_of(3) == "twinhub-3"

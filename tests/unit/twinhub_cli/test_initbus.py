@@ -4,6 +4,7 @@ and certificate, MongoDB's passwords and initdb script (twinhub_cli.initbus)."""
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import io
@@ -18,6 +19,7 @@ from cryptography import x509
 
 from bus.credentials import BusCredentials
 from twinhub_cli import initbus
+from twinhub_cli.devservices import find_nats_server_binary
 from twinhub_cli.main import build_parser
 
 ROLE_FILES = {
@@ -84,6 +86,7 @@ def test_each_process_gets_exactly_its_own_files_private(tmp_path: Path) -> None
     assert {mode(p) for p in (tmp_path / "bus").iterdir()} == {0o600}
     # mongo's: read by the mongo container through the group
     assert sorted(p.name for p in (out / "mongo").iterdir()) == [
+        "mongo-keyfile",
         "mongo-root-password",
         "mongo-twin-password",
     ]
@@ -271,3 +274,75 @@ def test_the_initdb_script_quotes_what_it_is_given(tmp_path: Path) -> None:
         "pwd": "pw",
         "roles": [{"role": "readWrite", "db": "d"}],
     }
+
+
+def test_a_nats_cluster_members_configuration(tmp_path: Path) -> None:
+    """--nats-route: nats-cluster.conf beside nats.conf, the routes to every member admitted
+    with the bus directory's route password, TLS routes verified with the CA copied beside it;
+    nats-server accepts it."""
+    routes = ["n1:6222", "n2:6222", "n3:6222"]
+    extra = [w for r in routes for w in ("--nats-route", r)]
+    out = export(tmp_path, "--nats-host", "n1", "--nats-host", "n2", "--nats-host", "n3", *extra)
+    nats_dir = out / "nats"
+    assert sorted(p.name for p in nats_dir.iterdir()) == [
+        "ca.crt",
+        "nats-cluster.conf",
+        "nats.conf",
+        "nats.crt",
+        "nats.key",
+    ]
+    assert {mode(p) for p in nats_dir.iterdir()} == {0o600}
+    assert (nats_dir / "ca.crt").read_bytes() == (tmp_path / "data" / "pki" / "ca.crt").read_bytes()
+    single = json.loads((nats_dir / "nats.conf").read_text())
+    conf = json.loads((nats_dir / "nats-cluster.conf").read_text())
+    cluster = conf.pop("cluster")
+    assert conf == single and "cluster" not in single
+    password = (tmp_path / "bus" / "route-password").read_text().strip()
+    assert mode(tmp_path / "bus" / "route-password") == 0o600
+    assert cluster["authorization"]["password"] == password
+    assert cluster["routes"] == [f"nats-route://twinhub-route:{password}@{r}" for r in routes]
+    assert (cluster["host"], cluster["port"]) == ("0.0.0.0", 6222)
+    assert cluster["tls"]["ca_file"] == str((nats_dir / "ca.crt").resolve())
+    nats_server = str(find_nats_server_binary())
+    done = subprocess.run(
+        [nats_server, "-t", "-c", str(nats_dir / "nats-cluster.conf")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the routes' password and the rest are kept on a second run; without routes the cluster
+    # configuration goes
+    export(tmp_path, "--nats-host", "n1", "--nats-host", "n2", "--nats-host", "n3", *extra)
+    assert (tmp_path / "bus" / "route-password").read_text().strip() == password
+    export(tmp_path)
+    assert sorted(p.name for p in nats_dir.iterdir()) == ["nats.conf"]
+
+
+def test_nats_routes_need_an_export(tmp_path: Path) -> None:
+    rc, _, err = init(tmp_path, "--nats-route", "n1:6222")
+    assert (rc, "--nats-route needs --bus-export" in err) == (2, True), err
+
+
+@pytest.mark.parametrize(
+    ("routes", "error"),
+    [
+        (["n1:6222", "n2:6222"], "at least 3 members"),
+        (["n1:6222", "n2:6222", "n3:6333"], "the same port"),
+        (["n1:6222", "n2:6222", "n3"], "expected HOST:PORT"),
+    ],
+)
+def test_bad_nats_routes_are_refused(tmp_path: Path, routes: list[str], error: str) -> None:
+    extra = [w for r in routes for w in ("--nats-route", r)]
+    rc, _, err = init(tmp_path, "--bus-export", str(tmp_path / "export"), *extra)
+    assert (rc, error in err) == (2, True), err
+
+
+def test_the_replica_set_key_is_base64_of_512_random_bytes(tmp_path: Path) -> None:
+    out = export(tmp_path)
+    key = (out / "mongo" / "mongo-keyfile").read_bytes()
+    assert key == (tmp_path / "bus" / "mongo-keyfile").read_bytes()
+    assert len(base64.b64decode(key, validate=True)) == 512
+    export(tmp_path)
+    assert (out / "mongo" / "mongo-keyfile").read_bytes() == key  # kept
