@@ -17,13 +17,16 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
+from twinhub_cli import listing
 from twinhub_cli.config import ConfigError
 from twinhub_cli.datadir import DataDir
+from twinhub_cli.exitcodes import FAILED, UNREACHABLE, USAGE
 from twinhub_cli.stack_cmds import _common, _load_config, _out, _run, _until_signal, event_json
 
 if TYPE_CHECKING:
+    from proto.api import PendingCommand
     from twinhub_client import TwinhubClient
 
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -50,7 +53,7 @@ def _json_arg(text: str) -> Any:
 def _with_client(args: argparse.Namespace, body: Callable[[TwinhubClient], Awaitable[int]]) -> int:
     async def main() -> int:
         from twinhub_cli import services
-        from twinhub_client import ApiError, TwinhubClient, TwinhubError
+        from twinhub_client import ApiError, ServiceUnavailableError, TwinhubClient, TwinhubError
 
         config = _load_config(args, from_stack=True)
         token = args.token or os.environ.get(TOKEN_ENV)
@@ -71,13 +74,14 @@ def _with_client(args: argparse.Namespace, body: Callable[[TwinhubClient], Await
                 return await body(client)
         except ApiError as e:
             sys.stderr.write(f"twinhub: {e.code}: {e.message}\n")
-            return 1
+            # NATS or the command API not answering: the supervisor's "unreachable"
+            return UNREACHABLE if isinstance(e, ServiceUnavailableError) else FAILED
         except TwinhubError as e:
             sys.stderr.write(f"twinhub: {e}\n")
-            return 1
+            return FAILED
         except ValueError as e:  # a token that is not a JWT with an owner
             sys.stderr.write(f"twinhub: bad token: {e}\n")
-            return 2
+            return USAGE
 
     return _run(main)
 
@@ -208,53 +212,72 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 
 def register_pending(subparsers: SubParsers, name: str, /) -> None:
-    p = subparsers.add_parser(name, help="list pending commands (a table)")
+    p = subparsers.add_parser(
+        name,
+        help="list pending commands (a table; -o wide: more columns, -o json / --json: JSON lines)",
+    )
     _caller(p)
     p.add_argument("--device", help="only this device's (read up to the log's end)")
     p.add_argument("--href", help="only this resource's")
     p.add_argument("--state", choices=["pending", "sent"])
     p.add_argument("--limit", type=int, default=1000)
-    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    listing.add_output_options(p)
     p.set_defaults(handler=run_pending)
+
+
+PENDING_COLUMNS: Final = (
+    listing.Column("device"),
+    listing.Column("href"),
+    listing.Column("op"),
+    listing.Column("state"),
+    listing.Column("correlation id"),
+    listing.Column("position", wide=True),
+    listing.Column("issued"),
+    listing.Column("expires"),
+    listing.Column("tries"),
+    listing.Column("interface", wide=True),
+    listing.Column("content", wide=True),
+)
+
+
+def pending_row(c: PendingCommand) -> list[str]:
+    """A pending command's cells in :data:`PENDING_COLUMNS`."""
+    if c.content_b64 is not None:
+        content = f"base64:{c.content_b64}"
+    else:
+        content = "" if c.content is None else json.dumps(c.content, sort_keys=True)
+    return [
+        c.device_id,
+        c.href,
+        c.op + (" (desired)" if c.reason == "desired" else ""),
+        c.state,
+        c.correlation_id,
+        str(c.position),
+        c.issued_at,
+        c.expires_at or "-",
+        f"{c.attempts}/{c.max_attempts}",
+        c.interface or "",
+        content,
+    ]
 
 
 def run_pending(args: argparse.Namespace) -> int:
     async def body(client: TwinhubClient) -> int:
         import msgspec
-        from rich.console import Console
-        from rich.table import Table
 
         found = await client.list_pending(
             args.device, href=args.href, state=args.state, limit=args.limit
         )
-        if args.json:
+        if args.output == "json":
             for c in found:
                 _out(json.dumps(msgspec.to_builtins(c), sort_keys=True))
             return 0
-        table = Table(title=f"{len(found)} pending command(s)")
-        for col in (
-            "device",
-            "href",
-            "op",
-            "state",
-            "correlation id",
-            "issued",
-            "expires",
-            "tries",
-        ):
-            table.add_column(col)
-        for c in found:
-            table.add_row(
-                c.device_id,
-                c.href,
-                c.op + (" (desired)" if c.reason == "desired" else ""),
-                c.state,
-                c.correlation_id,
-                c.issued_at,
-                c.expires_at or "-",
-                str(c.attempts),
-            )
-        Console().print(table)
+        listing.print_table(
+            f"{len(found)} pending command(s)",
+            PENDING_COLUMNS,
+            [pending_row(c) for c in found],
+            wide=args.output == "wide",
+        )
         return 0
 
     return _with_client(args, body)

@@ -35,6 +35,17 @@ class NatsSettings:
     # (<role>.nk), the callout issuer.nk, the twin service consumer-key; "" = <data-dir>/bus
     credentials: str = ""
     ca_file: str = ""  # PEM CA that verifies the NATS server's TLS certificate ("" = none)
+    # seconds a service (gateway, twin, callout) tries to reach NATS when it starts; then it
+    # exits with code 4 (twinhub_cli.exitcodes). 0 = forever. Once up, it reconnects forever
+    startup_timeout: float = 30.0
+    # replicas of the streams the twin service creates (events, leases, device tokens): 1 on
+    # a single server, 3 (or 5) on a cluster of at least as many servers; a stream that has
+    # more already keeps them
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.replicas not in (1, 3, 5):
+            raise ConfigError(f"nats.replicas: must be 1, 3 or 5, not {self.replicas}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +61,9 @@ class CalloutSettings:
 class MongoSettings:
     url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
     database: str = "twinhub"
+    # seconds the twin service tries to reach MongoDB when it starts (each try waits up to 5 s
+    # for a server); then it exits with code 4. 0 = forever. Once up, it retries forever
+    startup_timeout: float = 30.0
     # a MongoDB with authentication (compose: the twin service's own user, from `twinhub
     # init`): the user, and a file (mode 0600) holding its password, which is read when
     # connecting and never kept in the configuration nor logged; "" = no credentials

@@ -128,21 +128,66 @@ def register_dev_services(subparsers: SubParsers, name: str, /) -> None:
         default=Path("data"),
         help="where the servers keep their data and logs (default: ./data)",
     )
-    parser.add_argument("--nats-port", type=int, default=4222, help="0 picks a free port")
+    parser.add_argument(
+        "--nats-port",
+        type=int,
+        default=4222,
+        help="0 picks a free port (a cluster: the first member's, the others' follow)",
+    )
     parser.add_argument("--mongo-port", type=int, default=27017, help="0 picks a free port")
+    add_nats_cluster_options(parser)
     parser.set_defaults(handler=_run_dev_services)
+
+
+def nats_cluster_size(text: str) -> int:
+    """``--nats-cluster N``: 1 (a single server) or a cluster of 3 to 5."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n != 1 and not 3 <= n <= 5:
+        raise argparse.ArgumentTypeError("1 (one server) or 3 to 5 servers")
+    return n
+
+
+def add_nats_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """``--nats-cluster N`` and ``--nats-route-port``, shared by ``dev services`` and ``up``."""
+    parser.add_argument(
+        "--nats-cluster",
+        type=nats_cluster_size,
+        default=1,
+        metavar="N",
+        help="start N nats-servers on loopback as one JetStream cluster (3 to 5; default 1): "
+        "routes authenticated, twinhub's streams with min(3, N) replicas",
+    )
+    parser.add_argument(
+        "--nats-route-port",
+        type=int,
+        default=6222,
+        help="a cluster's first route port, the others' follow (0: free ports; default 6222)",
+    )
 
 
 def _run_dev_services(args: argparse.Namespace) -> int:
     import uvloop
 
     data_dir: Path = args.data_dir.resolve()
-    return uvloop.run(_dev_services(data_dir, args.nats_port, args.mongo_port))
+    return uvloop.run(
+        _dev_services(
+            data_dir, args.nats_port, args.mongo_port, args.nats_cluster, args.nats_route_port
+        )
+    )
 
 
-async def _dev_services(data_dir: Path, nats_port: int, mongo_port: int) -> int:
+async def _dev_services(
+    data_dir: Path,
+    nats_port: int,
+    mongo_port: int,
+    nats_cluster: int = 1,
+    nats_route_port: int = 0,
+) -> int:
     from bus.credentials import ensure_credentials
-    from twinhub_cli.devservices import DevServiceError, MongoServer, NatsServer
+    from twinhub_cli.devservices import DevServiceError, MongoServer, NatsCluster, NatsServer
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -150,25 +195,41 @@ async def _dev_services(data_dir: Path, nats_port: int, mongo_port: int) -> int:
         loop.add_signal_handler(signum, stop.set)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            nats_server = await stack.enter_async_context(
-                NatsServer(
-                    data_dir / "nats",
+            credentials = ensure_credentials(data_dir / "bus")
+            nats_server: NatsServer | NatsCluster
+            if nats_cluster > 1:
+                nats_server = NatsCluster(
+                    data_dir / "nats-cluster",
+                    nats_cluster,
                     port=nats_port,
-                    credentials=ensure_credentials(data_dir / "bus"),
+                    route_port=nats_route_port,
+                    credentials=credentials,
                 )
-            )
+            else:
+                nats_server = NatsServer(data_dir / "nats", port=nats_port, credentials=credentials)
+            await stack.enter_async_context(nats_server)
             mongo_server = await stack.enter_async_context(
                 MongoServer(data_dir / "mongo", port=mongo_port)
             )
             print(f"NATS     {nats_server.url}", flush=True)
+            if isinstance(nats_server, NatsCluster):
+                print(
+                    f"         a cluster of {nats_cluster}: set nats.replicas = "
+                    f"{nats_server.replicas} (TWINHUB_NATS_REPLICAS) for the twin service",
+                    flush=True,
+                )
             print(f"MongoDB  {mongo_server.url}", flush=True)
             print(f"data     {data_dir}", flush=True)
             print(f"bus keys {nats_server.credentials.directory}", flush=True)
             await stop.wait()
             log.info("stopping")
     except DevServiceError as exc:
-        print(f"twinhub dev services: {exc}", file=sys.stderr)
-        return 1
+        from twinhub_cli import exitcodes  # one line and its code (3: a port in use)
+
+        code = exitcodes.report(exc, "twinhub dev services")
+        if code is None:
+            print(f"twinhub dev services: {exc}", file=sys.stderr)
+        return exitcodes.FAILED if code is None else code
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

@@ -7,13 +7,16 @@ services here, so the local stack and the containers run the same code.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -60,6 +63,7 @@ from twin.adapters.nats_api import NatsApiServer
 from twin.adapters.selfprovision_nats import SelfProvisionServer
 from twin.adapters.token_registry import LogTokenRegistry
 from twin.api import ApiConfig, KeyRefresh, TwinApi
+from twin.errors import StoreUnavailableError
 from twin.reaper import GatewayReaper, ReaperConfig
 from twin.selfprovision import Profile, Profiles
 from twin.service import ProjectorConfig, TwinProjector
@@ -68,6 +72,8 @@ from twinhub_cli import pki as devpki
 from twinhub_cli.busconfig import bus_credentials, nats_endpoint, secret_file
 from twinhub_cli.config import Config, ConfigError, parse_hostport, provision_profiles
 from twinhub_cli.datadir import DataDir
+from twinhub_cli.exitcodes import UnreachableError, listening, one_line
+from twinhub_cli.health import redact
 from twinhub_cli.observability import (
     ApiMetrics,
     CalloutCollector,
@@ -84,6 +90,7 @@ from twinhub_cli.observability import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def issuer_for(config: Config, data: DataDir) -> TokenIssuer:
@@ -256,7 +263,11 @@ def tls_auth_policy(config: Config, data: DataDir) -> TlsAuthPolicy:
 
 
 def layout_for(config: Config) -> StreamLayout:
-    return StreamLayout(name=config.nats.stream, duplicate_window=config.nats.duplicate_window)
+    return StreamLayout(
+        name=config.nats.stream,
+        duplicate_window=config.nats.duplicate_window,
+        replicas=config.nats.replicas,
+    )
 
 
 LEASE_RETENTION: Final = 24 * 3600.0
@@ -364,16 +375,40 @@ async def event_store(
     """The event log as service ``role`` sees it. Only the twin service (and the admin path)
     create or update the stream; a gateway waits for it to exist."""
     endpoint = nats_endpoint(config, data, role)
-    async with JetStreamEventStore.from_url(endpoint, layout_for(config)) as store:
+    connecting = JetStreamEventStore.from_url(endpoint, layout_for(config))
+    async with nats_reached(connecting, config, str(endpoint)) as store:
         if role in ("twin", "admin"):
             await store.provision()
-            async with JetStreamEventStore(store.connection, LEASE_LAYOUT) as leases:
-                await leases.provision()
-            async with JetStreamEventStore(store.connection, TOKEN_LAYOUT) as tokens:
-                await tokens.provision()
+            # the other streams as replicated as the log (nats.replicas)
+            for layout in (LEASE_LAYOUT, TOKEN_LAYOUT):
+                replicated = dataclasses.replace(layout, replicas=config.nats.replicas)
+                async with JetStreamEventStore(store.connection, replicated) as other:
+                    await other.provision()
         else:
             await store.wait_provisioned(PROVISION_WAIT)
         yield store
+
+
+@contextlib.asynccontextmanager
+async def nats_reached(
+    connection: AbstractAsyncContextManager[T], config: Config, where: str
+) -> AsyncIterator[T]:
+    """``connection`` (a NATS client that connects when entered) entered within
+    ``nats.startup_timeout`` seconds, else :class:`UnreachableError`. nats-py retries a refused
+    first connect forever (reconnects are on): without a budget a service whose NATS is away
+    or refuses its credentials would wait silently, never failing for its supervisor."""
+    budget = config.nats.startup_timeout
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            async with asyncio.timeout(budget or None) as deadline:
+                entered = await stack.enter_async_context(connection)
+        except TimeoutError as e:
+            if not deadline.expired():
+                raise
+            raise UnreachableError(
+                "NATS", where, f"no connection within {budget:g} s (nats.startup_timeout)"
+            ) from e
+        yield entered
 
 
 @contextlib.asynccontextmanager
@@ -400,15 +435,17 @@ async def run_callout(config: Config, data: DataDir) -> AsyncIterator[CalloutSer
     scoped to the token's owner (:func:`bus.permissions.application_permissions`)."""
     creds = bus_credentials(config, data)
     validator = app_validator_for(config, issuer_for(config, data))
-    async with CalloutService(
-        nats_endpoint(config, data, "callout"),
+    endpoint = nats_endpoint(config, data, "callout")
+    service = CalloutService(
+        endpoint,
         secret_file(creds.issuer_file, "callout issuer key"),
         validator,
         stream=config.nats.stream,
         reserved=(config.twin.consumer,),
         max_lifetime=config.callout.max_lifetime or 24 * 3600.0,
         refresh_keys=key_refresh_for(validator),
-    ) as callout:
+    )
+    async with nats_reached(service, config, str(endpoint)) as callout:
         yield callout
 
 
@@ -439,7 +476,8 @@ async def run_gateway(
             instance=lease.instance,
         )
         lease.on_new_instance = gw.adopt_instance
-        async with gw, contextlib.AsyncExitStack() as stack:
+        listeners = {"gateway.tcp": gw_config.tcp_bind, "gateway.tls": gw_config.tls_bind}
+        async with listening(gw, listeners), contextlib.AsyncExitStack() as stack:
             udp = parse_hostport(config.gateway.udp, "gateway.udp")
             dtls = parse_hostport(config.gateway.dtls, "gateway.dtls")
             if dtls is not None and udp is None:
@@ -455,7 +493,10 @@ async def run_gateway(
                 )
                 if dtls is not None:
                     terminator = await stack.enter_async_context(
-                        dtls_terminator(config, data, dtls, gw.simple.address)
+                        listening(
+                            dtls_terminator(config, data, dtls, gw.simple.address),
+                            {"gateway.dtls": dtls},
+                        )
                     )
                     gw.dtls = terminator
             yield gw
@@ -508,7 +549,7 @@ async def simple_device_server(
             inactivity_timeout=g.udp_inactivity_timeout,
             client_rpc_timeout=g.client_rpc_timeout,
         )
-        async with SimpleDeviceServer(
+        server_cm = SimpleDeviceServer(
             store,
             tokens,
             simple,
@@ -516,7 +557,8 @@ async def simple_device_server(
             instance=instance,
             peer_of=peer_of,
             **self_provisioning(config, store),
-        ) as server:
+        )
+        async with listening(server_cm, {"gateway.udp": bind}) as server:
             yield server
 
 
@@ -550,17 +592,52 @@ def profiles_for(config: Config) -> Profiles:
 
 @contextlib.asynccontextmanager
 async def twin_store(
-    config: Config, database: AsyncDatabase[dict[str, Any]] | None = None
+    config: Config,
+    database: AsyncDatabase[dict[str, Any]] | None = None,
+    *,
+    starting: bool = False,
 ) -> AsyncIterator[MongoTwinStore]:
     """The twins in ``mongo.database`` (of ``database``'s client when given, see
-    :func:`mongo_database`)."""
+    :func:`mongo_database`). ``starting`` (a service starts): MongoDB is tried for
+    ``mongo.startup_timeout`` seconds, else :class:`UnreachableError`; otherwise once (a
+    server selection of 5 s)."""
     async with contextlib.AsyncExitStack() as stack:
         if database is None:
             database = await stack.enter_async_context(mongo_database(config))
         store = MongoTwinStore(database, config.twin.collection)
-        await store.resolve_generation()  # the generation a rebuild made active
+        if starting:
+            await _mongo_reached(store, config)
+        else:
+            await store.resolve_generation()  # the generation a rebuild made active
         await store.ensure_indexes()
         yield store
+
+
+async def _mongo_reached(store: MongoTwinStore, config: Config) -> None:
+    """The store's first read (the generation a rebuild made active) within
+    ``mongo.startup_timeout`` seconds: a MongoDB that starts later than its service (compose)
+    is waited for, one that never answers ends the start."""
+    budget = config.mongo.startup_timeout
+    where = redact(config.mongo.url)
+    failed: StoreUnavailableError | None = None
+    try:
+        async with asyncio.timeout(budget or None) as deadline:
+            while True:
+                try:
+                    await store.resolve_generation()
+                    break
+                except StoreUnavailableError as e:
+                    if failed is None:
+                        log.warning("MongoDB at %s unreachable; trying for %g s", where, budget)
+                    failed = e
+                    await asyncio.sleep(0.5)
+    except TimeoutError as e:
+        if not deadline.expired():
+            raise
+        detail = f"no answer within {budget:g} s (mongo.startup_timeout)"
+        if failed is not None:
+            detail += f"; last: {one_line(str(failed))}"
+        raise UnreachableError("MongoDB", where, detail) from e
 
 
 @contextlib.asynccontextmanager
@@ -686,8 +763,9 @@ async def callout_observability(
     prober = Prober({"callout": serving}, interval=obs.probe_interval, timeout=obs.probe_timeout)
     registry = standard_registry()
     registry.register(CalloutCollector(callout, heartbeat, prober))
-    async with ObservabilityServer(
-        "auth callout", bind, registry, prober, heartbeat, obs
+    async with listening(
+        ObservabilityServer("auth callout", bind, registry, prober, heartbeat, obs),
+        {"callout.metrics_listen": bind},
     ) as server:
         yield server
 
@@ -725,8 +803,9 @@ async def gateway_observability(
     )
     registry = standard_registry()
     registry.register(GatewayCollector(gateway, heartbeat, prober))
-    async with ObservabilityServer(
-        f"gateway {config.gateway.id}", bind, registry, prober, heartbeat, obs
+    async with listening(
+        ObservabilityServer(f"gateway {config.gateway.id}", bind, registry, prober, heartbeat, obs),
+        {"gateway.metrics_listen": bind},
     ) as server:
         yield server
 
@@ -772,8 +851,9 @@ async def twin_observability(
             projector, head, api_metrics, heartbeat, prober, lambda: projector.running, twins
         )
     )
-    async with ObservabilityServer(
-        f"twin {config.twin.consumer}", bind, registry, prober, heartbeat, obs
+    async with listening(
+        ObservabilityServer(f"twin {config.twin.consumer}", bind, registry, prober, heartbeat, obs),
+        {"twin.metrics_listen": bind},
     ) as server:
         yield server
 

@@ -19,13 +19,19 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from twinhub_cli import config as cfgmod
+from twinhub_cli import exitcodes, listing
 from twinhub_cli.config import Config, ConfigError
 from twinhub_cli.datadir import DataDir
+from twinhub_cli.health import redact
+from twinhub_cli.main import add_nats_cluster_options
+from twinhub_cli.progress import Progress
 
 if TYPE_CHECKING:
+    from twin.model import Twin
+
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 log = logging.getLogger(__name__)
@@ -57,16 +63,21 @@ def _load_config(args: argparse.Namespace, *, from_stack: bool = False) -> Confi
     return cfgmod.load(args.config, overrides=overrides)
 
 
-def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+def _run(main: Callable[[], Coroutine[Any, Any, int]], prog: str = "twinhub") -> int:
+    """``main`` on uvloop; a failure twinhub knows (a bad setting, a port in use, a dependency
+    unreachable: :mod:`twinhub_cli.exitcodes`) ends it with one line on stderr and its exit
+    code, the traceback only in the debug log."""
     import uvloop
 
     try:
         return uvloop.run(main())
-    except ConfigError as e:
-        sys.stderr.write(f"twinhub: configuration error: {e}\n")
-        return 2
     except KeyboardInterrupt:
-        return 130
+        return exitcodes.INTERRUPTED
+    except Exception as e:
+        code = exitcodes.report(e, prog)
+        if code is None:
+            raise
+        return code
 
 
 @contextlib.asynccontextmanager
@@ -131,6 +142,15 @@ def register_init(subparsers: SubParsers, name: str, /) -> None:
         "certificate from the data dir's CA for these names (repeatable; needs --bus-export)",
     )
     p.add_argument(
+        "--nats-route",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a member of a NATS cluster and its route port (repeatable, one per member): "
+        "also write nats/nats-cluster.conf, every member's configuration, routes admitted "
+        "with the bus directory's route password (TLS with --nats-host; needs --bus-export)",
+    )
+    p.add_argument(
         "--nats-conf-dir",
         type=Path,
         metavar="DIR",
@@ -151,6 +171,7 @@ def _init_usage_error(args: argparse.Namespace) -> str:
     """What is wrong with the export options of ``twinhub init`` ("" = nothing)."""
     for given, option in (
         (args.nats_host, "--nats-host"),
+        (args.nats_route, "--nats-route"),
         (args.nats_conf_dir, "--nats-conf-dir"),
         (args.mongo_conf_dir, "--mongo-conf-dir"),
     ):
@@ -162,6 +183,15 @@ def _init_usage_error(args: argparse.Namespace) -> str:
     ):
         if path is not None and not path.is_absolute():
             return f"{option} must be an absolute path (as the server's container sees it)"
+    for route in args.nats_route:
+        try:
+            cfgmod.parse_hostport(route, "--nats-route")
+        except ConfigError as e:
+            return str(e)
+    if len({r.rpartition(":")[2] for r in args.nats_route}) > 1:
+        return "--nats-route: every member listens for routes on the same port"
+    if args.nats_route and len(args.nats_route) < 3:
+        return "--nats-route: a JetStream cluster has at least 3 members"
     return ""
 
 
@@ -200,6 +230,9 @@ def run_init(args: argparse.Namespace) -> int:
         nats_hosts=tuple(args.nats_host),
         nats_conf_dir=args.nats_conf_dir,
         mongo_conf_dir=args.mongo_conf_dir,
+        nats_routes=tuple(
+            hp for hp in (cfgmod.parse_hostport(r, "--nats-route") for r in args.nats_route) if hp
+        ),
     )
     try:
         exported = initbus.export_bus(
@@ -211,6 +244,8 @@ def run_init(args: argparse.Namespace) -> int:
     tls = f"TLS for {', '.join(options.nats_hosts)}" if exported.nats_cert else "no TLS"
     _out(f"bus export   {exported.directory}: " + ", ".join(initbus.EXPORTS) + " (0600)")
     _out(f"NATS conf    {exported.nats_conf} ({tls})")
+    if exported.nats_cluster_conf is not None:
+        _out(f"NATS cluster {exported.nats_cluster_conf} ({len(options.nats_routes)} members)")
     _out(
         f"MongoDB      {exported.directory / initbus.MONGO_DIR} (passwords), "
         f"{exported.initdb_script} (user {options.mongo_user} of {options.mongo_database})"
@@ -248,7 +283,7 @@ def run_gateway_cmd(args: argparse.Namespace) -> int:
             await stop.wait()
         return 0
 
-    return _run(main)
+    return _run(main, "twinhub gateway")
 
 
 def register_twin_run(subparsers: SubParsers, name: str, /) -> None:
@@ -273,7 +308,7 @@ def run_twin_cmd(args: argparse.Namespace) -> int:
             _until_signal() as stop,
             services.event_store(config, data, "twin") as store,
             services.mongo_database(config) as database,
-            services.twin_store(config, database) as twins,
+            services.twin_store(config, database, starting=True) as twins,
             services.run_projector(config, store, twins) as projector,
             services.run_api(config, data, store, twins, metrics=api_metrics) as api_server,
             services.run_reaper(config, store, twins, database, metrics=api_metrics),
@@ -286,7 +321,7 @@ def run_twin_cmd(args: argparse.Namespace) -> int:
             await stop.wait()
         return 0
 
-    return _run(main)
+    return _run(main, "twinhub twin run")
 
 
 def register_callout(subparsers: SubParsers, name: str, /) -> None:
@@ -319,7 +354,7 @@ def run_callout_cmd(args: argparse.Namespace) -> int:
             await stop.wait()
         return 0
 
-    return _run(main)
+    return _run(main, "twinhub callout")
 
 
 # -- twinhub up ----------------------------------------------------------------------------
@@ -340,6 +375,7 @@ def register_up(subparsers: SubParsers, name: str, /) -> None:
     p.add_argument("--mongo-url", help="use this MongoDB instead of starting one")
     p.add_argument("--nats-port", type=int, default=4222, help="port of the started NATS")
     p.add_argument("--mongo-port", type=int, default=27017, help="port of the started MongoDB")
+    add_nats_cluster_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address the gateway listens on")
     p.add_argument("--tcp-port", type=int, default=5683, help="CoAP over TCP (0: any)")
     p.add_argument("--tls-port", type=int, default=5684, help="CoAP over TLS (0: any)")
@@ -378,18 +414,52 @@ def _uri(scheme: str, addr: tuple[str, int] | None) -> str:
     return f"{scheme}://{host}:{addr[1]}"
 
 
+def _nats_step(args: argparse.Namespace) -> str:
+    """What ``twinhub up`` does for NATS (its progress line)."""
+    if args.nats_url:
+        return f"using {args.nats_url}"
+    if args.nats_cluster > 1:
+        return f"starting {args.nats_cluster} nats-servers as a cluster, waiting for JetStream"
+    return f"starting nats-server on {_port(args.nats_port)}, waiting for JetStream"
+
+
+def _mongo_step(args: argparse.Namespace) -> str:
+    if args.mongo_url:
+        return f"using {redact(args.mongo_url)}"
+    return f"starting mongo-server on {_port(args.mongo_port)}, waiting for it"
+
+
+def _port(port: int) -> str:
+    return f"port {port}" if port else "a free port"
+
+
 def run_up(args: argparse.Namespace) -> int:
+    progress = Progress("twinhub up")
+
     async def main() -> int:
         from bus.credentials import ensure_credentials
         from twinhub_cli import services
-        from twinhub_cli.devservices import MongoServer, NatsServer
+        from twinhub_cli.devservices import MongoServer, NatsCluster, NatsServer
         from twinhub_cli.observability import ApiMetrics
 
         data = DataDir(args.data_dir.resolve())
         data.root.mkdir(parents=True, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
             stop = await stack.enter_async_context(_until_signal())
+            progress.step("NATS", _nats_step(args))
             nats_url = args.nats_url
+            nats_replicas: dict[str, int] = {}
+            if not nats_url and args.nats_cluster > 1:
+                cluster = await stack.enter_async_context(
+                    NatsCluster(
+                        data.root / "nats-cluster",
+                        args.nats_cluster,
+                        port=args.nats_port,
+                        route_port=args.nats_route_port,
+                        credentials=ensure_credentials(data.bus),
+                    )
+                )
+                nats_url, nats_replicas = cluster.url, {"replicas": cluster.replicas}
             if not nats_url:
                 nats = await stack.enter_async_context(
                     NatsServer(
@@ -399,6 +469,7 @@ def run_up(args: argparse.Namespace) -> int:
                     )
                 )
                 nats_url = nats.url
+            progress.step("MongoDB", _mongo_step(args))
             mongo_url = args.mongo_url
             if not mongo_url:
                 mongo = await stack.enter_async_context(
@@ -410,7 +481,7 @@ def run_up(args: argparse.Namespace) -> int:
             config = cfgmod.load(
                 args.config,
                 overrides={
-                    "nats": {"url": nats_url},
+                    "nats": {"url": nats_url, **nats_replicas},
                     "mongo": {"url": mongo_url},
                     "gateway": {
                         "tcp": f"{hp}:{args.tcp_port}",
@@ -423,14 +494,20 @@ def run_up(args: argparse.Namespace) -> int:
                 },
             )
             api_metrics = ApiMetrics()
+            progress.step("auth callout", "connecting to NATS")
             callout = await stack.enter_async_context(services.run_callout(config, data))
             callout_ops = await stack.enter_async_context(
                 services.callout_observability(config, callout)
             )
             # each service with its own credentials, as when they run apart
+            progress.step("twin service", "connecting to NATS, creating the event streams")
             store = await stack.enter_async_context(services.event_store(config, data, "twin"))
+            progress.step("twin service", f"connecting to MongoDB ({config.mongo.database})")
             database = await stack.enter_async_context(services.mongo_database(config))
-            twins = await stack.enter_async_context(services.twin_store(config, database))
+            twins = await stack.enter_async_context(
+                services.twin_store(config, database, starting=True)
+            )
+            progress.step("twin service", "starting the projector, the command API, the reaper")
             projector = await stack.enter_async_context(
                 services.run_projector(config, store, twins)
             )
@@ -440,10 +517,12 @@ def run_up(args: argparse.Namespace) -> int:
             await stack.enter_async_context(
                 services.run_reaper(config, store, twins, database, metrics=api_metrics)
             )
+            progress.step("gateway", "connecting to NATS, taking a lease, opening the listeners")
             gw_store = await stack.enter_async_context(
                 services.event_store(config, data, "gateway")
             )
             gw = await stack.enter_async_context(services.run_gateway(config, data, gw_store))
+            progress.step("operations", "/metrics /healthz /readyz of the twin and the gateway")
             twin_ops = await stack.enter_async_context(
                 services.twin_observability(config, store, twins, projector, api_metrics)
             )
@@ -467,6 +546,7 @@ def run_up(args: argparse.Namespace) -> int:
             data.write_stack(info)
             stack.callback(lambda: data.stack_file.unlink(missing_ok=True))
             token = services.first_device_token(config, data, args.owner)
+            progress.done()
             _out("twinhub is up")
             _out(f"  devices (CoAP over TCP)  {info['coap_tcp']}")
             _out(f"  devices (CoAP over TLS)  {info['coaps_tcp']}   CA: {info['ca_file']}")
@@ -487,7 +567,7 @@ def run_up(args: argparse.Namespace) -> int:
             _out("stopping")
         return 0
 
-    return _run(main)
+    return _run(main, "twinhub up")
 
 
 # -- twinhub twin get / rebuild, devices ----------------------------------------------------
@@ -561,21 +641,57 @@ def run_twin_rebuild(args: argparse.Namespace) -> int:
 
 
 def register_devices(subparsers: SubParsers, name: str, /) -> None:
-    p = subparsers.add_parser(name, help="list devices (a table)")
+    p = subparsers.add_parser(
+        name,
+        help="list devices (a table; -o wide: more columns, -o json / --json: JSON lines)",
+    )
     _common(p)
     p.add_argument("--owner", help="only this owner's devices")
     p.add_argument("--online", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--resource-type", help="only devices with a resource of this type")
     p.add_argument("--limit", type=int, default=1000)
-    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    listing.add_output_options(p)
     p.set_defaults(handler=run_devices)
+
+
+DEVICE_COLUMNS: Final = (
+    listing.Column("device"),
+    listing.Column("name", wide=True),
+    listing.Column("owner"),
+    listing.Column("kind", wide=True),
+    listing.Column("online"),
+    listing.Column("gateway", wide=True),
+    listing.Column("address", wide=True),
+    listing.Column("sync state"),
+    listing.Column("resources"),
+    listing.Column("pending", wide=True),
+    listing.Column("desired", wide=True),
+    listing.Column("position", wide=True),
+    listing.Column("last change"),
+)
+
+
+def device_row(t: Twin) -> list[str]:
+    """A twin's cells in :data:`DEVICE_COLUMNS`."""
+    return [
+        t.device_id,
+        t.name,
+        t.owner,
+        "simple" if t.simple else "ocf",
+        "yes" if t.online else "no",
+        t.connection.gateway,
+        t.connection.remote_address,
+        t.sync_state,
+        str(len(t.resources)),
+        str(len(t.pending)),
+        str(len(t.desired)),
+        str(t.position),
+        t.updated_at.isoformat(timespec="seconds"),
+    ]
 
 
 def run_devices(args: argparse.Namespace) -> int:
     async def main() -> int:
-        from rich.console import Console
-        from rich.table import Table
-
         from twinhub_cli import services
 
         config = _load_config(args, from_stack=True)
@@ -586,23 +702,16 @@ def run_devices(args: argparse.Namespace) -> int:
                 resource_type=args.resource_type,
                 limit=args.limit,
             )
-        if args.json:
+        if args.output == "json":
             for t in found:
                 _out(json.dumps(t.to_json(), sort_keys=True))
             return 0
-        table = Table(title=f"{len(found)} device(s)")
-        for col in ("device", "owner", "online", "sync state", "resources", "last change"):
-            table.add_column(col)
-        for t in found:
-            table.add_row(
-                t.device_id,
-                t.owner,
-                "yes" if t.online else "no",
-                t.sync_state,
-                str(len(t.resources)),
-                t.updated_at.isoformat(timespec="seconds"),
-            )
-        Console().print(table)
+        listing.print_table(
+            f"{len(found)} device(s)",
+            DEVICE_COLUMNS,
+            [device_row(t) for t in found],
+            wide=args.output == "wide",
+        )
         return 0
 
     return _run(main)

@@ -550,6 +550,18 @@ async def test_cli_commands_against_a_local_stack(
         assert [json.loads(line)["correlation_id"] for line in out.splitlines()] == [
             accepted["correlation_id"]
         ]
+        # into a pipe: the table's identifiers whole (issue 15), -o json as --json
+        code, table, err = await _twinhub("pending", "--device", env.dev("d1"), *dd)
+        assert code == 0, err
+        (row,) = table.splitlines()[1:]
+        assert row.split()[:5] == [
+            env.dev("d1"),
+            "/light",
+            "update",
+            "pending",
+            accepted["correlation_id"],
+        ]
+        assert (await _twinhub("pending", "--device", env.dev("d1"), "-o", "json", *dd))[1] == out
         code, out, err = await _twinhub(
             "desired", "set", env.dev("d1"), "/light", '{"value": false}', *dd
         )

@@ -75,7 +75,7 @@ def test_a_drain_alternative_is_a_coap_tcp_uri_with_host_and_port(uri: str) -> N
     ],
 )
 def test_a_drain_alternative_that_is_not_one_is_a_config_error(uri: str) -> None:
-    with pytest.raises(services.ConfigError, match="gateway.drain_alternative"):
+    with pytest.raises(services.ConfigError, match=r"gateway\.drain_alternative"):
         services.drain_alternative(uri)
 
 
