@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = sorted(p.name for p in (ROOT / "bench").glob("*_bench.py"))
+# run in quick mode by a test of their own below, which checks more than the machine
+OWN_TEST = {"wire_baselines_bench.py"}
 
 pytestmark = pytest.mark.servers
 
@@ -27,13 +29,14 @@ def test_every_bench_is_listed_here() -> None:
         "rebuild_bench.py",
         "store_bench.py",
         "udp_bench.py",
+        "wire_baselines_bench.py",
         "wire_bench.py",
         "writes_bench.py",
     ]
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("bench", BENCHES)
+@pytest.mark.parametrize("bench", [b for b in BENCHES if b not in OWN_TEST])
 def test_bench_runs_quick(bench: str, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / bench), "--quick"],
@@ -102,3 +105,39 @@ def test_soak_quick_samples_every_process_and_its_watch_misses_nothing() -> None
     for name in ("nats-server", "mongo-server", "gateway", "twin", "callout", "watch"):
         assert growth[name]["rss_kb"]["samples"] >= 4, name
         assert growth[name]["open_files"]["first"] > 0, name
+
+
+@pytest.mark.timeout(400)
+def test_wire_baselines_quick_measures_every_target() -> None:
+    """``bench/wire_baselines_bench.py --quick``: the gateway and the three baseline servers of
+    ``bench/baseline_servers.py`` each get the same signed-in fleet, every device observed (its
+    notifications counted), and report CPU per notification, memory per idle device and the
+    gateway's ratios over each baseline."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "wire_baselines_bench.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=380,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert "machine" in result, sorted(result)
+    targets = ("gateway", "aiocoap", "lean", "wire")
+    assert tuple(result["targets"]) == targets
+    devices = result["settings"]["devices"]
+    for name in targets:
+        t = result["targets"][name]
+        assert t["memory"]["signed_in"] == devices, name
+        assert isinstance(t["memory"]["kb_per_idle_device"], float), name
+        (step,) = t["ingest"]
+        assert step["received_per_s"] > 0, name
+        assert step["cpu_us_per_notification"] > 0, name
+    summary = result["summary"]
+    assert set(summary["cpu_us_per_notification"]) == set(targets)
+    assert set(summary["kb_per_idle_device"]) == set(targets)
+    for name in ("aiocoap", "lean", "wire"):
+        ratio = summary["ratios"][f"gateway_over_{name}"]
+        assert set(ratio) == {"cpu_per_notification", "kb_per_idle_device"}
+        assert all(v is not None and v > 0 for v in ratio["cpu_per_notification"].values())
