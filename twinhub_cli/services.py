@@ -375,7 +375,11 @@ async def event_store(
     """The event log as service ``role`` sees it. Only the twin service (and the admin path)
     create or update the stream; a gateway waits for it to exist."""
     endpoint = nats_endpoint(config, data, role)
-    connecting = JetStreamEventStore.from_url(endpoint, layout_for(config))
+    # A gateway watches the commands of each device it holds: on shared subscriptions, a few
+    # per process rather than a few per device (its role may hear every owner's events).
+    connecting = JetStreamEventStore.from_url(
+        endpoint, layout_for(config), shared_notifiers=role == "gateway"
+    )
     async with nats_reached(connecting, config, str(endpoint)) as store:
         if role in ("twin", "admin"):
             await store.provision()

@@ -95,8 +95,10 @@ from eventstore.ports import (
     Delivery,
     check_append,
     is_filter_subject,
+    subject_matches,
 )
 from proto.message import NatsMessage, StoredMessage
+from proto.subjects import PREFIX
 
 __all__ = [
     "AckMetadata",
@@ -370,6 +372,7 @@ class JetStreamNotifier:
         self.store = store
         self.event = asyncio.Event()
         self.subs: list[Subscription] = []
+        self.shared: list[tuple[str, tuple[str, str]]] = []  # on the store's shared wakeups
 
     async def on_msg(self, msg: Msg) -> None:
         self.event.set()
@@ -387,8 +390,87 @@ class JetStreamNotifier:
 
     async def close(self) -> None:
         self.store._notifiers.discard(self)
+        if self.shared and self.store.shared_wakeups is not None:
+            await self.store.shared_wakeups.remove(self)
         subs, self.subs = self.subs, []
         for sub in subs:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await sub.unsubscribe()
+
+
+class _SharedWakeups:
+    """Notifiers of many devices on a few subscriptions (``shared_notifiers``).
+
+    A filter ``twinhub.ev.<owner>.<device>.<rest>`` is heard through one subscription to
+    ``twinhub.ev.*.*.<rest>``, shared by every notifier with the same ``<rest>``; a message is
+    handed to the notifiers of its owner and device whose filter it matches. A gateway holding
+    20,000 devices then keeps 3 subscriptions for their commands, not 60,000 (each with its own
+    queue and task in nats-py), at the price of hearing the command events of devices it does
+    not hold: they are few and small, and the log stays the truth."""
+
+    def __init__(self) -> None:
+        self._subs: dict[str, Subscription] = {}
+        self._listeners: dict[str, dict[tuple[str, str], dict[JetStreamNotifier, list[str]]]] = {}
+        self._lock = asyncio.Lock()
+
+    @staticmethod
+    def shape(filter_subject: str) -> tuple[str, tuple[str, str]] | None:
+        """``(shared pattern, (owner, device))`` of a per-device filter, else None."""
+        tokens = filter_subject.split(".")
+        if len(tokens) < 5 or ".".join(tokens[:2]) != PREFIX:
+            return None
+        owner, device = tokens[2], tokens[3]
+        if owner in ("*", ">") or device in ("*", ">"):
+            return None
+        return ".".join((*tokens[:2], "*", "*", *tokens[4:])), (owner, device)
+
+    @property
+    def subscriptions(self) -> int:
+        return len(self._subs)
+
+    async def add(self, nc: NatsClient, notifier: JetStreamNotifier, filter_subject: str) -> bool:
+        """Listen for ``filter_subject`` on its shared subscription; False if it has no
+        per-device shape (the caller subscribes to it alone)."""
+        shape = self.shape(filter_subject)
+        if shape is None:
+            return False
+        pattern, key = shape
+        async with self._lock:
+            if pattern not in self._subs:
+
+                async def deliver(msg: Msg) -> None:
+                    self._deliver(pattern, msg)
+
+                self._subs[pattern] = await nc.subscribe(pattern, cb=deliver)
+            listeners = self._listeners.setdefault(pattern, {}).setdefault(key, {})
+            listeners.setdefault(notifier, []).append(filter_subject)
+        notifier.shared.append((pattern, key))
+        return True
+
+    def _deliver(self, pattern: str, msg: Msg) -> None:
+        tokens = msg.subject.split(".", 4)
+        if len(tokens) < 5:
+            return
+        by_device = self._listeners.get(pattern, {}).get((tokens[2], tokens[3]))
+        if not by_device:
+            return
+        for notifier, filters in by_device.items():
+            if any(subject_matches(f, msg.subject) for f in filters):
+                notifier.event.set()
+
+    async def remove(self, notifier: JetStreamNotifier) -> None:
+        shared, notifier.shared = notifier.shared, []
+        unused: list[Subscription] = []
+        async with self._lock:
+            for pattern, key in shared:
+                by_key = self._listeners.get(pattern, {})
+                by_key.get(key, {}).pop(notifier, None)
+                if key in by_key and not by_key[key]:
+                    del by_key[key]
+                if not by_key and pattern in self._subs:
+                    self._listeners.pop(pattern, None)
+                    unused.append(self._subs.pop(pattern))
+        for sub in unused:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await sub.unsubscribe()
 
@@ -615,8 +697,13 @@ class JetStreamEventStore:
         timeout: float = 5.0,
         max_atomic_inflight: int = 32,
         api_prefix: str = _API,
+        shared_notifiers: bool = False,
     ) -> None:
         self.layout = layout or StreamLayout()
+        self.shared_wakeups: Final = _SharedWakeups() if shared_notifiers else None
+        """``shared_notifiers``: per-device notifier filters share one subscription per shape
+        (see :class:`_SharedWakeups`); needs permission to subscribe to every owner's events
+        (a service, never an application)."""
         self.api_prefix = api_prefix
         self._nc = nc
         self._endpoint: NatsEndpoint | None = None
@@ -637,6 +724,7 @@ class JetStreamEventStore:
         timeout: float = 5.0,
         max_atomic_inflight: int = 32,
         api_prefix: str = _API,
+        shared_notifiers: bool = False,
     ) -> JetStreamEventStore:
         """A store that connects to ``endpoint`` (URL and credentials) when entered."""
         store = cls(
@@ -645,6 +733,7 @@ class JetStreamEventStore:
             timeout=timeout,
             max_atomic_inflight=max_atomic_inflight,
             api_prefix=api_prefix,
+            shared_notifiers=shared_notifiers,
         )
         store._endpoint = endpoint
         return store
@@ -1021,8 +1110,11 @@ class JetStreamEventStore:
             raise ValueError(f"bad filter subjects: {filters!r}")
         nc, _ = self._conn()
         n = JetStreamNotifier(self)
+        shared = self.shared_wakeups
         try:
             for f in filters:
+                if shared is not None and await shared.add(nc, n, f):
+                    continue
                 n.subs.append(await nc.subscribe(f, cb=n.on_msg))
         except nats.errors.Error as exc:
             await n.close()

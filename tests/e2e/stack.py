@@ -142,7 +142,9 @@ async def open_stack(
     ctx, ca_file = server_tls(tmp)
     async with (
         JetStreamEventStore.from_url(bus.endpoint("twin"), timeout=store_timeout) as store,
-        JetStreamEventStore.from_url(bus.endpoint("gateway"), timeout=store_timeout) as gw_store,
+        JetStreamEventStore.from_url(
+            bus.endpoint("gateway"), timeout=store_timeout, shared_notifiers=True
+        ) as gw_store,  # as twinhub_cli.services gives the gateway its store
     ):
         await store.provision()  # the twin service's job: the gateway may not
         cfg = GatewayConfig(
