@@ -79,14 +79,15 @@ class DeviceWriter:
         self.name = name
         self._queue: deque[_Item] = deque()
         self._buffered = 0
-        self._wakeup = asyncio.Event()
         self._closing = False
+        self._stopped = False  # closed, or gave up: nothing more is written
         self._submitted = 0  # appends ever queued
         self._settled = 0  # appends written or failed
         self._marks: list[tuple[int, asyncio.Future[None]]] = []
         self._after: asyncio.Future[None] | None = None
-        self._task = asyncio.create_task(self._run(), name=f"writer:{name}")
-        self._task.add_done_callback(lambda _: self._release_marks())
+        # Started when there is something to write and ended when nothing is left: an idle
+        # device connection holds no task (memory per device, issue 13).
+        self._task: asyncio.Task[None] | None = None
         self.written = 0
         self.retries = 0
 
@@ -119,8 +120,18 @@ class DeviceWriter:
         self._queue.append(item)
         self._buffered += len(events)
         self._submitted += 1
-        self._wakeup.set()
+        self._ensure_running()
         return True
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"writer:{self.name}")
+            self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self._stopped = True
+            self._release_marks()
 
     def follow(self, older: DeviceWriter) -> None:
         """Write nothing before ``older`` (the writer of an older connection of the same device)
@@ -131,7 +142,7 @@ class DeviceWriter:
         """Resolved once every append submitted so far is written or failed (or the writer
         stopped)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._settled >= self._submitted or self._task.done():
+        if self._settled >= self._submitted or self._stopped:
             fut.set_result(None)
         else:
             self._marks.append((self._submitted, fut))
@@ -162,19 +173,26 @@ class DeviceWriter:
     async def close(self) -> None:
         """Write what is queued (up to ``drain_timeout``), then stop."""
         self._closing = True
-        self._wakeup.set()
+        task = self._task
+        if task is None or task.done():
+            self._stopped = True
+            self._release_marks()
+            return
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), self.config.drain_timeout)
+            await asyncio.wait_for(asyncio.shield(task), self.config.drain_timeout)
         except TimeoutError:
-            self._task.cancel()
+            task.cancel()
             lost = self._buffered
             for item in self._queue:
                 self._done(item, False, "writer closed", ())
             self._queue.clear()
             log.error("writer %s: gave up with %d unwritten events", self.name, lost)
         except asyncio.CancelledError:
-            self._task.cancel()
+            task.cancel()
             raise
+        finally:
+            self._stopped = True
+            self._release_marks()
 
     def _take_batch(self) -> list[_Item]:
         batch: list[_Item] = []
@@ -196,11 +214,7 @@ class DeviceWriter:
         while True:
             if not batch:
                 if not self._queue:
-                    if self._closing:
-                        return
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
+                    return  # idle: the next submit starts a new task
                 batch = self._take_batch()
             if self._after is not None:
                 if not self._after.done():
