@@ -314,7 +314,8 @@ class Connection:
         self._pending: set[asyncio.Future[CoapResponse]] = set()
         self._observations: set[Observation] = set()
         self._in_flight = 0
-        self._lost = asyncio.Event()
+        self._lost = False
+        self._lost_waiters: list[asyncio.Future[None]] = []  # made only when someone waits
         self._close_reason: str | None = None
 
     def __repr__(self) -> str:
@@ -352,7 +353,7 @@ class Connection:
 
     async def wait_closed(self) -> str:
         """Wait until the connection is gone; returns the reason."""
-        await self._lost.wait()
+        await self._until_lost()
         assert self._close_reason is not None
         return self._close_reason
 
@@ -463,13 +464,19 @@ class Connection:
         """Send Abort (7.05) with ``reason`` as diagnostic payload, close the transport and wait
         until the connection is gone (the transport is aborted when it does not flush within
         ``close_timeout``)."""
-        if not self._lost.is_set():
+        if not self._lost:
             if self._close_reason is None:
                 self._close_reason = reason
             self._link.abort_with(reason)
-        await self._lost.wait()
+        await self._until_lost()
 
     # -- internal
+
+    async def _until_lost(self) -> None:
+        if not self._lost:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._lost_waiters.append(waiter)
+            await asyncio.shield(waiter)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -493,12 +500,9 @@ class Connection:
             )
 
     async def _writable(self) -> None:
-        writable = self._link.writable_event
-        while True:
-            self._check_open()
-            if writable.is_set():
-                return
-            await writable.wait()
+        self._check_open()
+        await self._link.wait_writable()
+        self._check_open()
 
     # -- wire.LinkEvents
 
@@ -511,7 +515,11 @@ class Connection:
                 future.set_exception(error)
         for observation in list(self._observations):
             observation._on_event(None, error, True)
-        self._lost.set()
+        self._lost = True
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         self._server._connection_lost(self)
 
     async def serve(self, request: CoapRequest) -> CoapResponse:

@@ -255,11 +255,11 @@ class DeviceLink(CoapTcpProtocol):
         "_peer_signal",
         "_released",
         "_serving",
+        "_writable_waiters",
         "events",
         "peer_certificate",
         "remote",
         "tls",
-        "writable_event",
     )
 
     def __init__(self, hub: Hub, tls: bool) -> None:
@@ -283,10 +283,9 @@ class DeviceLink(CoapTcpProtocol):
         self.remote = "-"
         """``"127.0.0.1:4567"`` / ``"[::1]:4567"``."""
         self.peer_certificate: x509.Certificate | None = None
-        self.writable_event: Final = asyncio.Event()
-        """Set while the transport takes writes (back-pressure, W7): the facade's requests
-        wait for it."""
-        self.writable_event.set()
+        # futures of the facade's requests waiting for the transport to take writes again
+        # (back-pressure, W7): made only while paused, so an idle connection holds none
+        self._writable_waiters: list[asyncio.Future[None]] = []
         self.events: LinkEvents | None = None
         self._admitted = False  # counted as unauthenticated by the hub
         self._address: str | None = None  # counted by the hub's per-address limit under this key
@@ -456,13 +455,22 @@ class DeviceLink(CoapTcpProtocol):
             log.exception("cannot set up a connection")
             transport.abort()  # type: ignore[attr-defined]
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.writable_event.clear()
+    async def wait_writable(self) -> None:
+        """Until the transport takes writes (at once unless paused) or the connection is gone."""
+        while self.writable is False and not self.lost and not self._gone:
+            waiter: asyncio.Future[None] = self._hub.loop.create_future()
+            self._writable_waiters.append(waiter)
+            await waiter
+
+    def _wake_writers(self) -> None:
+        waiters, self._writable_waiters = self._writable_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self.writable_event.set()
+        self._wake_writers()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._gone:
@@ -483,7 +491,7 @@ class DeviceLink(CoapTcpProtocol):
         self._fail_exchanges()
         for task in list(self._serving):
             task.cancel()
-        self.writable_event.set()
+        self._wake_writers()
         if self.events is not None:
             self.events.link_lost(reason)
 
