@@ -129,6 +129,8 @@ class DeviceWriter:
             self._task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._task is task:
+            self._task = None  # an idle writer holds no finished task either
         if task.cancelled() or task.exception() is not None:
             self._stopped = True
             self._release_marks()
