@@ -43,6 +43,7 @@ __all__ = [
     "ROUTE_USER",
     "ClusterRoutes",
     "ServerTls",
+    "WebSocketListener",
     "render_server_config",
     "server_name_of",
 ]
@@ -56,6 +57,35 @@ SERVER_NAME: Final = "twinhub"
 class ServerTls:
     cert_file: Path
     key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketListener:
+    """nats-server's ``websocket`` listener, where browsers (the web console) connect.
+
+    It has no authorization of its own, so its clients go through the same auth callout as
+    every other client: an application token, the same permissions. It speaks TLS with the
+    server's certificate; without one (``tls`` not given to :func:`render_server_config`) it
+    may only listen on loopback, where nothing leaves the host. ``port`` -1: any free port
+    (nats-server writes it to its ports file)."""
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if self.port == 0 or not -1 <= self.port < 65536:  # 0 would turn it off
+            raise ValueError(f"websocket port out of range: {self.port}")
+
+
+def _websocket_block(ws: WebSocketListener, tls: ServerTls | None) -> dict[str, Any]:
+    block: dict[str, Any] = {"host": ws.host, "port": ws.port}
+    if tls is not None:
+        block["tls"] = {"cert_file": str(tls.cert_file), "key_file": str(tls.key_file)}
+    elif ws.host in ("127.0.0.1", "::1", "localhost"):
+        block["no_tls"] = True
+    else:
+        raise ValueError(f"a websocket listener on {ws.host} needs TLS (a server certificate)")
+    return block
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +165,12 @@ def render_server_config(
     max_connections: int | None = None,
     cluster: ClusterRoutes | None = None,
     server_name: str = SERVER_NAME,
+    websocket: WebSocketListener | None = None,
 ) -> str:
     """The configuration text. ``issuer``: public key (A...) of the account key the auth
     callout signs with; ``users``: each role's public NKey (U...); ``cluster``: this server
-    is a member of a cluster (``server_name`` then unique among them)."""
+    is a member of a cluster (``server_name`` then unique among them); ``websocket``: a
+    listener for browsers too (:class:`WebSocketListener`)."""
     missing = [r for r in ROLES if r not in users]
     if missing:
         raise ValueError(f"no NKey for {', '.join(missing)}")
@@ -195,6 +227,8 @@ def render_server_config(
         }
     if cluster is not None:
         conf["cluster"] = _cluster_block(cluster, tls)
+    if websocket is not None:
+        conf["websocket"] = _websocket_block(websocket, tls)
     return json.dumps(conf, indent=2) + "\n"
 
 

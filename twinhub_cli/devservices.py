@@ -42,7 +42,13 @@ from bus.credentials import (
     write_secret,
 )
 from bus.permissions import Role, inbox_prefix
-from bus.serverconf import ClusterRoutes, ServerTls, render_server_config, server_name_of
+from bus.serverconf import (
+    ClusterRoutes,
+    ServerTls,
+    WebSocketListener,
+    render_server_config,
+    server_name_of,
+)
 from eventstore.adapters.endpoint import NatsEndpoint
 from eventstore.layout import DEFAULT_STREAM
 
@@ -276,10 +282,12 @@ class NatsServer(_ServerProcess):
         cluster: ClusterRoutes | None = None,
         server_name: str | None = None,
         extra_args: Sequence[str] = (),
+        websocket_port: int | None = None,
     ) -> None:
         """``cluster``: this server is a member of a cluster (:class:`NatsCluster` makes
         them), named ``server_name``; ``extra_args`` go to the server after ours (e.g.
-        ``--name``, as compose names its cluster's members)."""
+        ``--name``, as compose names its cluster's members); ``websocket_port``: a websocket
+        listener for browsers too, on ``host`` (0: any free port; :attr:`ws_url`)."""
         super().__init__(data_dir, port, host)
         if (tls is None) != (ca_file is None):
             raise ValueError("a TLS server needs the CA its clients verify it with (ca_file)")
@@ -294,6 +302,17 @@ class NatsServer(_ServerProcess):
         self.cluster = cluster
         self.server_name = server_name or server_name_of(None)
         self.extra_args = tuple(extra_args)
+        self.websocket_port = websocket_port
+
+    @property
+    def ws_url(self) -> str | None:
+        """Where browsers connect (``ws://`` or ``wss://``), once started; None without a
+        websocket listener."""
+        if self.websocket_port is None or not self.websocket_port:
+            return None
+        scheme = "wss" if self.tls is not None else "ws"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.websocket_port}"
 
     @property
     def url(self) -> str:
@@ -331,6 +350,9 @@ class NatsServer(_ServerProcess):
             tls=self.tls,
             cluster=self.cluster,
             server_name=self.server_name,
+            websocket=None
+            if self.websocket_port is None
+            else WebSocketListener(self.host, self.websocket_port or -1),
         )
         # mode 0600: a cluster member's holds the route password
         write_secret(self.config_path, text.encode())
@@ -375,15 +397,17 @@ class NatsServer(_ServerProcess):
                 raise self._start_error(proc, "did not become ready in time")
             if port is None:
                 port = self._read_ports_file(proc.pid)
-            if port is not None and await self._jetstream_ready(port):
+            if self.websocket_port == 0 and port is not None:  # kept for restarts, as the port
+                self.websocket_port = self._read_ports_file(proc.pid, "websocket") or 0
+            if port is not None and self.websocket_port != 0 and await self._jetstream_ready(port):
                 return port
             await asyncio.sleep(_POLL_INTERVAL)
 
-    def _read_ports_file(self, pid: int) -> int | None:
+    def _read_ports_file(self, pid: int, listener: str = "nats") -> int | None:
         # Written as "<executable>_<pid>.ports" once the client listener is bound.
         for path in self._ports_dir.glob(f"*_{pid}.ports"):
             try:
-                urls = json.loads(path.read_text())["nats"]
+                urls = json.loads(path.read_text())[listener]
             except (OSError, ValueError, KeyError, TypeError):
                 return None  # being written: read again on the next poll
             for url in urls:

@@ -31,6 +31,7 @@ from twinhub_cli.progress import Progress
 
 if TYPE_CHECKING:
     from twin.model import Twin
+    from twinhub_cli.console import ConsoleServer
 
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -404,6 +405,19 @@ def register_up(subparsers: SubParsers, name: str, /) -> None:
         help="the auth callout's /metrics /healthz /readyz (default 127.0.0.1:9466, '' = off)",
     )
     p.add_argument("--owner", default="dev", help="owner of the printed first-device token")
+    p.add_argument(
+        "--console",
+        default="127.0.0.1:8480",
+        metavar="HOST:PORT",
+        help="the web console (default 127.0.0.1:8480, '' = off; twinhub_cli/console.py)",
+    )
+    p.add_argument(
+        "--nats-ws-port",
+        type=int,
+        default=4223,
+        help="NATS's websocket listener for the console, loopback (0: any free port)",
+    )
+    p.add_argument("--nats-ws-url", help="the console's NATS websocket URL (with --nats-url)")
     p.set_defaults(handler=run_up)
 
 
@@ -431,6 +445,28 @@ def _mongo_step(args: argparse.Namespace) -> str:
 
 def _port(port: int) -> str:
     return f"port {port}" if port else "a free port"
+
+
+def _start_console(
+    stack: contextlib.AsyncExitStack, args: argparse.Namespace, config: Config
+) -> ConsoleServer | None:
+    """The web console of ``twinhub up`` (``--console``), None when off or without a NATS
+    websocket URL (an unbuilt console is said, not fatal: the rest of the stack runs)."""
+    from twinhub_cli.console import ConsoleNotBuiltError, serve_console
+
+    if not args.console or not args.nats_ws_url:
+        return None
+    hp = cfgmod.parse_hostport(args.console, "--console")
+    assert hp is not None
+    try:
+        return stack.enter_context(
+            serve_console(
+                args.nats_ws_url, host=hp[0], port=hp[1], owner_claim=config.auth.owner_claim
+            )
+        )
+    except ConsoleNotBuiltError as e:
+        sys.stderr.write(f"twinhub up: {e}\n")
+        return None
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -466,9 +502,11 @@ def run_up(args: argparse.Namespace) -> int:
                         data.root / "nats",
                         port=args.nats_port,
                         credentials=ensure_credentials(data.bus),
+                        websocket_port=args.nats_ws_port if args.console else None,
                     )
                 )
                 nats_url = nats.url
+                args.nats_ws_url = args.nats_ws_url or nats.ws_url
             progress.step("MongoDB", _mongo_step(args))
             mongo_url = args.mongo_url
             if not mongo_url:
@@ -546,6 +584,10 @@ def run_up(args: argparse.Namespace) -> int:
             data.write_stack(info)
             stack.callback(lambda: data.stack_file.unlink(missing_ok=True))
             token = services.first_device_token(config, data, args.owner)
+            console = _start_console(stack, args, config)
+            if console is not None:
+                info["console_url"] = console.url
+                data.write_stack(info)
             progress.done()
             _out("twinhub is up")
             _out(f"  devices (CoAP over TCP)  {info['coap_tcp']}")
@@ -559,10 +601,15 @@ def run_up(args: argparse.Namespace) -> int:
             for name, ops in (("gateway", gw_ops), ("twin", twin_ops), ("callout", callout_ops)):
                 if ops is not None:
                     _out(f"  {name + ' operations':<24} {ops.url}   /metrics /healthz /readyz")
+            if console is not None:
+                _out(f"  web console              {console.url}   NATS {console.nats_ws_url}")
             _out(f"  data dir                 {data.root}")
             _out(f"a token of owner {args.owner!r} (24 h; a device signs up with it, an")
             _out("application connects to NATS and calls the API with it):")
             _out(token)
+            if console is not None:
+                _out(f"sign in to the web console as {args.owner!r} (the token stays in the link):")
+                _out(console.sign_in_link(token))
             await stop.wait()
             _out("stopping")
         return 0

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.servers
 
 WAIT = 60.0
 FREE = ("--nats-port", "0", "--mongo-port", "0", "--tcp-port", "0", "--tls-port", "0")
+CONSOLE = ("--console", "127.0.0.1:0", "--nats-ws-port", "0")
 OPS = ("--gateway-metrics", "127.0.0.1:0", "--twin-metrics", "127.0.0.1:0")
 SETTINGS = {"TWINHUB_GATEWAY_UDP": "127.0.0.1:0", "TWINHUB_GATEWAY_DTLS": "127.0.0.1:0"}
 STEPS = [
@@ -52,7 +53,16 @@ async def _line(stream: asyncio.StreamReader) -> str:
 
 async def test_up_shows_each_step_then_one_summary_block(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    args = ("up", "--data-dir", str(data), *FREE, *OPS, "--callout-metrics", "127.0.0.1:0")
+    args = (
+        "up",
+        "--data-dir",
+        str(data),
+        *FREE,
+        *CONSOLE,
+        *OPS,
+        "--callout-metrics",
+        "127.0.0.1:0",
+    )
     # WARNING: the steps alone on stderr (the services' INFO lines come between them else)
     proc = await start("--log-level", "WARNING", *args, settings=SETTINGS)
     assert proc.stdout is not None and proc.stderr is not None
@@ -91,12 +101,15 @@ async def test_up_shows_each_step_then_one_summary_block(tmp_path: Path) -> None
         "twin operations          http://127.0.0.1:",
         "callout operations       http://127.0.0.1:",
         f"data dir                 {data}",
+        "web console              http://127.0.0.1:",
     ):
         assert f"\n  {label}" in text, label
-    assert "console" not in text.lower()  # there is none yet
     _, claims, _ = summary[-1].split(".")
     assert json.loads(_b64(claims))["sub"] == "dev"
-    assert rest.decode().strip() == "stopping"
+    link, stopping = rest.decode().strip().rsplit("\n", 1)
+    assert "sign in to the web console as 'dev'" in link
+    assert f"/#token={summary[-1]}" in link  # in the fragment: never sent to a server
+    assert stopping == "stopping"
 
 
 def _b64(part: str) -> bytes:
