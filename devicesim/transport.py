@@ -9,7 +9,9 @@ builds). A request arriving on that connection goes ``TcpConnection.data_receive
 the site; responses and Observe notifications go back on the same ``TcpConnection``. Nothing binds
 a listening socket.
 
-What we change, all confined to the two subclasses below (aiocoap is pinned at 0.4.17):
+What we change, all confined to the two subclasses below (private aiocoap hooks: this is the
+test peer, not the product; pyproject.toml allows aiocoap 0.4.17 up to 0.5, and
+tests/integration/devicesim fails if an upgrade changes them):
 
 * aiocoap's ``TcpConnection.connection_made`` always sends a CSM and its ``data_received`` aborts
   a connection whose peer sends a request before a CSM. :class:`SimConnection` skips the CSM when

@@ -168,10 +168,10 @@ def _no_icmp_errors(context: aiocoap.Context) -> None:
     spoofed source) made the whole endpoint deaf, every later request unanswered. Without
     RECVERR an unconnected UDP socket gets no ICMP errors at all, as with any plain UDP server;
     aiocoap then retransmits a CON to a vanished peer until its exchange times out instead of
-    stopping at the ICMP error. Reaching the socket walks aiocoap 0.4.17's (exactly pinned)
-    context → token manager → message manager → message interface → transport (attributes
-    without underscores, not documented API): tests/integration/gateway/test_simple_udp.py
-    fails if that walk finds no socket or the endpoint goes deaf."""
+    stopping at the ICMP error. Reaching the socket walks aiocoap 0.4's context → token manager
+    → message manager → message interface → transport (public attributes, not documented API;
+    pyproject.toml allows 0.4.17 up to 0.5): tests/integration/gateway/test_simple_udp.py fails
+    if an upgrade makes that walk find no socket or the endpoint go deaf."""
     found = 0
     for interface in context.request_interfaces:
         messages = getattr(interface, "token_interface", None)

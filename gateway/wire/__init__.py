@@ -7,13 +7,14 @@ feeds it from an ``asyncio.Protocol``; :mod:`~gateway.wire.messages` converts th
 ``CoapRequest`` / ``CoapResponse`` values. Nothing here imports aiocoap
 (``tests/test_layering.py``).
 
-Where the work-arounds of :mod:`gateway.adapters.coap_wire` live here: W2 (no-CSM peers), W3
-(every notification, in order, ``StalePolicy.DELIVER``), W4 (``cancel_observation``), W8
-(``keepalive_interval``, ``opening_timeout``, ``message_timeout``), W9 (our Pong), W13 / W15
-(format errors abort), W14 (``check_request_options``), W19 (no Block-wise in our CSM,
-``messages.block_wise_problem``), W20 (``MessageTooLarge``) in the connection; W6 (writes to a
-closing transport dropped), W7 (back-pressure, ``max_write_buffer``) and W16 (FIN and drain
-after Abort) in the driver; W12 in :mod:`~gateway.wire.messages`. W1, W5, W10, W11, W17 belong to
-whoever creates the listeners and TLS contexts (the driver works with ``create_server`` and
-``connect_accepted_socket`` alike); W18 has no counterpart (events are delivered synchronously).
+Where the work-arounds of the aiocoap glue this replaced (``coap_wire``, removed) live here: W2
+(no-CSM peers), W3 (every notification, in order, ``StalePolicy.DELIVER``), W4
+(``cancel_observation``), W8 (``keepalive_interval``, ``opening_timeout``, ``message_timeout``),
+W9 (our Pong), W13 / W15 (format errors abort), W14 (``check_request_options``), W19 (no Block-
+wise in our CSM, ``messages.block_wise_problem``), W20 (``MessageTooLarge``) in the connection;
+W6 (writes to a closing transport dropped), W7 (back-pressure, ``max_write_buffer``) and W16
+(FIN and drain after Abort) in the driver; W12 in :mod:`~gateway.wire.messages`. W1, W5, W10,
+W11, W17 belong to whoever creates the listeners and TLS contexts (the driver works with
+``create_server`` and ``connect_accepted_socket`` alike); W18 has no counterpart (events are
+delivered synchronously).
 """

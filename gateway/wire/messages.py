@@ -1,9 +1,9 @@
 """The gateway's plain CoAP values (:mod:`gateway.adapters.coap_messages`) to and from frames.
 
-What :mod:`gateway.adapters.coap_wire` does with aiocoap messages, without aiocoap: requests to a
-device get the OCF-(Accept-)Content-Format-Version options (W12: 0x0800 when the content format
-or Accept is 10000; never an Accept unless asked), responses to a device carry no Observe, and
-a response that is one block of several is recognised (W19: no block-wise transfer here).
+Requests to a device get the OCF-(Accept-)Content-Format-Version options (W12: 0x0800 when the
+content format or Accept is 10000; never an Accept unless asked), responses to a device carry no
+Observe, and a response that is one block of several is recognised (W19: no block-wise
+transfer here).
 """
 
 from __future__ import annotations
