@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import logging
@@ -42,8 +43,6 @@ from gateway.adapters.coap import (
     CoapResponse,
     CoapServer,
     CoapServerConfig,
-    Connection,
-    Observation,
     RequestTooLarge,
 )
 from gateway.adapters.coap_udp import SimpleDeviceServer
@@ -60,6 +59,13 @@ from gateway.devicestate import CommandLog, discover_owner_links, load_device_st
 from gateway.errors import Unavailable
 from gateway.identity import NO_IDENTITY, CertificateRejected, TlsAuthPolicy, check_peer
 from gateway.oauth import OAuthProvider
+from gateway.ports import (
+    DeviceConnection,
+    DeviceObservation,
+    DeviceServer,
+    DeviceServerFactory,
+    RefreshableKeys,
+)
 from gateway.writer import DeviceWriter, WriterConfig
 from proto import subjects
 from proto.events import (
@@ -147,13 +153,26 @@ def young_gc_threshold(threshold: int) -> Iterator[None]:
             gc.set_threshold(*before)
 
 
+class SessionRef(int):
+    """A writer ref of the session's ``Append`` (its ``AppendResult`` goes to the session)."""
+
+    __slots__ = ()
+
+
+class CommandRef(int):
+    """A writer ref of the dispatcher's ``AppendCommandEvents`` (answered with
+    :meth:`gateway.commands.Dispatcher.appended`)."""
+
+    __slots__ = ()
+
+
 @dataclass(eq=False)
 class _Conn:
-    conn: Connection
+    conn: DeviceConnection
     session: s.Session
-    writer: DeviceWriter
+    writer: DeviceWriter = field(init=False)  # made once the connection exists (its callback)
     replies: dict[int, asyncio.Future[s.Respond]] = field(default_factory=dict)
-    observations: dict[int, Observation] = field(default_factory=dict)
+    observations: dict[int, DeviceObservation] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     close_reason: str | None = None
     closed: bool = False
@@ -188,13 +207,19 @@ class Gateway:
         oauth: Mapping[str, OAuthProvider] | None = None,
         clock: Callable[[], float] = time.time,
         instance: str | None = None,
+        server_factory: DeviceServerFactory = CoapServer,
     ) -> None:
         self.config = config
         # the run holding the lease (gateway.leasing); connection ids carry it
         self.instance = instance
         self.store = store
         self.validator = validator
+        # the validator's key refresh, when it declares one (gateway.ports.RefreshableKeys)
+        self._keys = (
+            validator if isinstance(validator, RefreshableKeys) and validator.refreshable else None
+        )
         self.issuer = issuer
+        self._server_factory = server_factory
         self.oauth = dict(oauth or {})
         self.clock = clock
         self.conns: dict[str, _Conn] = {}
@@ -203,7 +228,7 @@ class Gateway:
         self._device_writers: dict[str, DeviceWriter] = {}
         self.stats = GatewayStats()
         self._rids = itertools.count(1)
-        self._server: CoapServer | None = None
+        self._server: DeviceServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._gc_policy = contextlib.ExitStack()
@@ -216,7 +241,7 @@ class Gateway:
 
     async def __aenter__(self) -> Self:
         cfg = self.config
-        self._server = CoapServer(
+        self._server = self._server_factory(
             CoapServerConfig(
                 tcp_bind=cfg.tcp_bind,
                 tls_bind=cfg.tls_bind,
@@ -348,7 +373,7 @@ class Gateway:
 
     # -- adapter callbacks -------------------------------------------------------------------
 
-    def _on_connect(self, conn: Connection) -> str | None:
+    def _on_connect(self, conn: DeviceConnection) -> str | None:
         cfg = self.config
         identity = NO_IDENTITY
         if conn.scheme == "coaps+tcp":
@@ -379,33 +404,41 @@ class Gateway:
                 batch_observe=cfg.batch_observe,
                 cert_device_id=identity.device_id,
                 cert_expires_at=cert_expires_at,
-                refreshable_keys=bool(getattr(self.validator, "refreshable", False)),
+                refreshable_keys=self._keys is not None,
                 oauth_providers=tuple(self.oauth),
             ),
             self.validator,
             self.issuer,
         )
-        holder: list[_Conn] = []
-
-        def done(
-            ref: int, ok: bool, error: str, positions: tuple[int, ...], conflict: bool
-        ) -> None:
-            c = holder[0]
-            if ref < 0:  # a command step (see _commands)
-                if c.dispatcher is not None:
-                    self._commands(c, c.dispatcher.appended(-ref, ok, self.clock()))
-                return
-            self._feed(c, s.AppendResult(ref, ok, error, conflict))
-
-        writer = DeviceWriter(self.store, done, cfg.writer, name=conn.id)
-        c = _Conn(conn, session, writer)
-        holder.append(c)
+        c = _Conn(conn, session)
+        c.writer = DeviceWriter(
+            self.store, functools.partial(self._appended, c), cfg.writer, name=conn.id
+        )
         self.conns[conn.id] = c
         self.stats.connections += 1
         log.debug("connection %s from %s (%s)", conn.id, conn.remote, identity.described)
         return None
 
-    def _on_close(self, conn: Connection, reason: str) -> None:
+    def _appended(
+        self,
+        c: _Conn,
+        ref: int,
+        ok: bool,
+        error: str,
+        positions: tuple[int, ...],
+        conflict: bool,
+    ) -> None:
+        """The writer's answer to one append: routed to whoever submitted it (by its ref's type)."""
+        match ref:
+            case CommandRef():
+                if c.dispatcher is not None:
+                    self._commands(c, c.dispatcher.appended(int(ref), ok, self.clock()))
+            case SessionRef():
+                self._feed(c, s.AppendResult(int(ref), ok, error, conflict))
+            case _:
+                log.error("connection %s: append of unknown origin %r", c.conn.id, ref)
+
+    def _on_close(self, conn: DeviceConnection, reason: str) -> None:
         c = self.conns.pop(conn.id, None)
         if c is None:
             return
@@ -422,7 +455,7 @@ class Gateway:
         self._spawn_background(self._drain(c), f"drain:{conn.id}")
         log.debug("connection %s closed: %s", conn.id, reason)
 
-    async def _on_request(self, conn: Connection, req: CoapRequest) -> CoapResponse:
+    async def _on_request(self, conn: DeviceConnection, req: CoapRequest) -> CoapResponse:
         c = self.conns.get(conn.id)
         if c is None:
             return CoapResponse("5.03")
@@ -469,7 +502,7 @@ class Gateway:
                 # The offline event of a lost connection goes in even over the bound: after an
                 # overflow close it is what tells the twin the device went away.
                 if not c.writer.submit(
-                    eff.ref,
+                    SessionRef(eff.ref),
                     eff.events,
                     eff.critical,
                     force=c.lost,
@@ -601,7 +634,7 @@ class Gateway:
                 return
             if isinstance(eff, AppendCommandEvents):
                 self._order_after_older_connections(c, eff.events)
-                if not c.writer.submit(-eff.ref, eff.events, False, force=True):
+                if not c.writer.submit(CommandRef(eff.ref), eff.events, False, force=True):
                     self._commands(c, c.dispatcher.appended(eff.ref, False, self.clock()))
             elif not c.draining:  # draining: the command stays pending for the next gateway
                 task = self._spawn(
@@ -685,13 +718,14 @@ class Gateway:
         self._spawn_background(c.conn.close(reason), f"close:{c.conn.id}")
 
     def _close_after_reply(self, c: _Conn, reason: str) -> None:
-        # The reply is written when _on_request returns; close on the next loop turns.
-        async def later() -> None:
-            for _ in range(3):
-                await asyncio.sleep(0)
+        """Close once the reply being returned is handed to the connection: the device server
+        runs each request handler in a task of its own and writes the handler's response before
+        that task ends (:class:`gateway.ports.DeviceServer`), so the task's end is the moment."""
+        task = asyncio.current_task()
+        if task is None:  # not in a handler's task: nothing to wait for
             self._close_now(c, reason)
-
-        self._spawn_background(later(), f"close-after-reply:{c.conn.id}")
+            return
+        task.add_done_callback(lambda _: self._close_now(c, reason))
 
     async def _send(self, c: _Conn, eff: s.SendRequest) -> None:
         req = CoapRequest(
@@ -746,10 +780,9 @@ class Gateway:
         self._feed(c, s.OwnerLoaded(eff.ref, owner, registered_at=registered_at))
 
     async def _refresh_keys(self, c: _Conn, eff: s.RefreshKeys) -> None:
-        refresh = getattr(self.validator, "refresh_keys", None)
-        if refresh is not None:
+        if self._keys is not None:
             try:
-                await refresh()
+                await self._keys.refresh_keys()
             except Exception as e:  # the retry fails with the unknown key: 4.01
                 log.warning("refreshing the token keys (kid %r) failed: %s", eff.kid, e)
         self._feed(c, s.KeysRefreshed(eff.ref))
