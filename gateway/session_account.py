@@ -187,25 +187,22 @@ class Account:
                 out += self.core.error(req, e)
         return out
 
+    def _tokens(self, owner: str, device_id: str, now: float) -> tuple[str, str, float | None]:
+        """A device's new access and refresh tokens, and when the access token expires."""
+        config = self.core.config
+        access = self.core.issuer.issue(owner, now=now, ttl=config.access_ttl, device_id=device_id)
+        refresh = self.core.issuer.issue(
+            owner, now=now, ttl=config.refresh_ttl, device_id=device_id, token_type="refresh"
+        )
+        return access, refresh, None if config.access_ttl is None else now + config.access_ttl
+
     def _signed_up(self, check: OwnerCheck, registered_at: int, now: float) -> list[Effect]:
         """Record the registration -- conditional on the device's registrations being as read
         (``registered_at``), so of two owners signing the same free device up at once only one
         wins; the other checks the owner again and gets 4.01."""
         req, su, claims, device_id = check.req, check.sign_up, check.claims, check.device_id
         assert su is not None
-        access = self.core.issuer.issue(
-            claims.owner, now=now, ttl=self.core.config.access_ttl, device_id=device_id
-        )
-        refresh = self.core.issuer.issue(
-            claims.owner,
-            now=now,
-            ttl=self.core.config.refresh_ttl,
-            device_id=device_id,
-            token_type="refresh",
-        )
-        expires_at = (
-            None if self.core.config.access_ttl is None else now + self.core.config.access_ttl
-        )
+        access, refresh, expires_at = self._tokens(claims.owner, device_id, now)
         reply = self.core.reply(
             req,
             "2.04",
@@ -320,19 +317,7 @@ class Account:
         if rf.user_id and rf.user_id != claims.owner:
             raise Unauthorized("uid does not match the refresh token's owner")
         device_id = self._resolve_device(claims, rf.device_id)
-        access = self.core.issuer.issue(
-            claims.owner, now=now, ttl=self.core.config.access_ttl, device_id=device_id
-        )
-        refresh = self.core.issuer.issue(
-            claims.owner,
-            now=now,
-            ttl=self.core.config.refresh_ttl,
-            device_id=device_id,
-            token_type="refresh",
-        )
-        expires_at = (
-            None if self.core.config.access_ttl is None else now + self.core.config.access_ttl
-        )
+        access, refresh, expires_at = self._tokens(claims.owner, device_id, now)
         if (
             self.core.phase is Phase.SIGNED_IN
             and device_id == self.core.device_id
