@@ -12,8 +12,9 @@ import datetime as dt
 import ipaddress
 import socket
 import ssl
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -363,3 +364,21 @@ def make_pki(directory: Path) -> Pki:
     server_cert, server_key_path = _write(directory / "server", server, server_key)
     client_cert, client_key_path = _write(directory / "client", client, client_key)
     return Pki(ca_path, server_cert, server_key_path, client_cert, client_key_path, device_id)
+
+
+def run_in_thread(target: Callable[[], None]) -> None:
+    """Run on a fresh event loop in another thread (the test session's loop stays untouched)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="other-loop")
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "scenario did not finish"
+    if errors:
+        raise errors[0]

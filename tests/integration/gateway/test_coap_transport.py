@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ from .coap_peers import (
     ipv6_available,
     make_pki,
     request,
+    run_in_thread,
     uint,
 )
 
@@ -786,28 +786,10 @@ def test_hostile_bytes_never_break_the_server(garbage: bytes) -> None:
             assert (await peer.recv_until(CHANGED)).payload == b"ok"
             await peer.close()
 
-    _run_in_thread(lambda: asyncio.run(scenario()))
+    run_in_thread(lambda: asyncio.run(scenario()))
 
 
 # --------------------------------------------------------------------------- uvloop
-
-
-def _run_in_thread(target: Callable[[], None]) -> None:
-    """Run on a fresh event loop in another thread (the test session's loop stays untouched)."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            target()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="other-loop")
-    thread.start()
-    thread.join(60)
-    assert not thread.is_alive(), "scenario did not finish"
-    if errors:
-        raise errors[0]
 
 
 @pytest.mark.parametrize(
@@ -851,11 +833,11 @@ def test_works_under_uvloop(runner: str, pki: Pki) -> None:
                 await conn.request(CoapRequest("GET", "/o"), timeout=DEADLINE)
 
     if runner == "uvloop.run":
-        _run_in_thread(lambda: uvloop.run(scenario()))
+        run_in_thread(lambda: uvloop.run(scenario()))
     else:
 
         def with_runner() -> None:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
                 r.run(scenario())
 
-        _run_in_thread(with_runner)
+        run_in_thread(with_runner)

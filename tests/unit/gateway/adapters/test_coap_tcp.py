@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from ....integration.gateway.coap_peers import (  # noqa: TID252
     free_port,
     make_pki,
     request,
+    run_in_thread,
     uint,
 )
 
@@ -100,23 +100,6 @@ def abort(peer: RawPeer) -> None:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory: Path = tmp_path_factory.mktemp("pki")
     return make_pki(directory)
-
-
-def run_in_thread(target: Callable[[], None]) -> None:
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            target()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="uvloop")
-    thread.start()
-    thread.join(60)
-    assert not thread.is_alive()
-    if errors:
-        raise errors[0]
 
 
 # --------------------------------------------------------------------------- W1 ports
