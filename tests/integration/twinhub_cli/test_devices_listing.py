@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,34 +13,13 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import events as ev
-from proto.events import AnyEvent, EventData
 from tests.conftest import HasUrl
+from tests.integration.twin.test_mongo_held import twin  # a twin folded from events
 from tests.integration.twinhub_cli.cli import Ran, twinhub
 from twin.adapters.mongo import MongoTwinStore
-from twin.fold import fold_all
-from twin.model import Twin
 from twinhub_cli.datadir import DataDir
 
 pytestmark = pytest.mark.servers
-
-T0 = datetime(2026, 3, 1, tzinfo=UTC)
-
-
-def twin(device: str, owner: str, *steps: EventData) -> Twin:
-    events: list[AnyEvent] = [
-        ev.Event(
-            owner=owner,
-            device_id=device,
-            data=d,
-            source="/t",
-            time=T0 + timedelta(seconds=i),
-            position=i,
-        )
-        for i, d in enumerate((ev.DeviceRegistered(), *steps), start=1)
-    ]
-    t = fold_all(None, events)
-    assert t is not None
-    return t
 
 
 @pytest.fixture
@@ -52,7 +30,8 @@ async def stack(
     owner = "o" + uuid.uuid4().hex[:10]
     ids = sorted(str(uuid.uuid4()) for _ in range(2))
     online = ev.DeviceOnline(gateway="gw-cli", connection_id="c1", remote_address="10.0.0.1:1")
-    await MongoTwinStore(mongo_db).write_many([twin(ids[0], owner, online), twin(ids[1], owner)])
+    twins = [twin(ids[0], online, owner=owner), twin(ids[1], owner=owner)]
+    await MongoTwinStore(mongo_db).write_many(twins)
     data = DataDir(tmp_path / "data")
     data.write_stack(
         {"nats_url": "nats://127.0.0.1:1", "mongo_url": mongo_server.url, "database": mongo_db.name}
