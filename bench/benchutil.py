@@ -5,6 +5,7 @@ Linux only (reads ``/proc``); no third-party dependencies, so it works without p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
 import math
@@ -13,6 +14,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,33 @@ def system_cpu() -> tuple[float, float]:
     values = [int(v) for v in parts[:8]]  # user nice system idle iowait irq softirq steal
     idle = values[3] + values[4]
     return float(sum(values) - idle), float(sum(values))
+
+
+async def machine_busy_pct(seconds: float) -> float:
+    """How busy the whole machine is (% of all CPUs) over the next ``seconds``: what a bench
+    reports as ``busy_pct_before_start``, so a reader can tell a noisy run."""
+    before = system_cpu()
+    await asyncio.sleep(seconds)
+    after = system_cpu()
+    return 100 * (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
+
+
+def result_header(benchmark: str) -> dict[str, Any]:
+    """The first keys of every bench's JSON: its name, how it was run, when."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def nats_config(nats: Any, **sections: Any) -> Any:
+    """A twinhub configuration on the bench's own nats-server (its URL and credentials), plus
+    ``sections``."""
+    from twinhub_cli import config as cfgmod
+
+    settings = {"url": nats.url, "credentials": str(nats.credentials.directory)}
+    return cfgmod.load(None, env={}, overrides={"nats": settings, **sections})
 
 
 @dataclass(frozen=True, slots=True)

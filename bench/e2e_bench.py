@@ -1304,15 +1304,8 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     cancel_on_signals()
     nofile = benchutil.raise_nofile_limit()
-    before = benchutil.system_cpu()
-    await asyncio.sleep(2.0)
-    after = benchutil.system_cpu()
-    background = 100 * (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
-    result: dict[str, Any] = {
-        "benchmark": "e2e",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    background = await benchutil.machine_busy_pct(2.0)
+    result: dict[str, Any] = benchutil.result_header("e2e")
     async with contextlib.AsyncExitStack() as stack:
         nats = await stack.enter_async_context(NatsServer(work / "nats"))
         assert nats.pid is not None

@@ -631,13 +631,6 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def bench_config(nats: Any) -> Any:
-    from twinhub_cli import config as cfgmod
-
-    settings = {"url": nats.url, "credentials": str(nats.credentials.directory)}
-    return cfgmod.load(None, env={}, overrides={"nats": settings})
-
-
 async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from twinhub_cli import services
     from twinhub_cli.busconfig import nats_endpoint
@@ -646,15 +639,8 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     cancel_on_signals()
     nofile = benchutil.raise_nofile_limit()
-    before = benchutil.system_cpu()
-    await asyncio.sleep(1.0)
-    after = benchutil.system_cpu()
-    background = 100 * (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
-    result: dict[str, Any] = {
-        "benchmark": "udp",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    background = await benchutil.machine_busy_pct(1.0)
+    result: dict[str, Any] = benchutil.result_header("udp")
     async with contextlib.AsyncExitStack() as stack:
         nats = await stack.enter_async_context(NatsServer(work / "nats"))
         assert nats.pid is not None
@@ -666,7 +652,7 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             }
         )
         result["code"] = code_info()
-        config = bench_config(nats)
+        config = benchutil.nats_config(nats)
         data = DataDir(work / "data")
         # the twin role provisions the streams (events, leases, tokens), as `twinhub twin` does
         async with services.event_store(config, data, "twin"):

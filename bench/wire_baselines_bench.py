@@ -364,13 +364,6 @@ def summarize(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"cpu_us_per_notification": cpu, "kb_per_idle_device": kb, "ratios": ratios}
 
 
-def bench_config(nats: Any) -> Any:
-    from twinhub_cli import config as cfgmod
-
-    settings = {"url": nats.url, "credentials": str(nats.credentials.directory)}
-    return cfgmod.load(None, env={}, overrides={"nats": settings})
-
-
 async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from twinhub_cli import services
     from twinhub_cli.datadir import DataDir
@@ -378,14 +371,9 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     cancel_on_signals()
     nofile = benchutil.raise_nofile_limit()
-    before = benchutil.system_cpu()
-    await asyncio.sleep(1.0)
-    after = benchutil.system_cpu()
-    background = 100 * (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
+    background = await benchutil.machine_busy_pct(1.0)
     result: dict[str, Any] = {
-        "benchmark": "wire_baselines",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **benchutil.result_header("wire_baselines"),
         "quick": args.quick,
     }
     async with contextlib.AsyncExitStack() as stack:
@@ -402,7 +390,7 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         result["code"] = code_info()
         data_dir = await twinhub_init(work)
-        config = bench_config(nats)
+        config = benchutil.nats_config(nats)
         data = DataDir(data_dir)
         token = services.first_device_token(config, data, OWNER)
         # the twin role provisions the streams, as `twinhub twin` does
