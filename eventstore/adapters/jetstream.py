@@ -1116,10 +1116,6 @@ class JetStreamEventStore:
                 if shared is not None and await shared.add(nc, n, f):
                     continue
                 n.subs.append(await nc.subscribe(f, cb=n.on_msg))
-            # the server holds the subscriptions once this returns: an append from another
-            # connection right after it wakes the notifier (a read on this one was ordered
-            # after them anyway)
-            await nc.flush(timeout=max(1, round(self._timeout)))
         except nats.errors.Error as exc:
             await n.close()
             raise UnavailableError(f"cannot subscribe to {filters}: {exc!r}") from exc

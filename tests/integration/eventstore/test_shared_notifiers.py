@@ -45,6 +45,7 @@ async def test_per_device_notifiers_share_a_subscription_per_kind(bus: Bus) -> N
             )
             for d in devices
         }
+        await gw.connection.flush()  # the server holds the subscriptions (appends come from twin)
         try:
             assert shared.subscriptions == len(KINDS)  # not 40 x 3
             await twin.append([_message(owner, "d7", "command-pending")])
@@ -75,6 +76,7 @@ async def test_a_filter_without_the_per_device_shape_gets_its_own_subscription(
     ):
         await twin.provision()
         n = await gw.notifier([subjects.event_filter(owner=owner)])
+        await gw.connection.flush()  # the server holds the subscription (appends come from twin)
         try:
             assert gw.shared_wakeups is not None
             assert gw.shared_wakeups.subscriptions == 0
